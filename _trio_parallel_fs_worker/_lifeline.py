@@ -1,0 +1,42 @@
+"""Process hygiene shared by workers and the template: signals, parent death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def ignore_interrupts() -> None:
+    # Ctrl-C reaches the whole process group; Trio handles it in the parent,
+    # which then cancels or kills workers as the caller asked.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def die_with_parent(expected_parent: int) -> None:
+    """Get SIGKILLed when the parent dies (Linux), and exit now if it already has.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked us exits, so it is only
+    used where that thread lives as long as the parent: the single-threaded
+    template, or a spawning parent's main thread. The getppid() check closes the
+    race where the parent died before the prctl took effect.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != expected_parent:
+        os._exit(1)
+
+
+def flush_std_streams() -> None:
+    # Workers leave by os._exit, which skips the flush that print() relies on.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,264 @@
+"""The template: a preloaded, single-threaded process that forks workers.
+
+Theory of operation
+-------------------
+The parent starts this process as a fresh interpreter with one end of a
+socketpair (the *control channel*). No named or abstract socket exists, so no
+other local user can ask the template for anything.
+
+1. The parent sends a setup frame: sys.path, modules to preload, the memory
+   ceiling. The template imports the modules, checks it is still
+   single-threaded, then ``gc.collect(); gc.freeze()`` so that garbage
+   collections in workers do not write to (and so un-share) the template's
+   objects. It answers VALUE (ready) or INIT_FAILED (with the import error).
+2. For each FORK record the parent sends two fds by SCM_RIGHTS: the worker's
+   end of a fresh socketpair, and the write end of a status pipe. The template
+   forks; the child serves jobs on its socket, straight to the parent; the
+   template writes ``PID <pid>`` on the status pipe.
+3. The template alone reaps its workers (they are not the parent's children).
+   On SIGCHLD it waits for them and writes ``EXITED <status>`` on each one's
+   status pipe. KILL names a fork by its sequence number, and the template
+   kills only workers it has not reaped, so a recycled pid is never hit.
+4. EOF on the control channel means the parent is gone or done: SIGKILL every
+   worker, reap them, exit. Workers also die with the template
+   (PR_SET_PDEATHSIG; the template is single-threaded, so the forking thread
+   lives exactly as long as the template).
+"""
+
+from __future__ import annotations
+
+import array
+import atexit
+import gc
+import importlib
+import os
+import pickle
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from . import _protocol as p
+from ._lifeline import die_with_parent, flush_std_streams, ignore_interrupts
+from ._memory import memory_usage
+from ._worker import dump_error, recv_frame, send_frame, serve
+
+_MAX_FDS_PER_READ = 64
+
+
+def count_threads() -> tuple[int, list[str]]:
+    """OS threads in this process, with their names (Linux sees native threads too)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return threading.active_count(), [t.name for t in threading.enumerate()]
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            names.append(task)
+    return len(tasks), names
+
+
+def preload(modules: list[str]) -> None:
+    for name in modules:
+        importlib.import_module(name)
+        count, names = count_threads()
+        if count > 1:
+            raise RuntimeError(
+                f"importing {name!r} in the template left {count} threads running "
+                f"({', '.join(sorted(names))}); forking a multi-threaded process can "
+                "deadlock, so the template refuses to fork. Cap the module's threads "
+                "(trio_parallel_fs sets OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and friends "
+                "to blas_threads=1 unless you set them), or do not preload it."
+            )
+
+
+class Template:
+    def __init__(self, control: socket.socket, setup: dict[str, Any]) -> None:
+        self.control = control
+        self.pid = os.getpid()
+        self.pending_fds: deque[int] = deque()
+        self.next_seq = 0
+        self.workers: dict[int, tuple[int, int]] = {}  # seq -> (pid, status fd)
+        self.seq_of_pid: dict[int, int] = {}
+        self.ceiling: int | None = setup.get("memory_ceiling")
+        self.ceiling_metric: str = setup.get("memory_metric", "uss")
+        self.ceiling_interval: float = setup.get("ceiling_interval", 0.05)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+
+    # --- status pipe ------------------------------------------------------
+
+    def report(self, status_fd: int, tag: bytes, value: int) -> None:
+        try:
+            os.write(status_fd, p.STATUS_RECORD.pack(tag, value))
+        except OSError:
+            pass  # the parent closed its end: it no longer cares
+
+    # --- fork -------------------------------------------------------------
+
+    def fork(self, channel_fd: int, status_fd: int) -> None:
+        seq = self.next_seq
+        self.next_seq += 1
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self.report(status_fd, p.FORK_FAILED, exc.errno or 0)
+            os.close(status_fd)
+            os.close(channel_fd)
+            return
+        if pid == 0:
+            self.become_worker(channel_fd, status_fd)
+        os.close(channel_fd)
+        self.workers[seq] = (pid, status_fd)
+        self.seq_of_pid[pid] = seq
+        self.report(status_fd, p.PID, pid)
+
+    def become_worker(self, channel_fd: int, own_status_fd: int) -> None:
+        code = 1
+        try:
+            # Close what belongs to the template, so that no worker keeps the
+            # control channel (or a sibling's status pipe) open after the template
+            # is gone.
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self.control.close()
+            for fd in (self.wake_r, self.wake_w, own_status_fd, *self.pending_fds):
+                os.close(fd)
+            for _, status_fd in self.workers.values():
+                os.close(status_fd)
+            die_with_parent(self.pid)
+            atexit._clear()
+            code = serve(socket.socket(fileno=channel_fd))
+        except BaseException:  # noqa: BLE001 - report anything, then leave
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            flush_std_streams()
+            os._exit(code)
+
+    # --- reaping and killing ----------------------------------------------
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.forget(pid, status)
+
+    def forget(self, pid: int, status: int) -> None:
+        seq = self.seq_of_pid.pop(pid, None)
+        if seq is None:
+            return  # a child of a preloaded module, not a worker
+        _, status_fd = self.workers.pop(seq)
+        self.report(status_fd, p.EXITED, status)
+        os.close(status_fd)
+
+    def kill(self, seq: int) -> None:
+        if seq in self.workers:  # not reaped yet, so the pid is still ours
+            os.kill(self.workers[seq][0], signal.SIGKILL)
+
+    def enforce_ceiling(self) -> None:
+        assert self.ceiling is not None
+        for pid, status_fd in list(self.workers.values()):
+            try:
+                used = memory_usage(self.ceiling_metric, pid)
+            except Exception:  # noqa: BLE001 - it exited between listing and reading
+                continue
+            if used > self.ceiling:
+                # The figure goes first, so the parent can tell why the worker died.
+                self.report(status_fd, p.CEILING, used)
+                os.kill(pid, signal.SIGKILL)
+
+    def shutdown(self) -> None:
+        for pid, _ in self.workers.values():
+            os.kill(pid, signal.SIGKILL)
+        while self.workers:
+            pid, status = os.waitpid(-1, 0)
+            self.forget(pid, status)
+
+    # --- the loop ---------------------------------------------------------
+
+    def read_control(self) -> bool:
+        """Handle what the parent sent; False on EOF."""
+        data, ancdata, _, _ = self.control.recvmsg(
+            p.CONTROL_RECORD.size * 256, socket.CMSG_SPACE(_MAX_FDS_PER_READ * 4)
+        )
+        for level, kind, fd_bytes in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(fd_bytes[: len(fd_bytes) - len(fd_bytes) % fds.itemsize])
+                self.pending_fds.extend(fds)
+        if not data:
+            return False
+        self.buffer += data
+        records, self.buffer = p.parse_records(self.buffer, p.CONTROL_RECORD)
+        for command, value in records:
+            if command == p.FORK:
+                channel_fd = self.pending_fds.popleft()
+                status_fd = self.pending_fds.popleft()
+                self.fork(channel_fd, status_fd)
+            elif command == p.KILL:
+                self.kill(value)
+        return True
+
+    def run(self) -> None:
+        self.buffer = b""
+        signal.set_wakeup_fd(self.wake_w)
+        # A handler (not SIG_DFL) so that SIGCHLD writes to the wakeup fd.
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        selector = selectors.DefaultSelector()
+        selector.register(self.control, selectors.EVENT_READ, "control")
+        selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        next_check = time.monotonic()
+        try:
+            while True:
+                timeout = None
+                if self.ceiling is not None and self.workers:
+                    timeout = max(next_check - time.monotonic(), 0)
+                for key, _ in selector.select(timeout):
+                    if key.data == "control":
+                        if not self.read_control():
+                            return
+                    else:
+                        try:
+                            os.read(self.wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                self.reap()
+                if self.ceiling is not None and time.monotonic() >= next_check:
+                    self.enforce_ceiling()
+                    next_check = time.monotonic() + self.ceiling_interval
+        finally:
+            self.shutdown()
+
+
+def main(control_fd: int) -> int:
+    ignore_interrupts()
+    control = socket.socket(fileno=control_fd)
+    control.setblocking(True)
+    kind, _, payload = recv_frame(control)
+    setup = pickle.loads(payload)
+    sys.path[:] = setup["sys_path"]
+    try:
+        preload(setup["preload"])
+        gc.collect()
+        gc.freeze()
+    except BaseException as exc:  # noqa: BLE001 - the parent shows it at context start
+        send_frame(control, p.INIT_FAILED, dump_error(exc))
+        return 1
+    send_frame(control, p.VALUE, pickle.dumps({"pid": os.getpid()}))
+    Template(control, setup).run()
+    return 0

@@ -1,0 +1,202 @@
+"""The worker loop: receive a job, run it, send its outcome, decide whether to retire.
+
+Runs in a process forked by the template or in a freshly spawned interpreter;
+the loop is the same. It uses blocking I/O on one socket and never imports trio.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import pickle
+import select
+import socket
+import sys
+import traceback
+from typing import Any, Callable
+
+import cloudpickle
+
+from . import _protocol as p
+from ._memory import memory_usage
+
+# Payloads above this are sent apart from their header instead of being
+# concatenated with it, to avoid copying a large result once more.
+_SMALL_PAYLOAD = 1 << 16
+
+
+class ChannelClosed(Exception):
+    """The parent closed its end of the channel."""
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    received = 0
+    while received < size:
+        count = sock.recv_into(view[received:])
+        if count == 0:
+            raise ChannelClosed
+        received += count
+    return bytes(buffer) if size < _SMALL_PAYLOAD else buffer  # type: ignore[return-value]
+
+
+def recv_frame(sock: socket.socket) -> tuple[int, int, bytes]:
+    kind, flags, length = p.HEADER.unpack(recv_exactly(sock, p.HEADER.size))
+    payload = recv_exactly(sock, length) if length else b""
+    return kind, flags, payload
+
+
+def send_frame(sock: socket.socket, kind: int, payload: bytes = b"", flags: int = 0) -> None:
+    if len(payload) < _SMALL_PAYLOAD:
+        sock.sendall(p.encode_frame(kind, payload, flags))
+    else:
+        sock.sendall(p.encode_header(kind, len(payload), flags))
+        sock.sendall(payload)
+
+
+def wait_for_job(sock: socket.socket, idle_timeout: float) -> bool:
+    """Wait until the parent sends something; False if ``idle_timeout`` passed first."""
+    if math.isinf(idle_timeout):
+        return True
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(idle_timeout * 1000))
+    readable, _, _ = select.select([sock], [], [], idle_timeout)
+    return bool(readable)
+
+
+def describe(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def dump_error(exc: BaseException) -> bytes:
+    """Pickle an exception with its formatted traceback, whatever it holds.
+
+    The pickle is loaded back here once: an exception whose ``__init__`` takes
+    other arguments than ``args`` pickles fine but fails to load, and the parent
+    must never be the one to find that out.
+    """
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        data = cloudpickle.dumps((exc, text))
+        pickle.loads(data)
+        return data
+    except BaseException as why:  # noqa: BLE001 - anything the pickle machinery raises
+        stand_in = RuntimeError(
+            f"the job raised {type(exc).__module__}.{type(exc).__qualname__}: {exc}, "
+            f"which could not travel back from the worker ({type(why).__name__}: {why}); "
+            "its traceback follows. Give the exception picklable attributes and an "
+            "__init__ that accepts its args, or raise a simpler one."
+        )
+        return pickle.dumps((stand_in, text))
+
+
+def run_job(payload: bytes) -> tuple[int, bytes]:
+    """Run one pickled job; return the frame kind and payload of its outcome."""
+    try:
+        fn, args = pickle.loads(payload)
+    except BaseException as exc:  # noqa: BLE001
+        return p.ERROR, dump_error(exc)
+    try:
+        result = fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - the job's exception is its outcome
+        return p.ERROR, dump_error(exc)
+    # An async function slipped through as a callable object returning a coroutine.
+    if inspect.iscoroutine(result):
+        result.close()
+        return p.ERROR, dump_error(
+            TypeError(f"{describe(fn)} returned a coroutine: it is an async function, "
+                      "and run_sync runs synchronous functions only")
+        )
+    if inspect.isgenerator(result):
+        result.close()
+        return p.ERROR, dump_error(
+            TypeError(f"{describe(fn)} returned a generator, which cannot leave the worker; "
+                      "return a list (or other picklable value) instead")
+        )
+    try:
+        return p.VALUE, cloudpickle.dumps(result)
+    except BaseException as exc:  # noqa: BLE001
+        return p.ERROR, dump_error(
+            TypeError(f"the result of {describe(fn)}, a {type(result).__qualname__}, "
+                      f"could not be pickled to leave the worker: {type(exc).__name__}: {exc}")
+        )
+
+
+class RetirePolicy:
+    """Decides after each job whether this worker should leave."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.jobs_left: float = config.get("max_jobs") or math.inf
+        self.max_memory: int | None = config.get("max_memory")
+        self.memory_metric: str = config.get("memory_metric", "uss")
+        self.retire: Callable[[], object] = config.get("retire", bool)
+
+    def after_job(self) -> tuple[int, bytes | None]:
+        """Return the retire reason (or KEEP) and, if the retire hook raised, its error."""
+        self.jobs_left -= 1
+        try:
+            if self.retire():
+                return p.RETIRE_USER, None
+        except BaseException as exc:  # noqa: BLE001
+            return p.RETIRE_HOOK_FAILED, dump_error(exc)
+        if self.jobs_left <= 0:
+            return p.RETIRE_MAX_JOBS, None
+        if self.max_memory is not None and memory_usage(self.memory_metric) > self.max_memory:
+            return p.RETIRE_MEMORY, None
+        return p.KEEP, None
+
+
+def load_settings(payload: bytes) -> dict[str, Any]:
+    """Apply the parent's sys.path and preload, then unpickle the hooks (in that
+    order: unpickling a hook may import the user's modules)."""
+    outer = pickle.loads(payload)
+    if outer["sys_path"] is not None:
+        sys.path[:] = outer["sys_path"]
+    for name in outer["preload"]:
+        importlib.import_module(name)
+    settings: dict[str, Any] = pickle.loads(outer["hooks"])
+    return settings
+
+
+def serve(sock: socket.socket) -> int:
+    """Serve jobs on ``sock`` until told to stop; return the exit code."""
+    sock.setblocking(True)
+    try:
+        kind, _, payload = recv_frame(sock)
+    except ChannelClosed:
+        return 0
+    if kind != p.CONFIG:
+        raise p.ProtocolError(f"expected a CONFIG frame, got kind {kind}")
+    try:
+        config = load_settings(payload)
+        config["init"]()
+    except BaseException as exc:  # noqa: BLE001 - the parent raises it for the waiting call
+        send_frame(sock, p.INIT_FAILED, dump_error(exc))
+        return 1
+    policy = RetirePolicy(config)
+    idle_timeout = config.get("idle_timeout", math.inf)
+    while True:
+        if not wait_for_job(sock, idle_timeout):
+            # The parent may be sending a job right now; BYE tells it that this
+            # worker left without reading it, so it can resubmit elsewhere.
+            send_frame(sock, p.BYE)
+            return 0
+        try:
+            kind, _, payload = recv_frame(sock)
+        except ChannelClosed:
+            return 0
+        if kind != p.JOB:
+            raise p.ProtocolError(f"expected a JOB frame, got kind {kind}")
+        result_kind, result = run_job(payload)
+        del payload
+        reason, hook_error = policy.after_job()
+        if hook_error is not None:
+            result_kind, result = p.ERROR, hook_error
+        send_frame(sock, result_kind, result, flags=reason)
+        del result
+        if reason != p.KEEP:
+            return 0

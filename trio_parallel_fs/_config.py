@@ -1,0 +1,183 @@
+"""A worker context's configuration: frozen, validated at the call that makes it.
+
+Every knob is documented once, here, on ``WorkerConfig``; the functions that
+accept these keywords refer to it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import sys
+from typing import Any, Callable
+
+import attrs
+import cloudpickle
+
+from _trio_parallel_fs_worker._memory import METRICS
+
+
+class WorkerType(enum.Enum):
+    """How new workers are made.
+
+    ``FORKSERVER`` (the default where ``os.fork`` exists): a preloaded template
+    process forks each worker, in milliseconds, sharing its imports
+    copy-on-write. ``FORK`` is accepted as an alias, so that trio-parallel code
+    keeps working; it too forks from the template, never from your process.
+    ``SPAWN``: each worker is a fresh interpreter; the only choice on Windows.
+    """
+
+    FORKSERVER = "forkserver"
+    FORK = "forkserver"  # alias: trio-parallel's name; forking the parent itself is unsafe
+    SPAWN = "spawn"
+
+
+DEFAULT_WORKER_TYPE = WorkerType.SPAWN if sys.platform == "win32" else WorkerType.FORKSERVER
+
+
+def _to_worker_type(value: object) -> WorkerType:
+    if isinstance(value, WorkerType):
+        return value
+    try:
+        return WorkerType(value)
+    except ValueError:
+        choices = ", ".join(repr(member.value) for member in WorkerType)
+        raise ValueError(
+            f"worker_type must be a WorkerType or one of {choices}, not {value!r}"
+        ) from None
+
+
+def _check_number(name: str, value: object, *, minimum: float, allow_inf: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__} {value!r}")
+    if math.isnan(value) or value < minimum or (math.isinf(value) and not allow_inf):
+        bound = "non-negative" if minimum == 0 else f">= {minimum}"
+        extra = " (math.inf for no limit)" if allow_inf else ""
+        raise ValueError(f"{name} must be {bound}{extra}, not {value!r}")
+
+
+def _seconds(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    _check_number(attribute.name, value, minimum=0, allow_inf=True)
+
+
+def _optional_count(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{attribute.name} must be an int or None, not {value!r}")
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1 (or None for no limit), not {value}")
+
+
+def _callable(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not callable(value):
+        raise TypeError(
+            f"{attribute.name} must be callable without arguments, not {type(value).__name__} "
+            f"{value!r}"
+        )
+
+
+def _to_preload(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise TypeError(f"preload takes a list of module names, not a string; did you mean [{value!r}]?")
+    try:
+        names = tuple(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"preload must be a list of module names, not {value!r}") from None
+    for name in names:
+        if not isinstance(name, str) or not name or name.startswith("."):
+            raise ValueError(f"preload entries must be absolute module names, not {name!r}")
+    return names
+
+
+def _metric(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value not in METRICS:
+        raise ValueError(f"memory_metric must be one of {METRICS}, not {value!r}")
+
+
+@attrs.frozen
+class WorkerConfig:
+    """How a worker context makes, runs and retires its workers.
+
+    Attributes:
+        idle_timeout: Seconds an idle worker waits for a job before it exits and
+            frees its memory. ``math.inf`` waits forever. Default 600.
+        init: Called without arguments in each new worker before its first job;
+            for per-worker state. If it raises, the call that started the worker
+            fails with `WorkerHookError`. Default: do nothing.
+        retire: Called without arguments in the worker after each job; a truthy
+            result retires the worker (it leaves after sending that job's result).
+            If it raises, that call fails with `WorkerHookError`. Default: never.
+        grace_period: Seconds to wait, when the context closes, for workers to
+            exit before killing them (and raising `BrokenWorkerError`).
+            Default 30.
+        worker_type: A `WorkerType`. Default ``FORKSERVER`` where fork exists.
+        preload: Names of modules to import once in the template, so workers
+            start with them already imported (shared copy-on-write). With
+            ``SPAWN`` each worker imports them when it starts. A module that
+            fails to import, or starts threads, fails the context's start with
+            `TemplateStartError`. Default: none.
+        max_jobs: Retire a worker after this many jobs. Default: no limit.
+        max_memory: Retire a worker after a job that leaves it using more than
+            this many bytes (by ``memory_metric``). Default: no limit.
+        memory_metric: ``"uss"`` (private memory, the default: pages shared with
+            the template are not counted), ``"pss"`` or ``"rss"``.
+        memory_ceiling: Kill a worker *while its job runs* once it uses more than
+            this many bytes; the caller gets `MemoryCeilingError`. Enforced by the
+            template, so ``FORKSERVER`` only. Default: no ceiling.
+        blas_threads: Thread count for BLAS/OpenMP pools (OPENBLAS_NUM_THREADS
+            and friends), set in the workers' environment unless you set those
+            variables yourself. 1 keeps the template single-threaded and stops
+            N workers from running N x cores threads. None leaves them alone.
+    """
+
+    idle_timeout: float = attrs.field(default=600.0, validator=_seconds)
+    init: Callable[[], object] = attrs.field(default=bool, validator=_callable)
+    retire: Callable[[], object] = attrs.field(default=bool, validator=_callable)
+    grace_period: float = attrs.field(default=30.0, validator=_seconds)
+    worker_type: WorkerType = attrs.field(default=DEFAULT_WORKER_TYPE, converter=_to_worker_type)
+    preload: tuple[str, ...] = attrs.field(default=(), converter=_to_preload)
+    max_jobs: int | None = attrs.field(default=None, validator=_optional_count)
+    max_memory: int | None = attrs.field(default=None, validator=_optional_count)
+    memory_metric: str = attrs.field(default="uss", validator=_metric)
+    memory_ceiling: int | None = attrs.field(default=None, validator=_optional_count)
+    blas_threads: int | None = attrs.field(default=1, validator=_optional_count)
+
+    def __attrs_post_init__(self) -> None:
+        if self.worker_type is WorkerType.FORKSERVER and sys.platform == "win32":
+            raise ValueError("worker_type FORKSERVER needs os.fork; use WorkerType.SPAWN on Windows")
+        if self.memory_ceiling is not None and self.worker_type is not WorkerType.FORKSERVER:
+            raise ValueError(
+                "memory_ceiling is enforced by the template, so it needs "
+                "worker_type=WorkerType.FORKSERVER; with SPAWN use max_memory"
+            )
+
+    def worker_settings(self) -> dict[str, Any]:
+        """What each worker needs to know, sent to it with its first job.
+
+        ``hooks`` holds the pickled callables and limits; ``sys_path`` and
+        ``preload`` come first so that a spawned worker can import what
+        unpickling the hooks needs. Forked workers have both from the template.
+        """
+        spawned = self.worker_type is WorkerType.SPAWN
+        hooks = {
+            "idle_timeout": self.idle_timeout,
+            "init": self.init,
+            "retire": self.retire,
+            "max_jobs": self.max_jobs,
+            "max_memory": self.max_memory,
+            "memory_metric": self.memory_metric,
+        }
+        return {
+            "sys_path": list(sys.path) if spawned else None,
+            "preload": list(self.preload) if spawned else [],
+            "hooks": cloudpickle.dumps(hooks),
+        }
+
+    def template_setup(self) -> dict[str, Any]:
+        return {
+            "sys_path": list(sys.path),
+            "preload": list(self.preload),
+            "memory_ceiling": self.memory_ceiling,
+            "memory_metric": self.memory_metric,
+        }

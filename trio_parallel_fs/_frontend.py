@@ -1,0 +1,340 @@
+"""run_sync, worker contexts, the default context and the default limiter."""
+
+from __future__ import annotations
+
+import atexit
+import contextvars
+import functools
+import inspect
+import os
+import pickle
+import threading
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, TypeVar
+
+import attrs
+import cloudpickle
+import trio
+
+from _trio_parallel_fs_worker import _protocol as p
+
+from ._config import WorkerConfig
+from ._pool import RESUBMIT, WorkerContextStatistics, WorkerPool
+
+T = TypeVar("T")
+
+_limiter_runvar: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
+    "trio_parallel_fs.limiter"
+)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may run on
+    except AttributeError:  # not on macOS or Windows
+        return os.cpu_count() or 1
+
+
+def current_default_worker_limiter() -> trio.CapacityLimiter:
+    """The `trio.CapacityLimiter` that `run_sync` uses when given no ``limiter``.
+
+    One per ``trio.run``, created with as many tokens as the CPUs this process
+    may use (its affinity mask where the OS tells, else ``os.cpu_count()``).
+    Change its ``total_tokens`` to run more or fewer workers at once.
+    """
+    try:
+        return _limiter_runvar.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(_usable_cpus())
+        _limiter_runvar.set(limiter)
+        return limiter
+    except RuntimeError:
+        raise RuntimeError(
+            "trio_parallel_fs must be used inside trio.run (no Trio run is active in this "
+            "thread; asyncio and other event loops are not supported)"
+        ) from None
+
+
+current_default_process_limiter = current_default_worker_limiter
+
+
+def _describe(fn: object) -> str:
+    inner = fn.func if isinstance(fn, functools.partial) else fn
+    module = getattr(inner, "__module__", None)
+    name = getattr(inner, "__qualname__", None) or repr(inner)
+    return f"{module}.{name}" if module and module != "builtins" else name
+
+
+def _check_sync(fn: Callable[..., Any]) -> None:
+    if not callable(fn):
+        raise TypeError(f"run_sync needs a callable, not {type(fn).__name__} {fn!r}")
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            f"{_describe(fn)} is an async function; run_sync runs synchronous functions "
+            "in worker processes. Await it directly, or pass a sync function that runs it."
+        )
+    if inspect.isgeneratorfunction(fn):
+        raise TypeError(
+            f"{_describe(fn)} is a generator function; its generator cannot leave the "
+            "worker. Pass a function that returns a list (or another picklable value)."
+        )
+
+
+def _encode_job(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
+    try:
+        payload = cloudpickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        culprit = _find_unpicklable(fn, args)
+        raise pickle.PicklingError(
+            f"cannot send {_describe(fn)} to a worker: {culprit} could not be pickled "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    return p.encode_frame(p.JOB, payload)
+
+
+def _find_unpicklable(fn: object, args: tuple[Any, ...]) -> str:
+    for label, value in [("the function", fn)] + [(f"argument {i}", a) for i, a in enumerate(args)]:
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            return f"{label} ({type(value).__name__})"
+    return "the job"
+
+
+class WorkerContext:
+    """Workers with one configuration, and the jobs they run.
+
+    Made by `open_worker_context` (or `cache_scope`, or behind `run_sync` for the
+    default context), not directly. Its configuration is readable as attributes
+    (``ctx.idle_timeout`` and so on; see `WorkerConfig`) and as ``ctx.config``.
+    """
+
+    def __init__(self, config: WorkerConfig, *, _private: bool = False) -> None:
+        if not _private:
+            raise TypeError("use open_worker_context() to make a WorkerContext")
+        self.config = config
+        self._pool = WorkerPool(config)
+
+    def __getattr__(self, name: str) -> Any:
+        # Read-only access to the configuration, as trio-parallel offers it.
+        if name in _config_names():
+            return getattr(self.config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        return f"<WorkerContext {self.config!r}>"
+
+    @trio.lowlevel.enable_ki_protection
+    async def run_sync(
+        self,
+        sync_fn: Callable[..., T],
+        *args: Any,
+        kill_on_cancel: bool = False,
+        cancellable: bool = False,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> T:
+        """Run ``sync_fn(*args)`` in one of this context's workers; see `run_sync`.
+
+        Raises:
+            trio.ClosedResourceError: if the context is closed.
+        """
+        _check_sync(sync_fn)
+        if self._pool.closed:
+            raise trio.ClosedResourceError("this worker context is closed")
+        if limiter is None:
+            limiter = current_default_worker_limiter()
+        job = _encode_job(sync_fn, args)
+        function = _describe(sync_fn)
+        kill = kill_on_cancel or cancellable
+        async with limiter:
+            if self._pool.closed:
+                raise trio.ClosedResourceError("this worker context closed while the call waited")
+            self._pool.running += 1
+            try:
+                while True:
+                    with trio.CancelScope(shield=not kill):
+                        result = await self._pool.run(job, function)
+                    if result is not RESUBMIT:
+                        return result.unwrap()  # type: ignore[no-any-return]
+                    # The shield hides cancellation; look for it between tries.
+                    await trio.lowlevel.checkpoint_if_cancelled()
+            finally:
+                self._pool.running -= 1
+
+    def statistics(self) -> WorkerContextStatistics:
+        """A `WorkerContextStatistics` snapshot; eventually consistent when
+        several threads run jobs in this context at once."""
+        return self._pool.statistics()
+
+    async def _start(self) -> None:
+        await self._pool.start()
+
+    async def _aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            # Jobs still running belong to tasks outside the context's block;
+            # wait for them (they cannot be killed on their callers' behalf).
+            while self._pool.running:
+                await trio.sleep(0.01)
+            await trio.to_thread.run_sync(self._pool.close_blocking, self.config.grace_period)
+
+    def _close_blocking(self) -> None:
+        self._pool.close_blocking(self.config.grace_period)
+
+
+@functools.lru_cache(maxsize=None)
+def _config_names() -> frozenset[str]:
+    return frozenset(field.name for field in attrs.fields(WorkerConfig))
+
+
+# --- the default context ------------------------------------------------------
+
+_default_lock = threading.Lock()
+_default_config = WorkerConfig()
+_default_context: WorkerContext | None = None
+_scoped_context: contextvars.ContextVar[WorkerContext | None] = contextvars.ContextVar(
+    "trio_parallel_fs.cache_scope", default=None
+)
+
+
+def _get_default_context() -> WorkerContext:
+    scoped = _scoped_context.get()
+    if scoped is not None:
+        return scoped
+    global _default_context
+    context = _default_context
+    if context is None:
+        with _default_lock:
+            if _default_context is None:
+                _default_context = WorkerContext(_default_config, _private=True)
+            context = _default_context
+    return context
+
+
+def configure_default_context(**config: Any) -> None:
+    """Set the configuration of the default context that `run_sync` uses.
+
+    Takes the keywords of `WorkerConfig`. Workers of the previous default
+    context are shut down (gracefully, within its grace period).
+
+    Raises:
+        TypeError, ValueError: for an invalid argument, naming it.
+        RuntimeError: if jobs are running in the default context.
+    """
+    new_config = WorkerConfig(**config)
+    global _default_config, _default_context
+    with _default_lock:
+        old = _default_context
+        if old is not None and old._pool.running:
+            raise RuntimeError(
+                "cannot reconfigure the default context while jobs run in it; "
+                "configure it before the first run_sync, or use open_worker_context"
+            )
+        _default_config = new_config
+        _default_context = None
+    if old is not None:
+        old._close_blocking()
+
+
+def default_context_statistics() -> WorkerContextStatistics:
+    """Statistics of the context `run_sync` would use here (see `WorkerContext.statistics`)."""
+    return _get_default_context().statistics()
+
+
+@atexit.register
+def _shut_down_default_context() -> None:
+    global _default_context
+    with _default_lock:
+        context, _default_context = _default_context, None
+    if context is not None:
+        context._close_blocking()
+
+
+@asynccontextmanager
+async def open_worker_context(**config: Any) -> AsyncIterator[WorkerContext]:
+    """Open a `WorkerContext` with its own workers, configured by the keywords of
+    `WorkerConfig`.
+
+    The template (if any) starts on entry, so a failing preload raises here,
+    as `TemplateStartError`. On exit the context waits for jobs still running
+    in it, then closes its workers within ``grace_period``; this wait is not
+    cancellable, so hand the context only to tasks inside the block.
+
+    Raises:
+        TypeError, ValueError: for an invalid argument, naming it.
+        TemplateStartError: if the template could not preload.
+        BrokenWorkerError: if a worker had to be killed at exit.
+    """
+    context = WorkerContext(WorkerConfig(**config), _private=True)
+    try:
+        await context._start()
+        yield context
+    finally:
+        await context._aclose()
+
+
+@asynccontextmanager
+async def cache_scope(**config: Any) -> AsyncIterator[None]:
+    """Make `run_sync` use a fresh context, configured by the keywords of
+    `WorkerConfig`, in this task and the tasks it starts inside the block.
+
+    Contexts from `open_worker_context` are not affected. Nested scopes win.
+    """
+    async with open_worker_context(**config) as context:
+        token = _scoped_context.set(context)
+        try:
+            yield
+        finally:
+            _scoped_context.reset(token)
+
+
+async def run_sync(
+    sync_fn: Callable[..., T],
+    *args: Any,
+    kill_on_cancel: bool = False,
+    cancellable: bool = False,
+    limiter: trio.CapacityLimiter | None = None,
+) -> T:
+    """Run ``sync_fn(*args)`` in a worker process and return or raise its outcome.
+
+    For CPU-bound work that would block Trio (and the GIL), blocking calls you
+    want to be able to kill, and code that may crash. Functions and arguments
+    travel by cloudpickle, so functions defined in ``__main__``, lambdas and
+    closures work. Workers are cached and reused; their global state persists
+    between jobs on the same worker, but which worker runs a job is not
+    specified.
+
+    Args:
+        sync_fn: A synchronous callable. Async and generator functions are refused.
+        *args: Its positional arguments; use `functools.partial` for keywords.
+        kill_on_cancel: Let cancellation kill the worker; see below.
+        cancellable: trio-parallel's older name for ``kill_on_cancel``; either
+            being true enables it.
+        limiter: The `trio.CapacityLimiter` (or any async context manager) that
+            bounds how many workers run at once. Default:
+            `current_default_worker_limiter`.
+
+    Returns:
+        Whatever ``sync_fn(*args)`` returns.
+
+    Raises:
+        BaseException: Whatever ``sync_fn(*args)`` raises, with the worker's
+            traceback attached as its ``__cause__``.
+        BrokenWorkerError: the worker died (its subclasses say why: the memory
+            ceiling, a failing init or retire hook).
+        TemplateStartError: the template could not start.
+        pickle.PicklingError: the function or an argument cannot be pickled.
+        TypeError: ``sync_fn`` is async, a generator function, or not callable.
+
+    Cancellation handling:
+        Entering ``run_sync`` is a checkpoint, like ``trio.to_thread.run_sync``:
+        a call made in an already-cancelled scope raises `trio.Cancelled`
+        without starting anything. Waiting for the limiter is cancellable.
+        Once the job is sent, by default it is shielded: the call waits for
+        the result and returns it, and cancellation takes effect at your next
+        checkpoint. With ``kill_on_cancel=True`` the worker is killed
+        (SIGKILL), its exit is awaited, and `trio.Cancelled` propagates; the
+        job's side effects may be partly done. No worker is leaked either way.
+    """
+    return await _get_default_context().run_sync(
+        sync_fn, *args, kill_on_cancel=kill_on_cancel, cancellable=cancellable, limiter=limiter
+    )

@@ -1,0 +1,113 @@
+"""The spawn backend: each worker is a fresh interpreter, the parent's own child.
+
+This is the only backend on Windows (no fork) and the slow path everywhere:
+every worker pays an interpreter start and its imports. It runs the same worker
+loop and wire protocol as the template's workers, and is tested on Linux too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import threading
+
+import trio
+
+from ._process import ExitInfo
+from ._template import child_command, child_environment
+
+_HAS_PIDFD = hasattr(os, "pidfd_open")
+
+
+class SpawnedWorker:
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self._pidfd: int | None = None
+        if _HAS_PIDFD:
+            try:
+                self._pidfd = os.pidfd_open(popen.pid)
+            except OSError:  # old kernel
+                self._pidfd = None
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    def kill(self) -> None:
+        # Popen checks whether it has reaped the child before signalling, so a
+        # recycled pid is never hit.
+        if self._popen.returncode is None:
+            try:
+                self._popen.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _info(self) -> ExitInfo:
+        return ExitInfo(pid=self._popen.pid, exitcode=self._popen.returncode)
+
+    async def wait(self) -> ExitInfo:
+        if self._pidfd is not None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+            self._popen.wait()  # has exited: returns at once
+        else:
+            delay = 0.0005
+            while self._popen.poll() is None:
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        return self._info()
+
+    def wait_blocking(self, timeout: float) -> ExitInfo | None:
+        try:
+            self._popen.wait(None if math.isinf(timeout) else timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self._info()
+
+    def release(self) -> bool:
+        if self._popen.poll() is None:
+            return False
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        return True
+
+
+class SpawnBackend:
+    def __init__(self, blas_threads: int | None) -> None:
+        self._env = child_environment(blas_threads)
+
+    @property
+    def template_pid(self) -> None:
+        return None
+
+    async def ensure_started(self) -> None:
+        pass
+
+    def start_worker(self) -> tuple[socket.socket, SpawnedWorker]:
+        ours, theirs = socket.socketpair()
+        extra: list[str] = []
+        # PR_SET_PDEATHSIG is tied to the thread that forks, so ask for it only
+        # from the main thread; a worker spawned from another thread relies on
+        # the EOF of its channel instead.
+        if threading.current_thread() is threading.main_thread():
+            extra = ["--die-with-parent", str(os.getpid())]
+        try:
+            popen = subprocess.Popen(
+                child_command("worker", theirs.fileno(), *extra),
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                env=self._env,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return ours, SpawnedWorker(popen)
+
+    def close(self, timeout: float) -> None:
+        pass
+
