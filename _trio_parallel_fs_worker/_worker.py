@@ -12,6 +12,7 @@ import math
 import pickle
 import select
 import socket
+import struct
 import sys
 import traceback
 from typing import Any, Callable
@@ -24,28 +25,58 @@ from ._memory import memory_usage
 # Payloads above this are sent apart from their header instead of being
 # concatenated with it, to avoid copying a large result once more.
 _SMALL_PAYLOAD = 1 << 16
+_RECV_SIZE = 1 << 16
 
 
 class ChannelClosed(Exception):
     """The parent closed its end of the channel."""
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    received = 0
-    while received < size:
-        count = sock.recv_into(view[received:])
-        if count == 0:
-            raise ChannelClosed
-        received += count
-    return bytes(buffer) if size < _SMALL_PAYLOAD else buffer  # type: ignore[return-value]
+class Inbox:
+    """Frames from the parent, read with as few syscalls as possible.
 
+    A small job arrives whole in one ``recv``. The idle timeout is a receive
+    timeout on the socket (SO_RCVTIMEO) where the OS has one, rather than a
+    poll() before each recv: one syscall instead of two, and a measurably
+    quicker wake-up.
+    """
 
-def recv_frame(sock: socket.socket) -> tuple[int, int, bytes]:
-    kind, flags, length = p.HEADER.unpack(recv_exactly(sock, p.HEADER.size))
-    payload = recv_exactly(sock, length) if length else b""
-    return kind, flags, payload
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = p.FrameReader()
+        self.idle_timeout = math.inf
+        self.kernel_timeout = False
+
+    def set_idle_timeout(self, idle_timeout: float) -> None:
+        self.idle_timeout = idle_timeout
+        if not math.isinf(idle_timeout) and sys.platform.startswith("linux"):
+            seconds = int(idle_timeout)
+            micros = int((idle_timeout - seconds) * 1e6)
+            if seconds or micros:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
+                self.kernel_timeout = True
+
+    def next_frame(self) -> tuple[int, int, bytes] | None:
+        """The next frame; None if the idle timeout passed with nothing received.
+
+        Raises ChannelClosed on EOF.
+        """
+        while True:
+            frame = self.reader.next_frame()
+            if frame is not None:
+                return frame
+            waiting = self.reader.pending == 0
+            if waiting and not self.kernel_timeout and not wait_for_job(self.sock, self.idle_timeout):
+                return None
+            try:
+                data = self.sock.recv(max(_RECV_SIZE, self.reader.missing()))
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                if waiting:
+                    return None
+                continue  # mid-frame: the rest is on its way
+            if not data:
+                raise ChannelClosed
+            self.reader.feed(data)
 
 
 def send_frame(sock: socket.socket, kind: int, payload: bytes = b"", flags: int = 0) -> None:
@@ -54,6 +85,13 @@ def send_frame(sock: socket.socket, kind: int, payload: bytes = b"", flags: int 
     else:
         sock.sendall(p.encode_header(kind, len(payload), flags))
         sock.sendall(payload)
+
+
+def recv_frame(sock: socket.socket) -> tuple[int, int, bytes]:
+    """Receive one frame, blocking; for the handshakes before the job loop."""
+    frame = Inbox(sock).next_frame()
+    assert frame is not None  # no timeout was set
+    return frame
 
 
 def wait_for_job(sock: socket.socket, idle_timeout: float) -> bool:
@@ -165,8 +203,11 @@ def load_settings(payload: bytes) -> dict[str, Any]:
 def serve(sock: socket.socket) -> int:
     """Serve jobs on ``sock`` until told to stop; return the exit code."""
     sock.setblocking(True)
+    # One inbox for the whole conversation: the parent sends the CONFIG frame
+    # and the first job together, so one recv may hold both.
+    inbox = Inbox(sock)
     try:
-        kind, _, payload = recv_frame(sock)
+        kind, _, payload = inbox.next_frame()  # type: ignore[misc]
     except ChannelClosed:
         return 0
     if kind != p.CONFIG:
@@ -178,21 +219,22 @@ def serve(sock: socket.socket) -> int:
         send_frame(sock, p.INIT_FAILED, dump_error(exc))
         return 1
     policy = RetirePolicy(config)
-    idle_timeout = config.get("idle_timeout", math.inf)
+    inbox.set_idle_timeout(config.get("idle_timeout", math.inf))
     while True:
-        if not wait_for_job(sock, idle_timeout):
+        try:
+            frame = inbox.next_frame()
+        except ChannelClosed:
+            return 0
+        if frame is None:
             # The parent may be sending a job right now; BYE tells it that this
             # worker left without reading it, so it can resubmit elsewhere.
             send_frame(sock, p.BYE)
             return 0
-        try:
-            kind, _, payload = recv_frame(sock)
-        except ChannelClosed:
-            return 0
+        kind, _, payload = frame
         if kind != p.JOB:
             raise p.ProtocolError(f"expected a JOB frame, got kind {kind}")
         result_kind, result = run_job(payload)
-        del payload
+        del payload, frame
         reason, hook_error = policy.after_job()
         if hook_error is not None:
             result_kind, result = p.ERROR, hook_error
