@@ -1,0 +1,61 @@
+"""Every test proves that the processes and file descriptors it started are gone."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import psutil
+import pytest
+
+from trio_parallel_fs import _frontend
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Workers import the test helpers by reference, as they would the user's code.
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+
+def descendants() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def wait_until_gone(pids: set[int], timeout: float) -> set[int]:
+    """Return the pids still present (zombies count) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = {pid for pid in pids if psutil.pid_exists(pid)}
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    """Fail a test that leaves a process (template, worker, zombie) or an fd behind.
+
+    The default context lives across trio.run calls by design, so it is shut
+    down here, as interpreter exit would.
+    """
+    before_pids = {p.pid for p in descendants()}
+    before_fds = open_fds()
+    yield
+    _frontend._shut_down_default_context()
+    _frontend._default_config = _frontend.WorkerConfig()
+    new = {p.pid for p in descendants()} - before_pids
+    left = wait_until_gone(new, 5.0)
+    assert not left, f"processes left behind: {[psutil.Process(p).as_dict(['pid', 'cmdline', 'status']) for p in left if psutil.pid_exists(p)]}"
+    leaked = open_fds() - before_fds
+    # An fd number can be reused for something unrelated: only report ours.
+    described = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not described, f"file descriptors left open: {described}"
+
+
+@pytest.fixture(params=["forkserver", "spawn"])
+def worker_type(request):
+    return request.param
