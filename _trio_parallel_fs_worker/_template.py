@@ -50,30 +50,24 @@ from ._worker import dump_error, recv_frame, send_frame, serve
 _MAX_FDS_PER_READ = 64
 
 
-def count_threads() -> tuple[int, list[str]]:
-    """OS threads in this process, with their names (Linux sees native threads too)."""
+def count_threads() -> int:
+    """OS threads in this process; on Linux native threads count too."""
     try:
-        tasks = os.listdir("/proc/self/task")
+        return len(os.listdir("/proc/self/task"))
     except OSError:
-        return threading.active_count(), [t.name for t in threading.enumerate()]
-    names = []
-    for task in tasks:
-        try:
-            with open(f"/proc/self/task/{task}/comm") as f:
-                names.append(f.read().strip())
-        except OSError:
-            names.append(task)
-    return len(tasks), names
+        return threading.active_count()
 
 
 def preload(modules: list[str]) -> None:
     for name in modules:
         importlib.import_module(name)
-        count, names = count_threads()
+        count = count_threads()
         if count > 1:
+            python_threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
             raise RuntimeError(
                 f"importing {name!r} in the template left {count} threads running "
-                f"({', '.join(sorted(names))}); forking a multi-threaded process can "
+                f"(Python threads besides the main one: {python_threads or 'none'}; the rest are "
+                "native, e.g. a BLAS pool); forking a multi-threaded process can "
                 "deadlock, so the template refuses to fork. Cap the module's threads "
                 "(trio_parallel_fs sets OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and friends "
                 "to blas_threads=1 unless you set them), or do not preload it."

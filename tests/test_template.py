@@ -1,0 +1,216 @@
+"""The template: preload, single-threadedness, forking, reaping and killing."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+import pytest
+import trio
+
+import trio_parallel_fs as tpf
+import workerfns
+from _trio_parallel_fs_worker import _template
+
+
+async def test_preload_happens_once_in_the_template():
+    async with tpf.open_worker_context(preload=["preload_marker"]) as ctx:
+        template_pid = ctx.statistics().template_pid
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(ctx.run_sync, workerfns.sleep_and_return, 0.2)
+        assert ctx.statistics().started_workers == 2
+        # Imported in the template, inherited by the worker: no import in the worker.
+        assert await ctx.run_sync(workerfns.preload_marker_pid) == template_pid
+        assert ctx.statistics().preload == ("preload_marker",)
+
+
+async def test_workers_are_forked_by_the_template_not_by_us():
+    async with tpf.open_worker_context() as ctx:
+        template_pid = ctx.statistics().template_pid
+        assert await ctx.run_sync(workerfns.parent_pid) == template_pid
+        assert psutil.Process(template_pid).ppid() == os.getpid()
+
+
+async def test_template_freezes_the_gc_after_preload():
+    async with tpf.open_worker_context(preload=["preload_marker"]) as ctx:
+        assert await ctx.run_sync(workerfns.gc_freeze_count) > 0
+
+
+async def test_failing_preload_raises_at_context_start_with_the_import_error():
+    with pytest.raises(tpf.TemplateStartError, match="could not preload") as info:
+        async with tpf.open_worker_context(preload=["preload_broken"]):
+            pass  # pragma: no cover
+    assert isinstance(info.value.__cause__, ImportError)
+    assert "fails to import on purpose" in str(info.value)
+
+
+async def test_missing_preload_module_is_named():
+    with pytest.raises(tpf.TemplateStartError, match="No module named 'no_such_module_xyz'"):
+        async with tpf.open_worker_context(preload=["no_such_module_xyz"]):
+            pass  # pragma: no cover
+
+
+async def test_preload_that_starts_threads_is_refused():
+    with pytest.raises(tpf.TemplateStartError, match="left 2 threads running") as info:
+        async with tpf.open_worker_context(preload=["preload_threads"]):
+            pass  # pragma: no cover
+    assert "starts-at-import" in str(info.value)
+
+
+async def test_failing_preload_in_the_default_context_fails_the_call():
+    tpf.configure_default_context(preload=["preload_broken"])
+    for _ in range(2):  # each call tries again, and says why it failed
+        with pytest.raises(tpf.TemplateStartError, match="fails to import on purpose"):
+            await tpf.run_sync(workerfns.add, 1, 2)
+
+
+async def test_blas_threads_are_capped_in_workers():
+    async with tpf.open_worker_context() as ctx:
+        assert await ctx.run_sync(workerfns.environment, "OPENBLAS_NUM_THREADS") == "1"
+        assert await ctx.run_sync(workerfns.environment, "OMP_NUM_THREADS") == "1"
+    async with tpf.open_worker_context(blas_threads=None) as ctx:
+        assert await ctx.run_sync(workerfns.environment, "OPENBLAS_NUM_THREADS") == os.environ.get(
+            "OPENBLAS_NUM_THREADS"
+        )
+
+
+async def test_numpy_and_scipy_preload_keeps_the_template_single_threaded():
+    pytest.importorskip("scipy")
+    async with tpf.open_worker_context(preload=["numpy", "scipy.linalg"]) as ctx:
+        template = psutil.Process(ctx.statistics().template_pid)
+        assert template.num_threads() == 1
+        loaded = await ctx.run_sync(workerfns.modules_loaded, "numpy", "scipy.linalg")
+        assert loaded == {"numpy": True, "scipy.linalg": True}
+
+
+async def test_control_channel_is_an_unnamed_socketpair():
+    async with tpf.open_worker_context() as ctx:
+        template = psutil.Process(ctx.statistics().template_pid)
+        sockets = template.net_connections(kind="unix")
+        assert sockets, "the template should hold its control channel"
+        assert all(not conn.laddr and not conn.raddr for conn in sockets)
+
+
+async def test_job_traffic_bypasses_the_template():
+    async with tpf.open_worker_context() as ctx:
+        await ctx.run_sync(workerfns.add, 1, 2)  # an idle worker exists now
+        template_pid = ctx.statistics().template_pid
+        os.kill(template_pid, signal.SIGSTOP)
+        try:
+            with trio.fail_after(10):
+                assert await ctx.run_sync(workerfns.add, 2, 2) == 4
+        finally:
+            os.kill(template_pid, signal.SIGCONT)
+
+
+async def test_template_killed_mid_job_fails_the_call_and_a_new_template_follows():
+    async with tpf.open_worker_context() as ctx:
+        template_pid = ctx.statistics().template_pid
+        async with trio.open_nursery() as nursery:
+
+            async def call():
+                with pytest.raises(tpf.BrokenWorkerError, match="the template process died") as info:
+                    await ctx.run_sync(workerfns.sleep_and_return, 30)
+                assert info.value.template_died is True
+
+            nursery.start_soon(call)
+            while ctx.statistics().running_workers == 0:
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            os.kill(template_pid, signal.SIGKILL)
+        assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+        new_template = ctx.statistics().template_pid
+        assert new_template != template_pid
+        assert await ctx.run_sync(workerfns.parent_pid) == new_template
+
+
+async def test_template_killed_while_idle_is_replaced():
+    async with tpf.open_worker_context() as ctx:
+        await ctx.run_sync(workerfns.add, 1, 2)
+        template_pid = ctx.statistics().template_pid
+        os.kill(template_pid, signal.SIGKILL)
+        psutil.Process(template_pid).wait(5) if psutil.pid_exists(template_pid) else None
+        await trio.sleep(0.2)  # the idle worker dies with it (PR_SET_PDEATHSIG)
+        # The cached worker is dead: the call reports it; the next one works.
+        try:
+            result = await ctx.run_sync(workerfns.add, 1, 2)
+        except tpf.BrokenWorkerError as exc:
+            assert exc.template_died
+            result = await ctx.run_sync(workerfns.add, 1, 2)
+        assert result == 3
+        assert ctx.statistics().template_pid != template_pid
+
+
+def test_template_kills_only_workers_it_has_not_reaped(monkeypatch):
+    """A KILL for a reaped worker must not signal its (possibly reused) pid."""
+    killed = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    template = _template.Template.__new__(_template.Template)
+    template.workers = {0: (4242, -1)}
+    template.kill(0)
+    template.kill(1)  # never forked, or reaped already
+    assert killed == [(4242, signal.SIGKILL)]
+
+
+async def test_worker_exit_code_is_reported(worker_type):
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        with pytest.raises(tpf.BrokenWorkerError, match="died with exit code 7") as info:
+            await ctx.run_sync(workerfns.exit_with, 7)
+        assert info.value.exitcode == 7 and info.value.signal_name is None
+
+
+async def test_segfault_is_reported_with_its_signal(worker_type):
+    import ctypes
+
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        with pytest.raises(tpf.BrokenWorkerError, match="SIGSEGV.*native code"):
+            await ctx.run_sync(ctypes.string_at, 0)
+        assert await ctx.run_sync(workerfns.add, 1, 1) == 2
+
+
+async def test_sigterm_from_outside_is_named(worker_type):
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        async with trio.open_nursery() as nursery:
+
+            async def call():
+                with pytest.raises(tpf.BrokenWorkerError, match="SIGTERM.*KillMode=control-group"):
+                    await ctx.run_sync(workerfns.sleep_and_return, 30)
+
+            nursery.start_soon(call)
+            while not worker_pids(ctx):
+                await trio.sleep(0.02)
+            await trio.sleep(0.1)
+            (worker_pid,) = worker_pids(ctx)
+            os.kill(worker_pid, signal.SIGTERM)
+
+
+async def test_workers_exit_when_their_context_closes():
+    async with tpf.open_worker_context() as ctx:
+        worker = await ctx.run_sync(workerfns.pid)
+        template = ctx.statistics().template_pid
+    for pid in (worker, template):
+        with pytest.raises(psutil.NoSuchProcess):
+            psutil.Process(pid).status()
+
+
+async def test_output_printed_in_a_worker_is_not_lost(capfd):
+    def shout():
+        print("hello from the worker")
+
+    async with tpf.open_worker_context(max_jobs=1) as ctx:
+        await ctx.run_sync(shout)
+    assert "hello from the worker" in capfd.readouterr().out
+
+
+def test_template_counts_native_threads_too():
+    assert _template.count_threads() == len(os.listdir("/proc/self/task"))
+
+
+def worker_pids(ctx):
+    """Pids of the context's live workers, seen from outside."""
+    template_pid = ctx.statistics().template_pid
+    if template_pid is not None:
+        return [p.pid for p in psutil.Process(template_pid).children()]
+    return [p.pid for p in psutil.Process().children() if "worker" in p.cmdline()]
