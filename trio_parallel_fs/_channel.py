@@ -35,8 +35,12 @@ async def send_all(sock: socket.socket, data: bytes) -> bool:
     return True
 
 
-async def receive_frame(sock: socket.socket) -> tuple[int, int, bytes] | None:
-    """Receive one whole frame; None if the worker closed its end first."""
+async def receive_frame(sock: socket.socket) -> tuple[tuple[int, int, bytes] | None, bool]:
+    """Receive one whole frame; None if the worker closed its end first.
+
+    Also tells whether more bytes followed the frame. Only one thing can: a
+    BYE, sent when a very short idle timeout expired right after the reply.
+    """
     try:
         await trio.lowlevel.wait_readable(sock)
         data = sock.recv(_RECV_SIZE)
@@ -44,16 +48,17 @@ async def receive_frame(sock: socket.socket) -> tuple[int, int, bytes] | None:
             await trio.lowlevel.wait_readable(sock)
             more = sock.recv(_RECV_SIZE)
             if not more:
-                return None
+                return None, False
             data += more
         if not data:
-            return None
+            return None, False
         kind, flags, length = p.HEADER.unpack_from(data)
         end = p.HEADER.size + length
-        if len(data) == end:
-            return kind, flags, data[p.HEADER.size :]
-        if len(data) > end:
-            raise p.ProtocolError("the worker sent more than one frame")
+        if len(data) >= end:
+            extra = data[end:]
+            if extra and extra != p.encode_frame(p.BYE):
+                raise p.ProtocolError(f"the worker sent {len(extra)} unexpected bytes after a reply")
+            return (kind, flags, data[p.HEADER.size : end]), bool(extra)
         # A large payload: receive it straight into a buffer of its final size.
         payload = bytearray(length)
         have = len(data) - p.HEADER.size
@@ -66,17 +71,17 @@ async def receive_frame(sock: socket.socket) -> tuple[int, int, bytes] | None:
                 await trio.lowlevel.wait_readable(sock)
                 continue
             if count == 0:
-                return None
+                return None, False
             have += count
-        return kind, flags, payload  # type: ignore[return-value]
+        return (kind, flags, payload), False  # type: ignore[return-value]
     except ConnectionResetError:
-        return None
+        return None, False
 
 
 class Worker:
     """A worker process as the pool sees it: its channel and its process handle."""
 
-    __slots__ = ("channel", "process", "_first_frames", "idle_since")
+    __slots__ = ("channel", "process", "_first_frames", "idle_since", "said_bye")
 
     def __init__(self, channel: socket.socket, process: WorkerProcess, config_frame: bytes) -> None:
         channel.setblocking(False)
@@ -85,6 +90,7 @@ class Worker:
         # The worker's configuration rides along with its first job: one send.
         self._first_frames = config_frame
         self.idle_since = time.monotonic()
+        self.said_bye = False  # it sent BYE right after its last reply: it is gone
 
     async def exchange(self, job_frame: bytes) -> tuple[int, int, bytes] | None:
         """Send a job; return the worker's reply, or None if it died first."""
@@ -93,7 +99,8 @@ class Worker:
             self._first_frames = b""
         if not await send_all(self.channel, job_frame):
             return None
-        return await receive_frame(self.channel)
+        reply, self.said_bye = await receive_frame(self.channel)
+        return reply
 
     def close_channel(self) -> None:
         # EOF tells an idle worker to exit; a busy one finds out when it replies.

@@ -148,6 +148,7 @@ class WorkerPool:
         self._retired[reason] = self._retired.get(reason, 0) + 1
 
     def statistics(self) -> WorkerContextStatistics:
+        self.prune()
         return WorkerContextStatistics(
             idle_workers=len(self._idle),
             running_workers=self.running,
@@ -177,8 +178,21 @@ class WorkerPool:
             self._let_go(worker)
         return None
 
-    async def _new_worker(self) -> Worker:
+    def prune(self) -> None:
+        """Drop idle workers that have left by their idle timeout. This also reaps
+        spawned workers, which would otherwise stay zombies until the next call."""
+        for worker in list(self._idle):
+            if worker.process.has_exited():
+                try:
+                    self._idle.remove(worker)
+                except ValueError:  # another thread took it meanwhile
+                    continue
+                self._count("idle")
+                self._let_go(worker)
         self._reap_departing()
+
+    async def _new_worker(self) -> Worker:
+        self.prune()
         await self._backend.ensure_started()
         try:
             channel, process = self._backend.start_worker()
@@ -242,7 +256,10 @@ class WorkerPool:
                 pid=worker.process.pid,
                 function=function,
             ) from cause
-        if flags == p.KEEP:
+        if flags == p.KEEP and worker.said_bye:
+            self._count("idle")
+            self._let_go(worker)
+        elif flags == p.KEEP:
             worker.idle_since = time.monotonic()
             self._idle.append(worker)
         else:

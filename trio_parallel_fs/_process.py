@@ -29,6 +29,9 @@ class WorkerProcess(Protocol):
     def kill(self) -> None:
         """Ask for SIGKILL; safe to call on a worker that already exited."""
 
+    def has_exited(self) -> bool:
+        """True if the worker is known to have exited (without waiting)."""
+
     async def wait(self) -> ExitInfo:
         """Wait for the worker to be reaped and report how it ended."""
 

@@ -45,6 +45,9 @@ class SpawnedWorker:
             except ProcessLookupError:
                 pass
 
+    def has_exited(self) -> bool:
+        return self._popen.poll() is not None
+
     def _info(self) -> ExitInfo:
         return ExitInfo(pid=self._popen.pid, exitcode=self._popen.returncode)
 

@@ -225,6 +225,9 @@ class ForkedWorker:
     def kill(self) -> None:
         self._template.kill(self._seq)
 
+    def has_exited(self) -> bool:
+        return self._done()
+
     async def wait(self) -> ExitInfo:
         while not self._done():
             assert self._status_fd is not None
