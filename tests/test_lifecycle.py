@@ -278,6 +278,6 @@ async def test_grace_period_kills_a_worker_stuck_at_exit():
         # waits for non-daemon threads: this one outlasts the grace period.
         threading.Thread(target=time.sleep, args=(60,)).start()
 
-    with pytest.raises(tpf.BrokenWorkerError, match=r"did not exit within grace_period=0.3s and were killed"):
+    with pytest.raises(tpf.BrokenWorkerError, match=r"did not exit within grace_period=0.3s after their context closed, and were killed"):
         async with tpf.open_worker_context(worker_type="spawn", grace_period=0.3) as ctx:
             await ctx.run_sync(leave_a_thread_that_blocks_exit)
