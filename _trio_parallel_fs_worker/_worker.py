@@ -10,6 +10,7 @@ import importlib
 import inspect
 import math
 import pickle
+import random
 import select
 import socket
 import struct
@@ -169,6 +170,10 @@ class RetirePolicy:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.jobs_left: float = config.get("max_jobs") or math.inf
+        jitter = config.get("max_jobs_jitter", 0)
+        if jitter:
+            # Drawn here, per worker: the random module reseeds in each fork.
+            self.jobs_left += random.randint(0, jitter)
         self.max_memory: int | None = config.get("max_memory")
         self.memory_metric: str = config.get("memory_metric", "uss")
         self.retire: Callable[[], object] = config.get("retire", bool)

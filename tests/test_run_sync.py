@@ -226,6 +226,8 @@ async def test_config_is_readable_on_the_context():
         ({"preload": [".relative"]}, ValueError, "absolute module names"),
         ({"max_jobs": 0}, ValueError, "max_jobs must be at least 1"),
         ({"max_memory": -5}, ValueError, "max_memory must be at least 1"),
+        ({"max_jobs_jitter": 2}, ValueError, "max_jobs_jitter needs max_jobs"),
+        ({"max_jobs": 2, "max_jobs_jitter": -1}, ValueError, "max_jobs_jitter must be non-negative"),
         ({"max_memory": 1.5}, TypeError, "max_memory must be an int"),
         ({"memory_metric": "vms"}, ValueError, "memory_metric must be one of"),
         ({"memory_ceiling": 2**30, "worker_type": "spawn"}, ValueError, "memory_ceiling .*FORKSERVER"),

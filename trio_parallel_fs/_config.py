@@ -69,6 +69,13 @@ def _optional_count(instance: object, attribute: attrs.Attribute[Any], value: ob
         raise ValueError(f"{attribute.name} must be at least 1 (or None for no limit), not {value}")
 
 
+def _count_or_zero(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{attribute.name} must be an int, not {value!r}")
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be non-negative, not {value}")
+
+
 def _callable(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not callable(value):
         raise TypeError(
@@ -118,6 +125,9 @@ class WorkerConfig:
             fails to import, or starts threads, fails the context's start with
             `TemplateStartError`. Default: none.
         max_jobs: Retire a worker after this many jobs. Default: no limit.
+        max_jobs_jitter: Add a random 0..max_jobs_jitter jobs to each worker's
+            ``max_jobs``, so that workers started together do not all retire
+            (and restart) together. Default 0.
         max_memory: Retire a worker after a job that leaves it using more than
             this many bytes (by ``memory_metric``). Default: no limit.
         memory_metric: ``"uss"`` (private memory, the default: pages shared with
@@ -138,6 +148,7 @@ class WorkerConfig:
     worker_type: WorkerType = attrs.field(default=DEFAULT_WORKER_TYPE, converter=_to_worker_type)
     preload: tuple[str, ...] = attrs.field(default=(), converter=_to_preload)
     max_jobs: int | None = attrs.field(default=None, validator=_optional_count)
+    max_jobs_jitter: int = attrs.field(default=0, validator=_count_or_zero)
     max_memory: int | None = attrs.field(default=None, validator=_optional_count)
     memory_metric: str = attrs.field(default="uss", validator=_metric)
     memory_ceiling: int | None = attrs.field(default=None, validator=_optional_count)
@@ -146,6 +157,8 @@ class WorkerConfig:
     def __attrs_post_init__(self) -> None:
         if self.worker_type is WorkerType.FORKSERVER and sys.platform == "win32":
             raise ValueError("worker_type FORKSERVER needs os.fork; use WorkerType.SPAWN on Windows")
+        if self.max_jobs_jitter and self.max_jobs is None:
+            raise ValueError("max_jobs_jitter needs max_jobs: it spreads the retirements max_jobs causes")
         if self.memory_ceiling is not None and self.worker_type is not WorkerType.FORKSERVER:
             raise ValueError(
                 "memory_ceiling is enforced by the template, so it needs "
@@ -165,6 +178,7 @@ class WorkerConfig:
             "init": self.init,
             "retire": self.retire,
             "max_jobs": self.max_jobs,
+            "max_jobs_jitter": self.max_jobs_jitter,
             "max_memory": self.max_memory,
             "memory_metric": self.memory_metric,
         }

@@ -1,0 +1,120 @@
+"""Recycling: by job count (with jitter), by memory after a job, at a ceiling
+during a job; USS versus RSS; the statistics that tell the story."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import psutil
+import pytest
+import trio
+
+import recyclefns
+import trio_parallel_fs as tpf
+import workerfns
+from _trio_parallel_fs_worker._memory import memory_usage
+from conftest import wait_until_gone
+
+MiB = 2**20
+
+
+async def test_worker_retires_after_exactly_max_jobs(worker_type):
+    async with tpf.open_worker_context(worker_type=worker_type, max_jobs=3) as ctx:
+        pids = [await ctx.run_sync(workerfns.pid) for _ in range(7)]
+        assert pids[0] == pids[1] == pids[2] != pids[3]
+        assert pids[3] == pids[4] == pids[5] != pids[6]
+        assert ctx.statistics().retired == {"jobs": 2}
+        assert not wait_until_gone(set(pids[:6]), 5)
+
+
+async def test_jitter_spreads_retirements():
+    async with tpf.open_worker_context(max_jobs=1, max_jobs_jitter=4) as ctx:
+        pids = [await ctx.run_sync(workerfns.pid) for _ in range(60)]
+    # Lengths of the runs of jobs each worker served, but the last (cut short).
+    runs = [len(list(group)) for _, group in itertools.groupby(pids)][:-1]
+    assert all(1 <= run <= 5 for run in runs), runs
+    assert len(set(runs)) > 1, f"every worker served the same number of jobs: {runs}"
+
+
+async def test_leaking_job_is_recycled_by_max_memory_and_memory_stays_bounded():
+    limit = 120 * MiB
+    async with tpf.open_worker_context(max_memory=limit) as ctx:
+        template = ctx.statistics().template_pid
+        for _ in range(10):
+            await ctx.run_sync(recyclefns.leak, 50)
+            tree = [template] + [child.pid for child in psutil.Process(template).children()]
+            total = sum(memory_usage("uss", pid) for pid in tree if psutil.pid_exists(pid))
+            # A worker leaves once above the limit, so at most limit + one leak
+            # per worker, plus the template.
+            assert total < limit + 50 * MiB + memory_usage("uss", template) + 60 * MiB
+        retired = ctx.statistics().retired
+        assert retired.get("memory", 0) >= 3, retired
+
+
+async def test_memory_ceiling_kills_a_runaway_job_and_spares_the_others():
+    ceiling = 150 * MiB
+    async with tpf.open_worker_context(memory_ceiling=ceiling) as ctx:
+        results = []
+
+        async def well_behaved():
+            results.append(await ctx.run_sync(workerfns.sleep_and_return, 1.0, "fine"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(well_behaved)
+            with trio.fail_after(30):
+                with pytest.raises(tpf.MemoryCeilingError) as info:
+                    await ctx.run_sync(recyclefns.hog, 1000, 30)
+        error = info.value
+        assert isinstance(error, tpf.BrokenWorkerError)
+        assert error.used > ceiling and error.ceiling == ceiling
+        assert error.signal_name == "SIGKILL"
+        assert "killed at the memory ceiling" in str(error) and "USS" in str(error)
+        assert results == ["fine"]
+        assert ctx.statistics().retired == {"ceiling": 1}
+        assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+
+
+async def test_uss_does_not_count_the_templates_shared_pages():
+    pytest.importorskip("scipy")
+    async with tpf.open_worker_context(preload=["numpy", "scipy.linalg", "recyclefns"]) as ctx:
+        worker = await ctx.run_sync(recyclefns.numpy_scipy_job)
+        uss, rss = memory_usage("uss", worker), memory_usage("rss", worker)
+        # gc.freeze keeps the template's objects shared after a numpy job.
+        assert uss < 10 * MiB, f"USS {uss / MiB:.1f} MiB"
+        assert rss > 3 * uss
+
+
+async def test_rss_limit_would_retire_every_worker_uss_limit_does_not():
+    pytest.importorskip("scipy")
+    preload = ["numpy", "scipy.linalg", "recyclefns"]
+    for metric, expect_same_worker in [("uss", True), ("rss", False)]:
+        async with tpf.open_worker_context(preload=preload, max_memory=25 * MiB, memory_metric=metric) as ctx:
+            first = await ctx.run_sync(recyclefns.numpy_scipy_job)
+            second = await ctx.run_sync(recyclefns.numpy_scipy_job)
+            assert (first == second) is expect_same_worker, metric
+
+
+async def test_statistics_count_every_way_out():
+    async with tpf.open_worker_context(max_jobs=2) as ctx:
+        for _ in range(4):
+            await ctx.run_sync(workerfns.add, 1, 2)
+        with pytest.raises(tpf.BrokenWorkerError):
+            await ctx.run_sync(workerfns.exit_with, 3)
+        with trio.move_on_after(0.3):
+            await ctx.run_sync(workerfns.sleep_and_return, 30, kill_on_cancel=True)
+        stats = ctx.statistics()
+        assert stats.retired == {"jobs": 2, "died": 1, "killed": 1}
+        assert stats.started_workers == 4
+        assert stats.idle_workers == 0 and stats.running_workers == 0
+
+
+def test_memory_usage_metrics_agree_with_psutil():
+    info = psutil.Process().memory_full_info()
+    me = os.getpid()
+    for metric in ("uss", "pss", "rss"):
+        ours = memory_usage(metric, me)
+        theirs = getattr(info, metric)
+        assert abs(ours - theirs) < 0.2 * theirs + 4 * MiB, (metric, ours, theirs)
+    with pytest.raises(ValueError, match="memory metric must be one of"):
+        memory_usage("vms")
