@@ -22,6 +22,7 @@ import cloudpickle
 
 from . import _protocol as p
 from ._memory import memory_usage
+from ._pickling import dumps_value
 
 # Payloads above this are sent apart from their header instead of being
 # concatenated with it, to avoid copying a large result once more.
@@ -157,7 +158,7 @@ def run_job(payload: bytes) -> tuple[int, bytes]:
                       "return a list (or other picklable value) instead")
         )
     try:
-        return p.VALUE, cloudpickle.dumps(result)
+        return p.VALUE, dumps_value(result)
     except BaseException as exc:  # noqa: BLE001
         return p.ERROR, dump_error(
             TypeError(f"the result of {describe(fn)}, a {type(result).__qualname__}, "

@@ -9,6 +9,7 @@ import inspect
 import os
 import pickle
 import threading
+import types
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, TypeVar
 
@@ -17,8 +18,10 @@ import cloudpickle
 import trio
 
 from _trio_parallel_fs_worker import _protocol as p
+from _trio_parallel_fs_worker._pickling import dumps_job
 
 from ._config import WorkerConfig
+from ._describe import describe
 from ._pool import RESUBMIT, WorkerContextStatistics, WorkerPool
 
 T = TypeVar("T")
@@ -58,59 +61,34 @@ def current_default_worker_limiter() -> trio.CapacityLimiter:
 current_default_process_limiter = current_default_worker_limiter
 
 
-@asynccontextmanager
-async def _acquire(limiter: Any) -> AsyncIterator[None]:
-    """``async with limiter``, minus a trip through the scheduler when a token is free.
-
-    ``CapacityLimiter.acquire`` always yields to the scheduler, which costs a
-    whole event-loop pass (a quarter of a warm call). The call still is a full
-    checkpoint: it checks for cancellation here and yields while waiting for
-    the worker's reply.
-    """
-    if not isinstance(limiter, trio.CapacityLimiter):
-        async with limiter:
-            yield
-        return
-    await trio.lowlevel.checkpoint_if_cancelled()
-    try:
-        limiter.acquire_nowait()
-    except trio.WouldBlock:
-        await limiter.acquire()
-    try:
-        yield
-    finally:
-        limiter.release()
-
-
-def _describe(fn: object) -> str:
-    inner = fn.func if isinstance(fn, functools.partial) else fn
-    module = getattr(inner, "__module__", None)
-    name = getattr(inner, "__qualname__", None) or repr(inner)
-    return f"{module}.{name}" if module and module != "builtins" else name
+_SYNC_FLAGS_MASK = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_GENERATOR
 
 
 def _check_sync(fn: Callable[..., Any]) -> None:
+    # The common case, a plain function, is decided from its code flags alone.
+    if type(fn) is types.FunctionType and not fn.__code__.co_flags & _SYNC_FLAGS_MASK:
+        return
     if not callable(fn):
         raise TypeError(f"run_sync needs a callable, not {type(fn).__name__} {fn!r}")
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         raise TypeError(
-            f"{_describe(fn)} is an async function; run_sync runs synchronous functions "
+            f"{describe(fn)} is an async function; run_sync runs synchronous functions "
             "in worker processes. Await it directly, or pass a sync function that runs it."
         )
     if inspect.isgeneratorfunction(fn):
         raise TypeError(
-            f"{_describe(fn)} is a generator function; its generator cannot leave the "
+            f"{describe(fn)} is a generator function; its generator cannot leave the "
             "worker. Pass a function that returns a list (or another picklable value)."
         )
 
 
 def _encode_job(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
     try:
-        payload = cloudpickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+        payload = dumps_job(fn, args)
     except Exception as exc:
         culprit = _find_unpicklable(fn, args)
         raise pickle.PicklingError(
-            f"cannot send {_describe(fn)} to a worker: {culprit} could not be pickled "
+            f"cannot send {describe(fn)} to a worker: {culprit} could not be pickled "
             f"({type(exc).__name__}: {exc})"
         ) from exc
     return p.encode_frame(p.JOB, payload)
@@ -168,22 +146,39 @@ class WorkerContext:
         if limiter is None:
             limiter = current_default_worker_limiter()
         job = _encode_job(sync_fn, args)
-        function = _describe(sync_fn)
         kill = kill_on_cancel or cancellable
-        async with _acquire(limiter):
-            if self._pool.closed:
-                raise trio.ClosedResourceError("this worker context closed while the call waited")
-            self._pool.running += 1
+        # ``async with limiter``, minus a trip through the scheduler when a token
+        # is free: CapacityLimiter.acquire always yields, which costs a whole
+        # event-loop pass on the warm path. The call stays a full checkpoint: it
+        # checks for cancellation here and yields while waiting for the reply.
+        if type(limiter) is trio.CapacityLimiter:
+            await trio.lowlevel.checkpoint_if_cancelled()
             try:
-                while True:
-                    with trio.CancelScope(shield=not kill):
-                        result = await self._pool.run(job, function)
-                    if result is not RESUBMIT:
-                        return result.unwrap()  # type: ignore[no-any-return]
-                    # The shield hides cancellation; look for it between tries.
-                    await trio.lowlevel.checkpoint_if_cancelled()
+                limiter.acquire_nowait()
+            except trio.WouldBlock:
+                await limiter.acquire()
+            try:
+                return await self._run(sync_fn, job, kill)
             finally:
-                self._pool.running -= 1
+                limiter.release()
+        async with limiter:
+            return await self._run(sync_fn, job, kill)
+
+    async def _run(self, sync_fn: Callable[..., T], job: bytes, kill: bool) -> T:
+        pool = self._pool
+        if pool.closed:
+            raise trio.ClosedResourceError("this worker context closed while the call waited")
+        pool.running += 1
+        try:
+            while True:
+                with trio.CancelScope(shield=not kill):
+                    result = await pool.run(job, sync_fn)
+                if result is not RESUBMIT:
+                    return result.unwrap()  # type: ignore[no-any-return]
+                # The shield hides cancellation; look for it between tries.
+                await trio.lowlevel.checkpoint_if_cancelled()
+        finally:
+            pool.running -= 1
 
     def statistics(self) -> WorkerContextStatistics:
         """A `WorkerContextStatistics` snapshot; eventually consistent when

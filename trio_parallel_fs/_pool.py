@@ -42,6 +42,7 @@ from ._channel import Worker
 from ._config import WorkerConfig, WorkerType
 from ._errors import BrokenWorkerError, MemoryCeilingError, WorkerHookError, describe_exit
 from ._process import ExitInfo, WorkerProcess
+from ._describe import describe
 from ._spawn import SpawnBackend
 from ._template import TemplateBackend, remote_error
 
@@ -214,7 +215,7 @@ class WorkerPool:
 
     # --- one job ------------------------------------------------------------
 
-    async def run(self, job_frame: bytes, function: str) -> Any:
+    async def run(self, job_frame: bytes, fn: object) -> Any:
         """Run one job; return its outcome, or RESUBMIT if it never ran."""
         worker = self._take_idle() or await self._new_worker()
         try:
@@ -229,10 +230,11 @@ class WorkerPool:
                 self._count("killed")
                 self._let_go(worker)
             raise
-        return await self._settle(worker, reply, function)
+        return await self._settle(worker, reply, fn)
 
-    async def _settle(self, worker: Worker, reply: tuple[int, int, bytes] | None, function: str) -> Any:
+    async def _settle(self, worker: Worker, reply: tuple[int, int, bytes] | None, fn: object) -> Any:
         if reply is None:
+            function = describe(fn)
             with trio.CancelScope(shield=True):
                 info = ExitInfo(pid=worker.process.pid, exitcode=None)
                 with trio.move_on_after(_EXIT_REPORT_TIMEOUT):
@@ -246,6 +248,7 @@ class WorkerPool:
             self._let_go(worker)
             return RESUBMIT
         if kind == p.INIT_FAILED:
+            function = describe(fn)
             self._count("hook_error")
             self._let_go(worker)
             cause = remote_error(payload)
@@ -266,6 +269,7 @@ class WorkerPool:
             self._count("hook_error" if flags == p.RETIRE_HOOK_FAILED else p.RETIRE_REASONS[flags])
             self._let_go(worker)
         if flags == p.RETIRE_HOOK_FAILED:
+            function = describe(fn)
             cause = remote_error(payload)
             raise WorkerHookError(
                 f"the worker's retire hook raised {type(cause).__name__}: {cause} after "
@@ -280,7 +284,7 @@ class WorkerPool:
             return outcome.Value(pickle.loads(payload))
         except BaseException as exc:  # noqa: BLE001
             error = TypeError(
-                f"the result of {function} could not be unpickled in the parent: "
+                f"the result of {describe(fn)} could not be unpickled in the parent: "
                 f"{type(exc).__name__}: {exc}"
             )
             error.__cause__ = exc
