@@ -35,7 +35,7 @@ def _importable_function(fn: object) -> bool:
     return (
         module is not None
         and module != "__main__"
-        and "<" not in fn.__qualname__  # lambdas and nested functions
+        and "<" not in getattr(fn, "__qualname__", "<")  # lambdas and nested functions
         and not _by_value_modules()
     )
 
@@ -43,10 +43,12 @@ def _importable_function(fn: object) -> bool:
 def dumps_job(fn: object, args: tuple[Any, ...]) -> bytes:
     if _importable_function(fn) and all(type(arg) in _ATOMIC for arg in args):
         return pickle.dumps((fn, args), PROTOCOL)
-    return cloudpickle.dumps((fn, args), PROTOCOL)
+    data: bytes = cloudpickle.dumps((fn, args), PROTOCOL)
+    return data
 
 
 def dumps_value(value: object) -> bytes:
     if type(value) in _ATOMIC:
         return pickle.dumps(value, PROTOCOL)
-    return cloudpickle.dumps(value, PROTOCOL)
+    data: bytes = cloudpickle.dumps(value, PROTOCOL)
+    return data

@@ -82,7 +82,7 @@ class FrameReader:
         """How many more bytes the frame being read needs (at least 1 if unknown)."""
         if len(self._buffer) < HEADER.size:
             return HEADER.size - len(self._buffer)
-        _, _, length = HEADER.unpack_from(self._buffer)
+        length: int = HEADER.unpack_from(self._buffer)[2]
         return max(HEADER.size + length - len(self._buffer), 0)
 
     def next_frame(self) -> tuple[int, int, bytes] | None:

@@ -85,6 +85,7 @@ class Template:
         self.ceiling: int | None = setup.get("memory_ceiling")
         self.ceiling_metric: str = setup.get("memory_metric", "uss")
         self.ceiling_interval: float = setup.get("ceiling_interval", 0.05)
+        self.buffer = b""  # a partial control record, if any
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -209,7 +210,6 @@ class Template:
         return True
 
     def run(self) -> None:
-        self.buffer = b""
         signal.set_wakeup_fd(self.wake_w)
         # A handler (not SIG_DFL) so that SIGCHLD writes to the wakeup fd.
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)

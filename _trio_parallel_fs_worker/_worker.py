@@ -16,7 +16,8 @@ import socket
 import struct
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 
@@ -121,7 +122,7 @@ def dump_error(exc: BaseException) -> bytes:
     """
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        data = cloudpickle.dumps((exc, text))
+        data: bytes = cloudpickle.dumps((exc, text))
         pickle.loads(data)
         return data
     except BaseException as why:  # noqa: BLE001 - anything the pickle machinery raises

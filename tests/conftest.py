@@ -49,7 +49,8 @@ def no_leftovers():
     _frontend._default_config = _frontend.WorkerConfig()
     new = {p.pid for p in descendants()} - before_pids
     left = wait_until_gone(new, 5.0)
-    assert not left, f"processes left behind: {[psutil.Process(p).as_dict(['pid', 'cmdline', 'status']) for p in left if psutil.pid_exists(p)]}"
+    details = [psutil.Process(p).as_dict(["pid", "cmdline", "status"]) for p in left if psutil.pid_exists(p)]
+    assert not left, f"processes left behind: {details}"
     leaked = open_fds() - before_fds
     # An fd number can be reused for something unrelated: only report ours.
     described = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -14,10 +13,10 @@ import time
 import psutil
 import pytest
 import trio
-
-import trio_parallel_fs as tpf
 import workerfns
 from conftest import wait_until_gone
+
+import trio_parallel_fs as tpf
 
 # --- cancellation -------------------------------------------------------------
 
@@ -102,7 +101,7 @@ def test_default_context_is_shared_by_concurrent_runs_in_threads():
     def run_in_thread(i):
         try:
             results.append(trio.run(tpf.run_sync, workerfns.add, i, 1))
-        except BaseException as exc:  # pragma: no cover - reported below
+        except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=run_in_thread, args=(i,)) for i in range(4)]
@@ -278,6 +277,7 @@ async def test_grace_period_kills_a_worker_stuck_at_exit():
         # waits for non-daemon threads: this one outlasts the grace period.
         threading.Thread(target=time.sleep, args=(60,)).start()
 
-    with pytest.raises(tpf.BrokenWorkerError, match=r"did not exit within grace_period=0.3s after their context closed, and were killed"):
+    expected = r"did not exit within grace_period=0.3s after their context closed, and were killed"
+    with pytest.raises(tpf.BrokenWorkerError, match=expected):
         async with tpf.open_worker_context(worker_type="spawn", grace_period=0.3) as ctx:
             await ctx.run_sync(leave_a_thread_that_blocks_exit)

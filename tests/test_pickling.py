@@ -6,8 +6,8 @@ import pickle
 import types
 
 import cloudpickle
-
 import workerfns
+
 from _trio_parallel_fs_worker import _pickling
 
 

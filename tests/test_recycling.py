@@ -8,13 +8,13 @@ import os
 
 import psutil
 import pytest
-import trio
-
 import recyclefns
-import trio_parallel_fs as tpf
+import trio
 import workerfns
-from _trio_parallel_fs_worker._memory import memory_usage
 from conftest import wait_until_gone
+
+import trio_parallel_fs as tpf
+from _trio_parallel_fs_worker._memory import memory_usage
 
 MiB = 2**20
 

@@ -10,9 +10,9 @@ import threading
 
 import pytest
 import trio
+import workerfns
 
 import trio_parallel_fs as tpf
-import workerfns
 
 
 async def test_returns_the_value(worker_type):
@@ -210,7 +210,7 @@ async def test_config_is_readable_on_the_context():
         assert ctx.worker_type is tpf.WorkerType.SPAWN
         assert ctx.config.grace_period == 30
         with pytest.raises(AttributeError):
-            ctx.no_such_setting
+            _ = ctx.no_such_setting
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ import signal
 import psutil
 import pytest
 import trio
+import workerfns
 
 import trio_parallel_fs as tpf
-import workerfns
 from _trio_parallel_fs_worker import _template
 
 
@@ -116,7 +116,7 @@ async def test_template_killed_mid_job_fails_the_call_and_a_new_template_follows
                 assert info.value.template_died is True
 
             nursery.start_soon(call)
-            while ctx.statistics().running_workers == 0:
+            while ctx.statistics().running_workers == 0:  # noqa: ASYNC110 - polling another process
                 await trio.sleep(0.01)
             await trio.sleep(0.1)
             os.kill(template_pid, signal.SIGKILL)
@@ -179,7 +179,7 @@ async def test_sigterm_from_outside_is_named(worker_type):
                     await ctx.run_sync(workerfns.sleep_and_return, 30)
 
             nursery.start_soon(call)
-            while not worker_pids(ctx):
+            while not worker_pids(ctx):  # noqa: ASYNC110 - polling another process
                 await trio.sleep(0.02)
             await trio.sleep(0.1)
             (worker_pid,) = worker_pids(ctx)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import enum
 import math
 import sys
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 import cloudpickle
@@ -87,10 +88,9 @@ def _callable(instance: object, attribute: attrs.Attribute[Any], value: object) 
 def _to_preload(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         raise TypeError(f"preload takes a list of module names, not a string; did you mean [{value!r}]?")
-    try:
-        names = tuple(value)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(f"preload must be a list of module names, not {value!r}") from None
+    if not isinstance(value, Iterable):
+        raise TypeError(f"preload must be a list of module names, not {value!r}")
+    names = tuple(value)
     for name in names:
         if not isinstance(name, str) or not name or name.startswith("."):
             raise ValueError(f"preload entries must be absolute module names, not {name!r}")

@@ -10,8 +10,9 @@ import os
 import pickle
 import threading
 import types
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import cloudpickle
@@ -98,7 +99,7 @@ def _find_unpicklable(fn: object, args: tuple[Any, ...]) -> str:
     for label, value in [("the function", fn)] + [(f"argument {i}", a) for i, a in enumerate(args)]:
         try:
             cloudpickle.dumps(value)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure to pickle names the culprit
             return f"{label} ({type(value).__name__})"
     return "the job"
 
@@ -192,7 +193,9 @@ class WorkerContext:
         with trio.CancelScope(shield=True):
             # Jobs still running belong to tasks outside the context's block;
             # wait for them (they cannot be killed on their callers' behalf).
-            while self._pool.running:
+            # Polled: those jobs may run in other threads' trio.run, which a
+            # trio.Event of this run could not be set from.
+            while self._pool.running:  # noqa: ASYNC110
                 await trio.sleep(0.01)
             await trio.to_thread.run_sync(self._pool.close_blocking, self.config.grace_period)
 
@@ -200,7 +203,7 @@ class WorkerContext:
         self._pool.close_blocking(self.config.grace_period)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _config_names() -> frozenset[str]:
     return frozenset(field.name for field in attrs.fields(WorkerConfig))
 

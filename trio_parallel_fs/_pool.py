@@ -40,9 +40,9 @@ from _trio_parallel_fs_worker import _protocol as p
 
 from ._channel import Worker
 from ._config import WorkerConfig, WorkerType
+from ._describe import describe
 from ._errors import BrokenWorkerError, MemoryCeilingError, WorkerHookError, describe_exit
 from ._process import ExitInfo, WorkerProcess
-from ._describe import describe
 from ._spawn import SpawnBackend
 from ._template import TemplateBackend, remote_error
 

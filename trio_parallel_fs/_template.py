@@ -66,6 +66,7 @@ def child_environment(blas_threads: int | None) -> dict[str, str]:
 
 def remote_error(payload: bytes) -> BaseException:
     """Rebuild an exception sent by a worker, its remote traceback as its cause."""
+    exc: BaseException
     exc, text = pickle.loads(payload)
     exc.__cause__ = RemoteTraceback(text)
     return exc
