@@ -232,17 +232,35 @@ def _get_default_context() -> WorkerContext:
     return context
 
 
-def configure_default_context(**config: Any) -> None:
+# trio-parallel accepts its five settings positionally, in this order.
+_POSITIONAL = ("idle_timeout", "init", "retire", "grace_period", "worker_type")
+
+
+def _make_config(args: tuple[Any, ...], config: dict[str, Any]) -> WorkerConfig:
+    if len(args) > len(_POSITIONAL):
+        raise TypeError(
+            f"at most {len(_POSITIONAL)} positional arguments ({', '.join(_POSITIONAL)}, as in "
+            f"trio-parallel); pass the others by keyword"
+        )
+    for name, value in zip(_POSITIONAL, args):
+        if name in config:
+            raise TypeError(f"got multiple values for argument {name!r}")
+        config[name] = value
+    return WorkerConfig(**config)
+
+
+def configure_default_context(*args: Any, **config: Any) -> None:
     """Set the configuration of the default context that `run_sync` uses.
 
-    Takes the keywords of `WorkerConfig`. Workers of the previous default
+    Takes the keywords of `WorkerConfig` (the first five may be positional, as
+    in trio-parallel). Workers of the previous default
     context are shut down (gracefully, within its grace period).
 
     Raises:
         TypeError, ValueError: for an invalid argument, naming it.
         RuntimeError: if jobs are running in the default context.
     """
-    new_config = WorkerConfig(**config)
+    new_config = _make_config(args, config)
     global _default_config, _default_context
     with _default_lock:
         old = _default_context
@@ -272,9 +290,9 @@ def _shut_down_default_context() -> None:
 
 
 @asynccontextmanager
-async def open_worker_context(**config: Any) -> AsyncIterator[WorkerContext]:
+async def open_worker_context(*args: Any, **config: Any) -> AsyncIterator[WorkerContext]:
     """Open a `WorkerContext` with its own workers, configured by the keywords of
-    `WorkerConfig`.
+    `WorkerConfig` (the first five may be positional, as in trio-parallel).
 
     The template (if any) starts on entry, so a failing preload raises here,
     as `TemplateStartError`. On exit the context waits for jobs still running
@@ -286,7 +304,7 @@ async def open_worker_context(**config: Any) -> AsyncIterator[WorkerContext]:
         TemplateStartError: if the template could not preload.
         BrokenWorkerError: if a worker had to be killed at exit.
     """
-    context = WorkerContext(WorkerConfig(**config), _private=True)
+    context = WorkerContext(_make_config(args, config), _private=True)
     try:
         await context._start()
         yield context
@@ -295,13 +313,13 @@ async def open_worker_context(**config: Any) -> AsyncIterator[WorkerContext]:
 
 
 @asynccontextmanager
-async def cache_scope(**config: Any) -> AsyncIterator[None]:
-    """Make `run_sync` use a fresh context, configured by the keywords of
-    `WorkerConfig`, in this task and the tasks it starts inside the block.
+async def cache_scope(*args: Any, **config: Any) -> AsyncIterator[None]:
+    """Make `run_sync` use a fresh context, configured like `open_worker_context`,
+    in this task and the tasks it starts inside the block.
 
     Contexts from `open_worker_context` are not affected. Nested scopes win.
     """
-    async with open_worker_context(**config) as context:
+    async with open_worker_context(*args, **config) as context:
         token = _scoped_context.set(context)
         try:
             yield

@@ -172,23 +172,30 @@ class WorkerPool:
                 worker = self._idle.pop()
             except IndexError:  # another thread took the last one
                 return None
-            if now - worker.idle_since < self.config.idle_timeout:
+            if now - worker.idle_since >= self.config.idle_timeout:
+                # Its own idle timeout has (almost certainly) made it leave.
+                self._count("idle")
+                self._let_go(worker)
+            elif worker.process.has_exited():
+                # Died while idle (killed, or its template died): the job has not
+                # been sent, so it goes to another worker instead of failing.
+                self._count("died")
+                self._let_go(worker)
+            else:
                 return worker
-            # Its own idle timeout has (almost certainly) made it leave.
-            self._count("idle")
-            self._let_go(worker)
         return None
 
     def prune(self) -> None:
-        """Drop idle workers that have left by their idle timeout. This also reaps
-        spawned workers, which would otherwise stay zombies until the next call."""
+        """Drop idle workers that have left (by their idle timeout, or killed).
+        This also reaps spawned workers, which would otherwise stay zombies
+        until the next call."""
         for worker in list(self._idle):
             if worker.process.has_exited():
                 try:
                     self._idle.remove(worker)
                 except ValueError:  # another thread took it meanwhile
                     continue
-                self._count("idle")
+                self._count("idle" if worker.process.exited_cleanly() else "died")
                 self._let_go(worker)
         self._reap_departing()
 

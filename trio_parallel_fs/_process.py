@@ -32,6 +32,9 @@ class WorkerProcess(Protocol):
     def has_exited(self) -> bool:
         """True if the worker is known to have exited (without waiting)."""
 
+    def exited_cleanly(self) -> bool:
+        """True if it is known to have exited with code 0 (as idle workers do)."""
+
     async def wait(self) -> ExitInfo:
         """Wait for the worker to be reaped and report how it ended."""
 

@@ -48,6 +48,9 @@ class SpawnedWorker:
     def has_exited(self) -> bool:
         return self._popen.poll() is not None
 
+    def exited_cleanly(self) -> bool:
+        return self._popen.returncode == 0
+
     def _info(self) -> ExitInfo:
         return ExitInfo(pid=self._popen.pid, exitcode=self._popen.returncode)
 

@@ -229,6 +229,9 @@ class ForkedWorker:
     def has_exited(self) -> bool:
         return self._done()
 
+    def exited_cleanly(self) -> bool:
+        return self._wait_status is not None and os.waitstatus_to_exitcode(self._wait_status) == 0
+
     async def wait(self) -> ExitInfo:
         while not self._done():
             assert self._status_fd is not None
