@@ -242,7 +242,7 @@ def _make_config(args: tuple[Any, ...], config: dict[str, Any]) -> WorkerConfig:
             f"at most {len(_POSITIONAL)} positional arguments ({', '.join(_POSITIONAL)}, as in "
             f"trio-parallel); pass the others by keyword"
         )
-    for name, value in zip(_POSITIONAL, args):
+    for name, value in zip(_POSITIONAL, args, strict=False):
         if name in config:
             raise TypeError(f"got multiple values for argument {name!r}")
         config[name] = value
