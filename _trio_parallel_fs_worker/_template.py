@@ -43,7 +43,7 @@ from collections import deque
 from typing import Any
 
 from . import _protocol as p
-from ._lifeline import die_with_parent, flush_std_streams, ignore_interrupts
+from ._lifeline import die_with_parent, flush_std_streams, ignore_interrupts, prepare_prctl
 from ._memory import memory_usage
 from ._worker import dump_error, recv_frame, send_frame, serve
 
@@ -247,6 +247,7 @@ def main(control_fd: int) -> int:
     setup = pickle.loads(payload)
     sys.path[:] = setup["sys_path"]
     try:
+        prepare_prctl()
         preload(setup["preload"])
         gc.collect()
         gc.freeze()
