@@ -129,8 +129,10 @@ def check_recycling(out: str) -> None:
         # processes share it), and none of it in USS.
         assert uss < 40 < 64 <= rss
         assert uss < pss < rss
-        assert f"memory_metric='{metric}': USS {uss} MiB, PSS {pss} MiB, RSS {rss} MiB\n" \
+        assert (
+            f"memory_metric='{metric}': USS {uss} MiB, PSS {pss} MiB, RSS {rss} MiB\n"
             f"  4 jobs: workers started {started}, retired {retired}\n" in out
+        )
     assert "idle_timeout=0.2: idle workers 0, retired {'idle': 1}\n" in out
     assert "squares: [1, 4, 9, 16, 25, 36]\n" in out
     assert "retire hook: workers started 2, retired {'user': 2}\n" in out
@@ -304,9 +306,7 @@ def test_migration_page_maps_every_trio_parallel_name_and_keyword() -> None:
     for name in ["run_sync", "open_worker_context", "cache_scope", "configure_default_context"]:
         fn = getattr(trio_parallel, name)
         fn = getattr(fn, "__wrapped__", fn)
-        keywords.update(
-            p for p in inspect.signature(fn).parameters if p not in ("sync_fn", "args")
-        )
+        keywords.update(p for p in inspect.signature(fn).parameters if p not in ("sync_fn", "args"))
     keywords.update(member.name for member in trio_parallel.WorkerType)
     missing += [name for name in sorted(keywords) if f"``{name}``" not in page]
     assert not missing, f"migration.rst does not map: {missing}"
@@ -316,8 +316,20 @@ def test_docs_build_without_warnings(tmp_path: Path) -> None:
     if importlib.util.find_spec("sphinx") is None:
         pytest.skip("sphinx is not installed: pip install 'sphinx>=7'")
     proc = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-         "-d", str(tmp_path / "doctrees"), str(DOCS), str(tmp_path / "html")],
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            "-d",
+            str(tmp_path / "doctrees"),
+            str(DOCS),
+            str(tmp_path / "html"),
+        ],
         capture_output=True,
         text=True,
         timeout=110,

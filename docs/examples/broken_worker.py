@@ -1,8 +1,8 @@
 """A worker that dies mid-job: BrokenWorkerError, and the context carries on."""
 
+import jobs
 import trio
 
-import jobs
 import trio_parallel_fs
 
 

@@ -3,9 +3,9 @@
 import pickle
 import threading
 
+import jobs
 import trio
 
-import jobs
 import trio_parallel_fs
 
 MiB = 2**20
@@ -39,7 +39,8 @@ async def memory_ceiling():
         try:
             await ctx.run_sync(jobs.runaway, 10)
         except trio_parallel_fs.MemoryCeilingError as exc:
-            print(f"MemoryCeilingError: used {exc.used // MiB} MiB, ceiling {exc.ceiling // MiB} MiB")
+            used, ceiling = exc.used // MiB, exc.ceiling // MiB
+            print(f"MemoryCeilingError: used {used} MiB, ceiling {ceiling} MiB")
             print("signal_name:", exc.signal_name)
         print("retired:", ctx.statistics().retired)
 

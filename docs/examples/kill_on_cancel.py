@@ -2,9 +2,9 @@
 
 import time
 
+import jobs
 import trio
 
-import jobs
 import trio_parallel_fs
 
 
@@ -15,7 +15,7 @@ async def main():
         with trio.move_on_after(0.1) as scope:
             value = await ctx.run_sync(jobs.sleep_and_return, 0.5, "finished")
             print("shielded job returned:", value)
-            await trio.sleep(0)  # a checkpoint: Cancelled is raised here
+            await trio.lowlevel.checkpoint()  # Cancelled is raised here
             print("this line is not reached")
         print("cancelled at the next checkpoint:", scope.cancelled_caught)
 

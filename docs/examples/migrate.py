@@ -6,9 +6,8 @@ trio_parallel`` for trio-parallel 1.3.0 itself: the output is the same.
 
 import sys
 
-import trio
-
 import jobs
+import trio
 
 if sys.argv[1:] == ["trio_parallel"]:
     import trio_parallel
@@ -21,8 +20,8 @@ async def main():
     print("default limiter is a CapacityLimiter:", isinstance(limiter, trio.CapacityLimiter))
 
     print("run_sync:", await trio_parallel.run_sync(jobs.crunch, 1000))
-    one_at_a_time = trio.CapacityLimiter(1)
-    print("with a limiter:", await trio_parallel.run_sync(jobs.crunch, 10, limiter=one_at_a_time))
+    one = trio.CapacityLimiter(1)
+    print("with a limiter:", await trio_parallel.run_sync(jobs.crunch, 10, limiter=one))
 
     with trio.move_on_after(0.5) as scope:
         await trio_parallel.run_sync(jobs.sleep_and_return, 30, None, cancellable=True)

@@ -2,9 +2,9 @@
 
 import os
 
+import jobs
 import trio
 
-import jobs
 import trio_parallel_fs
 
 
@@ -14,7 +14,8 @@ async def main():
     print("preloaded:", stats.preload)
     print("jobs was imported by the template:", imported_in == stats.template_pid)
     print("the job ran in another process:", worker not in (imported_in, os.getpid()))
-    print("trio is loaded in the worker:", await trio_parallel_fs.run_sync(jobs.is_loaded, "trio"))
+    trio_loaded = await trio_parallel_fs.run_sync(jobs.is_loaded, "trio")
+    print("trio is loaded in the worker:", trio_loaded)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 import time
 
+import app
 import trio
 
-import app
 import trio_parallel_fs
 
 

@@ -1,8 +1,8 @@
 """Recycling workers: by job count, by memory, by idle time, by a hook."""
 
+import jobs
 import trio
 
-import jobs
 import trio_parallel_fs
 
 MiB = 2**20
@@ -13,17 +13,21 @@ async def by_job_count():
         for _ in range(6):
             await ctx.run_sync(jobs.crunch, 1000)
         stats = ctx.statistics()
-    print(f"max_jobs=2, 6 jobs: workers started {stats.started_workers}, retired {stats.retired}")
+    started, retired = stats.started_workers, stats.retired
+    print(f"max_jobs=2, 6 jobs: workers started {started}, retired {retired}")
 
 
 async def by_memory():
     # Each call keeps 20 MiB more in the worker. Past 50 MiB of private
     # memory (USS), the worker retires after sending its result.
-    async with trio_parallel_fs.open_worker_context(preload=["jobs"], max_memory=50 * MiB) as ctx:
+    async with trio_parallel_fs.open_worker_context(
+        preload=["jobs"], max_memory=50 * MiB
+    ) as ctx:
         blocks = [await ctx.run_sync(jobs.leak, 20) for _ in range(6)]
         stats = ctx.statistics()
     print("blocks held after each call:", blocks)
-    print(f"max_memory=50 MiB: workers started {stats.started_workers}, retired {stats.retired}")
+    started, retired = stats.started_workers, stats.retired
+    print(f"max_memory=50 MiB: workers started {started}, retired {retired}")
 
 
 async def rss_counts_shared_pages():
@@ -37,7 +41,8 @@ async def rss_counts_shared_pages():
                 uss, pss, rss = await ctx.run_sync(jobs.memory_figures)
             stats = ctx.statistics()
         print(f"memory_metric={metric!r}: USS {uss} MiB, PSS {pss} MiB, RSS {rss} MiB")
-        print(f"  4 jobs: workers started {stats.started_workers}, retired {stats.retired}")
+        started, retired = stats.started_workers, stats.retired
+        print(f"  4 jobs: workers started {started}, retired {retired}")
 
 
 async def by_idle_time():
@@ -45,7 +50,8 @@ async def by_idle_time():
         await ctx.run_sync(jobs.crunch, 1000)
         await trio.sleep(1)
         stats = ctx.statistics()
-    print(f"idle_timeout=0.2: idle workers {stats.idle_workers}, retired {stats.retired}")
+    idle, retired = stats.idle_workers, stats.retired
+    print(f"idle_timeout=0.2: idle workers {idle}, retired {retired}")
 
 
 async def by_hooks():
@@ -56,7 +62,8 @@ async def by_hooks():
         squares = [await ctx.run_sync(jobs.cached_square, n) for n in range(1, 7)]
         stats = ctx.statistics()
     print("squares:", squares)
-    print(f"retire hook: workers started {stats.started_workers}, retired {stats.retired}")
+    started, retired = stats.started_workers, stats.retired
+    print(f"retire hook: workers started {started}, retired {retired}")
 
 
 async def main():

@@ -2,9 +2,9 @@
 
 import os
 
+import jobs
 import trio
 
-import jobs
 import trio_parallel_fs
 
 
