@@ -8,11 +8,16 @@ PSS splits each shared page between the processes that map it.
 
 On Linux the kernel sums the figures for us in /proc/<pid>/smaps_rollup, which
 costs one read; elsewhere psutil walks the mappings.
+
+Checking a limit is cheaper still: USS <= PSS <= RSS, and RSS is one short read
+of /proc/<pid>/statm, so ``exceeds`` only computes USS or PSS for a process
+whose RSS is already above the limit.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 
 METRICS = ("uss", "pss", "rss")
 
@@ -35,6 +40,40 @@ def _from_rollup(pid: int | str, metric: str) -> int | None:
         if line.startswith(fields):
             total_kb += int(line.split()[1])
     return total_kb * 1024
+
+
+_PAGE_SIZE = resource.getpagesize()
+
+
+# A worker checks its own RSS after every job: keep its statm open and pread it
+# (the kernel regenerates the text on each read). Keyed by pid, because a
+# forked child inherits the fd, which still describes its parent.
+_own_statm: tuple[int, int] | None = None
+
+
+def _rss_from_statm(pid: int | None) -> int | None:
+    global _own_statm
+    try:
+        if pid is None:
+            me = os.getpid()
+            if _own_statm is None or _own_statm[0] != me:
+                _own_statm = (me, os.open(f"/proc/{me}/statm", os.O_RDONLY | os.O_CLOEXEC))
+            text = os.pread(_own_statm[1], 128, 0)
+        else:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                text = f.read()
+        return int(text.split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def exceeds(limit: int, metric: str = "uss", pid: int | None = None) -> int | None:
+    """The process's memory by ``metric`` if it is above ``limit``, else None."""
+    rss = _rss_from_statm(pid)
+    if rss is not None and rss <= limit:
+        return None  # every metric is at most RSS
+    used = memory_usage(metric, pid)
+    return used if used > limit else None
 
 
 def memory_usage(metric: str = "uss", pid: int | None = None) -> int:

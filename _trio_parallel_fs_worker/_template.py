@@ -44,7 +44,7 @@ from typing import Any
 
 from . import _protocol as p
 from ._lifeline import die_with_parent, flush_std_streams, ignore_interrupts, prepare_prctl
-from ._memory import memory_usage
+from ._memory import exceeds
 from ._worker import dump_error, recv_frame, send_frame, serve
 
 _MAX_FDS_PER_READ = 64
@@ -169,10 +169,10 @@ class Template:
         assert self.ceiling is not None
         for pid, status_fd in list(self.workers.values()):
             try:
-                used = memory_usage(self.ceiling_metric, pid)
+                used = exceeds(self.ceiling, self.ceiling_metric, pid)
             except Exception:  # noqa: BLE001 - it exited between listing and reading
                 continue
-            if used > self.ceiling:
+            if used is not None:
                 # The figure goes first, so the parent can tell why the worker died.
                 self.report(status_fd, p.CEILING, used)
                 os.kill(pid, signal.SIGKILL)

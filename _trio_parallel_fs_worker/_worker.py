@@ -22,7 +22,7 @@ from typing import Any
 import cloudpickle
 
 from . import _protocol as p
-from ._memory import memory_usage
+from ._memory import exceeds
 from ._pickling import dumps_value
 
 # Payloads above this are sent apart from their header instead of being
@@ -190,7 +190,7 @@ class RetirePolicy:
             return p.RETIRE_HOOK_FAILED, dump_error(exc)
         if self.jobs_left <= 0:
             return p.RETIRE_MAX_JOBS, None
-        if self.max_memory is not None and memory_usage(self.memory_metric) > self.max_memory:
+        if self.max_memory is not None and exceeds(self.max_memory, self.memory_metric) is not None:
             return p.RETIRE_MEMORY, None
         return p.KEEP, None
 

@@ -21,8 +21,15 @@ def descendants() -> list[psutil.Process]:
     return psutil.Process().children(recursive=True)
 
 
-def open_fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+def open_fds() -> set[tuple[int, str]]:
+    """Open fds with what they point at (a number alone may be reused)."""
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.add((int(fd), os.readlink(f"/proc/self/fd/{fd}")))
+        except FileNotFoundError:  # the fd of the listing itself, now closed
+            pass
+    return fds
 
 
 def wait_until_gone(pids: set[int], timeout: float) -> set[int]:
@@ -52,9 +59,7 @@ def no_leftovers():
     details = [psutil.Process(p).as_dict(["pid", "cmdline", "status"]) for p in left if psutil.pid_exists(p)]
     assert not left, f"processes left behind: {details}"
     leaked = open_fds() - before_fds
-    # An fd number can be reused for something unrelated: only report ours.
-    described = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
-    assert not described, f"file descriptors left open: {described}"
+    assert not leaked, f"file descriptors left open: {sorted(leaked)}"
 
 
 @pytest.fixture(params=["forkserver", "spawn"])

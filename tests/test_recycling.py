@@ -118,3 +118,20 @@ def test_memory_usage_metrics_agree_with_psutil():
         assert abs(ours - theirs) < 0.2 * theirs + 4 * MiB, (metric, ours, theirs)
     with pytest.raises(ValueError, match="memory metric must be one of"):
         memory_usage("vms")
+
+
+def test_exceeds_screens_with_rss_and_reports_the_metric():
+    from _trio_parallel_fs_worker import _memory
+
+    try:
+        rss = memory_usage("rss")
+        uss = memory_usage("uss")
+        assert _memory.exceeds(rss * 2, "uss") is None  # below RSS: USS is never computed
+        above = _memory.exceeds(uss // 2, "uss")
+        assert above is not None and uss // 2 < above <= rss * 1.1
+        assert _memory.exceeds(1, "rss") is not None
+    finally:
+        # exceeds() keeps this process's statm open for next time: close it.
+        if _memory._own_statm is not None:
+            os.close(_memory._own_statm[1])
+            _memory._own_statm = None
