@@ -58,20 +58,29 @@ def count_threads() -> int:
         return threading.active_count()
 
 
-def preload(modules: list[str]) -> None:
+def preload(modules: list[str], template_init: bytes | None) -> None:
+    """Import ``modules``, then run the template initializer, checking after each
+    step that the template is still single-threaded."""
     for name in modules:
         importlib.import_module(name)
-        count = count_threads()
-        if count > 1:
-            python_threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-            raise RuntimeError(
-                f"importing {name!r} in the template left {count} threads running "
-                f"(Python threads besides the main one: {python_threads or 'none'}; the rest are "
-                "native, e.g. a BLAS pool); forking a multi-threaded process can "
-                "deadlock, so the template refuses to fork. Cap the module's threads "
-                "(trio_parallel_fs sets OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and friends "
-                "to blas_threads=1 unless you set them), or do not preload it."
-            )
+        check_single_threaded(f"importing {name!r}")
+    if template_init is not None:
+        pickle.loads(template_init)()
+        check_single_threaded("running template_init")
+
+
+def check_single_threaded(step: str) -> None:
+    count = count_threads()
+    if count > 1:
+        python_threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+        raise RuntimeError(
+            f"{step} in the template left {count} threads running "
+            f"(Python threads besides the main one: {python_threads or 'none'}; the rest are "
+            "native, e.g. a BLAS pool); forking a multi-threaded process can "
+            "deadlock, so the template refuses to fork. Cap the module's threads "
+            "(trio_parallel_fs sets OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and friends "
+            "to blas_threads=1 unless you set them), or do not preload it."
+        )
 
 
 class Template:
@@ -248,7 +257,7 @@ def main(control_fd: int) -> int:
     sys.path[:] = setup["sys_path"]
     try:
         prepare_prctl()
-        preload(setup["preload"])
+        preload(setup["preload"], setup["template_init"])
         gc.collect()
         gc.freeze()
     except BaseException as exc:  # noqa: BLE001 - the parent shows it at context start

@@ -203,6 +203,8 @@ def load_settings(payload: bytes) -> dict[str, Any]:
         sys.path[:] = outer["sys_path"]
     for name in outer["preload"]:
         importlib.import_module(name)
+    if outer["template_init"] is not None:
+        pickle.loads(outer["template_init"])()
     settings: dict[str, Any] = pickle.loads(outer["hooks"])
     return settings
 

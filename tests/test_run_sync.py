@@ -221,6 +221,7 @@ async def test_config_is_readable_on_the_context():
         ({"grace_period": float("nan")}, ValueError, "grace_period must be non-negative"),
         ({"init": 3}, TypeError, "init must be callable"),
         ({"retire": "no"}, TypeError, "retire must be callable"),
+        ({"template_init": 5}, TypeError, "template_init must be callable"),
         ({"worker_type": "thread"}, ValueError, "worker_type must be a WorkerType"),
         ({"preload": "numpy"}, TypeError, r"did you mean \['numpy'\]"),
         ({"preload": [".relative"]}, ValueError, "absolute module names"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import psutil
 import pytest
@@ -213,3 +214,41 @@ def worker_pids(ctx):
     if template_pid is not None:
         return [p.pid for p in psutil.Process(template_pid).children()]
     return [p.pid for p in psutil.Process().children() if "worker" in p.cmdline()]
+
+
+def warm_up_numpy():
+    import numpy
+
+    numpy.linalg.det(numpy.eye(3))
+
+
+async def test_template_init_runs_once_in_the_template_before_the_freeze(worker_type):
+    pytest.importorskip("numpy")
+
+    def mark():
+        os.environ["TPF_TEMPLATE_INIT_RAN_IN"] = str(os.getpid())
+
+    async with tpf.open_worker_context(worker_type=worker_type, preload=["numpy"], template_init=mark) as ctx:
+        ran_in = await ctx.run_sync(workerfns.environment, "TPF_TEMPLATE_INIT_RAN_IN")
+        expected = ctx.statistics().template_pid if worker_type == "forkserver" else await ctx.run_sync(workerfns.pid)
+        assert ran_in == str(expected)
+
+
+async def test_template_init_that_raises_fails_the_start():
+    def broken():
+        raise ValueError("warm-up failed")
+
+    with pytest.raises(tpf.TemplateStartError, match="ValueError: warm-up failed"):
+        async with tpf.open_worker_context(template_init=broken):
+            pass  # pragma: no cover
+
+
+async def test_template_init_that_starts_threads_is_refused():
+    import threading
+
+    def start_thread():
+        threading.Thread(target=time.sleep, args=(30,), daemon=True, name="from-template-init").start()
+
+    with pytest.raises(tpf.TemplateStartError, match="running template_init in the template left 2 threads"):
+        async with tpf.open_worker_context(template_init=start_thread):
+            pass  # pragma: no cover

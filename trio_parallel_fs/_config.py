@@ -85,6 +85,11 @@ def _callable(instance: object, attribute: attrs.Attribute[Any], value: object) 
         )
 
 
+def _optional_callable(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _callable(instance, attribute, value)
+
+
 def _to_preload(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         raise TypeError(f"preload takes a list of module names, not a string; did you mean [{value!r}]?")
@@ -124,6 +129,12 @@ class WorkerConfig:
             ``SPAWN`` each worker imports them when it starts. A module that
             fails to import, or starts threads, fails the context's start with
             `TemplateStartError`. Default: none.
+        template_init: Called without arguments in the template after the
+            preload and before ``gc.freeze()``, to warm up what workers will
+            share: e.g. run a tiny BLAS operation so that every worker inherits
+            an initialized BLAS instead of initializing its own copy. Like the
+            preload, it must not leave threads running. With ``SPAWN`` it runs
+            in each worker as it starts. Default: none.
         max_jobs: Retire a worker after this many jobs. Default: no limit.
         max_jobs_jitter: Add a random 0..max_jobs_jitter jobs to each worker's
             ``max_jobs``, so that workers started together do not all retire
@@ -147,6 +158,7 @@ class WorkerConfig:
     grace_period: float = attrs.field(default=30.0, validator=_seconds)
     worker_type: WorkerType = attrs.field(default=DEFAULT_WORKER_TYPE, converter=_to_worker_type)
     preload: tuple[str, ...] = attrs.field(default=(), converter=_to_preload)
+    template_init: Callable[[], object] | None = attrs.field(default=None, validator=_optional_callable)
     max_jobs: int | None = attrs.field(default=None, validator=_optional_count)
     max_jobs_jitter: int = attrs.field(default=0, validator=_count_or_zero)
     max_memory: int | None = attrs.field(default=None, validator=_optional_count)
@@ -185,13 +197,19 @@ class WorkerConfig:
         return {
             "sys_path": list(sys.path) if spawned else None,
             "preload": list(self.preload) if spawned else [],
+            "template_init": self._pickled_template_init() if spawned else None,
             "hooks": cloudpickle.dumps(hooks),
         }
+
+    def _pickled_template_init(self) -> bytes | None:
+        # Unpickled only after sys.path is set and the preload is imported.
+        return None if self.template_init is None else bytes(cloudpickle.dumps(self.template_init))
 
     def template_setup(self) -> dict[str, Any]:
         return {
             "sys_path": list(sys.path),
             "preload": list(self.preload),
+            "template_init": self._pickled_template_init(),
             "memory_ceiling": self.memory_ceiling,
             "memory_metric": self.memory_metric,
         }
