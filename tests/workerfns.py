@@ -128,3 +128,125 @@ def init_raises():
 
 def retire_raises():
     raise KeyError("retire failed on purpose")
+
+
+# --- helpers for test_faults, test_bad_input, test_stress -------------------------
+
+
+def record_pid_and_sleep(path, seconds, value=None):
+    """Write this worker's pid to ``path`` (atomically), then sleep."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, path)
+    time.sleep(seconds)
+    return value
+
+
+def tagged(i, seconds=0.0):
+    """A result that only job ``i`` can produce, and the pid that produced it."""
+    if seconds:
+        time.sleep(seconds)
+    return ("tagged", i, i * i + 7, os.getpid())
+
+
+def pattern(size):
+    """``size`` bytes of a cheap, position-dependent pattern."""
+    unit = bytes(range(251))  # a prime length: misplaced chunks show up
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+def length_and_crc(data):
+    import zlib
+
+    return len(data), zlib.crc32(data)
+
+
+def nested_list(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def depth_of(value):
+    depth = 0
+    while value:
+        (value,) = value
+        depth += 1
+    return depth
+
+
+def _rebuild_only_in(pid, cls, args):
+    if os.getpid() != pid:
+        raise ImportError(f"{cls.__name__} can only be rebuilt in process {pid}")
+    return cls(*args)
+
+
+class WorkerOnlyError(Exception):
+    """Pickles in the worker and loads there, but cannot be loaded in the parent
+    (like an exception from a module only the worker can import)."""
+
+    def __reduce__(self):
+        return _rebuild_only_in, (os.getpid(), type(self), self.args)
+
+
+class WorkerOnlyValue:
+    def __reduce__(self):
+        return _rebuild_only_in, (os.getpid(), type(self), ())
+
+
+def raise_worker_only_error():
+    raise WorkerOnlyError("from a module the parent cannot import")
+
+
+def return_worker_only_value():
+    return WorkerOnlyValue()
+
+
+def _explode(message):
+    raise ValueError(message)
+
+
+class ExplodesWhenLoaded:
+    """Pickles fine anywhere; unpickling it raises ValueError."""
+
+    def __reduce__(self):
+        return _explode, ("this object refuses to be unpickled",)
+
+
+class UnpicklableAndUnprintable(Exception):
+    def __init__(self):
+        import threading
+
+        super().__init__("unprintable")
+        self.lock = threading.Lock()
+
+    def __str__(self):
+        raise RuntimeError("__str__ fails on purpose")
+
+
+def raise_unpicklable_and_unprintable():
+    raise UnpicklableAndUnprintable()
+
+
+def raise_with_unpicklable_args():
+    import threading
+
+    raise ValueError("has a lock in its args", threading.Lock())
+
+
+def allocate_too_much():
+    return bytearray(2**62)
+
+
+def raise_system_exit(code):
+    raise SystemExit(code)
+
+
+def raise_keyboard_interrupt():
+    raise KeyboardInterrupt("raised by the job")
+
+
+def recurse_forever(n=0):
+    return recurse_forever(n + 1)

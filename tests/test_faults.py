@@ -1,0 +1,671 @@
+"""Faults: workers and templates dying in every way, cancellation at every
+checkpoint, Ctrl-C, SIGTERM, and shutdown while work is in flight.
+
+Each test proves that the caller gets the right exception, that calls running
+at the same time are not disturbed, that the next call works, and (through the
+autouse fixture in conftest) that nothing is left behind. Processes are only
+ever signalled by pids obtained as descendants of processes these tests
+started.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import psutil
+import pytest
+import trio
+
+import trio_parallel_fs as tpf
+import workerfns
+from conftest import wait_until_gone
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Generous bounds for "does not hang"; never assertions about speed.
+HANG = 30
+
+
+# --- helpers --------------------------------------------------------------------
+
+
+def worker_processes(ctx) -> list[psutil.Process]:
+    """The context's live worker processes, as seen from outside."""
+    template_pid = ctx.statistics().template_pid
+    if template_pid is not None:
+        try:
+            return psutil.Process(template_pid).children()
+        except psutil.NoSuchProcess:
+            return []
+    return [p for p in psutil.Process().children() if is_spawned_worker(p)]
+
+
+def is_spawned_worker(process: psutil.Process) -> bool:
+    try:
+        cmdline = process.cmdline()
+    except psutil.Error:
+        return False
+    return "_trio_parallel_fs_worker" in " ".join(cmdline) and "worker" in cmdline
+
+
+def is_dead(pid: int) -> bool:
+    """Gone, or a zombie waiting to be reaped."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def wait_dead(pid: int) -> None:
+    with trio.fail_after(HANG):
+        while not is_dead(pid):
+            await trio.sleep(0.01)
+
+
+async def wait_reaped(pid: int) -> None:
+    with trio.fail_after(HANG):
+        while psutil.pid_exists(pid):
+            await trio.sleep(0.01)
+
+
+async def wait_for_pid_file(path) -> int:
+    with trio.fail_after(HANG):
+        while not os.path.exists(path):
+            await trio.sleep(0.01)
+    with open(path) as f:
+        return int(f.read())
+
+
+def signal_descendant(pid: int, signum: int) -> None:
+    """Signal ``pid``, which must be one of our descendants (checked here)."""
+    signal_descendants([pid], signum)
+
+
+def signal_descendants(pids, signum: int) -> None:
+    """Signal all of ``pids`` (our descendants, checked first) as one group: a
+    process that dies of an earlier one's signal is not an error."""
+    ours = {p.pid: p for p in psutil.Process().children(recursive=True)}
+    missing = set(pids) - set(ours)
+    assert not missing, f"{missing} are not descendants of this test process"
+    for pid in pids:
+        try:
+            ours[pid].send_signal(signum)  # psutil checks the pid was not reused
+        except psutil.NoSuchProcess:
+            pass
+
+
+async def run_others(ctx, limiter, results, count, seconds):
+    """``count`` jobs that must complete while something else goes wrong."""
+
+    async def one(i):
+        results[i] = await ctx.run_sync(workerfns.tagged, i, seconds, limiter=limiter)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            nursery.start_soon(one, i)
+
+
+def check_others(results, count, bad_pids):
+    assert sorted(results) == list(range(count))
+    for i, (tag, j, square, pid) in results.items():
+        assert (tag, j, square) == ("tagged", i, i * i + 7)
+        assert pid not in bad_pids
+
+
+# --- a worker dies in the middle of a job ---------------------------------------------
+
+DEATHS = {
+    # name: (signal or None, expected message, expected exitcode)
+    "segfault": (None, r"died with signal SIGSEGV while running ctypes\.string_at \(a crash in native code\)", -signal.SIGSEGV),
+    "os._exit": (None, r"died with exit code 3 while running workerfns\.exit_with\.", 3),
+    "SIGKILL": (
+        signal.SIGKILL,
+        r"died with signal SIGKILL while running workerfns\.record_pid_and_sleep \(killed from outside",
+        -signal.SIGKILL,
+    ),
+    "SIGTERM": (
+        signal.SIGTERM,
+        r"died with signal SIGTERM while running workerfns\.record_pid_and_sleep \(terminated from outside.*KillMode=control-group",
+        -signal.SIGTERM,
+    ),
+}
+
+
+@pytest.mark.parametrize("death", list(DEATHS))
+async def test_worker_death_mid_job_fails_only_its_call(worker_type, death, tmp_path):
+    signum, message, exitcode = DEATHS[death]
+    limiter = trio.CapacityLimiter(4)
+    pid_file = tmp_path / "victim.pid"
+    others: dict[int, tuple] = {}
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        with trio.fail_after(HANG):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_others, ctx, limiter, others, 3, 1.0)
+                if signum is not None:
+
+                    async def kill_it():
+                        signal_descendant(await wait_for_pid_file(pid_file), signum)
+
+                    nursery.start_soon(kill_it)
+                with pytest.raises(tpf.BrokenWorkerError, match=message) as info:
+                    if death == "segfault":
+                        await ctx.run_sync(ctypes.string_at, 0, limiter=limiter)
+                    elif death == "os._exit":
+                        await ctx.run_sync(workerfns.exit_with, 3, limiter=limiter)
+                    else:
+                        await ctx.run_sync(workerfns.record_pid_and_sleep, pid_file, 60, limiter=limiter)
+        error = info.value
+        assert error.exitcode == exitcode
+        assert error.signal_name == (signal.Signals(-exitcode).name if exitcode < 0 else None)
+        assert error.template_died is False
+        assert error.pid is not None and str(error.pid) in str(error)
+        if signum is not None:
+            assert error.pid == int(pid_file.read_text())
+        # The calls running beside it all completed, on other workers.
+        check_others(others, 3, {error.pid})
+        assert ctx.statistics().retired == {"died": 1}
+        # And the next call works.
+        assert await ctx.run_sync(workerfns.add, 2, 2) == 4
+        assert not wait_until_gone({error.pid}, 5)
+
+
+async def test_worker_that_dies_in_its_init_fails_the_call_clearly(worker_type):
+    """Pitfall 13: a worker dying in its initializer must not strand the job."""
+    async with tpf.open_worker_context(worker_type=worker_type, init=functools.partial(os._exit, 4)) as ctx:
+        for _ in range(2):
+            with trio.fail_after(HANG):
+                with pytest.raises(tpf.BrokenWorkerError, match=r"died with exit code 4 while running workerfns\.add") as info:
+                    await ctx.run_sync(workerfns.add, 1, 2)
+            assert info.value.exitcode == 4
+        assert ctx.statistics().retired == {"died": 2}
+
+
+# --- a worker dies while idle -------------------------------------------------------------
+
+
+async def test_idle_worker_killed_from_outside_does_not_fail_the_next_call(worker_type):
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        victim = await ctx.run_sync(workerfns.pid)
+        signal_descendant(victim, signal.SIGKILL)
+        await wait_dead(victim)
+        if worker_type == "forkserver":
+            await wait_reaped(victim)  # the template has reaped it and said so
+        with trio.fail_after(HANG):
+            assert await ctx.run_sync(workerfns.pid) != victim
+
+
+# --- the template dies ------------------------------------------------------------------------
+
+
+async def test_template_killed_while_jobs_run_fails_them_all_and_restarts(tmp_path):
+    limiter = trio.CapacityLimiter(3)
+    async with tpf.open_worker_context() as ctx:
+        old_template = ctx.statistics().template_pid
+        errors = []
+
+        async def doomed():
+            with pytest.raises(tpf.BrokenWorkerError, match=r"the template process died while worker process \d+ was running workerfns\.sleep_and_return") as info:
+                await ctx.run_sync(workerfns.sleep_and_return, 60, limiter=limiter)
+            errors.append(info.value)
+
+        with trio.fail_after(HANG):
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(doomed)
+                while len(worker_processes(ctx)) < 3 or ctx.statistics().running_workers < 3:
+                    await trio.sleep(0.01)
+                old_workers = {p.pid for p in worker_processes(ctx)}
+                signal_descendant(old_template, signal.SIGKILL)
+        assert len(errors) == 3
+        assert all(e.template_died and e.exitcode is None and e.signal_name is None for e in errors)
+        assert {e.pid for e in errors} == old_workers
+        assert not wait_until_gone(old_workers, 5), "workers outlived their template"
+        # The next calls start a new template and use it.
+        assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+        new_template = ctx.statistics().template_pid
+        assert new_template not in (None, old_template)
+        assert await ctx.run_sync(workerfns.parent_pid) == new_template
+
+
+async def test_template_killed_while_idle_does_not_fail_later_calls():
+    limiter = trio.CapacityLimiter(3)
+    async with tpf.open_worker_context() as ctx:
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(functools.partial(ctx.run_sync, workerfns.sleep_and_return, 0.3, limiter=limiter))
+        assert ctx.statistics().idle_workers == 3
+        old_template = ctx.statistics().template_pid
+        old_workers = {p.pid for p in worker_processes(ctx)}
+        signal_descendant(old_template, signal.SIGKILL)
+        await wait_dead(old_template)
+        assert not wait_until_gone(old_workers, 5)
+        with trio.fail_after(HANG):
+            for i in range(4):
+                assert await ctx.run_sync(workerfns.add, i, 1) == i + 1
+        assert ctx.statistics().template_pid != old_template
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: a template that has closed its control channel but is not yet "
+    "reapable still looks alive; the fork request fails with EPIPE twice and the "
+    "call gets a raw BrokenPipeError instead of a new template",
+)
+async def test_a_call_in_the_instant_a_template_dies_starts_a_new_one():
+    """Seen for real (about 1 run in 10 of the SIGTERM test below, when the next
+    call came right after the errors): the status pipes and control channel of
+    a dying template close before the kernel lets its parent reap it, so for
+    an instant ``Popen.poll()`` still says it runs. Simulated here by hiding
+    the exit from ``poll()``, which is what the parent sees in that instant."""
+    async with tpf.open_worker_context() as ctx:
+        old_template = ctx.statistics().template_pid
+        signal_descendant(old_template, signal.SIGKILL)
+        await wait_dead(old_template)
+        ctx._pool._backend._template._popen.poll = lambda: None  # white box: the instant
+        with trio.fail_after(HANG):
+            assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+        assert ctx.statistics().template_pid != old_template
+
+
+# --- SIGTERM from outside (systemd KillMode=control-group) -----------------------------------
+
+
+async def test_sigterm_to_every_worker_names_sigterm_in_every_call(worker_type, tmp_path):
+    limiter = trio.CapacityLimiter(3)
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        errors = []
+
+        async def doomed(i):
+            with pytest.raises(tpf.BrokenWorkerError, match="signal SIGTERM.*KillMode=control-group") as info:
+                await ctx.run_sync(workerfns.record_pid_and_sleep, tmp_path / f"{i}.pid", 60, limiter=limiter)
+            errors.append(info.value)
+
+        with trio.fail_after(HANG):
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(doomed, i)
+                pids = [await wait_for_pid_file(tmp_path / f"{i}.pid") for i in range(3)]
+                signal_descendants(pids, signal.SIGTERM)
+        assert sorted(e.pid for e in errors) == sorted(pids)
+        assert all(e.signal_name == "SIGTERM" and not e.template_died for e in errors)
+        assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+
+
+async def test_sigterm_to_template_and_workers_fails_calls_and_restarts(tmp_path):
+    """The whole control group but us gets SIGTERM, template included."""
+    limiter = trio.CapacityLimiter(2)
+    async with tpf.open_worker_context() as ctx:
+        old_template = ctx.statistics().template_pid
+        errors = []
+
+        async def doomed(i):
+            with pytest.raises(tpf.BrokenWorkerError) as info:
+                await ctx.run_sync(workerfns.record_pid_and_sleep, tmp_path / f"{i}.pid", 60, limiter=limiter)
+            errors.append(info.value)
+
+        with trio.fail_after(HANG):
+            async with trio.open_nursery() as nursery:
+                for i in range(2):
+                    nursery.start_soon(doomed, i)
+                pids = [await wait_for_pid_file(tmp_path / f"{i}.pid") for i in range(2)]
+                signal_descendants([old_template, *pids], signal.SIGTERM)
+        for error in errors:
+            # Either the template reported the SIGTERM, or it died first.
+            assert error.signal_name == "SIGTERM" or error.template_died, error
+        # Let the old template finish dying: a call made in the instant between
+        # its control channel closing and its exit is the subject of
+        # test_a_call_in_the_instant_a_template_dies_starts_a_new_one.
+        await wait_dead(old_template)
+        assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+        assert ctx.statistics().template_pid != old_template
+        # The old template is reaped (by the restart), its workers are gone.
+        assert not wait_until_gone({old_template, *pids}, 5)
+
+
+# --- cancellation at every checkpoint of run_sync --------------------------------------------
+
+
+@pytest.mark.parametrize("kill_on_cancel", [False, True])
+async def test_cancel_while_waiting_for_the_limiter(worker_type, kill_on_cancel):
+    limiter = trio.CapacityLimiter(1)
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        holder_result = []
+
+        async def holder():
+            holder_result.append(await ctx.run_sync(workerfns.sleep_and_return, 0.5, "held", limiter=limiter))
+
+        with trio.fail_after(HANG):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(holder)
+                while limiter.borrowed_tokens == 0:
+                    await trio.sleep(0.01)
+                with trio.move_on_after(0.1) as scope:
+                    await ctx.run_sync(workerfns.add, 1, 2, limiter=limiter, kill_on_cancel=kill_on_cancel)
+                    raise AssertionError("the waiting call was not cancelled")  # pragma: no cover
+                assert scope.cancelled_caught
+        assert holder_result == ["held"]
+        assert limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0
+        stats = ctx.statistics()
+        assert (stats.started_workers, stats.retired) == (1, {})
+
+
+def write_slow_module(directory, seconds: float) -> str:
+    name = f"slow_preload_{uuid.uuid4().hex[:12]}"
+    (directory / f"{name}.py").write_text(f"import time\ntime.sleep({seconds})\n")
+    return name
+
+
+@pytest.mark.parametrize("kill_on_cancel", [False, True])
+async def test_cancel_while_the_template_starts(kill_on_cancel, tmp_path, monkeypatch):
+    """The template's preload takes a second; the call is cancelled meanwhile."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tpf.configure_default_context(preload=[write_slow_module(tmp_path, 1.0)])
+    result = None
+    with trio.fail_after(HANG):
+        with trio.move_on_after(0.2) as scope:
+            result = await tpf.run_sync(workerfns.add, 1, 2, kill_on_cancel=kill_on_cancel)
+        assert scope.cancel_called
+        if kill_on_cancel:
+            assert scope.cancelled_caught and result is None
+        else:  # shielded: the call waited for the template and ran the job
+            assert result == 3 and not scope.cancelled_caught
+        # Either way the context works afterwards, with one template.
+        assert await tpf.run_sync(workerfns.add, 2, 2) == 4
+    stats = tpf.default_context_statistics()
+    assert stats.template_pid is not None
+    assert await tpf.run_sync(workerfns.parent_pid) == stats.template_pid
+    assert stats.retired == {}
+
+
+async def test_cancel_while_opening_a_context_whose_template_starts(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = write_slow_module(tmp_path, 1.0)
+    with trio.fail_after(HANG):
+        with trio.move_on_after(0.2) as scope:
+            async with tpf.open_worker_context(preload=[module]):
+                raise AssertionError("the context opened despite the cancellation")  # pragma: no cover
+    assert scope.cancelled_caught
+    # The template being started is stopped again: conftest checks nothing is left.
+
+
+async def test_cancel_while_the_worker_starts_without_kill_returns_the_result(worker_type):
+    async with tpf.open_worker_context(worker_type=worker_type, init=functools.partial(time.sleep, 0.5)) as ctx:
+        result = None
+        with trio.fail_after(HANG):
+            with trio.move_on_after(0.05) as scope:
+                result = await ctx.run_sync(workerfns.add, 1, 2)
+        assert scope.cancel_called and not scope.cancelled_caught
+        assert result == 3
+        stats = ctx.statistics()
+        assert (stats.idle_workers, stats.started_workers, stats.retired) == (1, 1, {})
+
+
+@pytest.mark.parametrize("kill_on_cancel", [False, True])
+async def test_cancel_while_sending_a_large_argument(worker_type, kill_on_cancel):
+    """The worker is stopped, so the send blocks on a full socket buffer: the
+    call is cancelled in the middle of sending its argument."""
+    data = workerfns.pattern(64 * 2**20)
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        worker = await ctx.run_sync(workerfns.pid)
+        signal_descendant(worker, signal.SIGSTOP)
+        try:
+            results = []
+            call_scope = trio.CancelScope()
+
+            async def call():
+                with call_scope:
+                    results.append(await ctx.run_sync(workerfns.length_and_crc, data, kill_on_cancel=kill_on_cancel))
+                results.append(("cancelled", call_scope.cancelled_caught))
+
+            with trio.fail_after(HANG):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(call)
+                    await trio.sleep(0.3)  # long enough to fill the socket buffer
+                    assert results == []  # still sending
+                    call_scope.cancel()
+                    await trio.sleep(0.1)
+                    if not kill_on_cancel:
+                        assert results == []  # shielded: still waiting
+                        signal_descendant(worker, signal.SIGCONT)
+        finally:
+            if psutil.pid_exists(worker):
+                try:
+                    signal_descendant(worker, signal.SIGCONT)
+                except (AssertionError, psutil.NoSuchProcess):
+                    pass
+        if kill_on_cancel:
+            assert results == [("cancelled", True)]
+            await wait_dead(worker)
+            assert ctx.statistics().retired == {"killed": 1}
+        else:
+            assert results == [workerfns.length_and_crc(data), ("cancelled", False)]
+            assert await ctx.run_sync(workerfns.pid) == worker
+        assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------
+
+CTRL_C_PARENT = """
+import os, sys, time
+sys.path.insert(0, {here!r})
+import trio, trio_parallel_fs as tpf, workerfns
+
+WORKER_TYPE, CONTEXT = sys.argv[1], sys.argv[2]
+
+async def churn(run_sync):
+    i = 0
+    while True:
+        assert await run_sync(workerfns.add, i, 1) == i + 1
+        i += 1
+
+async def main():
+    if CONTEXT == "default":
+        tpf.configure_default_context(worker_type=WORKER_TYPE)
+        await jobs(tpf.run_sync)
+    else:
+        async with tpf.open_worker_context(worker_type=WORKER_TYPE) as ctx:
+            await jobs(ctx.run_sync)
+
+async def jobs(run_sync):
+    tpf.current_default_worker_limiter().total_tokens = 4
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: run_sync(workerfns.busy_python, 60, kill_on_cancel=True))
+        nursery.start_soon(lambda: run_sync(time.sleep, 60, kill_on_cancel=True))
+        nursery.start_soon(churn, run_sync)
+        nursery.start_soon(churn, run_sync)
+        await trio.sleep(1.0)
+        print("ready", flush=True)
+        await trio.sleep(60)
+
+def leaves(exc):
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+    return [exc]
+
+try:
+    trio.run(main)
+except BaseException as exc:
+    found = leaves(exc)
+    print("KI", sum(isinstance(e, KeyboardInterrupt) for e in found), flush=True)
+    print("OTHER", [repr(e) for e in found if not isinstance(e, KeyboardInterrupt)], flush=True)
+else:
+    print("NO EXCEPTION", flush=True)
+"""
+
+
+@pytest.mark.parametrize("context", ["open_worker_context", "default"])
+def test_ctrl_c_interrupts_the_parent_once_and_leaves_nothing(worker_type, context, tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(CTRL_C_PARENT.format(here=HERE))
+    parent = subprocess.Popen(
+        [sys.executable, str(script), worker_type, context],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell would make
+    )
+    descendants: set[int] = set()
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        descendants = {p.pid for p in psutil.Process(parent.pid).children(recursive=True)}
+        assert len(descendants) >= (3 if worker_type == "forkserver" else 2)
+        os.killpg(parent.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        out, err = parent.communicate(timeout=HANG)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.communicate()
+        for pid in wait_until_gone(descendants, 5):
+            psutil.Process(pid).kill()  # a test failure already; do not leak it
+    assert parent.returncode == 0, err
+    assert out.split("\n")[:2] == ["KI 1", "OTHER []"], (out, err)
+    assert "Traceback" not in err, err
+    assert not wait_until_gone(descendants, 5)
+
+
+STARTUP_SITECUSTOMIZE = """
+import os, time
+marker = os.environ.get("TPF_TEST_STARTUP_MARKER")
+if marker:
+    with open(f"{marker}.{os.getpid()}", "w"):
+        pass
+    time.sleep(1.0)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: a fresh interpreter (spawned worker, template) takes SIGINT with the "
+    "default disposition until its boot code ignores it, so a Ctrl-C during its start "
+    "kills it (spurious BrokenWorkerError / TemplateStartError, and a traceback on stderr)",
+)
+async def test_sigint_while_a_child_interpreter_starts_does_not_kill_it(worker_type, tmp_path, monkeypatch, capfd):
+    """Ctrl-C reaches the whole process group, including a worker or template
+    still starting up. A slow sitecustomize holds the child in its start-up
+    long enough to deliver SIGINT there deterministically."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STARTUP_SITECUSTOMIZE)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("TPF_TEST_STARTUP_MARKER", str(tmp_path / "starting"))
+
+    async def interrupt_the_starting_child():
+        with trio.fail_after(HANG):
+            while True:
+                started = [f for f in os.listdir(tmp_path) if f.startswith("starting.")]
+                if started:
+                    signal_descendant(int(started[0].split(".")[1]), signal.SIGINT)
+                    return
+                await trio.sleep(0.01)
+
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(interrupt_the_starting_child)
+            async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+                assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
+# --- shutdown while work is in flight --------------------------------------------------------
+
+
+async def test_closing_waits_for_a_job_started_outside_the_block(worker_type):
+    results = []
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as outer:
+            async with tpf.open_worker_context(worker_type=worker_type, grace_period=0.1) as ctx:
+
+                async def job():
+                    results.append(await ctx.run_sync(workerfns.sleep_and_return, 0.5, "finished"))
+
+                outer.start_soon(job)
+                while ctx.statistics().running_workers == 0:
+                    await trio.sleep(0.01)
+            # The block exited only once the job was done, and without error.
+            assert results == ["finished"]
+
+
+async def test_cancelling_a_job_outside_the_block_lets_the_close_finish(worker_type):
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as outer:
+            async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+                outer.start_soon(functools.partial(ctx.run_sync, time.sleep, 60, kill_on_cancel=True))
+                while ctx.statistics().running_workers == 0:
+                    await trio.sleep(0.01)
+                outer.cancel_scope.cancel()
+            assert ctx.statistics().retired == {"killed": 1}
+
+
+async def test_grace_period_then_kill_for_a_worker_that_cannot_exit(worker_type):
+    """A stopped worker cannot act on the EOF that tells it to leave."""
+    with trio.fail_after(HANG):
+        with pytest.raises(tpf.BrokenWorkerError, match=r"1 worker\(s\) \(pid (\d+)\) did not exit within grace_period=0.3s after their context closed, and were killed") as info:
+            async with tpf.open_worker_context(worker_type=worker_type, grace_period=0.3) as ctx:
+                worker = await ctx.run_sync(workerfns.pid)
+                signal_descendant(worker, signal.SIGSTOP)
+    assert f"pid {worker})" in str(info.value)
+    assert not wait_until_gone({worker}, 5)
+
+
+ATEXIT_PARENT = """
+import os, sys, threading, time
+sys.path.insert(0, {here!r})
+import psutil, trio, trio_parallel_fs as tpf, workerfns
+
+tpf.configure_default_context(worker_type=sys.argv[1], grace_period=1)
+EXPECTED = 2 if sys.argv[1] == "forkserver" else 1  # (template and) one worker
+# A daemon thread runs a long job in the default context; the main thread
+# returns, so the interpreter shuts the default context down under it.
+threading.Thread(target=trio.run, args=(tpf.run_sync, workerfns.sleep_and_return, 60), daemon=True).start()
+while len(psutil.Process().children(recursive=True)) < EXPECTED:
+    time.sleep(0.01)
+time.sleep(0.5)
+print(" ".join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "worker_type",
+    [
+        "forkserver",
+        pytest.param(
+            "spawn",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="defect: a spawned worker started from a thread other than the main "
+                "thread gets no PR_SET_PDEATHSIG and only notices its parent's exit (EOF) "
+                "after its job: a busy one outlives the parent by the job's duration",
+            ),
+        ),
+    ],
+)
+def test_parent_exit_with_a_job_running_in_a_thread_leaves_nothing(worker_type, tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(ATEXIT_PARENT.format(here=HERE))
+    # Files, not pipes: an orphaned worker would hold a pipe open, and reading
+    # it to EOF would wait for the orphan.
+    out_path, err_path = tmp_path / "out", tmp_path / "err"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        subprocess.run([sys.executable, str(script), worker_type], stdout=out, stderr=err, timeout=HANG)
+    pids = {int(pid) for pid in out_path.read_text().split()}
+    try:
+        assert pids, err_path.read_text()
+        left = wait_until_gone(pids, 5)
+        assert not left, f"still running after the parent exited: {left}"
+    finally:
+        # Orphans are no longer our descendants, but we started them: clean up.
+        for pid in wait_until_gone(pids, 0):
+            try:
+                process = psutil.Process(pid)
+                if "_trio_parallel_fs_worker" in " ".join(process.cmdline()):
+                    process.kill()
+            except psutil.Error:
+                pass
