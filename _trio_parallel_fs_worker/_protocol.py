@@ -46,7 +46,7 @@ RETIRE_REASONS = {
     RETIRE_MAX_JOBS: "jobs",
     RETIRE_MEMORY: "memory",
     RETIRE_USER: "user",
-    RETIRE_HOOK_FAILED: "retire_error",
+    RETIRE_HOOK_FAILED: "hook_error",
 }
 
 _KINDS = {CONFIG, JOB, VALUE, ERROR, INIT_FAILED, BYE}

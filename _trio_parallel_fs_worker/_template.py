@@ -83,6 +83,18 @@ def check_single_threaded(step: str) -> None:
         )
 
 
+def reseed_numpy() -> None:
+    """Give each worker its own numpy global random state.
+
+    The stdlib's random module reseeds itself in a forked child; numpy's legacy
+    global RandomState does not, so every worker forked after the template
+    imported numpy.random would draw the same numbers.
+    """
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed()
+
+
 class Template:
     def __init__(self, control: socket.socket, setup: dict[str, Any]) -> None:
         self.control = control
@@ -93,7 +105,9 @@ class Template:
         self.seq_of_pid: dict[int, int] = {}
         self.ceiling: int | None = setup.get("memory_ceiling")
         self.ceiling_metric: str = setup.get("memory_metric", "uss")
-        self.ceiling_interval: float = setup.get("ceiling_interval", 0.05)
+        # Cheap: each tick reads each worker's statm (RSS); USS is computed only
+        # for a worker whose RSS is above the ceiling.
+        self.ceiling_interval: float = setup.get("ceiling_interval", 0.02)
         self.buffer = b""  # a partial control record, if any
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -141,6 +155,7 @@ class Template:
                 os.close(status_fd)
             die_with_parent(self.pid)
             atexit._clear()
+            reseed_numpy()
             code = serve(socket.socket(fileno=channel_fd))
         except BaseException:  # noqa: BLE001 - report anything, then leave
             import traceback

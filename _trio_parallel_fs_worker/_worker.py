@@ -113,18 +113,48 @@ def describe(fn: object) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-def dump_error(exc: BaseException) -> bytes:
-    """Pickle an exception with its formatted traceback, whatever it holds.
+_MAX_CHAIN = 10
 
-    The pickle is loaded back here once: an exception whose ``__init__`` takes
+
+def _round_trip(obj: object) -> bytes:
+    """Pickle ``obj`` and load it back once: an exception whose ``__init__`` takes
     other arguments than ``args`` pickles fine but fails to load, and the parent
-    must never be the one to find that out.
-    """
+    must never be the one to find that out."""
+    data: bytes = cloudpickle.dumps(obj)
+    pickle.loads(data)
+    return data
+
+
+def _chain(exc: BaseException) -> list[tuple[str, bytes]]:
+    """The exceptions ``exc`` was raised from or during, each pickled on its own
+    (pickle keeps neither ``__cause__`` nor ``__context__``). The chain stops at
+    the first link that cannot travel."""
+    links: list[tuple[str, bytes]] = []
+    seen = {id(exc)}
+    current = exc
+    while len(links) < _MAX_CHAIN:
+        if current.__cause__ is not None:
+            how, nxt = "cause", current.__cause__
+        elif current.__context__ is not None and not current.__suppress_context__:
+            how, nxt = "context", current.__context__
+        else:
+            break
+        if id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        try:
+            links.append((how, _round_trip(nxt)))
+        except BaseException:  # noqa: BLE001 - the traceback text still shows it
+            break
+        current = nxt
+    return links
+
+
+def dump_error(exc: BaseException) -> bytes:
+    """Pickle an exception, its chain and its formatted traceback, whatever they hold."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        data: bytes = cloudpickle.dumps((exc, text))
-        pickle.loads(data)
-        return data
+        return pickle.dumps((_round_trip(exc), _chain(exc), text))
     except BaseException as why:  # noqa: BLE001 - anything the pickle machinery raises
         stand_in = RuntimeError(
             f"the job raised {type(exc).__module__}.{type(exc).__qualname__}: {exc}, "
@@ -132,7 +162,7 @@ def dump_error(exc: BaseException) -> bytes:
             "its traceback follows. Give the exception picklable attributes and an "
             "__init__ that accepts its args, or raise a simpler one."
         )
-        return pickle.dumps((stand_in, text))
+        return pickle.dumps((pickle.dumps(stand_in), [], text))
 
 
 def run_job(payload: bytes) -> tuple[int, bytes]:

@@ -13,15 +13,6 @@ sys.path.insert(0, os.path.abspath(".."))
 
 import trio_parallel_fs  # noqa: E402
 
-# The public classes live in private modules (trio_parallel_fs._config and so
-# on). Name them by their public home, so that type annotations in the pages
-# read "trio_parallel_fs.WorkerType" and link to their entries. This changes
-# nothing outside the docs build.
-for _name in trio_parallel_fs.__all__:
-    _obj = getattr(trio_parallel_fs, _name)
-    if isinstance(_obj, type):
-        _obj.__module__ = "trio_parallel_fs"
-
 project = "trio_parallel_fs"
 author = "the trio_parallel_fs authors"
 copyright = "the trio_parallel_fs authors"

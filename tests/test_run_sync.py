@@ -284,3 +284,47 @@ async def test_kill_signal_is_reported(worker_type):
         assert error.template_died is False
         assert await ctx.run_sync(workerfns.add, 1, 2) == 3
         assert ctx.statistics().retired == {"died": 1}
+
+
+def raise_from():
+    try:
+        {}["key"]
+    except KeyError as inner:
+        raise ValueError("outer") from inner
+
+
+def raise_during():
+    try:
+        {}["key"]
+    except KeyError:
+        raise ValueError("while handling")  # noqa: B904 - the implicit context is the point
+
+
+@pytest.mark.parametrize("fn, link", [(raise_from, "__cause__"), (raise_during, "__context__")])
+async def test_exception_chain_arrives_with_the_remote_traceback_innermost(fn, link):
+    async with tpf.open_worker_context() as ctx:
+        with pytest.raises(ValueError) as info:
+            await ctx.run_sync(fn)
+    inner = getattr(info.value, link)
+    assert isinstance(inner, KeyError) and inner.args == ("key",)
+    assert isinstance(inner.__cause__, tpf.RemoteTraceback)
+    assert fn.__name__ in str(inner.__cause__)
+
+
+def test_worker_type_accepts_trio_parallel_strings():
+    assert tpf.WorkerType("fork") is tpf.WorkerType.FORKSERVER
+    assert tpf.WorkerType.SPAWN == "spawn"
+    assert tpf.WorkerConfig(worker_type="fork").worker_type is tpf.WorkerType.FORKSERVER
+
+
+def draw_numpy_random():
+    import numpy
+
+    return float(numpy.random.random())
+
+
+async def test_numpy_global_random_state_differs_between_forked_workers():
+    pytest.importorskip("numpy")
+    async with tpf.open_worker_context(preload=["numpy.random"], max_jobs=1) as ctx:
+        draws = {await ctx.run_sync(draw_numpy_random) for _ in range(3)}
+    assert len(draws) == 3

@@ -18,19 +18,26 @@ import cloudpickle
 from _trio_parallel_fs_worker._memory import METRICS
 
 
-class WorkerType(enum.Enum):
+class WorkerType(str, enum.Enum):
     """How new workers are made.
 
     ``FORKSERVER`` (the default where ``os.fork`` exists): a preloaded template
     process forks each worker, in milliseconds, sharing its imports
     copy-on-write. ``FORK`` is accepted as an alias, so that trio-parallel code
     keeps working; it too forks from the template, never from your process.
-    ``SPAWN``: each worker is a fresh interpreter; the only choice on Windows.
+    ``SPAWN``: each worker is a fresh interpreter (Windows will need it; Windows
+    is not supported yet). Members compare equal to their values, and the
+    strings ``"forkserver"``, ``"fork"`` and ``"spawn"`` are accepted wherever a
+    WorkerType is.
     """
 
     FORKSERVER = "forkserver"
     FORK = "forkserver"  # alias: trio-parallel's name; forking the parent itself is unsafe
     SPAWN = "spawn"
+
+    @classmethod
+    def _missing_(cls, value: object) -> WorkerType | None:
+        return cls.FORKSERVER if value == "fork" else None
 
 
 DEFAULT_WORKER_TYPE = WorkerType.SPAWN if sys.platform == "win32" else WorkerType.FORKSERVER
@@ -42,7 +49,7 @@ def _to_worker_type(value: object) -> WorkerType:
     try:
         return WorkerType(value)
     except ValueError:
-        choices = ", ".join(repr(member.value) for member in WorkerType)
+        choices = "'forkserver', 'fork', 'spawn'"
         raise ValueError(
             f"worker_type must be a WorkerType or one of {choices}, not {value!r}"
         ) from None

@@ -102,8 +102,12 @@ class TemplateStartError(RuntimeError):
 class RemoteTraceback(Exception):
     """Carries the traceback text of an exception raised in a worker.
 
-    Set as the ``__cause__`` of the exception a job raised, so that the worker's
-    frames show up when the exception is printed in the parent.
+    Set as the ``__cause__`` of the innermost exception of the chain a job
+    raised, so that the worker's frames show up first when the exception is
+    printed in the parent.
+
+    Attributes:
+        text: The traceback, formatted in the worker.
     """
 
     def __init__(self, text: str) -> None:

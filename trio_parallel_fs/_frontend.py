@@ -257,7 +257,8 @@ def configure_default_context(*args: Any, **config: Any) -> None:
     context are shut down (gracefully, within its grace period).
 
     Raises:
-        TypeError, ValueError: for an invalid argument, naming it.
+        TypeError: for an argument of the wrong type, naming it.
+        ValueError: for an argument out of range, naming it.
         RuntimeError: if jobs are running in the default context.
     """
     new_config = _make_config(args, config)
@@ -300,7 +301,8 @@ async def open_worker_context(*args: Any, **config: Any) -> AsyncIterator[Worker
     cancellable, so hand the context only to tasks inside the block.
 
     Raises:
-        TypeError, ValueError: for an invalid argument, naming it.
+        TypeError: for an argument of the wrong type, naming it.
+        ValueError: for an argument out of range, naming it.
         TemplateStartError: if the template could not preload.
         BrokenWorkerError: if a worker had to be killed at exit.
     """
@@ -357,8 +359,8 @@ async def run_sync(
         Whatever ``sync_fn(*args)`` returns.
 
     Raises:
-        BaseException: Whatever ``sync_fn(*args)`` raises, with the worker's
-            traceback attached as its ``__cause__``.
+        BaseException: Whatever ``sync_fn(*args)`` raises, with its chain, and
+            the worker's traceback as a `RemoteTraceback` at the chain's end.
         BrokenWorkerError: the worker died (its subclasses say why: the memory
             ceiling, a failing init or retire hook).
         TemplateStartError: the template could not start.
@@ -369,9 +371,9 @@ async def run_sync(
         Entering ``run_sync`` is a checkpoint, like ``trio.to_thread.run_sync``:
         a call made in an already-cancelled scope raises `trio.Cancelled`
         without starting anything. Waiting for the limiter is cancellable.
-        Once the job is sent, by default it is shielded: the call waits for
-        the result and returns it, and cancellation takes effect at your next
-        checkpoint. With ``kill_on_cancel=True`` the worker is killed
+        Once a limiter token is held, by default the rest is shielded
+        (starting a worker, sending the job, waiting): the call returns the
+        result, and cancellation takes effect at your next checkpoint. With ``kill_on_cancel=True`` the worker is killed
         (SIGKILL), its exit is awaited, and `trio.Cancelled` propagates; the
         job's side effects may be partly done. No worker is leaked either way.
     """

@@ -273,7 +273,7 @@ class WorkerPool:
             worker.idle_since = time.monotonic()
             self._idle.append(worker)
         else:
-            self._count("hook_error" if flags == p.RETIRE_HOOK_FAILED else p.RETIRE_REASONS[flags])
+            self._count(p.RETIRE_REASONS[flags])
             self._let_go(worker)
         if flags == p.RETIRE_HOOK_FAILED:
             function = describe(fn)

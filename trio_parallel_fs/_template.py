@@ -65,10 +65,19 @@ def child_environment(blas_threads: int | None) -> dict[str, str]:
 
 
 def remote_error(payload: bytes) -> BaseException:
-    """Rebuild an exception sent by a worker, its remote traceback as its cause."""
-    exc: BaseException
-    exc, text = pickle.loads(payload)
-    exc.__cause__ = RemoteTraceback(text)
+    """Rebuild an exception sent by a worker with its chain; the remote traceback
+    becomes the cause of the innermost link, so printing shows it first."""
+    exc_data, chain, text = pickle.loads(payload)
+    exc: BaseException = pickle.loads(exc_data)
+    link = exc
+    for how, data in chain:
+        inner = pickle.loads(data)
+        if how == "cause":
+            link.__cause__ = inner
+        else:
+            link.__context__ = inner
+        link = inner
+    link.__cause__ = RemoteTraceback(text)
     return exc
 
 
