@@ -151,9 +151,18 @@ def tagged(i, seconds=0.0):
 
 
 def pattern(size):
-    """``size`` bytes of a cheap, position-dependent pattern."""
-    unit = bytes(range(251))  # a prime length: misplaced chunks show up
-    return (unit * (size // len(unit) + 1))[:size]
+    """``size`` bytes (a bytearray) of a position-dependent pattern: byte i is
+    i % 251, a prime period, so that misplaced chunks show up. Built in place,
+    with one allocation."""
+    data = bytearray(size)
+    unit = bytes(range(251))[:size]
+    data[: len(unit)] = unit
+    filled = len(unit)
+    while filled < size:
+        count = min(filled - filled % 251, size - filled)
+        data[filled : filled + count] = data[:count]
+        filled += count
+    return data
 
 
 def length_and_crc(data):
