@@ -76,7 +76,12 @@ def test_clean_contexts_pass_and_leaks_fail(inner: pytest.Pytester) -> None:
             "* template [0-9]*",
         ]
     )
-    result.stdout.fnmatch_lines(["PASSED test_inner.py::test_clean[[]worker_context0[]]", "PASSED test_inner.py::test_clean[[]worker_context1[]]"])
+    result.stdout.fnmatch_lines(
+        [
+            "PASSED test_inner.py::test_clean[[]worker_context0[]]",
+            "PASSED test_inner.py::test_clean[[]worker_context1[]]",
+        ]
+    )
     result.stdout.no_fnmatch_line("ERROR*test_clean*")
 
 
@@ -111,7 +116,10 @@ def test_marker_and_parameter_configure_the_context(inner: pytest.Pytester) -> N
     result = run(inner)
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(
-        ["*ERROR at setup of test_failing_preload_errors_at_setup*", "*TemplateStartError*a_module_that_does_not_exist*"]
+        [
+            "*ERROR at setup of test_failing_preload_errors_at_setup*",
+            "*TemplateStartError*a_module_that_does_not_exist*",
+        ]
     )
 
 

@@ -76,7 +76,8 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import psutil
 import pytest
@@ -292,7 +293,9 @@ class TrioBenchmark:
         fixture._timer = self.clock
         self._installed = True
 
-    async def _timed(self, async_fn: Callable[..., Awaitable[Any]], args: tuple, kwargs: dict) -> Any:
+    async def _timed(
+        self, async_fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         start = trio.current_time()
         try:
             awaitable = async_fn(*args, **kwargs)
@@ -317,7 +320,7 @@ class TrioBenchmark:
         if fn is None:
             return None
 
-        async def call_maybe_async(args: tuple, kwargs: dict) -> Any:
+        async def call_maybe_async(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             result = fn(*args, **kwargs)
             if inspect.isawaitable(result):
                 result = await result
@@ -347,8 +350,8 @@ class TrioBenchmark:
     async def pedantic(
         self,
         async_fn: Callable[..., Awaitable[Any]],
-        args: tuple = (),
-        kwargs: dict | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
         setup: Callable[..., Any] | None = None,
         teardown: Callable[..., Any] | None = None,
         rounds: int = 1,
