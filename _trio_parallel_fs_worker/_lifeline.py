@@ -28,6 +28,15 @@ def prepare_prctl() -> None:
         _prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
+_PR_SET_NAME = 15
+
+
+def set_process_name(name: bytes) -> None:
+    """Name this process for ps/top (Linux: /proc/<pid>/comm, 15 bytes at most)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_NAME, name, 0, 0, 0)
+
+
 def die_with_parent(expected_parent: int) -> None:
     """Get SIGKILLed when the parent dies (Linux), and exit now if it already has.
 

@@ -19,8 +19,14 @@ other local user can ask the template for anything.
    On SIGCHLD it waits for them and writes ``EXITED <status>`` on each one's
    status pipe. KILL names a fork by its sequence number, and the template
    kills only workers it has not reaped, so a recycled pid is never hit.
-4. EOF on the control channel means the parent is gone or done: SIGKILL every
-   worker, reap them, exit. Workers also die with the template
+4. A *spare* worker is forked ahead of demand (after the first fork request,
+   and again each time one is used). It waits on a private socketpair; a FORK
+   hands it the worker's channel by SCM_RIGHTS instead of forking then, so a
+   fresh worker costs a sendmsg, not a fork. The template refills the spare
+   once the pending requests are handled. A spare that died is reaped like any
+   child and simply not used.
+5. EOF on the control channel means the parent is gone or done: SIGKILL every
+   worker and the spare, reap them, exit. Workers also die with the template
    (PR_SET_PDEATHSIG; the template is single-threaded, so the forking thread
    lives exactly as long as the template).
 """
@@ -43,11 +49,12 @@ from collections import deque
 from typing import Any
 
 from . import _protocol as p
-from ._lifeline import die_with_parent, flush_std_streams, ignore_interrupts, prepare_prctl
+from ._lifeline import die_with_parent, flush_std_streams, ignore_interrupts, prepare_prctl, set_process_name
 from ._memory import exceeds
-from ._worker import dump_error, recv_frame, send_frame, serve
+from ._worker import dump_error, recv_frame, run_job, send_frame, serve
 
 _MAX_FDS_PER_READ = 64
+_SPARE_REFILL_DELAY = 0.005
 
 
 def count_threads() -> int:
@@ -83,6 +90,30 @@ def check_single_threaded(step: str) -> None:
         )
 
 
+def receive_channel(handoff: socket.socket) -> int | None:
+    """As the spare: wait for the channel the template hands over (None on EOF)."""
+    data, ancdata, _, _ = handoff.recvmsg(1, socket.CMSG_SPACE(4))
+    handoff.close()
+    for level, kind, fd_bytes in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and data:
+            return int(array.array("i", fd_bytes[:4])[0])
+    return None
+
+
+def rehearse() -> None:
+    """As the spare, run a dummy job through the worker's code paths while
+    nobody waits: the copy-on-write faults that a first job triggers (refcount
+    writes to the template's objects) are paid now instead of on the caller's
+    time."""
+    payload = p.encode_frame(p.JOB, pickle.dumps((int, ("7",))))
+    reader = p.FrameReader()
+    reader.feed(payload)
+    frame = reader.next_frame()
+    assert frame is not None
+    run_job(frame[2])
+    dump_error(ValueError("rehearsal"))
+
+
 def reseed_numpy() -> None:
     """Give each worker its own numpy global random state.
 
@@ -109,6 +140,9 @@ class Template:
         # for a worker whose RSS is above the ceiling.
         self.ceiling_interval: float = setup.get("ceiling_interval", 0.02)
         self.buffer = b""  # a partial control record, if any
+        self.spare: tuple[int, socket.socket] | None = None  # (pid, our end of its handoff)
+        self.want_spare = False  # no spare until someone asked for a worker
+        self.refill_at: float | None = None  # when to fork the next spare
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -126,21 +160,57 @@ class Template:
     def fork(self, channel_fd: int, status_fd: int) -> None:
         seq = self.next_seq
         self.next_seq += 1
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            self.report(status_fd, p.FORK_FAILED, exc.errno or 0)
-            os.close(status_fd)
-            os.close(channel_fd)
-            return
-        if pid == 0:
-            self.become_worker(channel_fd, status_fd)
+        self.want_spare = True
+        pid = self.hand_to_spare(channel_fd)
+        if pid is None:
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                self.report(status_fd, p.FORK_FAILED, exc.errno or 0)
+                os.close(status_fd)
+                os.close(channel_fd)
+                return
+            if pid == 0:
+                self.become_worker(channel_fd, status_fd)
         os.close(channel_fd)
         self.workers[seq] = (pid, status_fd)
         self.seq_of_pid[pid] = seq
         self.report(status_fd, p.PID, pid)
 
-    def become_worker(self, channel_fd: int, own_status_fd: int) -> None:
+    def hand_to_spare(self, channel_fd: int) -> int | None:
+        """Give the channel to the spare; its pid, or None if there is no spare."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        pid, handoff = spare
+        try:
+            fds = array.array("i", [channel_fd]).tobytes()
+            handoff.sendmsg([b"W"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError:
+            # It died and is not reaped yet, so its pid is still ours to kill.
+            os.kill(pid, signal.SIGKILL)
+            return None
+        finally:
+            handoff.close()
+        return pid
+
+    def fork_spare(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return  # no spare: requests fork directly, and we try again later
+        if pid == 0:
+            ours.close()
+            self.become_worker(None, None, handoff=theirs)
+        theirs.close()
+        self.spare = (pid, ours)
+
+    def become_worker(
+        self, channel_fd: int | None, own_status_fd: int | None, handoff: socket.socket | None = None
+    ) -> None:
         code = 1
         try:
             # Close what belongs to the template, so that no worker keeps the
@@ -149,13 +219,26 @@ class Template:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             self.control.close()
-            for fd in (self.wake_r, self.wake_w, own_status_fd, *self.pending_fds):
+            for fd in (self.wake_r, self.wake_w, *self.pending_fds):
                 os.close(fd)
+            if own_status_fd is not None:
+                os.close(own_status_fd)
             for _, status_fd in self.workers.values():
                 os.close(status_fd)
+            if self.spare is not None:
+                self.spare[1].close()
             die_with_parent(self.pid)
             atexit._clear()
             reseed_numpy()
+            if handoff is not None:
+                set_process_name(b"tpf-spare")
+                rehearse()
+                channel_fd = receive_channel(handoff)
+                if channel_fd is None:
+                    code = 0  # the template shut down before using us
+                    return
+            set_process_name(b"tpf-worker")
+            assert channel_fd is not None
             code = serve(socket.socket(fileno=channel_fd))
         except BaseException:  # noqa: BLE001 - report anything, then leave
             import traceback
@@ -178,6 +261,12 @@ class Template:
             self.forget(pid, status)
 
     def forget(self, pid: int, status: int) -> None:
+        if self.spare is not None and self.spare[0] == pid:
+            # The spare died before it was used (killed from outside).
+            self.spare[1].close()
+            self.spare = None
+            self.refill_at = time.monotonic() + _SPARE_REFILL_DELAY
+            return
         seq = self.seq_of_pid.pop(pid, None)
         if seq is None:
             return  # a child of a preloaded module, not a worker
@@ -204,7 +293,9 @@ class Template:
     def shutdown(self) -> None:
         for pid, _ in self.workers.values():
             os.kill(pid, signal.SIGKILL)
-        while self.workers:
+        if self.spare is not None:
+            os.kill(self.spare[0], signal.SIGKILL)
+        while self.workers or self.spare is not None:
             pid, status = os.waitpid(-1, 0)
             self.forget(pid, status)
 
@@ -231,6 +322,11 @@ class Template:
                 self.fork(channel_fd, status_fd)
             elif command == p.KILL:
                 self.kill(value)
+        if self.want_spare and self.spare is None and self.refill_at is None:
+            # Not right away: the worker just handed a channel is waking up,
+            # likely on this CPU, and a fork now (milliseconds of page-table
+            # copying) would make it wait. Refill once things are quiet.
+            self.refill_at = time.monotonic() + _SPARE_REFILL_DELAY
         return True
 
     def run(self) -> None:
@@ -243,9 +339,12 @@ class Template:
         next_check = time.monotonic()
         try:
             while True:
-                timeout = None
+                deadlines = []
                 if self.ceiling is not None and self.workers:
-                    timeout = max(next_check - time.monotonic(), 0)
+                    deadlines.append(next_check)
+                if self.refill_at is not None:
+                    deadlines.append(self.refill_at)
+                timeout = max(min(deadlines) - time.monotonic(), 0) if deadlines else None
                 for key, _ in selector.select(timeout):
                     if key.data == "control":
                         if not self.read_control():
@@ -256,6 +355,10 @@ class Template:
                         except BlockingIOError:
                             pass
                 self.reap()
+                if self.refill_at is not None and time.monotonic() >= self.refill_at:
+                    self.refill_at = None
+                    if self.spare is None:
+                        self.fork_spare()
                 if self.ceiling is not None and time.monotonic() >= next_check:
                     self.enforce_ceiling()
                     next_check = time.monotonic() + self.ceiling_interval
@@ -278,6 +381,7 @@ def main(control_fd: int) -> int:
     except BaseException as exc:  # noqa: BLE001 - the parent shows it at context start
         send_frame(control, p.INIT_FAILED, dump_error(exc))
         return 1
+    set_process_name(b"tpf-template")
     send_frame(control, p.VALUE, pickle.dumps({"pid": os.getpid()}))
     Template(control, setup).run()
     return 0

@@ -13,6 +13,7 @@ import workerfns
 
 import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import _template
+from conftest import wait_until_gone
 
 
 async def test_preload_happens_once_in_the_template():
@@ -211,8 +212,8 @@ def test_template_counts_native_threads_too():
 def worker_pids(ctx):
     """Pids of the context's live workers, seen from outside."""
     template_pid = ctx.statistics().template_pid
-    if template_pid is not None:
-        return [p.pid for p in psutil.Process(template_pid).children()]
+    if template_pid is not None:  # the template's children, but its spare
+        return [p.pid for p in psutil.Process(template_pid).children() if p.name() == "tpf-worker"]
     return [p.pid for p in psutil.Process().children() if "worker" in p.cmdline()]
 
 
@@ -252,3 +253,34 @@ async def test_template_init_that_starts_threads_is_refused():
     with pytest.raises(tpf.TemplateStartError, match="running template_init in the template left 2 threads"):
         async with tpf.open_worker_context(template_init=start_thread):
             pass  # pragma: no cover
+
+
+async def test_a_spare_worker_is_forked_ahead_and_handed_the_next_channel():
+    async with tpf.open_worker_context(max_jobs=1) as ctx:
+        template = psutil.Process(ctx.statistics().template_pid)
+        assert template.name() == "tpf-template"
+        assert template.children() == []  # no spare before anyone asked for a worker
+        first = await ctx.run_sync(workerfns.pid)
+        with trio.fail_after(5):
+            while not (spares := [c for c in template.children() if c.name() == "tpf-spare"]):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        (spare,) = spares
+        second = await ctx.run_sync(workerfns.pid)
+        assert second == spare.pid != first
+        assert await ctx.run_sync(workerfns.parent_pid) == template.pid
+
+
+async def test_a_dead_spare_is_replaced_not_used():
+    async with tpf.open_worker_context(max_jobs=1) as ctx:
+        template = psutil.Process(ctx.statistics().template_pid)
+        await ctx.run_sync(workerfns.pid)
+        with trio.fail_after(5):
+            while not (spares := [c for c in template.children() if c.name() == "tpf-spare"]):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        spares[0].kill()
+        # Once the template has reaped it (a kill racing a hand-off is a worker
+        # killed from outside, and fails that call), it is never handed a job.
+        assert not wait_until_gone({spares[0].pid}, 5)
+        for i in range(3):
+            assert await ctx.run_sync(workerfns.add, i, 1) == i + 1
+        assert "died" not in ctx.statistics().retired
