@@ -10,10 +10,10 @@ import psutil
 import pytest
 import trio
 import workerfns
+from conftest import wait_until_gone
 
 import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import _template
-from conftest import wait_until_gone
 
 
 async def test_preload_happens_once_in_the_template():
