@@ -639,6 +639,7 @@ def plot(settings: Settings, report: dict[str, Any], path: str) -> str | None:
     """Write the PNG; return why not if matplotlib is missing."""
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
@@ -657,8 +658,10 @@ def plot(settings: Settings, report: dict[str, Any], path: str) -> str | None:
         ax.barh([COLUMN_TITLES[n] for n in names], values, color=[colors[n] for n in names])
         ax.invert_yaxis()
         positive = [v for v in values if v > 0]
-        if positive and max(positive) / min(positive) > 10:
+        if positive and max(positive) / min(positive) > 30:
             ax.set_xscale("log")
+            # Minor tick labels of a log axis spanning one or two decades overlap.
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         for y, v in enumerate(values):
             ax.text(v, y, " " + fmt(v, 0).strip(), va="center", fontsize=7)
         ax.margins(x=0.18)  # room for the value labels

@@ -10,6 +10,7 @@ Trio's virtual time (autojump_clock), where a sleep lasts exactly its length.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 
 import pytest
@@ -27,8 +28,17 @@ def inner(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
+def plugin_args() -> tuple[str, ...]:
+    """``-p`` for the plugin, unless the installed package's pytest11 entry point
+    loads it already (pytest refuses one module registered under two names)."""
+    entry_points = importlib.metadata.entry_points(group="pytest11")
+    if any(entry.value.split(":")[0] == PLUGIN for entry in entry_points):
+        return ()
+    return ("-p", PLUGIN)
+
+
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("-p", PLUGIN, "-rA", *args, timeout=300)
+    return pytester.runpytest_subprocess(*plugin_args(), "-rA", *args, timeout=300)
 
 
 def test_clean_contexts_pass_and_leaks_fail(inner: pytest.Pytester) -> None:
