@@ -134,6 +134,7 @@ def test_marker_and_parameter_configure_the_context(inner: pytest.Pytester) -> N
 
 
 def test_trio_benchmark_times_only_the_awaited_call(inner: pytest.Pytester) -> None:
+    pytest.importorskip("pytest_benchmark", reason="trio_benchmark drives pytest-benchmark")
     inner.makepyfile(
         test_inner="""
         import pytest
@@ -190,6 +191,7 @@ def test_trio_benchmark_times_only_the_awaited_call(inner: pytest.Pytester) -> N
 
 
 def test_trio_benchmark_records_run_sync_timings(inner: pytest.Pytester) -> None:
+    pytest.importorskip("pytest_benchmark", reason="trio_benchmark drives pytest-benchmark")
     inner.makepyfile(
         test_inner="""
         import os
