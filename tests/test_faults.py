@@ -202,6 +202,25 @@ async def test_idle_worker_killed_from_outside_does_not_fail_the_next_call(worke
             assert await ctx.run_sync(workerfns.pid) != victim
 
 
+async def test_spare_worker_killed_while_idle_is_not_used():
+    """The template keeps a worker forked ahead of demand; killed from outside,
+    it must not take a job down with it."""
+    limiter = trio.CapacityLimiter(3)
+    async with tpf.open_worker_context() as ctx:
+        first = await ctx.run_sync(workerfns.pid)
+        with trio.fail_after(HANG):
+            while not (spares := [p for p in worker_processes(ctx) if p.pid != first]):
+                await trio.sleep(0.01)
+        for spare in spares:
+            signal_descendant(spare.pid, signal.SIGKILL)
+            await wait_reaped(spare.pid)
+        results = {}
+        with trio.fail_after(HANG):
+            await run_others(ctx, limiter, results, 3, 0.2)
+        check_others(results, 3, {spare.pid for spare in spares})
+        assert ctx.statistics().retired == {}
+
+
 # --- the template dies ------------------------------------------------------------------------
 
 
@@ -222,12 +241,13 @@ async def test_template_killed_while_jobs_run_fails_them_all_and_restarts(tmp_pa
                     nursery.start_soon(doomed)
                 while len(worker_processes(ctx)) < 3 or ctx.statistics().running_workers < 3:
                     await trio.sleep(0.01)
-                old_workers = {p.pid for p in worker_processes(ctx)}
+                # The three busy workers, and the template's spare if it has one.
+                old_children = {p.pid for p in worker_processes(ctx)}
                 signal_descendant(old_template, signal.SIGKILL)
         assert len(errors) == 3
         assert all(e.template_died and e.exitcode is None and e.signal_name is None for e in errors)
-        assert {e.pid for e in errors} == old_workers
-        assert not wait_until_gone(old_workers, 5), "workers outlived their template"
+        assert len({e.pid for e in errors}) == 3 and {e.pid for e in errors} <= old_children
+        assert not wait_until_gone(old_children, 5), "workers outlived their template"
         # The next calls start a new template and use it.
         assert await ctx.run_sync(workerfns.add, 1, 2) == 3
         new_template = ctx.statistics().template_pid
