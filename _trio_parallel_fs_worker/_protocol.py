@@ -85,6 +85,21 @@ class FrameReader:
         length: int = HEADER.unpack_from(self._buffer)[2]
         return max(HEADER.size + length - len(self._buffer), 0)
 
+    def peek_header(self) -> tuple[int, int, int] | None:
+        """``(kind, flags, payload length)`` of the frame being read, once known."""
+        if len(self._buffer) < HEADER.size:
+            return None
+        kind, flags, length = HEADER.unpack_from(self._buffer)
+        return kind, flags, length
+
+    def take_payload_start(self) -> bytes:
+        """Drop the header of the frame being read and return the payload bytes
+        received so far: for a caller that reads the rest straight into a buffer
+        of the payload's size (only valid while the frame is incomplete)."""
+        start = bytes(self._buffer[HEADER.size :])
+        self._buffer.clear()
+        return start
+
     def next_frame(self) -> tuple[int, int, bytes] | None:
         """Return ``(kind, flags, payload)`` or None if no whole frame is buffered."""
         if len(self._buffer) < HEADER.size:

@@ -56,3 +56,13 @@ def test_status_records_carry_negative_and_large_values():
     records, rest = p.parse_records(data, p.STATUS_RECORD)
     assert records == [(p.PID, 123), (p.CEILING, 5 * 2**40)]
     assert rest == b""
+
+
+def test_a_large_payload_can_be_read_into_its_own_buffer():
+    frame = p.encode_frame(p.JOB, b"y" * 1000)
+    reader = p.FrameReader()
+    reader.feed(frame[:300])
+    assert reader.peek_header() == (p.JOB, 0, 1000)
+    start = reader.take_payload_start()
+    assert start == b"y" * (300 - p.HEADER.size)
+    assert reader.pending == 0

@@ -135,3 +135,28 @@ def test_exceeds_screens_with_rss_and_reports_the_metric():
         if _memory._own_statm is not None:
             os.close(_memory._own_statm[1])
             _memory._own_statm = None
+
+
+def test_memory_watch_measures_uss_again_only_when_it_could_have_crossed(monkeypatch):
+    from _trio_parallel_fs_worker import _memory
+
+    rss = [100 * MiB]
+    measured = []
+    monkeypatch.setattr(_memory, "_rss_from_statm", lambda pid: rss[0])
+    monkeypatch.setattr(_memory, "memory_usage", lambda metric, pid=None: measured.append(metric) or 30 * MiB)
+    clock = [0.0]
+    monkeypatch.setattr(_memory.time, "monotonic", lambda: clock[0])
+    watch = _memory.MemoryWatch(limit=50 * MiB, metric="uss", recheck_after=1.0)
+
+    assert watch.exceeded() is False and measured == ["uss"]  # RSS above: measure once
+    rss[0] += 10 * MiB
+    assert watch.exceeded() is False and len(measured) == 1  # 30 + 10 <= 50: skip
+    rss[0] += 15 * MiB
+    assert watch.exceeded() is False and len(measured) == 2  # 30 + 25 > 50: measure
+    clock[0] += 1.5
+    assert watch.exceeded() is False and len(measured) == 3  # a second passed: measure
+    rss[0] = 40 * MiB
+    assert watch.exceeded() is False and len(measured) == 3  # RSS below the limit
+    assert _memory.MemoryWatch(limit=50 * MiB, metric="rss").exceeded() is False
+    rss[0] = 60 * MiB
+    assert _memory.MemoryWatch(limit=50 * MiB, metric="rss").exceeded() is True

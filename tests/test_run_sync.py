@@ -328,3 +328,20 @@ async def test_numpy_global_random_state_differs_between_forked_workers():
     async with tpf.open_worker_context(preload=["numpy.random"], max_jobs=1) as ctx:
         draws = {await ctx.run_sync(draw_numpy_random) for _ in range(3)}
     assert len(draws) == 3
+
+
+def checksum(data):
+    import zlib
+
+    return len(data), zlib.crc32(data)
+
+
+async def test_large_arguments_and_results_arrive_intact(worker_type):
+    import zlib
+
+    data = bytes(range(256)) * (40 * 2**20 // 256)  # 40 MiB, a pattern that shows misplaced chunks
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        assert await ctx.run_sync(checksum, data) == (len(data), zlib.crc32(data))
+        echoed = await ctx.run_sync(bytes, data)
+        assert echoed == data
+        assert await ctx.run_sync(workerfns.add, 1, 2) == 3
