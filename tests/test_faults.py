@@ -197,9 +197,66 @@ async def test_idle_worker_killed_from_outside_does_not_fail_the_next_call(worke
         signal_descendant(victim, signal.SIGKILL)
         await wait_dead(victim)
         if worker_type == "forkserver":
-            await wait_reaped(victim)  # the template has reaped it and said so
+            await wait_reaped(victim)
+            # The template writes its exit report and closes the status pipe
+            # just after reaping; the instant in between is the subject of
+            # test_an_exit_report_without_eof_still_marks_an_idle_worker_dead.
+            await trio.sleep(0.1)
         with trio.fail_after(HANG):
             assert await ctx.run_sync(workerfns.pid) != victim
+
+
+def pipe_inodes(pid: int | str) -> dict[str, int]:
+    """The pipes among ``pid``'s open fds: {"pipe:[inode]": fd}."""
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("pipe:"):
+            found[target] = int(fd)
+    return found
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: an idle forked worker counts as exited only at EOF on its status "
+    "pipe, not at the template's EXITED report; a process holding a copy of the pipe (a "
+    "spare or worker the template forks at that moment), or a read between the report "
+    "and the close, sends the next job to the dead worker (BrokenWorkerError)",
+)
+async def test_an_exit_report_without_eof_still_marks_an_idle_worker_dead():
+    """Seen for real in test_idle_worker_killed_from_outside_does_not_fail_the_next_call
+    (about 1 run in 3 without its pause): the report had arrived, the EOF not yet.
+    Made deterministic here by holding a second writer on the worker's status
+    pipe, opened through /proc, as a child forked by the template would."""
+    async with tpf.open_worker_context() as ctx:
+        victim = await ctx.run_sync(workerfns.pid)
+        template_pid = ctx.statistics().template_pid
+        shared = set(pipe_inodes("self")) & set(pipe_inodes(template_pid))
+        assert len(shared) == 1, shared  # the one worker's status pipe
+        (pipe,) = shared
+        extra_writer = [os.open(f"/proc/{template_pid}/fd/{pipe_inodes(template_pid)[pipe]}", os.O_WRONLY)]
+
+        def let_go():
+            if extra_writer:
+                os.close(extra_writer.pop())
+
+        async def let_go_soon():
+            await trio.sleep(0.5)  # as the forked child would, after closing its fds
+            let_go()
+
+        try:
+            signal_descendant(victim, signal.SIGKILL)
+            await wait_reaped(victim)
+            await trio.sleep(0.1)  # the exit report is written by now
+            with trio.fail_after(HANG):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(let_go_soon)
+                    assert await ctx.run_sync(workerfns.pid) != victim
+        finally:
+            let_go()
 
 
 async def test_spare_worker_killed_while_idle_is_not_used():
