@@ -106,6 +106,8 @@ class SpawnBackend:
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 env=self._env,
+                # See the template's Popen: Ctrl-C is for the parent to handle.
+                start_new_session=True,
             )
         except BaseException:
             ours.close()

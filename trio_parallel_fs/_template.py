@@ -89,6 +89,7 @@ class TemplateProcess:
         self._blas_threads = blas_threads
         self._lock = threading.Lock()  # one writer at a time on the control channel
         self._next_seq = 0
+        self._broken = False  # a request failed: dying, even if not reapable yet
         self._control: socket.socket | None = None
         self._popen: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
@@ -102,6 +103,10 @@ class TemplateProcess:
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 env=child_environment(self._blas_threads),
+                # Its own session: Ctrl-C at a terminal signals the foreground
+                # process group, and an interpreter still starting up would die
+                # of it before it gets to ignore SIGINT.
+                start_new_session=True,
             )
         finally:
             theirs.close()
@@ -126,7 +131,7 @@ class TemplateProcess:
             ) from cause
 
     def alive(self) -> bool:
-        return self._popen is not None and self._popen.poll() is None
+        return not self._broken and self._popen is not None and self._popen.poll() is None
 
     def fork(self) -> tuple[socket.socket, ForkedWorker]:
         """Ask for a worker; its pid and exit status will arrive on its status pipe."""
@@ -136,10 +141,16 @@ class TemplateProcess:
             fds = array.array("i", [theirs.fileno(), status_w])
             with self._lock:
                 assert self._control is not None
-                self._control.sendmsg(
-                    [p.CONTROL_RECORD.pack(p.FORK, 0)],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())],
-                )
+                try:
+                    self._control.sendmsg(
+                        [p.CONTROL_RECORD.pack(p.FORK, 0)],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())],
+                    )
+                except OSError:
+                    # The template closed its end: it is dying, although for an
+                    # instant the kernel may not let us reap it yet.
+                    self._broken = True
+                    raise
                 seq = self._next_seq
                 self._next_seq += 1
         except BaseException:
@@ -217,7 +228,9 @@ class ForkedWorker:
 
     def _done(self) -> bool:
         self._read_available()
-        return self._eof or self._status_fd is None
+        # The exit report is enough: EOF may come later, if a process the
+        # template forked at that moment still holds a copy of the pipe.
+        return self._wait_status is not None or self._fork_errno is not None or self._eof or self._status_fd is None
 
     def _info(self) -> ExitInfo:
         exitcode = None
