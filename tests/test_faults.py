@@ -219,16 +219,10 @@ def pipe_inodes(pid: int | str) -> dict[str, int]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: an idle forked worker counts as exited only at EOF on its status "
-    "pipe, not at the template's EXITED report; a process holding a copy of the pipe (a "
-    "spare or worker the template forks at that moment), or a read between the report "
-    "and the close, sends the next job to the dead worker (BrokenWorkerError)",
-)
 async def test_an_exit_report_without_eof_still_marks_an_idle_worker_dead():
     """Seen for real in test_idle_worker_killed_from_outside_does_not_fail_the_next_call
-    (about 1 run in 3 without its pause): the report had arrived, the EOF not yet.
+    (about 1 run in 3 without its pause, before the fix): the report had
+    arrived, the EOF not yet.
     Made deterministic here by holding a second writer on the worker's status
     pipe, opened through /proc, as a child forked by the template would."""
     async with tpf.open_worker_context() as ctx:
@@ -330,15 +324,9 @@ async def test_template_killed_while_idle_does_not_fail_later_calls():
         assert ctx.statistics().template_pid != old_template
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a template that has closed its control channel but is not yet "
-    "reapable still looks alive; the fork request fails with EPIPE twice and the "
-    "call gets a raw BrokenPipeError instead of a new template",
-)
 async def test_a_call_in_the_instant_a_template_dies_starts_a_new_one():
     """Seen for real (about 1 run in 10 of the SIGTERM test below, when the next
-    call came right after the errors): the status pipes and control channel of
+    call came right after the errors, before the fix): the status pipes and control channel of
     a dying template close before the kernel lets its parent reap it, so for
     an instant ``Popen.poll()`` still says it runs. Simulated here by hiding
     the exit from ``poll()``, which is what the parent sees in that instant."""
@@ -618,37 +606,71 @@ if marker:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a fresh interpreter (spawned worker, template) takes SIGINT with the "
-    "default disposition until its boot code ignores it, so a Ctrl-C during its start "
-    "kills it (spurious BrokenWorkerError / TemplateStartError, and a traceback on stderr)",
-)
-async def test_sigint_while_a_child_interpreter_starts_does_not_kill_it(worker_type, tmp_path, monkeypatch, capfd):
-    """Ctrl-C reaches the whole process group, including a worker or template
-    still starting up. A slow sitecustomize holds the child in its start-up
-    long enough to deliver SIGINT there deterministically."""
+BOOT_INTERRUPTED_PARENT = """
+import os, sys
+sys.path.insert(0, {here!r})
+import trio, trio_parallel_fs as tpf, workerfns
+
+# Only the children see the marker: their sitecustomize then holds them in
+# their interpreter's start-up for a second.
+os.environ["TPF_TEST_STARTUP_MARKER"] = sys.argv[2]
+
+async def main():
+    async with tpf.open_worker_context(worker_type=sys.argv[1]) as ctx:
+        await ctx.run_sync(workerfns.add, 1, 2, kill_on_cancel=True)
+        print("NOT INTERRUPTED", flush=True)
+
+def leaves(exc):
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+    return [exc]
+
+try:
+    trio.run(main)
+except BaseException as exc:
+    found = leaves(exc)
+    print("KI", sum(isinstance(e, KeyboardInterrupt) for e in found), flush=True)
+    print("OTHER", [repr(e) for e in found if not isinstance(e, KeyboardInterrupt)], flush=True)
+"""
+
+
+def test_ctrl_c_while_a_child_interpreter_starts(worker_type, tmp_path):
+    """Ctrl-C while the template (forkserver) or a worker (spawn) is still in
+    its interpreter's start-up, before its boot code can ignore SIGINT: the
+    parent gets one KeyboardInterrupt, the child prints nothing, nothing is
+    left. A slow sitecustomize holds the child there deterministically."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(STARTUP_SITECUSTOMIZE)
-    monkeypatch.setenv("PYTHONPATH", str(site))
-    monkeypatch.setenv("TPF_TEST_STARTUP_MARKER", str(tmp_path / "starting"))
-
-    async def interrupt_the_starting_child():
-        with trio.fail_after(HANG):
-            while True:
-                started = [f for f in os.listdir(tmp_path) if f.startswith("starting.")]
-                if started:
-                    signal_descendant(int(started[0].split(".")[1]), signal.SIGINT)
-                    return
-                await trio.sleep(0.01)
-
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(interrupt_the_starting_child)
-            async with tpf.open_worker_context(worker_type=worker_type) as ctx:
-                assert await ctx.run_sync(workerfns.add, 1, 2) == 3
-    assert "KeyboardInterrupt" not in capfd.readouterr().err
+    script = tmp_path / "parent.py"
+    script.write_text(BOOT_INTERRUPTED_PARENT.format(here=HERE))
+    marker = tmp_path / "starting"
+    parent = subprocess.Popen(
+        [sys.executable, str(script), worker_type, str(marker)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        start_new_session=True,
+    )
+    descendants: set[int] = set()
+    try:
+        deadline = time.monotonic() + HANG
+        while not [f for f in os.listdir(tmp_path) if f.startswith("starting.")]:
+            assert parent.poll() is None and time.monotonic() < deadline, parent.communicate()
+            time.sleep(0.01)
+        descendants = {p.pid for p in psutil.Process(parent.pid).children(recursive=True)}
+        os.killpg(parent.pid, signal.SIGINT)  # the terminal's Ctrl-C: the parent's group
+        out, err = parent.communicate(timeout=HANG)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.communicate()
+        for pid in wait_until_gone(descendants, 5):
+            psutil.Process(pid).kill()  # a test failure already; do not leak it
+    assert out.split("\n")[:2] == ["KI 1", "OTHER []"], (out, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert not wait_until_gone(descendants, 5)
 
 
 # --- shutdown while work is in flight --------------------------------------------------------
