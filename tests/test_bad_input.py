@@ -15,16 +15,15 @@ import os
 import pickle
 import subprocess
 import sys
-import textwrap
 import threading
 import uuid
 import zlib
 
 import pytest
 import trio
+import workerfns
 
 import trio_parallel_fs as tpf
-import workerfns
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,7 +54,11 @@ async def test_unpicklable_function_is_named(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
 
         async def check():
-            with pytest.raises(pickle.PicklingError, match=r"cannot send .*HoldsALockCallable.* to a worker: the function \(HoldsALockCallable\) could not be pickled \(TypeError: cannot pickle '_thread.lock' object\)"):
+            with pytest.raises(
+                pickle.PicklingError,
+                match=r"cannot send .*HoldsALockCallable.* to a worker: the function \(HoldsALockCallable\) "
+                r"could not be pickled \(TypeError: cannot pickle '_thread.lock' object\)",
+            ):
                 await ctx.run_sync(HoldsALockCallable())
 
         await same_worker_after(ctx, check)
@@ -70,7 +73,9 @@ async def test_closure_over_something_unpicklable_is_named(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
 
         async def check():
-            with pytest.raises(pickle.PicklingError, match=r"uses_the_lock to a worker: the function \(function\) could not be pickled"):
+            with pytest.raises(
+                pickle.PicklingError, match=r"uses_the_lock to a worker: the function \(function\) could not be pickled"
+            ):
                 await ctx.run_sync(uses_the_lock)
 
         await same_worker_after(ctx, check)
@@ -80,7 +85,10 @@ async def test_unpicklable_keyword_in_a_partial_is_named(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
 
         async def check():
-            with pytest.raises(pickle.PicklingError, match=r"cannot send workerfns\.add to a worker: the function \(partial\) could not be pickled"):
+            with pytest.raises(
+                pickle.PicklingError,
+                match=r"cannot send workerfns\.add to a worker: the function \(partial\) could not be pickled",
+            ):
                 await ctx.run_sync(functools.partial(workerfns.add, b=threading.Lock()), 1)
 
         await same_worker_after(ctx, check)
@@ -90,7 +98,10 @@ async def test_argument_too_deeply_nested_to_pickle_is_named(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
 
         async def check():
-            with pytest.raises(pickle.PicklingError, match=r"workerfns\.depth_of to a worker: argument 0 \(list\) could not be pickled .*recursion"):
+            with pytest.raises(
+                pickle.PicklingError,
+                match=r"workerfns\.depth_of to a worker: argument 0 \(list\) could not be pickled .*recursion",
+            ):
                 await ctx.run_sync(workerfns.depth_of, workerfns.nested_list(100_000))
             # A deep but manageable one goes through.
             assert await ctx.run_sync(workerfns.depth_of, workerfns.nested_list(200)) == 200
@@ -148,7 +159,11 @@ async def test_result_that_fails_to_unpickle_in_the_parent(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
 
         async def check():
-            with pytest.raises(TypeError, match=r"the result of workerfns\.return_worker_only_value could not be unpickled in the parent: ImportError: WorkerOnlyValue can only be rebuilt in process") as info:
+            with pytest.raises(
+                TypeError,
+                match=r"the result of workerfns\.return_worker_only_value could not be unpickled in the parent: "
+                r"ImportError: WorkerOnlyValue can only be rebuilt in process",
+            ) as info:
                 await ctx.run_sync(workerfns.return_worker_only_value)
             assert isinstance(info.value.__cause__, ImportError)
 
@@ -159,7 +174,10 @@ async def test_result_too_deeply_nested_to_pickle(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
 
         async def check():
-            with pytest.raises(TypeError, match=r"the result of nested_list, a list, could not be pickled to leave the worker: .*recursion"):
+            with pytest.raises(
+                TypeError,
+                match=r"the result of nested_list, a list, could not be pickled to leave the worker: .*recursion",
+            ):
                 await ctx.run_sync(workerfns.nested_list, 100_000)
 
         await same_worker_after(ctx, check)
@@ -175,7 +193,9 @@ async def test_exception_that_fails_to_unpickle_in_the_parent(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
 
         async def check():
-            with pytest.raises(RuntimeError, match=r"the job raised workerfns\.WorkerOnlyError: from a module the parent cannot import") as info:
+            with pytest.raises(
+                RuntimeError, match=r"the job raised workerfns\.WorkerOnlyError: from a module the parent cannot import"
+            ) as info:
                 await ctx.run_sync(workerfns.raise_worker_only_error)
             assert isinstance(info.value.__cause__, tpf.RemoteTraceback)
             assert "raise_worker_only_error" in str(info.value.__cause__)
@@ -187,7 +207,11 @@ async def test_exception_with_unpicklable_args_becomes_a_stand_in(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
 
         async def check():
-            with pytest.raises(RuntimeError, match=r"the job raised builtins\.ValueError: \('has a lock in its args', .*lock.*\), which could not travel back from the worker \(TypeError: cannot pickle '_thread.lock' object\)") as info:
+            with pytest.raises(
+                RuntimeError,
+                match=r"the job raised builtins\.ValueError: \('has a lock in its args', .*lock.*\), which could not "
+                r"travel back from the worker \(TypeError: cannot pickle '_thread.lock' object\)",
+            ) as info:
                 await ctx.run_sync(workerfns.raise_with_unpicklable_args)
             assert "raise_with_unpicklable_args" in str(info.value.__cause__)
 
@@ -204,7 +228,9 @@ async def test_exception_that_cannot_be_pickled_nor_printed(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
 
         async def check():
-            with pytest.raises(RuntimeError, match=r"the job raised workerfns\.UnpicklableAndUnprintable.*which could not travel back") as info:
+            with pytest.raises(
+                RuntimeError, match=r"the job raised workerfns\.UnpicklableAndUnprintable.*which could not travel back"
+            ) as info:
                 await ctx.run_sync(workerfns.raise_unpicklable_and_unprintable)
             assert not isinstance(info.value, tpf.BrokenWorkerError)
 

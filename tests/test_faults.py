@@ -16,17 +16,16 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 
 import psutil
 import pytest
 import trio
-
-import trio_parallel_fs as tpf
 import workerfns
 from conftest import wait_until_gone
+
+import trio_parallel_fs as tpf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,21 +65,21 @@ def is_dead(pid: int) -> bool:
 
 async def wait_dead(pid: int) -> None:
     with trio.fail_after(HANG):
-        while not is_dead(pid):
+        while not is_dead(pid):  # noqa: ASYNC110 - polling other processes
             await trio.sleep(0.01)
 
 
 async def wait_reaped(pid: int) -> None:
     with trio.fail_after(HANG):
-        while psutil.pid_exists(pid):
+        while psutil.pid_exists(pid):  # noqa: ASYNC110 - polling other processes
             await trio.sleep(0.01)
 
 
 async def wait_for_pid_file(path) -> int:
     with trio.fail_after(HANG):
-        while not os.path.exists(path):
+        while not os.path.exists(path):  # noqa: ASYNC110, ASYNC240 - written by another process
             await trio.sleep(0.01)
-    with open(path) as f:
+    with open(path) as f:  # noqa: ASYNC230 - a few bytes, written already
         return int(f.read())
 
 
@@ -124,7 +123,11 @@ def check_others(results, count, bad_pids):
 
 DEATHS = {
     # name: (signal or None, expected message, expected exitcode)
-    "segfault": (None, r"died with signal SIGSEGV while running ctypes\.string_at \(a crash in native code\)", -signal.SIGSEGV),
+    "segfault": (
+        None,
+        r"died with signal SIGSEGV while running ctypes\.string_at \(a crash in native code\)",
+        -signal.SIGSEGV,
+    ),
     "os._exit": (None, r"died with exit code 3 while running workerfns\.exit_with\.", 3),
     "SIGKILL": (
         signal.SIGKILL,
@@ -133,7 +136,8 @@ DEATHS = {
     ),
     "SIGTERM": (
         signal.SIGTERM,
-        r"died with signal SIGTERM while running workerfns\.record_pid_and_sleep \(terminated from outside.*KillMode=control-group",
+        r"died with signal SIGTERM while running workerfns\.record_pid_and_sleep "
+        r"\(terminated from outside.*KillMode=control-group",
         -signal.SIGTERM,
     ),
 }
@@ -182,7 +186,9 @@ async def test_worker_that_dies_in_its_init_fails_the_call_clearly(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type, init=functools.partial(os._exit, 4)) as ctx:
         for _ in range(2):
             with trio.fail_after(HANG):
-                with pytest.raises(tpf.BrokenWorkerError, match=r"died with exit code 4 while running workerfns\.add") as info:
+                with pytest.raises(
+                    tpf.BrokenWorkerError, match=r"died with exit code 4 while running workerfns\.add"
+                ) as info:
                     await ctx.run_sync(workerfns.add, 1, 2)
             assert info.value.exitcode == 4
         assert ctx.statistics().retired == {"died": 2}
@@ -260,7 +266,7 @@ async def test_spare_worker_killed_while_idle_is_not_used():
     async with tpf.open_worker_context() as ctx:
         first = await ctx.run_sync(workerfns.pid)
         with trio.fail_after(HANG):
-            while not (spares := [p for p in worker_processes(ctx) if p.pid != first]):
+            while not (spares := [p for p in worker_processes(ctx) if p.pid != first]):  # noqa: ASYNC110 - polling other processes
                 await trio.sleep(0.01)
         for spare in spares:
             signal_descendant(spare.pid, signal.SIGKILL)
@@ -282,7 +288,10 @@ async def test_template_killed_while_jobs_run_fails_them_all_and_restarts(tmp_pa
         errors = []
 
         async def doomed():
-            with pytest.raises(tpf.BrokenWorkerError, match=r"the template process died while worker process \d+ was running workerfns\.sleep_and_return") as info:
+            with pytest.raises(
+                tpf.BrokenWorkerError,
+                match=r"the template process died while worker process \d+ was running workerfns\.sleep_and_return",
+            ) as info:
                 await ctx.run_sync(workerfns.sleep_and_return, 60, limiter=limiter)
             errors.append(info.value)
 
@@ -290,7 +299,7 @@ async def test_template_killed_while_jobs_run_fails_them_all_and_restarts(tmp_pa
             async with trio.open_nursery() as nursery:
                 for _ in range(3):
                     nursery.start_soon(doomed)
-                while len(worker_processes(ctx)) < 3 or ctx.statistics().running_workers < 3:
+                while len(worker_processes(ctx)) < 3 or ctx.statistics().running_workers < 3:  # noqa: ASYNC110 - polling other processes
                     await trio.sleep(0.01)
                 # The three busy workers, and the template's spare if it has one.
                 old_children = {p.pid for p in worker_processes(ctx)}
@@ -410,7 +419,7 @@ async def test_cancel_while_waiting_for_the_limiter(worker_type, kill_on_cancel)
         with trio.fail_after(HANG):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(holder)
-                while limiter.borrowed_tokens == 0:
+                while limiter.borrowed_tokens == 0:  # noqa: ASYNC110 - polling other processes
                     await trio.sleep(0.01)
                 with trio.move_on_after(0.1) as scope:
                     await ctx.run_sync(workerfns.add, 1, 2, limiter=limiter, kill_on_cancel=kill_on_cancel)
@@ -686,7 +695,7 @@ async def test_closing_waits_for_a_job_started_outside_the_block(worker_type):
                     results.append(await ctx.run_sync(workerfns.sleep_and_return, 0.5, "finished"))
 
                 outer.start_soon(job)
-                while ctx.statistics().running_workers == 0:
+                while ctx.statistics().running_workers == 0:  # noqa: ASYNC110 - polling other processes
                     await trio.sleep(0.01)
             # The block exited only once the job was done, and without error.
             assert results == ["finished"]
@@ -697,7 +706,7 @@ async def test_cancelling_a_job_outside_the_block_lets_the_close_finish(worker_t
         async with trio.open_nursery() as outer:
             async with tpf.open_worker_context(worker_type=worker_type) as ctx:
                 outer.start_soon(functools.partial(ctx.run_sync, time.sleep, 60, kill_on_cancel=True))
-                while ctx.statistics().running_workers == 0:
+                while ctx.statistics().running_workers == 0:  # noqa: ASYNC110 - polling other processes
                     await trio.sleep(0.01)
                 outer.cancel_scope.cancel()
             assert ctx.statistics().retired == {"killed": 1}
@@ -706,7 +715,11 @@ async def test_cancelling_a_job_outside_the_block_lets_the_close_finish(worker_t
 async def test_grace_period_then_kill_for_a_worker_that_cannot_exit(worker_type):
     """A stopped worker cannot act on the EOF that tells it to leave."""
     with trio.fail_after(HANG):
-        with pytest.raises(tpf.BrokenWorkerError, match=r"1 worker\(s\) \(pid (\d+)\) did not exit within grace_period=0.3s after their context closed, and were killed") as info:
+        with pytest.raises(
+            tpf.BrokenWorkerError,
+            match=r"1 worker\(s\) \(pid (\d+)\) did not exit within grace_period=0.3s after their context closed, "
+            r"and were killed",
+        ) as info:
             async with tpf.open_worker_context(worker_type=worker_type, grace_period=0.3) as ctx:
                 worker = await ctx.run_sync(workerfns.pid)
                 signal_descendant(worker, signal.SIGSTOP)

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import threading
 import time
 
 import psutil
 import pytest
 import trio
-
-import trio_parallel_fs as tpf
 import workerfns
 from conftest import open_fds, wait_until_gone
+
+import trio_parallel_fs as tpf
 
 SOAK = os.environ.get("TPF_SOAK", "") not in ("", "0")
 
@@ -96,7 +95,7 @@ def is_dead(pid: int) -> bool:
 
 async def wait_dead(pid: int) -> None:
     with trio.fail_after(30):
-        while not is_dead(pid):
+        while not is_dead(pid):  # noqa: ASYNC110 - polling other processes
             await trio.sleep(0.005)
 
 
@@ -169,7 +168,11 @@ async def test_many_jobs_while_workers_are_killed_at_random(worker_type):
     new = {p.pid for p in psutil.Process().children(recursive=True)} - children_before
     assert not wait_until_gone(new, 5)
     assert not no_zombie_children()
-    leaked = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in open_fds() - fds_before if os.path.exists(f"/proc/self/fd/{fd}")}
+    leaked = {
+        fd: os.readlink(f"/proc/self/fd/{fd}")
+        for fd in open_fds() - fds_before
+        if os.path.exists(f"/proc/self/fd/{fd}")  # noqa: ASYNC240 - /proc, never blocks
+    }
     assert not leaked
 
 
@@ -257,5 +260,9 @@ def test_concurrent_trio_runs_in_threads_share_the_default_context_under_load(wo
     new = {p.pid for p in psutil.Process().children(recursive=True)} - children_before
     assert not wait_until_gone(new, 5)
     assert not no_zombie_children()
-    leaked = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in open_fds() - fds_before if os.path.exists(f"/proc/self/fd/{fd}")}
+    leaked = {
+        fd: os.readlink(f"/proc/self/fd/{fd}")
+        for fd in open_fds() - fds_before
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    }
     assert not leaked
