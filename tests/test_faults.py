@@ -559,6 +559,11 @@ async def jobs(run_sync):
         print("ready", flush=True)
         await trio.sleep(60)
 
+try:
+    BaseExceptionGroup
+except NameError:  # Python 3.10
+    from exceptiongroup import BaseExceptionGroup
+
 def leaves(exc):
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
@@ -628,6 +633,11 @@ async def main():
     async with tpf.open_worker_context(worker_type=sys.argv[1]) as ctx:
         await ctx.run_sync(workerfns.add, 1, 2, kill_on_cancel=True)
         print("NOT INTERRUPTED", flush=True)
+
+try:
+    BaseExceptionGroup
+except NameError:  # Python 3.10
+    from exceptiongroup import BaseExceptionGroup
 
 def leaves(exc):
     if isinstance(exc, BaseExceptionGroup):
