@@ -42,7 +42,13 @@ def _importable_function(fn: object) -> bool:
 
 def dumps_job(fn: object, args: tuple[Any, ...]) -> bytes:
     if _importable_function(fn) and all(type(arg) in _ATOMIC for arg in args):
-        return pickle.dumps((fn, args), PROTOCOL)
+        try:
+            return pickle.dumps((fn, args), PROTOCOL)
+        except pickle.PicklingError:
+            # Its module no longer names it (reloaded, monkeypatched): cloudpickle
+            # sends it by value. The arguments are small atoms, so trying twice
+            # costs nothing worth saving.
+            pass
     data: bytes = cloudpickle.dumps((fn, args), PROTOCOL)
     return data
 

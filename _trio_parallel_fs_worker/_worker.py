@@ -173,6 +173,13 @@ def _chain(exc: BaseException) -> list[tuple[str, bytes]]:
     return links
 
 
+def safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:  # noqa: BLE001 - a broken __str__ must not kill the worker
+        return f"<{type(exc).__name__} whose str() failed>"
+
+
 def dump_error(exc: BaseException) -> bytes:
     """Pickle an exception, its chain and its formatted traceback, whatever they hold."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -180,8 +187,8 @@ def dump_error(exc: BaseException) -> bytes:
         return pickle.dumps((_round_trip(exc), _chain(exc), text))
     except BaseException as why:  # noqa: BLE001 - anything the pickle machinery raises
         stand_in = RuntimeError(
-            f"the job raised {type(exc).__module__}.{type(exc).__qualname__}: {exc}, "
-            f"which could not travel back from the worker ({type(why).__name__}: {why}); "
+            f"the job raised {type(exc).__module__}.{type(exc).__qualname__}: {safe_str(exc)}, "
+            f"which could not travel back from the worker ({type(why).__name__}: {safe_str(why)}); "
             "its traceback follows. Give the exception picklable attributes and an "
             "__init__ that accepts its args, or raise a simpler one."
         )

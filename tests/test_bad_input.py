@@ -139,12 +139,6 @@ async def test_function_from_a_module_the_worker_cannot_import(worker_type, tmp_
             del sys.modules[name]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (regression from the plain-pickle fast path): a function that its module "
-    "no longer names (reloaded, monkeypatched, redefined) fails with 'the job could not "
-    "be pickled'; cloudpickle, used before and by trio-parallel, sends it by value",
-)
 async def test_function_its_module_no_longer_names_is_sent_by_value(worker_type, monkeypatch):
     original = workerfns.add
     monkeypatch.setattr(workerfns, "add", lambda a, b: "replaced")
@@ -183,12 +177,6 @@ async def test_result_too_deeply_nested_to_pickle(worker_type):
         await same_worker_after(ctx, check)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: an exception that pickles in the worker but cannot be unpickled in the "
-    "parent surfaces as the bare unpickling error (ImportError), without its type, message "
-    "or remote traceback, unlike a result in the same situation",
-)
 async def test_exception_that_fails_to_unpickle_in_the_parent(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
 
@@ -218,12 +206,6 @@ async def test_exception_with_unpicklable_args_becomes_a_stand_in(worker_type):
         await same_worker_after(ctx, check)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: an exception that cannot be pickled and whose __str__ raises kills the "
-    "worker (dump_error formats it with f'{exc}' outside any try); the caller gets "
-    "BrokenWorkerError 'exit code 1' and a traceback is printed",
-)
 async def test_exception_that_cannot_be_pickled_nor_printed(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
 

@@ -187,7 +187,7 @@ async def test_worker_that_dies_in_its_init_fails_the_call_clearly(worker_type):
         for _ in range(2):
             with trio.fail_after(HANG):
                 with pytest.raises(
-                    tpf.BrokenWorkerError, match=r"died with exit code 4 while running workerfns\.add"
+                    tpf.BrokenWorkerError, match=r"died with exit code 4 while running its init hook or workerfns\.add"
                 ) as info:
                     await ctx.run_sync(workerfns.add, 1, 2)
             assert info.value.exitcode == 4
@@ -758,15 +758,7 @@ print(" ".join(str(p.pid) for p in psutil.Process().children(recursive=True)), f
     "worker_type",
     [
         "forkserver",
-        pytest.param(
-            "spawn",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="defect: a spawned worker started from a thread other than the main "
-                "thread gets no PR_SET_PDEATHSIG and only notices its parent's exit (EOF) "
-                "after its job: a busy one outlives the parent by the job's duration",
-            ),
-        ),
+        "spawn",
     ],
 )
 def test_parent_exit_with_a_job_running_in_a_thread_leaves_nothing(worker_type, tmp_path):

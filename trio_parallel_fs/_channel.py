@@ -81,7 +81,7 @@ async def receive_frame(sock: socket.socket) -> tuple[tuple[int, int, bytes] | N
 class Worker:
     """A worker process as the pool sees it: its channel and its process handle."""
 
-    __slots__ = ("channel", "process", "_first_frames", "idle_since", "said_bye")
+    __slots__ = ("channel", "process", "_first_frames", "idle_since", "said_bye", "served")
 
     def __init__(self, channel: socket.socket, process: WorkerProcess, config_frame: bytes) -> None:
         channel.setblocking(False)
@@ -91,6 +91,7 @@ class Worker:
         self._first_frames = config_frame
         self.idle_since = time.monotonic()
         self.said_bye = False  # it sent BYE right after its last reply: it is gone
+        self.served = 0  # replies received: 0 means it may not be past its init yet
 
     async def exchange(self, job_frame: bytes) -> tuple[int, int, bytes] | None:
         """Send a job; return the worker's reply, or None if it died first."""
@@ -100,6 +101,8 @@ class Worker:
         if not await send_all(self.channel, job_frame):
             return None
         reply, self.said_bye = await receive_frame(self.channel)
+        if reply is not None:
+            self.served += 1
         return reply
 
     def close_channel(self) -> None:

@@ -87,7 +87,9 @@ class WorkerContextStatistics:
     preload: tuple[str, ...] = ()
 
 
-def broken_worker_error(info: ExitInfo, function: str, metric: str, ceiling: int | None) -> BrokenWorkerError:
+def broken_worker_error(
+    info: ExitInfo, function: str, metric: str, ceiling: int | None, first_job: bool = False
+) -> BrokenWorkerError:
     fields: dict[str, Any] = {
         "pid": info.pid,
         "exitcode": info.exitcode,
@@ -118,8 +120,10 @@ def broken_worker_error(info: ExitInfo, function: str, metric: str, ceiling: int
             **fields,
         )
     hint = _HINTS.get(describe_exit(info.exitcode).removeprefix("signal "), "")
+    # A new worker runs the init hook before its first job: it may have died in either.
+    doing = f"running its init hook or {function}" if first_job else f"running {function}"
     return BrokenWorkerError(
-        f"{who} died with {describe_exit(info.exitcode)} while running {function}"
+        f"{who} died with {describe_exit(info.exitcode)} while {doing}"
         + (f" ({hint})" if hint else "")
         + ".",
         **fields,
@@ -248,7 +252,13 @@ class WorkerPool:
                     info = await worker.process.wait()
             self._count("ceiling" if info.ceiling_used is not None else "died")
             self._let_go(worker)
-            raise broken_worker_error(info, function, self.config.memory_metric, self.config.memory_ceiling)
+            raise broken_worker_error(
+                info,
+                function,
+                self.config.memory_metric,
+                self.config.memory_ceiling,
+                first_job=worker.served == 0 and self.config.init is not bool,
+            )
         kind, flags, payload = reply
         if kind == p.BYE:
             self._count("idle")

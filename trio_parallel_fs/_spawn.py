@@ -7,12 +7,15 @@ loop and wire protocol as the template's workers, and is tested on Linux too.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import os
+import queue
 import signal
 import socket
 import subprocess
 import threading
+from typing import Any
 
 import trio
 
@@ -20,6 +23,51 @@ from ._process import ExitInfo
 from ._template import child_command, child_environment
 
 _HAS_PIDFD = hasattr(os, "pidfd_open")
+
+
+class _Launcher:
+    """Starts spawned workers from one long-lived thread.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not
+    the process. Calls come from whichever thread runs ``trio.run``, and such a
+    thread may end long before the process (a busy worker would then be killed,
+    or, without the signal, outlive a dead parent by its job's duration). This
+    thread lives as long as the process, so every spawned worker gets the
+    signal, tied to the right lifetime.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._owner_pid = 0
+        self._requests: queue.SimpleQueue[tuple[list[str], dict[str, Any], concurrent.futures.Future[Any]]]
+        self._requests = queue.SimpleQueue()
+
+    def popen(self, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            # After a fork of the parent, the thread is gone from the child.
+            if self._thread is None or not self._thread.is_alive() or self._owner_pid != os.getpid():
+                self._requests = queue.SimpleQueue()
+                self._thread = threading.Thread(
+                    target=self._serve, args=(self._requests,), name="trio_parallel_fs spawn launcher", daemon=True
+                )
+                self._thread.start()
+                self._owner_pid = os.getpid()
+            done: concurrent.futures.Future[subprocess.Popen[bytes]] = concurrent.futures.Future()
+            self._requests.put((command, kwargs, done))
+        return done.result()
+
+    @staticmethod
+    def _serve(requests: queue.SimpleQueue[tuple[list[str], dict[str, Any], concurrent.futures.Future[Any]]]) -> None:
+        while True:
+            command, kwargs, done = requests.get()
+            try:
+                done.set_result(subprocess.Popen(command, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                done.set_exception(exc)
+
+
+_launcher = _Launcher()
 
 
 class SpawnedWorker:
@@ -94,15 +142,9 @@ class SpawnBackend:
 
     def start_worker(self) -> tuple[socket.socket, SpawnedWorker]:
         ours, theirs = socket.socketpair()
-        extra: list[str] = []
-        # PR_SET_PDEATHSIG is tied to the thread that forks, so ask for it only
-        # from the main thread; a worker spawned from another thread relies on
-        # the EOF of its channel instead.
-        if threading.current_thread() is threading.main_thread():
-            extra = ["--die-with-parent", str(os.getpid())]
         try:
-            popen = subprocess.Popen(
-                child_command("worker", theirs.fileno(), *extra),
+            popen = _launcher.popen(
+                child_command("worker", theirs.fileno(), "--die-with-parent", str(os.getpid())),
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 env=self._env,

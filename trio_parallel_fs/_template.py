@@ -68,10 +68,21 @@ def remote_error(payload: bytes) -> BaseException:
     """Rebuild an exception sent by a worker with its chain; the remote traceback
     becomes the cause of the innermost link, so printing shows it first."""
     exc_data, chain, text = pickle.loads(payload)
-    exc: BaseException = pickle.loads(exc_data)
+    try:
+        exc: BaseException = pickle.loads(exc_data)
+    except Exception as why:  # noqa: BLE001 - e.g. its class only exists in the worker
+        first_line = text.rstrip("\n").rsplit("\n", 1)[-1]
+        exc = RuntimeError(
+            f"the job raised {first_line}, which could not be unpickled in the parent "
+            f"({type(why).__name__}: {why}); its traceback follows"
+        )
+        chain = []
     link = exc
     for how, data in chain:
-        inner = pickle.loads(data)
+        try:
+            inner = pickle.loads(data)
+        except Exception:  # noqa: BLE001 - the traceback text still shows it
+            break
         if how == "cause":
             link.__cause__ = inner
         else:
