@@ -17,6 +17,11 @@ import cloudpickle
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
+# Buffers from this size on travel beside the pickle instead of inside it.
+OUT_OF_BAND_MIN = 1 << 16
+
+Pickled = tuple[bytes, list[memoryview]]
+
 # Objects of these exact types pickle the same way with both picklers.
 _ATOMIC = frozenset({int, float, complex, str, bytes, bool, type(None)})
 
@@ -40,21 +45,42 @@ def _importable_function(fn: object) -> bool:
     )
 
 
-def dumps_job(fn: object, args: tuple[Any, ...]) -> bytes:
+def _cloudpickle_out_of_band(obj: object) -> Pickled:
+    """Pickle ``obj``, leaving its large contiguous buffers (numpy arrays,
+    bytearrays...) out of the pickle: they are sent as they are, not copied."""
+    buffers: list[memoryview] = []
+
+    def keep_out(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            view = buffer.raw()
+        except BufferError:  # not contiguous: let the pickle copy it
+            return True
+        if view.nbytes < OUT_OF_BAND_MIN:
+            return True
+        buffers.append(view)
+        return False
+
+    data: bytes = cloudpickle.dumps(obj, PROTOCOL, buffer_callback=keep_out)
+    return data, buffers
+
+
+def loads(payload: bytes | memoryview, buffers: list[memoryview] | None = None) -> Any:
+    return pickle.loads(payload, buffers=buffers)
+
+
+def dumps_job(fn: object, args: tuple[Any, ...]) -> Pickled:
     if _importable_function(fn) and all(type(arg) in _ATOMIC for arg in args):
         try:
-            return pickle.dumps((fn, args), PROTOCOL)
+            return pickle.dumps((fn, args), PROTOCOL), []
         except pickle.PicklingError:
             # Its module no longer names it (reloaded, monkeypatched): cloudpickle
             # sends it by value. The arguments are small atoms, so trying twice
             # costs nothing worth saving.
             pass
-    data: bytes = cloudpickle.dumps((fn, args), PROTOCOL)
-    return data
+    return _cloudpickle_out_of_band((fn, args))
 
 
-def dumps_value(value: object) -> bytes:
+def dumps_value(value: object) -> Pickled:
     if type(value) in _ATOMIC:
-        return pickle.dumps(value, PROTOCOL)
-    data: bytes = cloudpickle.dumps(value, PROTOCOL)
-    return data
+        return pickle.dumps(value, PROTOCOL), []
+    return _cloudpickle_out_of_band(value)

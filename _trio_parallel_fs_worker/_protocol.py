@@ -13,6 +13,8 @@ Conversation on one worker channel::
                                <-   INIT_FAILED (init raised; worker exits)
     JOB                        ->
                                <-   VALUE | ERROR   (flags: retire reason)
+    (JOB_BUFFERS and VALUE_BUFFERS: the same, carrying large buffers apart
+    from the pickle, pickle protocol 5 style, so they are never copied into it)
                                <-   BYE             (idle timeout; worker exits)
     EOF                        ->   worker exits cleanly
 
@@ -29,11 +31,15 @@ HEADER = struct.Struct("!BBQ")
 # Frame kinds, parent -> worker.
 CONFIG = 1
 JOB = 2
+JOB_BUFFERS = 3
 # Frame kinds, worker -> parent.
 VALUE = 10
 ERROR = 11
 INIT_FAILED = 12
 BYE = 13
+VALUE_BUFFERS = 14
+
+_WITH_BUFFERS = {JOB: JOB_BUFFERS, VALUE: VALUE_BUFFERS}
 
 # Retire reasons, carried in the flags of a VALUE or ERROR frame.
 KEEP = 0
@@ -49,7 +55,8 @@ RETIRE_REASONS = {
     RETIRE_HOOK_FAILED: "hook_error",
 }
 
-_KINDS = {CONFIG, JOB, VALUE, ERROR, INIT_FAILED, BYE}
+_KINDS = {CONFIG, JOB, JOB_BUFFERS, VALUE, ERROR, INIT_FAILED, BYE, VALUE_BUFFERS}
+_COUNT = struct.Struct("!I")
 
 
 class ProtocolError(Exception):
@@ -62,6 +69,60 @@ def encode_frame(kind: int, payload: bytes = b"", flags: int = 0) -> bytes:
 
 def encode_header(kind: int, length: int, flags: int = 0) -> bytes:
     return HEADER.pack(kind, flags, length)
+
+
+# Buffers start at multiples of this within the payload, so that arrays
+# rebuilt on the receiver's buffer are aligned for their element type.
+_ALIGN = 64
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // _ALIGN) * _ALIGN
+
+
+def frame_parts(kind: int, pickled: bytes, buffers: list[memoryview], flags: int = 0) -> list[bytes | memoryview]:
+    """The pieces of one frame, to be sent in order; large buffers are sent as
+    they are (no copy). With buffers, ``kind`` becomes its _BUFFERS variant and
+    the payload is: buffer count, the pickle's and each buffer's length, the
+    pickle, then each buffer at an aligned offset (zero padding between)."""
+    if not buffers:
+        return [encode_frame(kind, pickled, flags)]
+    lengths = [len(pickled)] + [buffer.nbytes for buffer in buffers]
+    meta = _COUNT.pack(len(buffers)) + struct.pack(f"!{len(lengths)}Q", *lengths)
+    head = meta + pickled
+    parts: list[bytes | memoryview] = []
+    offset = len(head)
+    for buffer in buffers:
+        padding = _aligned(offset) - offset
+        if parts:
+            parts.append(b"\0" * padding)
+        else:
+            head += b"\0" * padding
+        parts.append(buffer)
+        offset += padding + buffer.nbytes
+    return [encode_header(_WITH_BUFFERS[kind], offset, flags) + head, *parts]
+
+
+def split_buffers(payload: bytes) -> tuple[memoryview, list[memoryview]]:
+    """The pickle and the buffers of a _BUFFERS payload, as views (no copy of a
+    large payload, which arrives in a bytearray: arrays rebuilt on it are
+    writable, as they would be from an in-band pickle)."""
+    if isinstance(payload, bytes):
+        payload = bytearray(payload)  # type: ignore[assignment]
+    view = memoryview(payload)
+    (count,) = _COUNT.unpack_from(view)
+    lengths = struct.unpack_from(f"!{count + 1}Q", view, _COUNT.size)
+    offset = _COUNT.size + 8 * (count + 1)
+    pickled = view[offset : offset + lengths[0]]
+    offset += lengths[0]
+    buffers = []
+    for length in lengths[1:]:
+        offset = _aligned(offset)
+        buffers.append(view[offset : offset + length])
+        offset += length
+    if offset != len(view):
+        raise ProtocolError("buffer lengths do not add up to the payload")
+    return pickled, buffers
 
 
 class FrameReader:

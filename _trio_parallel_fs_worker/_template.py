@@ -110,7 +110,7 @@ def rehearse() -> None:
     reader.feed(payload)
     frame = reader.next_frame()
     assert frame is not None
-    run_job(frame[2])
+    run_job(frame[2], frame[0])
     dump_error(ValueError("rehearsal"))
 
 

@@ -23,7 +23,7 @@ import cloudpickle
 
 from . import _protocol as p
 from ._memory import MemoryWatch
-from ._pickling import dumps_value
+from ._pickling import dumps_value, loads
 
 # Payloads above this are sent apart from their header instead of being
 # concatenated with it, to avoid copying a large result once more.
@@ -195,36 +195,41 @@ def dump_error(exc: BaseException) -> bytes:
         return pickle.dumps((pickle.dumps(stand_in), [], text))
 
 
-def run_job(payload: bytes) -> tuple[int, bytes]:
-    """Run one pickled job; return the frame kind and payload of its outcome."""
+def run_job(payload: bytes, kind: int = p.JOB) -> tuple[int, bytes, list[memoryview]]:
+    """Run one pickled job; return the frame kind, pickle and buffers of its outcome."""
     try:
-        fn, args = pickle.loads(payload)
+        if kind == p.JOB_BUFFERS:
+            job_pickle, job_buffers = p.split_buffers(payload)
+            fn, args = loads(job_pickle, job_buffers)
+        else:
+            fn, args = loads(payload)
     except BaseException as exc:  # noqa: BLE001
-        return p.ERROR, dump_error(exc)
+        return p.ERROR, dump_error(exc), []
     try:
         result = fn(*args)
     except BaseException as exc:  # noqa: BLE001 - the job's exception is its outcome
-        return p.ERROR, dump_error(exc)
+        return p.ERROR, dump_error(exc), []
     # An async function slipped through as a callable object returning a coroutine.
     if inspect.iscoroutine(result):
         result.close()
         return p.ERROR, dump_error(
             TypeError(f"{describe(fn)} returned a coroutine: it is an async function, "
                       "and run_sync runs synchronous functions only")
-        )
+        ), []
     if inspect.isgenerator(result):
         result.close()
         return p.ERROR, dump_error(
             TypeError(f"{describe(fn)} returned a generator, which cannot leave the worker; "
                       "return a list (or other picklable value) instead")
-        )
+        ), []
     try:
-        return p.VALUE, dumps_value(result)
+        pickled, buffers = dumps_value(result)
+        return p.VALUE, pickled, buffers
     except BaseException as exc:  # noqa: BLE001
         return p.ERROR, dump_error(
             TypeError(f"the result of {describe(fn)}, a {type(result).__qualname__}, "
                       f"could not be pickled to leave the worker: {type(exc).__name__}: {exc}")
-        )
+        ), []
 
 
 class RetirePolicy:
@@ -300,14 +305,15 @@ def serve(sock: socket.socket) -> int:
             send_frame(sock, p.BYE)
             return 0
         kind, _, payload = frame
-        if kind != p.JOB:
+        if kind not in (p.JOB, p.JOB_BUFFERS):
             raise p.ProtocolError(f"expected a JOB frame, got kind {kind}")
-        result_kind, result = run_job(payload)
+        result_kind, result, buffers = run_job(payload, kind)
         del payload, frame
         reason, hook_error = policy.after_job()
         if hook_error is not None:
-            result_kind, result = p.ERROR, hook_error
-        send_frame(sock, result_kind, result, flags=reason)
-        del result
+            result_kind, result, buffers = p.ERROR, hook_error, []
+        for part in p.frame_parts(result_kind, result, buffers, flags=reason):
+            sock.sendall(part)
+        del result, buffers
         if reason != p.KEEP:
             return 0

@@ -345,3 +345,19 @@ async def test_large_arguments_and_results_arrive_intact(worker_type):
         echoed = await ctx.run_sync(bytes, data)
         assert echoed == data
         assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+
+
+def double_in_place(array):
+    array *= 2
+    return array
+
+
+async def test_numpy_arrays_of_every_size_arrive_writable_and_equal(worker_type):
+    numpy = pytest.importorskip("numpy")
+    async with tpf.open_worker_context(worker_type=worker_type, preload=["numpy"]) as ctx:
+        for size in (10, 2**14, 2**17, 2**22):  # in-band, out-of-band small and large
+            array = numpy.arange(size, dtype=numpy.float64)
+            several = await ctx.run_sync(double_in_place, array)
+            assert several.dtype == array.dtype and (several == array * 2).all()
+            pair = await ctx.run_sync(tuple, [array, array[::2]])  # a strided view travels in band
+            assert (pair[0] == array).all() and (pair[1] == array[::2]).all()

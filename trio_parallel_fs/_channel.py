@@ -20,7 +20,7 @@ from ._process import WorkerProcess
 _RECV_SIZE = 1 << 16
 
 
-async def send_all(sock: socket.socket, data: bytes) -> bool:
+async def send_all(sock: socket.socket, data: bytes | memoryview) -> bool:
     """Send everything; False if the worker is gone."""
     view = memoryview(data)
     sent = 0
@@ -93,13 +93,15 @@ class Worker:
         self.said_bye = False  # it sent BYE right after its last reply: it is gone
         self.served = 0  # replies received: 0 means it may not be past its init yet
 
-    async def exchange(self, job_frame: bytes) -> tuple[int, int, bytes] | None:
-        """Send a job; return the worker's reply, or None if it died first."""
+    async def exchange(self, job_parts: list[bytes | memoryview]) -> tuple[int, int, bytes] | None:
+        """Send a job (its frame, in parts); return the worker's reply, or None if
+        it died first."""
         if self._first_frames:
-            job_frame = self._first_frames + job_frame
+            job_parts = [self._first_frames + job_parts[0], *job_parts[1:]]
             self._first_frames = b""
-        if not await send_all(self.channel, job_frame):
-            return None
+        for part in job_parts:
+            if not await send_all(self.channel, part):
+                return None
         reply, self.said_bye = await receive_frame(self.channel)
         if reply is not None:
             self.served += 1

@@ -83,16 +83,16 @@ def _check_sync(fn: Callable[..., Any]) -> None:
         )
 
 
-def _encode_job(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
+def _encode_job(fn: Callable[..., Any], args: tuple[Any, ...]) -> list[bytes | memoryview]:
     try:
-        payload = dumps_job(fn, args)
+        pickled, buffers = dumps_job(fn, args)
     except Exception as exc:
         culprit = _find_unpicklable(fn, args)
         raise pickle.PicklingError(
             f"cannot send {describe(fn)} to a worker: {culprit} could not be pickled "
             f"({type(exc).__name__}: {exc})"
         ) from exc
-    return p.encode_frame(p.JOB, payload)
+    return p.frame_parts(p.JOB, pickled, buffers)
 
 
 def _find_unpicklable(fn: object, args: tuple[Any, ...]) -> str:
@@ -165,7 +165,7 @@ class WorkerContext:
         async with limiter:
             return await self._run(sync_fn, job, kill)
 
-    async def _run(self, sync_fn: Callable[..., T], job: bytes, kill: bool) -> T:
+    async def _run(self, sync_fn: Callable[..., T], job: list[bytes | memoryview], kill: bool) -> T:
         pool = self._pool
         if pool.closed:
             raise trio.ClosedResourceError("this worker context closed while the call waited")

@@ -226,7 +226,7 @@ class WorkerPool:
 
     # --- one job ------------------------------------------------------------
 
-    async def run(self, job_frame: bytes, fn: object) -> Any:
+    async def run(self, job_frame: list[bytes | memoryview], fn: object) -> Any:
         """Run one job; return its outcome, or RESUBMIT if it never ran."""
         worker = self._take_idle() or await self._new_worker()
         try:
@@ -298,6 +298,9 @@ class WorkerPool:
         if kind == p.ERROR:
             return outcome.Error(remote_error(payload))
         try:
+            if kind == p.VALUE_BUFFERS:
+                pickled, buffers = p.split_buffers(payload)
+                return outcome.Value(pickle.loads(pickled, buffers=buffers))
             return outcome.Value(pickle.loads(payload))
         except BaseException as exc:  # noqa: BLE001
             error = TypeError(
