@@ -28,6 +28,7 @@ from typing import Any
 import trio
 
 from bench import jobs
+from trio_parallel_fs._template import THREAD_LIMIT_VARIABLES
 
 # What every system that can preload gets preloaded: the job module too, as a
 # user would preload their own (see README: otherwise each fresh worker imports it).
@@ -35,17 +36,7 @@ PRELOAD = ["numpy", "scipy.linalg", "bench.jobs"]
 
 # BLAS thread caps for the processes we start ourselves, as trio_parallel_fs's
 # blas_threads=1 does for its template; also keeps the fork floor single-threaded.
-BLAS_ENV = {
-    name: "1"
-    for name in (
-        "OPENBLAS_NUM_THREADS",
-        "OMP_NUM_THREADS",
-        "MKL_NUM_THREADS",
-        "BLIS_NUM_THREADS",
-        "VECLIB_MAXIMUM_THREADS",
-        "NUMEXPR_NUM_THREADS",
-    )
-}
+BLAS_ENV = {name: "1" for name in THREAD_LIMIT_VARIABLES}
 
 
 class Caller:

@@ -24,21 +24,6 @@ from ._pool import WorkerContextStatistics as WorkerContextStatistics
 
 __version__ = "0.1.0"
 
-# Public objects say they live here, not in a private module: reprs, pickles
-# of exceptions and the API reference show ``trio_parallel_fs.X``.
-for _name in (
-    "BrokenWorkerError",
-    "MemoryCeilingError",
-    "RemoteTraceback",
-    "TemplateStartError",
-    "WorkerConfig",
-    "WorkerContext",
-    "WorkerContextStatistics",
-    "WorkerHookError",
-    "WorkerType",
-):
-    globals()[_name].__module__ = __name__
-del _name
 
 __all__ = [
     "BrokenWorkerError",
@@ -58,3 +43,10 @@ __all__ = [
     "open_worker_context",
     "run_sync",
 ]
+
+# Public objects say they live here, not in a private module: reprs, pickles
+# of exceptions and the API reference show ``trio_parallel_fs.X``.
+for _name in __all__:
+    if isinstance(globals()[_name], type):
+        globals()[_name].__module__ = __name__
+del _name

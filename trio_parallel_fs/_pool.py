@@ -130,6 +130,25 @@ def broken_worker_error(
     )
 
 
+def hook_error(hook: str, payload: bytes, pid: int | None, function: str) -> WorkerHookError:
+    """The error for a call whose worker's ``init`` or ``retire`` hook raised
+    (the hook's exception, from ``payload``, becomes its cause)."""
+    cause = remote_error(payload)
+    consequence = (
+        f"{function} did not run"
+        if hook == "init"
+        else f"after running {function}; the job's result is lost and the worker left"
+    )
+    error = WorkerHookError(
+        f"the worker's {hook} hook raised {type(cause).__name__}: {cause}; {consequence}",
+        hook=hook,
+        pid=pid,
+        function=function,
+    )
+    error.__cause__ = cause
+    return error
+
+
 class WorkerPool:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
@@ -265,17 +284,9 @@ class WorkerPool:
             self._let_go(worker)
             return RESUBMIT
         if kind == p.INIT_FAILED:
-            function = describe(fn)
             self._count("hook_error")
             self._let_go(worker)
-            cause = remote_error(payload)
-            raise WorkerHookError(
-                f"the worker's init hook raised {type(cause).__name__}: {cause}; "
-                f"{function} did not run",
-                hook="init",
-                pid=worker.process.pid,
-                function=function,
-            ) from cause
+            raise hook_error("init", payload, worker.process.pid, describe(fn))
         if flags == p.KEEP and worker.said_bye:
             self._count("idle")
             self._let_go(worker)
@@ -286,15 +297,7 @@ class WorkerPool:
             self._count(p.RETIRE_REASONS[flags])
             self._let_go(worker)
         if flags == p.RETIRE_HOOK_FAILED:
-            function = describe(fn)
-            cause = remote_error(payload)
-            raise WorkerHookError(
-                f"the worker's retire hook raised {type(cause).__name__}: {cause} after "
-                f"running {function}; the job's result is lost and the worker left",
-                hook="retire",
-                pid=worker.process.pid,
-                function=function,
-            ) from cause
+            raise hook_error("retire", payload, worker.process.pid, describe(fn))
         if kind == p.ERROR:
             return outcome.Error(remote_error(payload))
         try:
