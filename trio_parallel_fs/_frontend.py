@@ -35,7 +35,7 @@ _limiter_runvar: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunV
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))  # what this process may run on
-    except AttributeError:  # not on macOS or Windows
+    except AttributeError:  # macOS and Windows have no sched_getaffinity
         return os.cpu_count() or 1
 
 
