@@ -292,7 +292,8 @@ async def test_wrong_run_sync_keywords_are_refused():
 
 async def test_a_limiter_that_is_not_one_is_refused():
     async with tpf.open_worker_context() as ctx:
-        with pytest.raises(TypeError, match="asynchronous context manager"):
+        expected = "limiter must be a trio.CapacityLimiter or another async context manager, not int 3"
+        with pytest.raises(TypeError, match=expected):
             await ctx.run_sync(workerfns.add, 1, 2, limiter=3)
         assert ctx.statistics().started_workers == 0
         assert await ctx.run_sync(workerfns.add, 1, 2) == 3

@@ -162,6 +162,11 @@ class WorkerContext:
                 return await self._run(sync_fn, job, kill)
             finally:
                 limiter.release()
+        if not (hasattr(limiter, "__aenter__") and hasattr(limiter, "__aexit__")):
+            raise TypeError(
+                f"limiter must be a trio.CapacityLimiter or another async context manager, "
+                f"not {type(limiter).__name__} {limiter!r}"
+            )
         async with limiter:
             return await self._run(sync_fn, job, kill)
 
