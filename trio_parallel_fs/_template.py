@@ -204,10 +204,6 @@ class ForkedWorker:
         self._seq = seq
         self._status_fd: int | None = status_fd
         os.set_blocking(status_fd, False)
-        # has_exited() runs on every warm call: a zero-timeout poll is a third of
-        # the cost of a read that fails with EAGAIN (no exception to build).
-        self._poller = select.poll()
-        self._poller.register(status_fd, select.POLLIN)
         self._buffer = b""
         self._pid: int | None = None
         self._wait_status: int | None = None
@@ -264,9 +260,9 @@ class ForkedWorker:
         self._template.kill(self._seq)
 
     def has_exited(self) -> bool:
-        if self._status_fd is not None and self._wait_status is None and not self._eof:
-            if not self._poller.poll(0):
-                return False
+        # A plain non-blocking read, not a cached select.poll object: several
+        # threads' trio.run may check the same idle worker at once, and a poll
+        # object refuses concurrent use ("concurrent poll() invocation").
         return self._done()
 
     def exited_cleanly(self) -> bool:
@@ -291,7 +287,6 @@ class ForkedWorker:
     def release(self) -> bool:
         # The template reaps; the parent only has to stop listening.
         if self._status_fd is not None:
-            self._poller.unregister(self._status_fd)
             os.close(self._status_fd)
             self._status_fd = None
         return True
