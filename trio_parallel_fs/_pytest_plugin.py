@@ -1,7 +1,8 @@
 """pytest plugin: a leak-checked ``worker_context`` fixture and ``trio_benchmark``.
 
-Load it with ``-p trio_parallel_fs._pytest_plugin`` (or through the package's
-``pytest11`` entry point once it is registered).
+It loads through the package's ``pytest11`` entry point whenever
+trio_parallel_fs is installed; ``-p trio_parallel_fs._pytest_plugin`` loads it
+explicitly.
 
 ``worker_context``
 ------------------
