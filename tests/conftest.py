@@ -17,6 +17,20 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        help="run the stress suite at full size (10,000 jobs per backend); same as TPF_SOAK=1",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # test_stress.py reads TPF_SOAK when it is imported, after this hook.
+    if config.getoption("--soak"):
+        os.environ["TPF_SOAK"] = "1"
+
+
 def descendants() -> list[psutil.Process]:
     return psutil.Process().children(recursive=True)
 

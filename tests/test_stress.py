@@ -1,7 +1,7 @@
 """Load: many jobs from many tasks while workers are killed at random.
 
-The always-on size finishes in seconds; ``TPF_SOAK=1`` scales it up to the
-full soak (10,000 jobs per backend, more threads and jobs per thread).
+The always-on size finishes in seconds; ``--soak`` (or ``TPF_SOAK=1``) scales
+it up to the full soak (10,000 jobs per backend, more threads and jobs per thread).
 
 Every job must either return *its own* result, once, or raise
 BrokenWorkerError naming a worker that this test killed; nothing may hang;
