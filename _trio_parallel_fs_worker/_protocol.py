@@ -139,13 +139,6 @@ class FrameReader:
         """Bytes received that do not make a whole frame yet."""
         return len(self._buffer)
 
-    def missing(self) -> int:
-        """How many more bytes the frame being read needs (at least 1 if unknown)."""
-        if len(self._buffer) < HEADER.size:
-            return HEADER.size - len(self._buffer)
-        length: int = HEADER.unpack_from(self._buffer)[2]
-        return max(HEADER.size + length - len(self._buffer), 0)
-
     def peek_header(self) -> tuple[int, int, int] | None:
         """``(kind, flags, payload length)`` of the frame being read, once known."""
         if len(self._buffer) < HEADER.size:

@@ -25,9 +25,6 @@ from . import _protocol as p
 from ._memory import MemoryWatch
 from ._pickling import dumps_value, loads
 
-# Payloads above this are sent apart from their header instead of being
-# concatenated with it, to avoid copying a large result once more.
-_SMALL_PAYLOAD = 1 << 16
 _RECV_SIZE = 1 << 16
 _LARGE_PAYLOAD = 1 << 20
 
@@ -106,11 +103,9 @@ class Inbox:
 
 
 def send_frame(sock: socket.socket, kind: int, payload: bytes = b"", flags: int = 0) -> None:
-    if len(payload) < _SMALL_PAYLOAD:
-        sock.sendall(p.encode_frame(kind, payload, flags))
-    else:
-        sock.sendall(p.encode_header(kind, len(payload), flags))
-        sock.sendall(payload)
+    """Send one small frame (handshakes, BYE, INIT_FAILED); results go through
+    ``frame_parts``, which keeps large buffers out of the copy."""
+    sock.sendall(p.encode_frame(kind, payload, flags))
 
 
 def recv_frame(sock: socket.socket) -> tuple[int, int, bytes]:

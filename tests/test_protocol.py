@@ -25,18 +25,6 @@ def test_frames_cut_anywhere_come_out_whole_and_in_order():
         assert frames == [(p.VALUE, 0, b"first"), (p.ERROR, 0, b""), (p.BYE, 0, b"")]
 
 
-def test_missing_counts_down_to_a_whole_frame():
-    frame = p.encode_frame(p.JOB, b"x" * 100)
-    reader = p.FrameReader()
-    assert reader.missing() == p.HEADER.size
-    reader.feed(frame[:4])
-    assert reader.missing() == p.HEADER.size - 4
-    reader.feed(frame[4:50])
-    assert reader.missing() == len(frame) - 50
-    reader.feed(frame[50:])
-    assert reader.missing() == 0
-
-
 def test_unknown_kind_is_a_protocol_error():
     reader = p.FrameReader()
     reader.feed(p.HEADER.pack(99, 0, 0))
