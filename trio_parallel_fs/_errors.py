@@ -5,14 +5,22 @@ from __future__ import annotations
 import signal
 
 
+def signal_name(exitcode: int | None) -> str | None:
+    """``"SIGKILL"`` and so on for an exit code that says a signal killed the
+    process (``-signum``); None otherwise, or for a signal Python has no name for."""
+    if exitcode is None or exitcode >= 0:
+        return None
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return None
+
+
 def describe_exit(exitcode: int | None) -> str:
     if exitcode is None:
         return "an unknown status"
     if exitcode < 0:
-        try:
-            return f"signal {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"signal {-exitcode}"
+        return f"signal {signal_name(exitcode) or -exitcode}"
     return f"exit code {exitcode}"
 
 
@@ -45,12 +53,7 @@ class BrokenWorkerError(RuntimeError):
 
     @property
     def signal_name(self) -> str | None:
-        if self.exitcode is None or self.exitcode >= 0:
-            return None
-        try:
-            return signal.Signals(-self.exitcode).name
-        except ValueError:
-            return None
+        return signal_name(self.exitcode)
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return _rebuild, (type(self), self.args, self.__dict__)

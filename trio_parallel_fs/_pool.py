@@ -41,7 +41,7 @@ from _trio_parallel_fs_worker import _protocol as p
 from ._channel import Worker
 from ._config import WorkerConfig, WorkerType
 from ._describe import describe
-from ._errors import BrokenWorkerError, MemoryCeilingError, WorkerHookError, describe_exit
+from ._errors import BrokenWorkerError, MemoryCeilingError, WorkerHookError, describe_exit, signal_name
 from ._process import ExitInfo, WorkerProcess
 from ._spawn import SpawnBackend
 from ._template import TemplateBackend, remote_error
@@ -119,7 +119,7 @@ def broken_worker_error(
             "its workers with it. The next call starts a new template.",
             **fields,
         )
-    hint = _HINTS.get(describe_exit(info.exitcode).removeprefix("signal "), "")
+    hint = _HINTS.get(signal_name(info.exitcode) or "", "")
     # A new worker runs the init hook before its first job: it may have died in either.
     doing = f"running its init hook or {function}" if first_job else f"running {function}"
     return BrokenWorkerError(
@@ -168,8 +168,10 @@ class WorkerPool:
 
     # --- statistics ---------------------------------------------------------
 
-    def _count(self, reason: str) -> None:
+    def _retire(self, worker: Worker, reason: str) -> None:
+        """Count why ``worker`` left, and let it go."""
         self._retired[reason] = self._retired.get(reason, 0) + 1
+        self._let_go(worker)
 
     def statistics(self) -> WorkerContextStatistics:
         self.prune()
@@ -197,13 +199,11 @@ class WorkerPool:
                 return None
             if now - worker.idle_since >= self.config.idle_timeout:
                 # Its own idle timeout has (almost certainly) made it leave.
-                self._count("idle")
-                self._let_go(worker)
+                self._retire(worker, "idle")
             elif worker.process.has_exited():
                 # Died while idle (killed, or its template died): the job has not
                 # been sent, so it goes to another worker instead of failing.
-                self._count("died")
-                self._let_go(worker)
+                self._retire_exited(worker)
             else:
                 return worker
         return None
@@ -218,8 +218,7 @@ class WorkerPool:
                     self._idle.remove(worker)
                 except ValueError:  # another thread took it meanwhile
                     continue
-                self._count("idle" if worker.process.exited_cleanly() else "died")
-                self._let_go(worker)
+                self._retire_exited(worker)
         self._reap_departing()
 
     async def _new_worker(self) -> Worker:
@@ -233,6 +232,10 @@ class WorkerPool:
             channel, process = self._backend.start_worker()
         self._started += 1
         return Worker(channel, process, self._config_frame)
+
+    def _retire_exited(self, worker: Worker) -> None:
+        """An idle worker found gone: by its idle timeout if it exited cleanly."""
+        self._retire(worker, "idle" if worker.process.exited_cleanly() else "died")
 
     def _let_go(self, worker: Worker) -> None:
         worker.close_channel()
@@ -257,8 +260,7 @@ class WorkerPool:
                 worker.process.kill()
                 with trio.move_on_after(_EXIT_REPORT_TIMEOUT):
                     await worker.process.wait()
-                self._count("killed")
-                self._let_go(worker)
+                self._retire(worker, "killed")
             raise
         return await self._settle(worker, reply, fn)
 
@@ -269,8 +271,7 @@ class WorkerPool:
                 info = ExitInfo(pid=worker.process.pid, exitcode=None)
                 with trio.move_on_after(_EXIT_REPORT_TIMEOUT):
                     info = await worker.process.wait()
-            self._count("ceiling" if info.ceiling_used is not None else "died")
-            self._let_go(worker)
+            self._retire(worker, "ceiling" if info.ceiling_used is not None else "died")
             raise broken_worker_error(
                 info,
                 function,
@@ -280,22 +281,18 @@ class WorkerPool:
             )
         kind, flags, payload = reply
         if kind == p.BYE:
-            self._count("idle")
-            self._let_go(worker)
+            self._retire(worker, "idle")
             return RESUBMIT
         if kind == p.INIT_FAILED:
-            self._count("hook_error")
-            self._let_go(worker)
+            self._retire(worker, "hook_error")
             raise hook_error("init", payload, worker.process.pid, describe(fn))
         if flags == p.KEEP and worker.said_bye:
-            self._count("idle")
-            self._let_go(worker)
+            self._retire(worker, "idle")
         elif flags == p.KEEP:
             worker.idle_since = time.monotonic()
             self._idle.append(worker)
         else:
-            self._count(p.RETIRE_REASONS[flags])
-            self._let_go(worker)
+            self._retire(worker, p.RETIRE_REASONS[flags])
         if flags == p.RETIRE_HOOK_FAILED:
             raise hook_error("retire", payload, worker.process.pid, describe(fn))
         if kind == p.ERROR:
