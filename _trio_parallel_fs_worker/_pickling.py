@@ -26,10 +26,10 @@ Pickled = tuple[bytes, list[memoryview]]
 _ATOMIC = frozenset({int, float, complex, str, bytes, bool, type(None)})
 
 
-def _by_value_modules() -> Any:
-    # Modules the user registered with cloudpickle.register_pickle_by_value:
-    # their functions must go by value, which plain pickle would not do.
-    return getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", ())
+# Modules the user registered with cloudpickle.register_pickle_by_value: their
+# functions must go by value, which plain pickle would not do. Looked up once:
+# cloudpickle mutates this set in place, and dumps_job runs on every call.
+_BY_VALUE_MODULES: Any = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", ())
 
 
 def _importable_function(fn: object) -> bool:
@@ -41,7 +41,7 @@ def _importable_function(fn: object) -> bool:
         module is not None
         and module != "__main__"
         and "<" not in getattr(fn, "__qualname__", "<")  # lambdas and nested functions
-        and not _by_value_modules()
+        and not _BY_VALUE_MODULES
     )
 
 
