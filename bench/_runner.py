@@ -275,12 +275,6 @@ async def warm_up(callers: dict[str, systems.Caller], fn: Callable[..., Any], *a
             await caller.call(fn, *args)
 
 
-async def fan_out(caller: systems.Caller, count: int, fn: Callable[..., Any], *args: Any) -> None:
-    async with trio.open_nursery() as nursery:
-        for _ in range(count):
-            nursery.start_soon(caller.call, fn, *args)
-
-
 def spin_loops(seconds: float) -> int:
     """How many ``jobs.spin`` loops take about ``seconds`` here."""
     loops = 10_000
@@ -389,7 +383,7 @@ async def measure(settings: Settings, selected: list[str], seed: int) -> dict[st
                 await warm_up(callers, jobs.numpy_scipy_job, 0)
                 data[f"concurrent_{size}"] = await interleave(
                     callers,
-                    lambda name, c, size=size: timed(fan_out(c, size, jobs.numpy_scipy_job, 2)),
+                    lambda name, c, size=size: timed(systems.fan_out(c, size, jobs.numpy_scipy_job, 2)),
                     rounds,
                     rng,
                     reps=1,
@@ -401,10 +395,10 @@ async def measure(settings: Settings, selected: list[str], seed: int) -> dict[st
             callers = await pool.get_all(list(WARM.values()))
             # Every CPU's worker started, so the first round does not pay for it.
             for caller in callers.values():
-                await fan_out(caller, cpus * 2, jobs.numpy_scipy_pid, 0, 0.05)
+                await systems.fan_out(caller, cpus * 2, jobs.numpy_scipy_pid, 0, 0.05)
             seconds = await interleave(
                 callers,
-                lambda name, c: timed(fan_out(c, settings.tiny_jobs, jobs.trivial)),
+                lambda name, c: timed(systems.fan_out(c, settings.tiny_jobs, jobs.trivial)),
                 settings.tiny_rounds,
                 rng,
                 reps=1,
@@ -417,11 +411,11 @@ async def measure(settings: Settings, selected: list[str], seed: int) -> dict[st
             progress(f"CPU scaling: {cpus} spin jobs of ~{settings.spin_seconds * 1000:.0f} ms on {cpus} CPUs vs one")
             callers = await pool.get_all(list(WARM.values()))
             for caller in callers.values():
-                await fan_out(caller, cpus, jobs.spin, loops // 10)
+                await systems.fan_out(caller, cpus, jobs.spin, loops // 10)
 
             async def scaling_sample(name: str, caller: systems.Caller) -> float:
                 one = await timed(caller.call(jobs.spin, loops))
-                many = await timed(fan_out(caller, cpus, jobs.spin, loops))
+                many = await timed(systems.fan_out(caller, cpus, jobs.spin, loops))
                 return cpus * one / many
 
             data["scaling"] = await interleave(callers, scaling_sample, settings.scale_rounds, rng, reps=1)

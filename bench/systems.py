@@ -48,6 +48,13 @@ class Caller:
         return await self._run(fn, *args)
 
 
+async def fan_out(caller: Caller, count: int, fn: Callable[..., Any], *args: Any) -> None:
+    """``count`` calls at once; returns when all are done."""
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(caller.call, fn, *args)
+
+
 def usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -18,7 +18,6 @@ from typing import Any
 
 import psutil
 import pytest
-import trio
 
 from bench import jobs, systems
 
@@ -76,12 +75,6 @@ async def warm_up(caller: systems.Caller, fn: Callable[..., Any], *args: Any, ca
         await caller.call(fn, *args)
 
 
-async def fan_out(caller: systems.Caller, count: int, fn: Callable[..., Any], *args: Any) -> None:
-    async with trio.open_nursery() as nursery:
-        for _ in range(count):
-            nursery.start_soon(caller.call, fn, *args)
-
-
 # --- warm calls ---------------------------------------------------------------------------
 
 
@@ -123,7 +116,7 @@ async def test_concurrent_fresh_workers(trio_benchmark: Any, system: Any, size: 
     trio_benchmark.benchmark.group = f"{size} concurrent fresh-worker jobs"
     async with system() as caller:
         await warm_up(caller, jobs.numpy_scipy_job, 0, calls=2)
-        await trio_benchmark.pedantic(fan_out, args=(caller, size, jobs.numpy_scipy_job, 2), rounds=3)
+        await trio_benchmark.pedantic(systems.fan_out, args=(caller, size, jobs.numpy_scipy_job, 2), rounds=3)
 
 
 # --- many jobs, many CPUs ---------------------------------------------------------------------
@@ -135,8 +128,8 @@ TINY_JOBS = 1000
 @systems_param(WARM)
 async def test_throughput(trio_benchmark: Any, system: Any) -> None:
     async with system() as caller:
-        await fan_out(caller, CPUS * 2, jobs.numpy_scipy_pid, 0, 0.05)  # every CPU's worker started
-        await trio_benchmark.pedantic(fan_out, args=(caller, TINY_JOBS, jobs.trivial), rounds=3)
+        await systems.fan_out(caller, CPUS * 2, jobs.numpy_scipy_pid, 0, 0.05)  # every CPU's worker started
+        await trio_benchmark.pedantic(systems.fan_out, args=(caller, TINY_JOBS, jobs.trivial), rounds=3)
         if (seconds := median(trio_benchmark)) is not None:
             trio_benchmark.extra_info["jobs_per_second"] = TINY_JOBS / seconds
 
@@ -146,13 +139,13 @@ async def test_throughput(trio_benchmark: Any, system: Any) -> None:
 async def test_cpu_scaling(trio_benchmark: Any, system: Any) -> None:
     loops = 2_000_000  # ~0.1 s of pure Python here
     async with system() as caller:
-        await fan_out(caller, CPUS, jobs.spin, loops // 10)
+        await systems.fan_out(caller, CPUS, jobs.spin, loops // 10)
         one = []
         for _ in range(3):
             start = time.perf_counter()
             await caller.call(jobs.spin, loops)
             one.append(time.perf_counter() - start)
-        await trio_benchmark.pedantic(fan_out, args=(caller, CPUS, jobs.spin, loops), rounds=3)
+        await trio_benchmark.pedantic(systems.fan_out, args=(caller, CPUS, jobs.spin, loops), rounds=3)
         if (many := median(trio_benchmark)) is not None:
             one_job = statistics.median(one)
             trio_benchmark.extra_info.update(one_job_s=one_job, scaling=CPUS * one_job / many)
