@@ -8,6 +8,7 @@ import time
 
 import psutil
 import pytest
+import trio
 
 from trio_parallel_fs import _frontend
 
@@ -54,6 +55,20 @@ def wait_until_gone(pids: set[int], timeout: float) -> set[int]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.02)
+
+
+def is_dead(pid: int) -> bool:
+    """Gone, or a zombie waiting to be reaped."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def wait_dead(pid: int) -> None:
+    with trio.fail_after(30):
+        while not is_dead(pid):  # noqa: ASYNC110 - polling other processes
+            await trio.sleep(0.005)
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,7 @@ import psutil
 import pytest
 import trio
 import workerfns
-from conftest import wait_until_gone
+from conftest import wait_dead, wait_until_gone
 
 import trio_parallel_fs as tpf
 
@@ -53,20 +53,6 @@ def is_spawned_worker(process: psutil.Process) -> bool:
     except psutil.Error:
         return False
     return "_trio_parallel_fs_worker" in " ".join(cmdline) and "worker" in cmdline
-
-
-def is_dead(pid: int) -> bool:
-    """Gone, or a zombie waiting to be reaped."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-async def wait_dead(pid: int) -> None:
-    with trio.fail_after(HANG):
-        while not is_dead(pid):  # noqa: ASYNC110 - polling other processes
-            await trio.sleep(0.01)
 
 
 async def wait_reaped(pid: int) -> None:

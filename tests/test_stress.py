@@ -21,7 +21,7 @@ import psutil
 import pytest
 import trio
 import workerfns
-from conftest import open_fds, wait_until_gone
+from conftest import is_dead, open_fds, wait_dead, wait_until_gone
 
 import trio_parallel_fs as tpf
 
@@ -84,19 +84,6 @@ def check_outcomes(outcomes: dict[int, object], jobs: int, killed: set[int]) -> 
     # One kill fails at most the one job its worker was running.
     assert len(error_pids) == len(set(error_pids))
     return jobs - errors, errors
-
-
-def is_dead(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-async def wait_dead(pid: int) -> None:
-    with trio.fail_after(30):
-        while not is_dead(pid):  # noqa: ASYNC110 - polling other processes
-            await trio.sleep(0.005)
 
 
 def wait_dead_blocking(pid: int) -> None:
