@@ -81,7 +81,7 @@ async def receive_frame(sock: socket.socket) -> tuple[tuple[int, int, bytes] | N
 class Worker:
     """A worker process as the pool sees it: its channel and its process handle."""
 
-    __slots__ = ("channel", "process", "_first_frames", "idle_since", "said_bye", "served")
+    __slots__ = ("channel", "process", "_first_frames", "idle_since", "said_bye", "served", "announced")
 
     def __init__(self, channel: socket.socket, process: WorkerProcess, config_frame: bytes) -> None:
         channel.setblocking(False)
@@ -92,6 +92,7 @@ class Worker:
         self.idle_since = time.monotonic()
         self.said_bye = False  # it sent BYE right after its last reply: it is gone
         self.served = 0  # replies received: 0 means it may not be past its init yet
+        self.announced = False  # its pid was given to the pool's observers
 
     async def exchange(self, job_parts: list[bytes | memoryview]) -> tuple[int, int, bytes] | None:
         """Send a job (its frame, in parts); return the worker's reply, or None if

@@ -30,6 +30,7 @@ import os
 import pickle
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -165,6 +166,8 @@ class WorkerPool:
         self.closed = False
         self._started = 0
         self._retired: dict[str, int] = {}
+        self._live: dict[int, Worker] = {}  # id(worker) -> worker, idle or busy
+        self.observers: list[Callable[[int], None]] = []  # see _introspect.watch_workers
 
     # --- statistics ---------------------------------------------------------
 
@@ -231,13 +234,27 @@ class WorkerPool:
             await self._backend.ensure_started()
             channel, process = self._backend.start_worker()
         self._started += 1
-        return Worker(channel, process, self._config_frame)
+        worker = Worker(channel, process, self._config_frame)
+        self._live[id(worker)] = worker
+        self._announce(worker)
+        return worker
+
+    def _announce(self, worker: Worker) -> None:
+        if self.observers and not worker.announced and worker.process.pid is not None:
+            worker.announced = True
+            for observer in self.observers:
+                observer(worker.process.pid)
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the workers this pool holds (idle or busy), where known."""
+        return [pid for worker in list(self._live.values()) if (pid := worker.process.pid) is not None]
 
     def _retire_exited(self, worker: Worker) -> None:
         """An idle worker found gone: by its idle timeout if it exited cleanly."""
         self._retire(worker, "idle" if worker.process.exited_cleanly() else "died")
 
     def _let_go(self, worker: Worker) -> None:
+        self._live.pop(id(worker), None)
         worker.close_channel()
         if not worker.process.release():
             self._departing.append(worker.process)
@@ -253,6 +270,7 @@ class WorkerPool:
         worker = self._take_idle() or await self._new_worker()
         try:
             reply = await worker.exchange(job_frame)
+            self._announce(worker)
         except BaseException:
             # Cancelled with kill_on_cancel, or KeyboardInterrupt: nobody will
             # read this job's result, so the worker goes.
@@ -316,6 +334,7 @@ class WorkerPool:
         """Stop idle workers, wait up to ``grace_period`` for them, kill stragglers,
         stop the template. Raises BrokenWorkerError if anything had to be killed."""
         self.closed = True
+        self._live.clear()
         processes: list[WorkerProcess] = []
         while self._idle:
             worker = self._idle.pop()
