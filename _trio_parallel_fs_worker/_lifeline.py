@@ -29,12 +29,50 @@ def prepare_prctl() -> None:
 
 
 _PR_SET_NAME = 15
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def set_process_name(name: bytes) -> None:
     """Name this process for ps/top (Linux: /proc/<pid>/comm, 15 bytes at most)."""
     if _prctl is not None:
         _prctl(_PR_SET_NAME, name, 0, 0, 0)
+
+
+def become_subreaper() -> bool:
+    """Adopt the orphans of our descendants (Linux; False elsewhere).
+
+    A job may start processes of its own. When its worker exits, those would
+    be re-parented to init and outlive everything; as a child subreaper the
+    template gets them instead, and can kill them (see ``Template.shutdown``).
+    """
+    prepare_prctl()
+    if _prctl is None:
+        return False
+    return bool(_prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def child_pids() -> list[int]:
+    """Pids of this process's children, adopted orphans included (Linux: read
+    from /proc; elsewhere an empty list)."""
+    me = os.getpid()
+    found: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == me:
+            found.append(int(entry))
+    return found
 
 
 def die_with_parent(expected_parent: int) -> None:

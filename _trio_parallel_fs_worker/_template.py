@@ -29,12 +29,23 @@ other local user can ask the template for anything.
    worker and the spare, reap them, exit. Workers also die with the template
    (PR_SET_PDEATHSIG; the template is single-threaded, so the forking thread
    lives exactly as long as the template).
+6. A job's own processes: each worker leads its own process group, which the
+   processes its jobs start inherit, and a worker is always killed with its
+   group. The template is a child subreaper (Linux), so a job's process
+   orphaned by its worker's exit comes to the template instead of init; it is
+   reaped like any child, and killed at shutdown at the latest.
+7. Running out of resources (fds, processes) never ends the template: a fork
+   request that cannot be met gets FORK_FAILED with the errno on its status
+   pipe (or, when even its fds could not be received, loses its status pipe,
+   which the parent sees close without a PID), and a spare that cannot be
+   made is tried again later, backing off.
 """
 
 from __future__ import annotations
 
 import array
 import atexit
+import errno
 import gc
 import importlib
 import os
@@ -49,12 +60,25 @@ from collections import deque
 from typing import Any
 
 from . import _protocol as p
-from ._lifeline import die_with_parent, flush_std_streams, ignore_interrupts, prepare_prctl, set_process_name
+from ._lifeline import (
+    become_subreaper,
+    child_pids,
+    die_with_parent,
+    flush_std_streams,
+    ignore_interrupts,
+    prepare_prctl,
+    set_process_name,
+)
 from ._memory import exceeds
 from ._worker import dump_error, recv_frame, run_job, send_frame, serve
 
 _MAX_FDS_PER_READ = 64
 _SPARE_REFILL_DELAY = 0.005
+# After a failed refill (out of fds or processes): try again after this, doubling up to the cap.
+_SPARE_RETRY_FIRST = 0.05
+_SPARE_RETRY_CAP = 2.0
+# The order of the fds that ride with each FORK record.
+_FDS_PER_FORK = 2
 
 
 def count_threads() -> int:
@@ -110,7 +134,7 @@ def rehearse() -> None:
     reader.feed(payload)
     frame = reader.next_frame()
     assert frame is not None
-    run_job(frame[2], frame[0])
+    run_job(bytes(frame[2]), frame[0])
     dump_error(ValueError("rehearsal"))
 
 
@@ -124,6 +148,28 @@ def reseed_numpy() -> None:
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         numpy_random.seed()
+
+
+def lead_own_group(pid: int) -> None:
+    """Make the child ``pid`` lead its own process group. The child does it too,
+    first thing: whichever runs first wins, so that a kill right after the fork
+    already reaches the whole group."""
+    try:
+        os.setpgid(pid, pid)
+    except OSError:  # it has already exited (ESRCH), or done it itself
+        pass
+
+
+def kill_with_group(pid: int) -> None:
+    """SIGKILL an unreaped child and the process group it leads: whatever its
+    jobs started goes with it."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:  # no such group (it left it, or is a zombie): the child alone
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class Template:
@@ -143,6 +189,8 @@ class Template:
         self.spare: tuple[int, socket.socket] | None = None  # (pid, our end of its handoff)
         self.want_spare = False  # no spare until someone asked for a worker
         self.refill_at: float | None = None  # when to fork the next spare
+        self.refill_retry = _SPARE_RETRY_FIRST  # the wait after the next failed refill
+        self.selector: selectors.BaseSelector | None = None
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -165,17 +213,25 @@ class Template:
         if pid is None:
             try:
                 pid = os.fork()
-            except OSError as exc:
-                self.report(status_fd, p.FORK_FAILED, exc.errno or 0)
-                os.close(status_fd)
-                os.close(channel_fd)
+            except OSError as exc:  # EAGAIN, ENOMEM: this request fails, nothing else
+                self.fail_request(channel_fd, status_fd, exc.errno or 0)
                 return
             if pid == 0:
                 self.become_worker(channel_fd, status_fd)
+            lead_own_group(pid)
         os.close(channel_fd)
         self.workers[seq] = (pid, status_fd)
         self.seq_of_pid[pid] = seq
         self.report(status_fd, p.PID, pid)
+
+    def fail_request(self, channel_fd: int | None, status_fd: int | None, errno: int) -> None:
+        """A fork request that cannot be met: say why on its status pipe (if
+        its fds arrived at all) and drop its fds. Its sequence number is used."""
+        if status_fd is not None:
+            self.report(status_fd, p.FORK_FAILED, errno)
+            os.close(status_fd)
+        if channel_fd is not None:
+            os.close(channel_fd)
 
     def hand_to_spare(self, channel_fd: int) -> int | None:
         """Give the channel to the spare; its pid, or None if there is no spare."""
@@ -188,37 +244,55 @@ class Template:
             handoff.sendmsg([b"W"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         except OSError:
             # It died and is not reaped yet, so its pid is still ours to kill.
-            os.kill(pid, signal.SIGKILL)
+            kill_with_group(pid)
             return None
         finally:
             handoff.close()
         return pid
 
     def fork_spare(self) -> None:
-        ours, theirs = socket.socketpair()
+        try:
+            ours, theirs = socket.socketpair()
+        except OSError:  # EMFILE, ENFILE
+            self.retry_spare_later()
+            return
         try:
             pid = os.fork()
-        except OSError:
+        except OSError:  # EAGAIN, ENOMEM
             ours.close()
             theirs.close()
-            return  # no spare: requests fork directly, and we try again later
+            self.retry_spare_later()
+            return
         if pid == 0:
             ours.close()
             self.become_worker(None, None, handoff=theirs)
+        lead_own_group(pid)
         theirs.close()
         self.spare = (pid, ours)
+        self.refill_retry = _SPARE_RETRY_FIRST
+
+    def retry_spare_later(self) -> None:
+        """No spare for now: requests fork directly meanwhile (and fail on
+        their own if that fails too)."""
+        self.refill_at = time.monotonic() + self.refill_retry
+        self.refill_retry = min(self.refill_retry * 2, _SPARE_RETRY_CAP)
 
     def become_worker(
         self, channel_fd: int | None, own_status_fd: int | None, handoff: socket.socket | None = None
     ) -> None:
         code = 1
         try:
+            # First, before anything can start a process: the processes this
+            # worker's jobs start join its group, and die with it.
+            os.setpgid(0, 0)
             # Close what belongs to the template, so that no worker keeps the
             # control channel (or a sibling's status pipe) open after the template
-            # is gone.
+            # is gone, nor watches the template's fds through its epoll instance.
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             self.control.close()
+            if self.selector is not None:
+                self.selector.close()
             for fd in (self.wake_r, self.wake_w, *self.pending_fds):
                 os.close(fd)
             if own_status_fd is not None:
@@ -240,6 +314,10 @@ class Template:
             set_process_name(b"tpf-worker")
             assert channel_fd is not None
             code = serve(socket.socket(fileno=channel_fd))
+        except (BrokenPipeError, ConnectionResetError):
+            # The parent closed the channel while we wrote to it (a BYE racing
+            # the context's close, or the parent died): it wants nothing more.
+            code = 0
         except BaseException:  # noqa: BLE001 - report anything, then leave
             import traceback
 
@@ -276,7 +354,7 @@ class Template:
 
     def kill(self, seq: int) -> None:
         if seq in self.workers:  # not reaped yet, so the pid is still ours
-            os.kill(self.workers[seq][0], signal.SIGKILL)
+            kill_with_group(self.workers[seq][0])
 
     def enforce_ceiling(self) -> None:
         assert self.ceiling is not None
@@ -288,21 +366,42 @@ class Template:
             if used is not None:
                 # The figure goes first, so the parent can tell why the worker died.
                 self.report(status_fd, p.CEILING, used)
-                os.kill(pid, signal.SIGKILL)
+                kill_with_group(pid)
 
     def shutdown(self) -> None:
         for pid, _ in self.workers.values():
-            os.kill(pid, signal.SIGKILL)
+            kill_with_group(pid)
         if self.spare is not None:
-            os.kill(self.spare[0], signal.SIGKILL)
+            kill_with_group(self.spare[0])
         while self.workers or self.spare is not None:
             pid, status = os.waitpid(-1, 0)
             self.forget(pid, status)
+        self.kill_adopted()
+
+    def kill_adopted(self) -> None:
+        """Kill and reap the children left: processes that jobs started and
+        their workers left behind (adopted by this subreaper), and their own
+        children, adopted in turn as their parents die."""
+        while children := child_pids():
+            for pid in children:
+                # Our unreaped children: their pids cannot have been reused.
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for pid in children:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+        self.reap()  # zombies on systems where child_pids() sees nothing
 
     # --- the loop ---------------------------------------------------------
 
     def read_control(self) -> bool:
         """Handle what the parent sent; False on EOF."""
+        # Out of fds, the kernel delivers only the first ones (MSG_CTRUNC) and
+        # closes the rest: the requests they belonged to are failed below.
         data, ancdata, _, _ = self.control.recvmsg(
             p.CONTROL_RECORD.size * 256, socket.CMSG_SPACE(_MAX_FDS_PER_READ * 4)
         )
@@ -317,9 +416,15 @@ class Template:
         records, self.buffer = p.parse_records(self.buffer, p.CONTROL_RECORD)
         for command, value in records:
             if command == p.FORK:
-                channel_fd = self.pending_fds.popleft()
-                status_fd = self.pending_fds.popleft()
-                self.fork(channel_fd, status_fd)
+                if len(self.pending_fds) >= _FDS_PER_FORK:
+                    channel_fd = self.pending_fds.popleft()
+                    status_fd = self.pending_fds.popleft()
+                    self.fork(channel_fd, status_fd)
+                else:
+                    # Its fds did not all arrive: no status pipe to report on, at best.
+                    self.next_seq += 1
+                    channel = self.pending_fds.popleft() if self.pending_fds else None
+                    self.fail_request(channel, None, errno.EMFILE)
             elif command == p.KILL:
                 self.kill(value)
         if self.want_spare and self.spare is None and self.refill_at is None:
@@ -333,7 +438,7 @@ class Template:
         signal.set_wakeup_fd(self.wake_w)
         # A handler (not SIG_DFL) so that SIGCHLD writes to the wakeup fd.
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        selector = selectors.DefaultSelector()
+        self.selector = selector = selectors.DefaultSelector()
         selector.register(self.control, selectors.EVENT_READ, "control")
         selector.register(self.wake_r, selectors.EVENT_READ, "wake")
         next_check = time.monotonic()
@@ -375,6 +480,7 @@ def main(control_fd: int) -> int:
     sys.path[:] = setup["sys_path"]
     try:
         prepare_prctl()
+        become_subreaper()
         preload(setup["preload"], setup["template_init"])
         gc.collect()
         gc.freeze()
