@@ -2,7 +2,10 @@
 
 Build: ``python -m sphinx -W --keep-going -b html docs docs/_build/html``.
 The build needs no network: intersphinx is not used, so references to Trio
-and the standard library are plain text, not links.
+and the standard library are plain text, not links. It needs nothing beyond the
+``docs`` extra either (CI builds it in a venv holding only that): no page
+autodocs a module that imports pytest or the test tools; the pytest plugin's
+page describes it in prose.
 """
 
 import os

@@ -10,12 +10,14 @@ re-parented away from us.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import importlib.util
 import inspect
 import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -239,6 +241,43 @@ def test_migrate_example_prints_the_same_on_trio_parallel() -> None:
     if importlib.util.find_spec("trio_parallel") is None:
         pytest.skip("trio-parallel is not installed (it is in the bench extra)")
     assert run_example("migrate.py", "trio_parallel") == MIGRATE_OUTPUT
+
+
+def captioned_blocks(page: str) -> dict[str, str]:
+    """The ``code-block`` directives of a page that carry a ``:caption:`` (a
+    file name), as {caption: dedented code}."""
+    blocks = {}
+    pattern = re.compile(r"^\.\. code-block:: \w+\n    :caption: (\S+)\n\n((?:    .*\n|\n)+)", re.MULTILINE)
+    for caption, body in pattern.findall((DOCS / page).read_text()):
+        blocks[caption] = textwrap.dedent(body).strip() + "\n"
+    return blocks
+
+
+def test_testing_page_set_up_runs(tmp_path: Path) -> None:
+    """The testing page's pyproject.toml and test module, copied as a reader
+    would, pass under pytest with the two fixtures."""
+    for module in ("pytest_trio", "pytest_benchmark"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"the testing page's set-up needs {module} (in the test extra)")
+    blocks = captioned_blocks("testing.rst")
+    assert set(blocks) == {"pyproject.toml", "test_jobs.py"}
+    for name, code in blocks.items():
+        (tmp_path / name).write_text(code)
+    plugin = "trio_parallel_fs._pytest_plugin"
+    loaded_by_entry_point = any(
+        entry.value.split(":")[0] == plugin for entry in importlib.metadata.entry_points(group="pytest11")
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "--benchmark-max-time=0.05"]
+        + ([] if loaded_by_entry_point else ["-p", plugin]),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
+    )
+    assert proc.returncode == 0, f"the testing page's example failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "5 passed" in proc.stdout, proc.stdout
 
 
 # --- the docs hold together -------------------------------------------------

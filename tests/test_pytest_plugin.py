@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import psutil
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -41,7 +45,14 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess(*plugin_args(), "-rA", *args, timeout=300)
 
 
-def test_clean_contexts_pass_and_leaks_fail(inner: pytest.Pytester) -> None:
+def test_clean_contexts_pass_and_leaks_fail(
+    inner: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leaks made through the public API only: a process started by a job or by
+    the template's init, still running when the context closes. The context
+    cannot stop what it did not start; the fixture must find it, name it, kill
+    it, and error the test."""
+    leftovers = tmp_path / "leftovers"
     inner.makepyfile(
         test_inner="""
         import os
@@ -55,37 +66,41 @@ def test_clean_contexts_pass_and_leaks_fail(inner: pytest.Pytester) -> None:
         def worker_context_leak_timeout():
             return 2.0  # everything is reaped by the time the context has closed
 
-        STOLEN = []
+        def start_a_process_and_leave_it():
+            # In its own session, so that nothing aimed at the worker's process
+            # group reaches it: a daemon the context knows nothing about.
+            import os, subprocess, psutil
+            proc = subprocess.Popen(
+                ["sleep", "300"], start_new_session=True, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            with open(os.environ["LEFTOVERS"], "a") as file:
+                file.write(f"{proc.pid} {psutil.Process(proc.pid).create_time()}\\n")
 
-        @pytest.mark.worker_context(worker_type="spawn")
-        async def test_leaks_a_spawned_worker(worker_context):
-            await worker_context.run_sync(os.getpid)
-            # Take the idle worker out of the pool with its channel open: the
-            # context cannot close it, so the worker outlives the context.
-            STOLEN.append(worker_context._pool._idle.pop())
+        @pytest.mark.parametrize("worker_context", [{}, {"worker_type": "spawn"}], indirect=True)
+        async def test_a_job_leaves_a_process(worker_context):
+            await worker_context.run_sync(start_a_process_and_leave_it)
 
-        async def test_leaks_the_template(worker_context):
+        @pytest.mark.worker_context(template_init=start_a_process_and_leave_it)
+        async def test_the_template_leaves_a_process(worker_context):
             await worker_context.run_sync(os.getpid)
-            # Break the template's shutdown for this context only.
-            worker_context._pool._backend.close = lambda timeout: None
         """
     )
+    monkeypatch.setenv("LEFTOVERS", str(leftovers))
     result = run(inner)
-    result.assert_outcomes(passed=4, errors=2)
-    result.stdout.fnmatch_lines(
-        [
-            "*ERROR at teardown of test_leaks_a_spawned_worker*",
-            "*1 process(es) of the worker context outlived it*",
-            "* worker [0-9]* --die-with-parent *",
-        ]
-    )
-    result.stdout.fnmatch_lines(
-        [
-            "*ERROR at teardown of test_leaks_the_template*",
-            "*outlived it*",
-            "* template [0-9]*",
-        ]
-    )
+    result.assert_outcomes(passed=5, errors=3)
+    for test in [
+        "test_a_job_leaves_a_process[[]worker_context0[]]",
+        "test_a_job_leaves_a_process[[]worker_context1[]]",
+        "test_the_template_leaves_a_process",
+    ]:
+        result.stdout.fnmatch_lines(
+            [
+                f"*ERROR at teardown of {test}*",
+                "*1 process(es) of the worker context outlived it (still there 2.0s after it closed; now killed):",
+                "  pid [0-9]* (parent [0-9]*, *): sleep 300",
+            ]
+        )
     result.stdout.fnmatch_lines(
         [
             "PASSED test_inner.py::test_clean[[]worker_context0[]]",
@@ -93,6 +108,19 @@ def test_clean_contexts_pass_and_leaks_fail(inner: pytest.Pytester) -> None:
         ]
     )
     result.stdout.no_fnmatch_line("ERROR*test_clean*")
+    # The fixture killed what it reported, so one leak does not outlive the run.
+    started = [line.split() for line in leftovers.read_text().splitlines()]
+    assert len(started) == 3
+    for pid, create_time in started:
+        assert not still_running(int(pid), float(create_time)), f"leftover {pid} was not killed"
+
+
+def still_running(pid: int, create_time: float) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() == create_time and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_marker_and_parameter_configure_the_context(inner: pytest.Pytester) -> None:
@@ -216,3 +244,80 @@ def test_trio_benchmark_records_run_sync_timings(inner: pytest.Pytester) -> None
         assert entry["options"]["timer"] == "awaited_time"
         assert entry["stats"]["rounds"] >= 3
         assert 0 < entry["stats"]["min"] <= entry["stats"]["median"] <= entry["stats"]["max"]
+
+
+def test_trio_benchmark_keeps_the_tests_benchmark_options(inner: pytest.Pytester) -> None:
+    """The awaited-time clock reaches pytest-benchmark through the test's own
+    ``benchmark`` marker; the other options there still apply, and a ``timer``
+    given there (or on the command line) is replaced."""
+    pytest.importorskip("pytest_benchmark", reason="trio_benchmark drives pytest-benchmark")
+    inner.makepyfile(
+        test_inner="""
+        import time
+        import pytest
+        import trio
+
+        @pytest.mark.benchmark(min_rounds=7, max_time=0.5, group="sleeps", timer=time.time)
+        async def test_options(trio_benchmark, autojump_clock):
+            await trio_benchmark(trio.sleep, 0.25)
+            stats = trio_benchmark.stats.stats
+            assert stats.rounds >= 7
+            assert stats.min == pytest.approx(0.25, abs=1e-6)
+            assert trio_benchmark.benchmark.group == "sleeps"
+        """
+    )
+    report = inner.path / "bench.json"
+    result = run(inner, "--benchmark-timer=time.process_time", f"--benchmark-json={report}")
+    result.assert_outcomes(passed=1)
+    (entry,) = json.loads(report.read_text())["benchmarks"]
+    assert entry["options"]["timer"] == "awaited_time"
+    assert entry["options"]["max_time"] == 0.5
+    assert entry["group"] == "sleeps"
+
+
+def test_trio_benchmark_refuses_a_test_that_also_uses_benchmark(inner: pytest.Pytester) -> None:
+    pytest.importorskip("pytest_benchmark", reason="trio_benchmark drives pytest-benchmark")
+    inner.makepyfile(
+        test_inner="""
+        async def test_both(benchmark, trio_benchmark):
+            raise AssertionError("not reached")
+        """
+    )
+    result = run(inner)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["test_both uses both benchmark and trio_benchmark; *one benchmark per test*"])
+
+
+def test_trio_benchmark_without_pytest_benchmark_says_what_to_install(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        test_inner="""
+        import trio
+
+        async def test_needs_it(trio_benchmark):
+            await trio_benchmark(trio.sleep, 0)
+        """
+    )
+    # -p no:benchmark: as if pytest-benchmark were not installed.
+    result = run(inner, "-p", "no:benchmark")
+    result.assert_outcomes(errors=1)
+    error = result.stdout.str().split("ERROR at setup of test_needs_it")[1].split("short test summary")[0]
+    lines = [line for line in error.splitlines() if line.strip("=_ ")]
+    assert lines == [
+        "trio_benchmark needs pytest-benchmark, which is not installed or not loaded "
+        "(-p no:benchmark): pip install pytest-benchmark"
+    ]
+
+
+def test_loading_the_plugin_imports_nothing_more() -> None:
+    """pytest loads the plugin into every session of every environment that has
+    trio_parallel_fs installed: importing it must not pull in psutil,
+    pytest-benchmark or the package's machinery beyond what the package itself
+    imports; the fixtures import those when a test uses them."""
+    code = (
+        "import sys, pytest, trio_parallel_fs\n"
+        "before = set(sys.modules)\n"
+        f"import {PLUGIN}\n"
+        "print(sorted(set(sys.modules) - before))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == repr([PLUGIN])

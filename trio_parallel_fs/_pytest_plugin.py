@@ -1,96 +1,45 @@
-"""pytest plugin: a leak-checked ``worker_context`` fixture and ``trio_benchmark``.
+"""pytest plugin: the ``worker_context`` and ``trio_benchmark`` fixtures.
 
-It loads through the package's ``pytest11`` entry point whenever
-trio_parallel_fs is installed; ``-p trio_parallel_fs._pytest_plugin`` loads it
-explicitly.
+Users' documentation is the "Testing and profiling with pytest" page
+(docs/testing.rst); this docstring is for whoever changes the plugin.
 
-``worker_context``
-------------------
-A `trio_parallel_fs.WorkerContext`, open for the whole test, that **fails the
-test if any of its processes outlives it**: after the context has closed, its
-template and every worker it ever started must be gone (exited and reaped)
-within ``worker_context_leak_timeout`` seconds (a fixture, 5 by default;
-override it in a conftest). Leftovers are killed, so one leak does not cascade
-into the following tests, and the failure (reported by pytest as an error at
-teardown) lists them. A context that cannot close cleanly (its
-``BrokenWorkerError``) errors the test the same way.
+It loads through the package's ``pytest11`` entry point into **every** pytest
+session of every environment where trio_parallel_fs is installed, whether the
+session uses its fixtures or not. So importing this module costs next to
+nothing: Trio, psutil, pytest-benchmark and the package's own machinery are
+imported inside the fixtures, when a test asks for one (pytest is already
+imported when pytest loads a plugin). tests/test_pytest_plugin.py checks this.
 
-Configure it with the keywords of `trio_parallel_fs.WorkerConfig`, through a
-marker, indirect parametrization, or both (the parameter wins)::
+``worker_context`` opens a context in its setup and, at teardown, closes it and
+fails the test if any process of the context outlives it: its template, its
+workers (learned through `_introspect.watch_workers` as they start) and every
+process below the template and the workers when the context closes (from
+`_introspect.context_processes`). Each is held as a psutil handle, which checks
+the process's creation time, so a reused pid is never mistaken for (or killed
+as) a leftover. The fixture is synchronous on purpose: a context is not tied to
+a ``trio.run``, so the same fixture serves pytest-trio tests, anyio's trio
+backend, and plain tests that call ``trio.run`` themselves.
 
-    @pytest.mark.worker_context(preload=["numpy"], max_jobs=1)
-    async def test_fresh_workers(worker_context):
-        await worker_context.run_sync(job)
-
-    @pytest.mark.parametrize(
-        "worker_context", [{"worker_type": "spawn"}, {}], indirect=True
-    )
-    async def test_both_backends(worker_context): ...
-
-The fixture is synchronous on purpose: a worker context is not tied to a
-``trio.run`` (its pool holds no Trio objects), so the same fixture serves
-pytest-trio tests, anyio's trio backend, and plain tests that call
-``trio.run`` themselves, as many times as they like. The template starts in
-the fixture's setup, so a failing ``preload`` errors the test there.
-
-``trio_benchmark``
-------------------
-pytest-benchmark times plain functions; this fixture lets it time awaited
-calls inside Trio (needs pytest-benchmark; the test must run in Trio, e.g.
-under pytest-trio)::
-
-    async def test_warm_call(trio_benchmark, worker_context):
-        await worker_context.run_sync(job)  # warm up outside the timing
-        await trio_benchmark(worker_context.run_sync, job)
-
-``await trio_benchmark(async_fn, *args, **kwargs)`` mirrors
-``benchmark(fn, *args, **kwargs)`` and returns the result of one call;
-``await trio_benchmark.pedantic(async_fn, args=..., setup=..., rounds=...)``
-mirrors ``benchmark.pedantic`` (``setup`` and ``teardown`` may be sync or
-async and run in Trio, untimed). ``trio_benchmark.benchmark`` is the underlying
-fixture, for ``extra_info``, ``group`` and ``stats``.
-
-How it measures, and why:
-
-* pytest-benchmark's loop blocks its thread, so it cannot run in the Trio
-  thread. It runs in a worker thread (``trio.to_thread``); each iteration hands
-  the call back to the test's Trio loop with ``trio.from_thread.run``, so the
-  awaited call runs in the test's own run, next to the contexts and state the
-  test set up.
-* The hand-off between threads costs about as much as a warm ``run_sync``, so
-  it must not be timed. pytest-benchmark is given a *clock of awaited time*
-  instead of ``perf_counter``: it advances only while a timed call is being
-  awaited, measured inside Trio with ``trio.current_time()`` (``perf_counter``
-  plus an offset with the default clock). Rounds, iterations, calibration and
-  statistics work unchanged and see only the awaited time; setup, teardown and
-  the hand-offs are not counted. The price is wall time: a benchmark takes
-  longer than its reported ``max_time`` (for a ~100 µs call, about twice).
-* Because the clock is Trio's, a test with pytest-trio's ``autojump_clock``
-  records virtual time exactly (this is how the plugin's own tests check it).
-* The resumption after the awaited call is scheduled like any task's, so the
-  figure is what a caller sees. Other tasks running in the test's loop at the
-  same time are measured too: keep the loop quiet while benchmarking.
-* ``--benchmark-timer`` is ignored (the clock is Trio's), and
-  ``--benchmark-cprofile`` profiles the hand-off thread, not the awaited call.
-  The clock is installed through pytest-benchmark internals (``_timer``,
-  ``_precisions``), checked by this plugin's tests.
+``trio_benchmark`` drives pytest-benchmark, whose loop blocks its thread, from a
+worker thread (``trio.to_thread``); each iteration hands the call back to the
+test's Trio loop with ``trio.from_thread.run``. The hand-offs must not be timed,
+so pytest-benchmark is given a clock of awaited time (`AwaitedTime`) through its
+public ``benchmark`` marker (``timer=``) instead of ``perf_counter``.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-import psutil
 import pytest
-import trio
 
-from ._config import WorkerConfig
-from ._frontend import WorkerContext
-from ._spawn import SpawnedWorker
+if TYPE_CHECKING:
+    import psutil
+
+    from ._frontend import WorkerContext
 
 MARKER = "worker_context"
 DEFAULT_LEAK_TIMEOUT = 5.0
@@ -126,22 +75,22 @@ def _requested_config(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 class _ProcessTracker:
-    """Remembers every process a context starts, as psutil handles.
+    """Remembers every process of a context, as psutil handles.
 
     A psutil.Process remembers its pid's creation time, so a handle never
     mistakes (or kills) an unrelated process that reused the pid. Handles are
-    taken while the process cannot have been reaped yet: spawned workers at
-    start (only the pool reaps them), the template and its children before the
-    context closes (only the template reaps its workers, and only the parent
-    reaps the template).
+    taken while the process cannot have been reaped yet: each worker as soon as
+    its pid is known (only the pool reaps spawned workers; only the template
+    reaps forked ones), and the template and everything below it and below the
+    workers just before the context closes (only the parent reaps the template).
     """
 
     def __init__(self) -> None:
         self.processes: dict[tuple[int, float], psutil.Process] = {}
 
-    def add(self, pid: int | None) -> psutil.Process | None:
-        if pid is None:
-            return None
+    def add(self, pid: int) -> psutil.Process | None:
+        import psutil
+
         try:
             proc = psutil.Process(pid)
             key = (proc.pid, proc.create_time())
@@ -150,29 +99,30 @@ class _ProcessTracker:
         return self.processes.setdefault(key, proc)
 
     def watch(self, context: WorkerContext) -> None:
-        # Wrap the backend's start_worker on this context only, to learn each
-        # spawned worker's pid the moment it exists. Forked workers are found
-        # as the template's children instead (their pid arrives later).
-        backend = context._pool._backend
-        start_worker = backend.start_worker
+        from ._introspect import watch_workers
 
-        @functools.wraps(start_worker)
-        def tracked_start_worker() -> Any:
-            channel, process = start_worker()
-            if isinstance(process, SpawnedWorker):  # its pid is known now
-                self.add(process.pid)
-            return channel, process
+        def add_worker(pid: int) -> None:
+            self.add(pid)
 
-        backend.start_worker = tracked_start_worker  # type: ignore[method-assign]
+        watch_workers(context, add_worker)
 
     def snapshot(self, context: WorkerContext) -> None:
-        template = self.add(context.statistics().template_pid)
-        if template is not None:
+        """Add the context's processes now, and every process below them: one a
+        job or the template started, still running when the context closes,
+        is a leftover of the test too."""
+        import psutil
+
+        from ._introspect import context_processes
+
+        for record in context_processes(context):
+            proc = self.add(record.pid)
+            if proc is None:
+                continue
             try:
-                children = template.children(recursive=True)
+                descendants = proc.children(recursive=True)
             except psutil.Error:
-                children = []
-            for child in children:
+                descendants = []
+            for child in descendants:
                 self.add(child.pid)
 
     def survivors(self, timeout: float) -> list[psutil.Process]:
@@ -190,6 +140,8 @@ def _outlives(proc: psutil.Process) -> bool:
     A zombie whose parent is someone else (a worker orphaned to init, say) is
     not this process's to reap, and not a leak of the context.
     """
+    import psutil
+
     try:
         if not proc.is_running():
             return False
@@ -201,6 +153,8 @@ def _outlives(proc: psutil.Process) -> bool:
 
 
 def _describe(proc: psutil.Process) -> str:
+    import psutil
+
     try:
         info = proc.as_dict(["pid", "ppid", "status", "cmdline"])
     except psutil.Error:
@@ -213,6 +167,8 @@ def _describe(proc: psutil.Process) -> str:
 
 
 def _kill_and_reap(procs: list[psutil.Process], timeout: float) -> None:
+    import psutil
+
     for proc in procs:
         try:
             proc.kill()  # psutil checks the creation time first: never a reused pid
@@ -227,14 +183,26 @@ def _kill_and_reap(procs: list[psutil.Process], timeout: float) -> None:
 
 @pytest.fixture
 def worker_context_leak_timeout() -> float:
-    """Seconds the ``worker_context`` fixture waits for its processes to go."""
+    """Seconds the ``worker_context`` fixture waits, after the context closed,
+    for its processes to be gone before it calls them leftovers (default 5)."""
     return DEFAULT_LEAK_TIMEOUT
 
 
 @pytest.fixture
-def worker_context(request: pytest.FixtureRequest, worker_context_leak_timeout: float) -> Any:
-    """An open WorkerContext; fails the test if any of its processes outlives it.
-    See the module docstring for configuration."""
+def worker_context(request: pytest.FixtureRequest, worker_context_leak_timeout: float) -> Iterator[WorkerContext]:
+    """An open trio_parallel_fs WorkerContext, for the whole test; errors the
+    test at teardown if any of its processes (its template, its workers, or a
+    process they started) outlives it, and kills those.
+
+    Configure it with WorkerConfig's keywords: ``@pytest.mark.worker_context(...)``
+    or ``@pytest.mark.parametrize("worker_context", [{...}], indirect=True)``.
+    See "Testing and profiling with pytest" in the trio_parallel_fs documentation.
+    """
+    import trio
+
+    from ._config import WorkerConfig
+    from ._frontend import WorkerContext
+
     config = WorkerConfig(**_requested_config(request))
     context = WorkerContext(config, _private=True)
     tracker = _ProcessTracker()
@@ -265,42 +233,41 @@ def worker_context(request: pytest.FixtureRequest, worker_context_leak_timeout: 
 
 
 class AwaitedTime:
-    """A clock for pytest-benchmark that advances only while a timed call is awaited."""
+    """A clock for pytest-benchmark that advances only while a timed call is
+    awaited (measured in Trio, with ``trio.current_time()``).
+
+    pytest-benchmark measures a clock's resolution before calibrating, by
+    reading it until it ticks; a clock that stands still between calls would
+    never tick there. So each read also advances it by one nanosecond, as
+    reading a real clock takes time: a timed round then lasts its awaited time
+    plus 1 ns, far below the resolution of anything awaited.
+    """
 
     # pytest-benchmark names its timer in reports and in --benchmark-json.
     __name__ = "awaited_time"
+    READ_TICK = 1e-9
 
     def __init__(self) -> None:
         self.elapsed = 0.0
+        self._reads = 0
 
     def __call__(self) -> float:
-        return self.elapsed
+        self._reads += 1
+        return self.elapsed + self._reads * self.READ_TICK
 
 
 class TrioBenchmark:
-    """Times awaited calls with pytest-benchmark; see the module docstring."""
+    """Times awaited calls with pytest-benchmark, in the test's own Trio run."""
 
-    def __init__(self, benchmark: Any) -> None:
+    def __init__(self, benchmark: Any, clock: AwaitedTime) -> None:
         self.benchmark = benchmark
-        self.clock = AwaitedTime()
-        self._installed = False
-
-    def _install_clock(self) -> None:
-        if self._installed:
-            return
-        fixture = self.benchmark
-        # pytest-benchmark calibrates against its timer's resolution, which it
-        # measures by calling the timer until it ticks: the awaited-time clock
-        # would never tick there. Lend it the real timer's resolution (same
-        # underlying clock), in this fixture's own table of precisions.
-        precision = fixture._get_precision(fixture._timer)
-        fixture._precisions = {**fixture._precisions, self.clock: precision}
-        fixture._timer = self.clock
-        self._installed = True
+        self.clock = clock
 
     async def _timed(
         self, async_fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        import trio
+
         start = trio.current_time()
         try:
             awaitable = async_fn(*args, **kwargs)
@@ -315,6 +282,8 @@ class TrioBenchmark:
             self.clock.elapsed += trio.current_time() - start
 
     def _timed_from_thread(self, async_fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        import trio
+
         def call(*args: Any, **kwargs: Any) -> Any:
             return trio.from_thread.run(self._timed, async_fn, args, kwargs)
 
@@ -324,6 +293,7 @@ class TrioBenchmark:
     def _untimed_from_thread(fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
         if fn is None:
             return None
+        import trio
 
         async def call_maybe_async(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             result = fn(*args, **kwargs)
@@ -337,6 +307,8 @@ class TrioBenchmark:
         return call
 
     async def _in_thread(self, run: Callable[[], Any]) -> Any:
+        import trio
+
         try:
             trio.lowlevel.current_trio_token()
         except RuntimeError:
@@ -344,7 +316,6 @@ class TrioBenchmark:
                 "await trio_benchmark(...) from inside Trio (an async test under "
                 "pytest-trio, for example)"
             ) from None
-        self._install_clock()
         return await trio.to_thread.run_sync(run)
 
     async def __call__(self, async_fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
@@ -389,12 +360,32 @@ class TrioBenchmark:
 
 @pytest.fixture
 def trio_benchmark(request: pytest.FixtureRequest) -> TrioBenchmark:
-    """pytest-benchmark for awaited calls in Trio; see the module docstring."""
-    try:
-        benchmark = request.getfixturevalue("benchmark")
-    except pytest.FixtureLookupError:
+    """pytest-benchmark for awaited calls, in the test's Trio run: ``await
+    trio_benchmark(async_fn, *args)``, ``await trio_benchmark.pedantic(...)``.
+    Times only the awaited call, not the hand-offs between threads. Needs
+    pytest-benchmark. See "Testing and profiling with pytest" in the
+    trio_parallel_fs documentation.
+    """
+    # Checked before asking for the fixture, so that the user sees one line
+    # (pytest.fail inside an except block would show the lookup error too).
+    if not request.config.pluginmanager.hasplugin("benchmark"):
         pytest.fail(
-            "trio_benchmark needs pytest-benchmark: pip install 'trio_parallel_fs[bench]'",
+            "trio_benchmark needs pytest-benchmark, which is not installed or not "
+            "loaded (-p no:benchmark): pip install pytest-benchmark",
             pytrace=False,
         )
-    return TrioBenchmark(benchmark)
+    if "benchmark" in request.fixturenames:
+        pytest.fail(
+            f"{request.node.name} uses both benchmark and trio_benchmark; pytest-benchmark "
+            "allows one benchmark per test: use trio_benchmark for awaited calls, or "
+            "benchmark for sync ones",
+            pytrace=False,
+        )
+    # pytest-benchmark's fixture takes its timer from the closest ``benchmark``
+    # marker: hand it the awaited-time clock there, keeping the test's own
+    # options (max_time, min_rounds, group...). A ``timer`` given there is replaced.
+    clock = AwaitedTime()
+    closest = request.node.get_closest_marker("benchmark")
+    options = dict(closest.kwargs) if closest is not None else {}
+    request.node.add_marker(pytest.mark.benchmark(**{**options, "timer": clock}), append=False)
+    return TrioBenchmark(request.getfixturevalue("benchmark"), clock)
