@@ -1,0 +1,461 @@
+"""Run synchronous functions from Trio on a Dask cluster: ``run_sync``, scaled out.
+
+Needs the ``dask`` extra (``pip install 'trio_parallel_fs[dask]'``). Importing
+``trio_parallel_fs`` alone never imports Dask; importing this module does.
+
+.. code-block:: python
+
+    from trio_parallel_fs.dask import open_dask_context
+
+    async with open_dask_context("tcp://scheduler:8786", preload=["numpy"]) as ctx:
+        result = await ctx.run_sync(fn, *args)
+
+Theory of operation: each call submits ``fn(*args)`` through a synchronous
+``distributed.Client``, from the Trio thread (so pickling the arguments costs
+the caller, as with the local backend). Waiting and fetching the result happen
+on the client's own event loop, which wakes the Trio task through its
+`trio.lowlevel.TrioToken` when done (``_dask_bridge``): no thread is blocked
+per call. A `trio.CapacityLimiter` sized to the cluster's threads keeps at
+most one job per Dask thread in flight; a background task polls the scheduler
+and resizes it as workers come and go. Dask cannot stop a thread that runs a
+job, so cancelling with ``kill_on_cancel`` restarts the worker process through
+its nanny (``_kill``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import attrs
+import cloudpickle
+import trio
+from distributed import Client
+
+from . import _dask_worker
+from ._dask_bridge import LoopBridge
+from ._dask_job import Job, cancel_job, run_job, unwrap
+from ._describe import describe
+from ._errors import BrokenWorkerError
+
+# The worker-side code travels by value: Dask workers need ``distributed``,
+# not trio_parallel_fs (nor trio, which importing it would bring).
+cloudpickle.register_pickle_by_value(_dask_worker)
+
+T = TypeVar("T")
+
+__all__ = ["DaskContext", "DaskContextStatistics", "open_dask_context"]
+
+#: How long ``kill_on_cancel`` may take to find and kill a job's worker.
+RESTART_TIMEOUT = 60.0
+#: Seconds a nanny lets its worker try to close before killing it: a worker
+#: whose thread runs a job can only finish closing once the job returns.
+KILL_GRACE = 0.5
+
+
+@attrs.frozen
+class DaskContextStatistics:
+    """A snapshot of a `DaskContext`.
+
+    Attributes:
+        scheduler_address: The scheduler the context's client talks to.
+        workers: Dask workers in the cluster at the last look (see
+            ``refresh_interval`` of `open_dask_context`).
+        total_threads: Their threads, which is the default limiter's size.
+        running_jobs: Jobs of this context submitted and not yet ended.
+        submitted_jobs: Jobs submitted so far.
+        completed_jobs: Jobs that returned a value.
+        failed_jobs: Jobs that raised an exception.
+        broken_jobs: Jobs whose worker died under them (`BrokenWorkerError`).
+        killed_jobs: Jobs cancelled with ``kill_on_cancel``.
+        restarted_workers: Workers this context restarted to stop a killed job.
+        preload: The modules every worker imports before its first job.
+    """
+
+    scheduler_address: str
+    workers: int
+    total_threads: int
+    running_jobs: int
+    submitted_jobs: int
+    completed_jobs: int
+    failed_jobs: int
+    broken_jobs: int
+    killed_jobs: int
+    restarted_workers: int
+    preload: tuple[str, ...]
+
+
+_SYNC_FLAGS_MASK = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_GENERATOR
+
+
+def _check_sync(fn: Callable[..., Any]) -> None:
+    # The same rule as the local run_sync: a plain function is decided from its
+    # code flags alone.
+    if type(fn) is types.FunctionType and not fn.__code__.co_flags & _SYNC_FLAGS_MASK:
+        return
+    if not callable(fn):
+        raise TypeError(f"run_sync needs a callable, not {type(fn).__name__} {fn!r}")
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            f"{describe(fn)} is an async function; run_sync runs synchronous functions "
+            "on Dask workers. Await it directly, or pass a sync function that runs it."
+        )
+    if inspect.isgeneratorfunction(fn):
+        raise TypeError(
+            f"{describe(fn)} is a generator function; its generator cannot leave the "
+            "worker. Pass a function that returns a list (or another picklable value)."
+        )
+
+
+def _check_preload(preload: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(preload, str):
+        raise TypeError(f"preload must be a list of module names, not the string {preload!r}; try [{preload!r}]")
+    modules = tuple(preload)
+    for name in modules:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"preload must hold module names (non-empty strings), not {name!r}")
+    return modules
+
+
+async def _nthreads(client: Any) -> dict[str, int]:
+    result: dict[str, int] = await client.nthreads(asynchronous=True)
+    return result
+
+
+async def _job_states(client: Any, key: str) -> dict[str, Any]:
+    states: dict[str, Any] = await client.run(_dask_worker.job_state, key, on_error="return", asynchronous=True)
+    return states
+
+
+async def _nannies(client: Any, workers: list[str]) -> dict[str, str | None]:
+    """The nanny address of each worker (None: it has none, or it has left)."""
+    info = (await client.scheduler.identity(n_workers=-1))["workers"]
+    return {addr: info.get(addr, {}).get("nanny") for addr in workers}
+
+
+async def _kill_through_nannies(client: Any, workers: list[str]) -> dict[str, Any]:
+    outcome: dict[str, Any] = await client.run(
+        _dask_worker.kill_worker_process, KILL_GRACE, workers=workers, nanny=True, on_error="return", asynchronous=True
+    )
+    return outcome
+
+
+class DaskContext:
+    """Runs jobs on one Dask cluster, through one client.
+
+    Made by `open_dask_context`, not directly. It belongs to the Trio run that
+    opened it (its limiter is a `trio.CapacityLimiter`).
+    """
+
+    def __init__(self, client: Client, preload: tuple[str, ...], *, _private: bool = False) -> None:
+        if not _private:
+            raise TypeError("use open_dask_context() to make a DaskContext")
+        self.client = client
+        self.preload = preload
+        loop: Any = client.loop  # a tornado IOLoop around the asyncio loop of the client's thread
+        scheduler: Any = client.scheduler
+        self.scheduler_address: str = scheduler.address
+        self._bridge = LoopBridge(loop.asyncio_loop)
+        self._token = trio.lowlevel.current_trio_token()
+        self._limiter = trio.CapacityLimiter(1)
+        self._nthreads: dict[str, int] = {}
+        self._plugin_name: str | None = None
+        self._closed = False
+        self._running = 0
+        self._counts = dict.fromkeys(["submitted", "completed", "failed", "broken", "killed", "restarted"], 0)
+
+    def __repr__(self) -> str:
+        return f"<DaskContext scheduler={self.scheduler_address!r} preload={self.preload!r}>"
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        """The default limiter of `run_sync`: as many tokens as the cluster has
+        threads (at least one), kept up to date as workers join and leave."""
+        return self._limiter
+
+    @trio.lowlevel.enable_ki_protection
+    async def run_sync(
+        self,
+        sync_fn: Callable[..., T],
+        *args: Any,
+        kill_on_cancel: bool = False,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> T:
+        """Run ``sync_fn(*args)`` on a Dask worker and return or raise its outcome.
+
+        The same contract as `trio_parallel_fs.run_sync`, on the cluster: the
+        function and arguments travel by Dask's pickling (cloudpickle for
+        functions defined in ``__main__``), and each call is a new Dask task
+        (``pure=False``), run once even if its arguments repeat.
+
+        Args:
+            sync_fn: A synchronous callable. Async and generator functions are refused.
+            *args: Its positional arguments; use `functools.partial` for keywords.
+            kill_on_cancel: Let cancellation stop the job; see below.
+            limiter: The `trio.CapacityLimiter` (or any async context manager)
+                bounding how many jobs this call shares the cluster with.
+                Default: the context's `limiter`.
+
+        Returns:
+            Whatever ``sync_fn(*args)`` returns.
+
+        Raises:
+            BaseException: Whatever ``sync_fn(*args)`` raises, with the worker's
+                traceback as a `trio_parallel_fs.RemoteTraceback` as its cause.
+            trio_parallel_fs.BrokenWorkerError: the worker died while running
+                the job (Dask's ``KilledWorker``; the message names the worker's
+                address), or the cluster dropped the job (the client lost its
+                scheduler).
+            pickle.PicklingError: the function or an argument cannot be pickled.
+            TypeError: ``sync_fn`` is async, a generator function, or not callable.
+            trio.ClosedResourceError: the context is closed.
+
+        Cancellation handling:
+            Entering ``run_sync`` is a checkpoint: a call made in an
+            already-cancelled scope raises `trio.Cancelled` and submits
+            nothing. Waiting for the limiter is cancellable. Once the job is
+            submitted, by default the wait is shielded: the call returns the
+            result, and cancellation takes effect at your next checkpoint.
+            With ``kill_on_cancel=True`` the Dask future is cancelled; if a
+            worker already runs the job, that worker process is restarted
+            through its nanny (Dask cannot stop a running thread), which stops
+            the job and frees its CPU, and any other job running on that
+            worker is retried by Dask elsewhere. The call waits for that, then
+            `trio.Cancelled` propagates. A worker without a nanny cannot be
+            restarted: the job is abandoned there and a `RuntimeWarning` says so.
+        """
+        _check_sync(sync_fn)
+        if self._closed:
+            raise trio.ClosedResourceError("this Dask context is closed")
+        if trio.lowlevel.current_trio_token() is not self._token:
+            raise RuntimeError(
+                "this Dask context belongs to the trio.run that opened it; open another "
+                "context (sharing the same Client) in this run"
+            )
+        if limiter is None:
+            limiter = self._limiter
+        elif not (hasattr(limiter, "__aenter__") and hasattr(limiter, "__aexit__")):
+            raise TypeError(
+                f"limiter must be a trio.CapacityLimiter or another async context manager, "
+                f"not {type(limiter).__name__} {limiter!r}"
+            )
+        await trio.lowlevel.checkpoint_if_cancelled()
+        async with limiter:
+            return await self._run(sync_fn, args, kill_on_cancel)  # type: ignore[no-any-return]
+
+    async def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], kill_on_cancel: bool) -> Any:
+        job = Job(fn, args)
+        self._counts["submitted"] += 1
+        self._running += 1
+        try:
+            pending = self._bridge.start(run_job, self.client, job)
+            if kill_on_cancel:
+                try:
+                    settled = await pending.wait()
+                except trio.Cancelled:
+                    with trio.CancelScope(shield=True):
+                        await self._kill(job)
+                    self._counts["killed"] += 1
+                    raise
+            else:
+                with trio.CancelScope(shield=True):
+                    settled = await pending.wait()
+        finally:
+            self._running -= 1
+        try:
+            value = unwrap(settled, fn, args)
+        except BrokenWorkerError:
+            self._counts["broken"] += 1
+            raise
+        except BaseException:
+            self._counts["failed"] += 1
+            raise
+        self._counts["completed"] += 1
+        return value
+
+    async def _kill(self, job: Job) -> None:
+        """Stop a job for ``kill_on_cancel``: cancel its future, and restart the
+        worker whose thread runs it, if one does.
+
+        The job's own coroutine on the client's loop is left to end by itself
+        (it sees the future cancelled): cancelling Dask's gather halfway makes
+        asyncio complain about a task exception nobody retrieved.
+        """
+        await self._bridge.run(cancel_job, self.client, job)
+        key = job.future.key
+        # Once the scheduler has cancelled the key it sends it to no worker, but
+        # the worker it was sent to may not have heard yet: there it may still
+        # sit queued, and could start. Ask until no worker holds it queued.
+        with trio.move_on_after(RESTART_TIMEOUT):
+            while True:
+                states = await self._bridge.run(_job_states, self.client, key)
+                running = sorted(addr for addr, state in states.items() if state == _dask_worker.RUNNING)
+                if running:
+                    await self._restart(running, key)
+                    return
+                if _dask_worker.QUEUED not in states.values():
+                    return
+                await trio.sleep(0.01)
+
+    async def _restart(self, workers: list[str], key: str) -> None:
+        """Kill the worker processes running ``key`` through their nannies,
+        which start fresh ones in their place."""
+        nannies = await self._bridge.run(_nannies, self.client, workers)
+        orphans = [addr for addr in workers if not nannies.get(addr)]
+        if orphans:
+            warnings.warn(
+                f"kill_on_cancel could not stop job {key!r}: Dask worker(s) {orphans} have no nanny "
+                "to restart them, so the job runs on there until it returns. Start workers with a "
+                "nanny (the default of dask worker and LocalCluster) to let cancellation stop jobs.",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+        workers = [addr for addr in workers if nannies.get(addr)]
+        if workers:
+            outcome = await self._bridge.run(_kill_through_nannies, self.client, workers)
+            self._counts["restarted"] += sum(status == _dask_worker.KILLED for status in outcome.values())
+
+    def statistics(self) -> DaskContextStatistics:
+        """A `DaskContextStatistics` snapshot."""
+        return DaskContextStatistics(
+            scheduler_address=self.scheduler_address,
+            workers=len(self._nthreads),
+            total_threads=sum(self._nthreads.values()),
+            running_jobs=self._running,
+            submitted_jobs=self._counts["submitted"],
+            completed_jobs=self._counts["completed"],
+            failed_jobs=self._counts["failed"],
+            broken_jobs=self._counts["broken"],
+            killed_jobs=self._counts["killed"],
+            restarted_workers=self._counts["restarted"],
+            preload=self.preload,
+        )
+
+    def _set_workers(self, nthreads: dict[str, int]) -> None:
+        self._nthreads = dict(nthreads)
+        # At least one token, so that calls queue here (not on the scheduler)
+        # while an adaptive cluster has no worker yet.
+        self._limiter.total_tokens = max(1, sum(nthreads.values()))
+
+    async def _follow_workers(self, interval: float) -> None:
+        """Resize the limiter as workers join and leave, every ``interval`` seconds."""
+        while True:
+            await trio.sleep(interval)
+            try:
+                nthreads = await self._bridge.run(_nthreads, self.client)
+            except Exception:  # noqa: BLE001 - the scheduler is away; keep the last size
+                continue
+            self._set_workers(nthreads)
+
+    async def _start(self) -> None:
+        self._set_workers(await self._bridge.run(_nthreads, self.client))
+        if not self.preload:
+            return
+        name = f"trio_parallel_fs-preload-{uuid.uuid4().hex}"
+        plugin = _dask_worker.PreloadPlugin(self.preload)
+        register = functools.partial(self.client.register_plugin, plugin, name=name)
+        try:
+            # Registered once: the scheduler hands it to every worker that joins later.
+            await trio.to_thread.run_sync(register)
+        except Exception as exc:  # noqa: BLE001 - whatever the import raised on a worker
+            await trio.to_thread.run_sync(self.client.unregister_worker_plugin, name)
+            raise ImportError(
+                f"could not preload {list(self.preload)} on the Dask workers: {type(exc).__name__}: {exc}. "
+                "The workers import these modules, not this process: install them in the workers' "
+                "environment (or fix the module that raised)."
+            ) from exc
+        self._plugin_name = name
+
+    async def _aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            self._closed = True
+            # Jobs still running belong to tasks outside the context's block.
+            while self._running:  # noqa: ASYNC110 - counted, not an event, like the local context
+                await trio.sleep(0.01)
+            if self._plugin_name is not None:
+                try:
+                    await trio.to_thread.run_sync(self.client.unregister_worker_plugin, self._plugin_name)
+                except Exception:  # noqa: BLE001 - a cluster that is gone keeps no plugin
+                    pass
+
+
+async def _connect(client_or_address: Client | str) -> tuple[Client, bool]:
+    """The client to use, and whether the context owns (and closes) it."""
+    if isinstance(client_or_address, str):
+        connect = functools.partial(Client, client_or_address, set_as_default=False)
+        return await trio.to_thread.run_sync(connect), True
+    if isinstance(client_or_address, Client):
+        if client_or_address.asynchronous:
+            raise TypeError(
+                "open_dask_context needs a synchronous distributed.Client (its own event loop in a "
+                "thread), not an asynchronous one; make it with Client(address) outside asyncio"
+            )
+        if client_or_address.status != "running":
+            raise trio.ClosedResourceError(
+                f"the distributed.Client given to open_dask_context is {client_or_address.status!r}, "
+                "not 'running'; pass a connected client, or the scheduler's address"
+            )
+        return client_or_address, False
+    raise TypeError(
+        "open_dask_context takes a distributed.Client or a scheduler address such as "
+        f"'tcp://127.0.0.1:8786', not {type(client_or_address).__name__} {client_or_address!r}"
+    )
+
+
+@asynccontextmanager
+async def open_dask_context(
+    client_or_address: Client | str,
+    *,
+    preload: Iterable[str] = (),
+    refresh_interval: float = 1.0,
+) -> AsyncIterator[DaskContext]:
+    """Open a `DaskContext` that runs jobs on a Dask cluster.
+
+    Args:
+        client_or_address: A connected synchronous ``distributed.Client``,
+            which the context uses and leaves open; or a scheduler address
+            (``"tcp://host:8786"``), to which the context connects its own
+            client and closes it at exit.
+        preload: Modules every worker imports before its first job: the
+            workers there now, and those that join later (a Dask worker
+            plugin, removed at exit). A module that fails to import on a
+            worker there now raises here.
+        refresh_interval: Seconds between looks at the cluster's workers,
+            which resize the default limiter.
+
+    On exit the context waits for jobs still running in it (not cancellable,
+    so hand the context only to tasks inside the block), then removes its
+    plugin.
+
+    Raises:
+        TypeError: ``client_or_address`` is neither a synchronous Client nor
+            a string, or ``preload`` is not a list of module names.
+        ImportError: a preload failed on a worker; its exception is the cause.
+        OSError: the scheduler at the address could not be reached.
+    """
+    modules = _check_preload(preload)
+    if not refresh_interval > 0:
+        raise ValueError(f"refresh_interval must be a positive number of seconds, not {refresh_interval!r}")
+    client, owned = await _connect(client_or_address)
+    try:
+        context = DaskContext(client, modules, _private=True)
+        await context._start()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(context._follow_workers, refresh_interval)
+                try:
+                    yield context
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            await context._aclose()
+    finally:
+        if owned:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(client.close)
