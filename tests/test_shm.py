@@ -442,7 +442,7 @@ def peer():
 
 
 def test_round_trips_with_another_process(peer):
-    for name, array in ARRAYS.items():
+    for array in ARRAYS.values():
         (copied, echoed), _, _ = peer.call("copy_and_echo", array)
         np.testing.assert_array_equal(copied, array)
         np.testing.assert_array_equal(echoed, array)
