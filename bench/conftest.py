@@ -4,8 +4,9 @@ the repository's testpaths is tests/). Needs ``pip install '.[bench]'``.
 Useful options: ``--benchmark-max-time=0.2`` for a shorter run,
 ``--benchmark-group-by=group`` (the default here groups by case), ``-k warm``
 for one case, ``--benchmark-autosave`` / ``--benchmark-compare`` to track
-changes. ``python -m bench`` is the side-by-side report with ratios and the
-DESIGN.md targets; these suites time the same cases, for regression tracking.
+changes. ``python -m bench`` is the side-by-side report, with ratios against
+trio-parallel, anyio and the floors; these suites time the same cases, for
+regression tracking.
 
 Our contexts come from the plugin's leak-checked ``worker_context`` fixture
 and are timed with its ``trio_benchmark``; the other systems come from the

@@ -351,6 +351,38 @@ def test_migration_page_maps_every_trio_parallel_name_and_keyword() -> None:
     assert not missing, f"migration.rst does not map: {missing}"
 
 
+def test_user_facing_text_names_no_internal_document() -> None:
+    """Pages, READMEs and the benchmark report speak of measured figures and
+    ratios, not of internal design targets or files a user does not have."""
+    pages = [*DOCS.glob("*.rst"), ROOT / "README.md", ROOT / "bench" / "README.md"]
+    texts = {str(path.relative_to(ROOT)): path.read_text() for path in pages}
+    offenders = [name for name, text in texts.items() if "DESIGN.md" in text]
+    assert not offenders, f"these name DESIGN.md: {offenders}"
+
+
+def test_bench_report_shows_ratios_against_peers_and_floor() -> None:
+    """``python -m bench``'s ratio table: ours against trio-parallel (spawn and
+    forkserver), anyio and the floor; no target or met/not-met column."""
+    code = """
+from bench._runner import Settings, build_report, render
+us = 1e-6
+warm = {"tpf-fs": [100 * us], "tpf-spawn": [100 * us], "tp-spawn": [200 * us], "tp-fs": [300 * us],
+        "anyio": [150 * us], "thread": [90 * us], "echo": [50 * us]}
+report = build_report(Settings.quick_mode(), {"data": {"warm": warm}})
+print(render(Settings.quick_mode(), report, {"python": "3", "cpus": 2, "platform": "x"}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    header = r"^case\s+fs vs tp sp\s+fs vs tp fs\s+sp vs tp sp\s+fs vs anyio\s+× floor$"
+    assert re.search(header, out, re.MULTILINE), out
+    # 200/100, 300/100, 200/100, 150/100 times better; 100/50 floors.
+    row = r"^warm call p50, trivial fn\s+2\.00×\s+3\.00×\s+2\.00×\s+1\.50×\s+2\.00×$"
+    assert re.search(row, out, re.MULTILINE), out
+    for word in ("target", "DESIGN", " met", "NO"):
+        assert word not in out, f"{word!r} in the bench report:\n{out}"
+
+
 def test_docs_build_without_warnings(tmp_path: Path) -> None:
     if importlib.util.find_spec("sphinx") is None:
         pytest.skip("sphinx is not installed: pip install 'sphinx>=7'")
