@@ -1,0 +1,372 @@
+"""The Dask backend against a real LocalCluster: two worker processes (each
+with its nanny) of one thread each, started once for this file.
+
+The job functions below live at module level: the workers import this module
+to run them, as they would the user's code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing import resource_tracker
+from pathlib import Path
+
+import distributed
+import psutil
+import pytest
+import trio
+from conftest import descendants, open_fds, wait_until_gone
+
+import trio_parallel_fs
+from trio_parallel_fs.dask import open_dask_context
+
+# A stdlib module that a fresh Dask worker has not imported.
+PRELOADED = "colorsys"
+
+
+def imported(module: str) -> str:
+    """An expression for ``eval`` on a worker: is ``module`` imported there?
+    (``eval`` is a builtin, so running it imports nothing on the worker.)"""
+    return f"{module!r} in __import__('sys').modules"
+
+
+# --- jobs (they run on the workers) ------------------------------------------
+
+
+class JobFailed(Exception):
+    pass
+
+
+def fail(x: int) -> None:
+    def nested() -> None:
+        raise JobFailed(f"job failed on {x}")
+
+    nested()
+
+
+def die(code: int) -> None:
+    os._exit(code)
+
+
+def spin(pid_file: str, seconds: float) -> int:
+    """Busy the CPU; say which process does it first."""
+    Path(pid_file).write_text(str(os.getpid()))
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return os.getpid()
+
+
+def nap(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+async def coroutine_fn() -> None:
+    pass
+
+
+def generator_fn() -> object:
+    yield 1
+
+
+def plugin_names(dask_scheduler: object) -> list[str]:
+    return list(dask_scheduler.worker_plugins)  # type: ignore[attr-defined]
+
+
+# --- the cluster, once per file -------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leftovers():
+    """This file's version of conftest's check: a cluster kept for the whole
+    module would trip a per-test check, so the check is per module, after
+    the cluster has closed."""
+    # multiprocessing's helper process (and the pipe to it), which the nannies'
+    # spawning starts on first use and which lives as long as this interpreter:
+    # started here, before the snapshot, it is not one of the cluster's.
+    resource_tracker.ensure_running()
+    before_pids = {p.pid for p in descendants()}
+    before_fds = open_fds()
+    yield
+    new = {p.pid for p in descendants()} - before_pids
+    left = wait_until_gone(new, 10.0)
+    details = [psutil.Process(p).as_dict(["pid", "cmdline", "status"]) for p in left if psutil.pid_exists(p)]
+    assert not left, f"processes left behind: {details}"
+    leaked = open_fds() - before_fds
+    assert not leaked, f"file descriptors left open: {sorted(leaked)}"
+
+
+@pytest.fixture(scope="module")
+def cluster(no_leftovers):
+    # allowed_failures=0: a job whose worker dies fails at once, as run_sync's
+    # does locally (Dask's default retries it on three more workers).
+    with distributed.LocalCluster(
+        processes=True,
+        n_workers=2,
+        threads_per_worker=1,
+        dashboard_address=None,
+        scheduler_kwargs={"allowed_failures": 0},
+    ) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with distributed.Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.fixture(autouse=True)
+def two_workers(client):
+    """Each test starts with both workers up: a nanny replaces a killed worker
+    in the background, which can outlast the test that killed it."""
+    client.wait_for_workers(2, timeout=60)
+
+
+async def on_workers(client, fn, *args):
+    """``client.run`` (a blocking call) from Trio: {worker address: result}."""
+    return await trio.to_thread.run_sync(lambda: client.run(fn, *args))
+
+
+async def restart_all_workers(client):
+    workers = list(client.scheduler_info()["workers"])
+    await trio.to_thread.run_sync(lambda: client.restart_workers(workers, timeout=60))
+
+
+# --- tests -----------------------------------------------------------------------
+
+
+def test_importing_trio_parallel_fs_does_not_import_dask():
+    code = (
+        "import sys, trio_parallel_fs\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed'))\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "[]\n"
+
+
+async def test_results_come_back_in_order(client):
+    with trio.fail_after(60):
+        async with open_dask_context(client) as ctx:
+            assert await ctx.run_sync(pow, 2, 10) == 1024
+            results = [None] * 8
+
+            async def one(i: int) -> None:
+                results[i] = await ctx.run_sync(pow, i, 2)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(one, i)
+            assert results == [i * i for i in range(8)]
+            stats = ctx.statistics()
+    assert (stats.submitted_jobs, stats.completed_jobs, stats.running_jobs) == (9, 9, 0)
+
+
+async def test_a_job_error_arrives_with_its_type_and_remote_traceback(client):
+    with trio.fail_after(60):
+        async with open_dask_context(client) as ctx:
+            with pytest.raises(JobFailed, match="^job failed on 7$") as caught:
+                await ctx.run_sync(fail, 7)
+            stats = ctx.statistics()
+    remote = caught.value.__cause__
+    assert isinstance(remote, trio_parallel_fs.RemoteTraceback)
+    # The worker's frames, in the file they come from, ending with the error.
+    assert "in nested" in remote.text
+    assert f'File "{__file__}"' in remote.text
+    assert remote.text.rstrip().endswith("JobFailed: job failed on 7")
+    assert (stats.failed_jobs, stats.completed_jobs) == (1, 0)
+
+
+async def test_async_and_generator_functions_are_refused(client):
+    async with open_dask_context(client) as ctx:
+        with pytest.raises(TypeError, match=r"coroutine_fn is an async function; run_sync runs synchronous"):
+            await ctx.run_sync(coroutine_fn)
+        with pytest.raises(TypeError, match=r"generator_fn is a generator function"):
+            await ctx.run_sync(generator_fn)
+        with pytest.raises(TypeError, match=r"run_sync needs a callable, not int 3"):
+            await ctx.run_sync(3)
+        assert ctx.statistics().submitted_jobs == 0
+
+
+async def test_an_unpicklable_argument_is_named(client):
+    async with open_dask_context(client) as ctx:
+        with pytest.raises(pickle.PicklingError, match=r"^cannot send len to the Dask cluster: argument 0 \(lock: "):
+            with trio.fail_after(30):
+                await ctx.run_sync(len, threading.Lock())
+        assert ctx.statistics().failed_jobs == 1
+
+
+async def test_entering_run_sync_is_a_checkpoint(client):
+    async with open_dask_context(client) as ctx:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await ctx.run_sync(pow, 2, 2)
+        assert scope.cancelled_caught
+        assert ctx.statistics().submitted_jobs == 0
+
+
+async def test_without_kill_on_cancel_the_call_is_shielded(client):
+    got = None
+    with trio.fail_after(60):
+        async with open_dask_context(client) as ctx:
+            with trio.CancelScope() as scope:
+
+                async def cancel_soon() -> None:
+                    await trio.sleep(0.3)
+                    scope.cancel()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cancel_soon)
+                    got = await ctx.run_sync(nap, 1.5)
+                    await trio.sleep(10)  # the cancellation lands here
+            stats = ctx.statistics()
+    assert scope.cancelled_caught
+    assert got == "slept"
+    assert (stats.completed_jobs, stats.killed_jobs) == (1, 0)
+
+
+async def test_kill_on_cancel_kills_the_worker_process_and_frees_its_slot(client, tmp_path):
+    pid_file = tmp_path / "pid"
+    with trio.fail_after(90):
+        async with open_dask_context(client) as ctx:
+            with trio.CancelScope() as scope:
+
+                async def cancel_once_spinning() -> None:
+                    while not pid_file.exists() or not pid_file.read_text():  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+                    scope.cancel()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cancel_once_spinning)
+                    await ctx.run_sync(spin, str(pid_file), 600, kill_on_cancel=True)
+            assert scope.cancelled_caught
+            spinner = int(pid_file.read_text())
+            # run_sync returned once the process was gone (a zombie at most).
+            try:
+                assert psutil.Process(spinner).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                pass
+            # Both slots serve jobs again: the other worker, and a fresh one
+            # the nanny started in place of the killed one.
+            await trio.to_thread.run_sync(lambda: client.wait_for_workers(2))
+            pids = []
+
+            async def one(i: int) -> None:
+                pids.append(await ctx.run_sync(spin, str(tmp_path / f"pid{i}"), 0.5))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(2):
+                    nursery.start_soon(one, i)
+            stats = ctx.statistics()
+    assert len(set(pids)) == 2 and spinner not in pids
+    assert (stats.killed_jobs, stats.restarted_workers, stats.completed_jobs) == (1, 1, 2)
+
+
+async def test_a_worker_dying_mid_job_is_a_broken_worker_error(client):
+    with trio.fail_after(90):
+        async with open_dask_context(client) as ctx:
+            with pytest.raises(trio_parallel_fs.BrokenWorkerError) as caught:
+                await ctx.run_sync(die, 3)
+            # The cluster heals: the nanny starts a new worker.
+            assert await ctx.run_sync(pow, 3, 3) == 27
+            stats = ctx.statistics()
+    error = caught.value
+    assert isinstance(error.__cause__, distributed.scheduler.KilledWorker)
+    address = error.__cause__.last_worker.address
+    assert f"the Dask worker at {address} (pid {error.pid}) died while running test_dask.die" in str(error)
+    assert error.function == "test_dask.die"
+    assert isinstance(error.pid, int)
+    assert (stats.broken_jobs, stats.completed_jobs) == (1, 1)
+
+
+async def test_preload_reaches_current_and_future_workers(client):
+    with trio.fail_after(120):
+        await restart_all_workers(client)
+        before = await on_workers(client, eval, imported(PRELOADED))
+        assert set(before.values()) == {False}
+        async with open_dask_context(client, preload=[PRELOADED]) as ctx:
+            now = await on_workers(client, eval, imported(PRELOADED))
+            assert set(now.values()) == {True}
+            await restart_all_workers(client)
+            # New worker processes: the plugin ran before their first job...
+            assert await ctx.run_sync(eval, imported(PRELOADED)) is True
+            later = await on_workers(client, eval, imported(PRELOADED))
+            assert set(later.values()) == {True} and set(later) != set(now)
+            # ...and it travels by value: the workers need not import trio.
+            assert set((await on_workers(client, eval, imported("trio"))).values()) == {False}
+            assert ctx.statistics().preload == (PRELOADED,)
+        # The plugin leaves with the context.
+        await restart_all_workers(client)
+        after = await on_workers(client, eval, imported(PRELOADED))
+        assert set(after.values()) == {False}
+        assert not [name for name in client.run_on_scheduler(plugin_names) if "trio_parallel_fs" in name]
+
+
+async def test_a_failing_preload_raises_at_open_and_leaves_no_plugin(client):
+    with trio.fail_after(60):
+        with pytest.raises(ImportError, match=r"could not preload \['no_such_module_here'\] on the Dask workers"):
+            async with open_dask_context(client, preload=["no_such_module_here"]):
+                pass  # pragma: no cover
+        names = await trio.to_thread.run_sync(client.run_on_scheduler, plugin_names)
+    assert not [name for name in names if "trio_parallel_fs" in name]
+
+
+async def test_the_limiter_follows_workers_that_join_and_leave(cluster, client):
+    with trio.fail_after(120):
+        async with open_dask_context(client, refresh_interval=0.05) as ctx:
+            assert ctx.limiter.total_tokens == 2
+            assert (ctx.statistics().workers, ctx.statistics().total_threads) == (2, 2)
+            try:
+                await trio.to_thread.run_sync(cluster.scale, 3)
+                while ctx.limiter.total_tokens != 3:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+                assert ctx.statistics().workers == 3
+            finally:
+                await trio.to_thread.run_sync(cluster.scale, 2)
+                await trio.to_thread.run_sync(lambda: client.wait_for_workers(2))
+            while ctx.limiter.total_tokens != 2:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            assert ctx.statistics().total_threads == 2
+
+
+async def test_a_limiter_of_ones_own(client):
+    limiter = trio.CapacityLimiter(1)
+    async with open_dask_context(client) as ctx:
+        assert await ctx.run_sync(pow, 5, 2, limiter=limiter) == 25
+        with pytest.raises(TypeError, match="limiter must be a trio.CapacityLimiter"):
+            await ctx.run_sync(pow, 5, 2, limiter=3)
+
+
+async def test_an_address_gets_its_own_client_closed_at_exit(cluster):
+    with trio.fail_after(60):
+        async with open_dask_context(cluster.scheduler_address) as ctx:
+            assert await ctx.run_sync(pow, 2, 5) == 32
+            assert ctx.statistics().scheduler_address == cluster.scheduler_address
+            own = ctx.client
+        assert own.status == "closed"
+
+
+async def test_a_client_passed_in_stays_open(client):
+    async with open_dask_context(client) as ctx:
+        assert ctx.client is client
+        assert await ctx.run_sync(pow, 2, 3) == 8
+    assert client.status == "running"
+    assert await trio.to_thread.run_sync(lambda: client.submit(pow, 2, 4).result()) == 16
+    with pytest.raises(trio.ClosedResourceError, match="this Dask context is closed"):
+        await ctx.run_sync(pow, 2, 3)
+
+
+async def test_bad_arguments_are_named():
+    with pytest.raises(TypeError, match=r"preload must be a list of module names, not the string 'numpy'"):
+        async with open_dask_context("tcp://127.0.0.1:1", preload="numpy"):
+            pass  # pragma: no cover
+    with pytest.raises(TypeError, match=r"takes a distributed.Client or a scheduler address .* not int 8786"):
+        async with open_dask_context(8786):
+            pass  # pragma: no cover
