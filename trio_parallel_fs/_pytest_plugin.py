@@ -224,7 +224,9 @@ def worker_context(request: pytest.FixtureRequest, worker_context_leak_timeout: 
                 pytest.fail(
                     f"{len(survivors)} process(es) of the worker context outlived it "
                     f"(still there {worker_context_leak_timeout}s after it closed; now "
-                    "killed):\n  " + "\n  ".join(described),
+                    "killed):\n  " + "\n  ".join(described) + "\n"
+                    "Stop what a job or hook starts before the context closes; a template or "
+                    "worker of the context itself left behind is a bug in trio_parallel_fs.",
                     pytrace=False,
                 )
 
