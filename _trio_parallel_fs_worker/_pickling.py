@@ -64,7 +64,7 @@ def _cloudpickle_out_of_band(obj: object) -> Pickled:
     return data, buffers
 
 
-def loads(payload: bytes | memoryview, buffers: list[memoryview] | None = None) -> Any:
+def loads(payload: bytes | bytearray | memoryview, buffers: list[memoryview] | None = None) -> Any:
     return pickle.loads(payload, buffers=buffers)
 
 

@@ -1,79 +1,200 @@
 """The wire protocol between the parent and a worker, without any I/O.
 
-Every message is a *frame*: a 10-byte header (kind, flags, payload length)
-followed by the payload. Both ends use the same two pure pieces below:
-``encode_frame`` to build bytes and ``FrameReader`` to cut a byte stream back
-into frames. The I/O around them differs (blocking in the worker, Trio in the
-parent), so it lives with each side.
+Both ends hold a `Connection` (h11's shape): ``send(event)`` turns a message
+into the byte pieces of one frame, ``receive_data(bytes)`` feeds what arrived,
+and ``next_event()`` hands back typed events, checked against what that end
+may receive. The I/O around it differs (blocking in the worker, Trio in the
+parent) and lives with each side; nothing here reads or writes a socket.
 
-Conversation on one worker channel::
+Every message is a *frame*: a 10-byte header (kind, flags, payload length)
+followed by the payload. Conversation on one worker channel::
 
     parent                          worker
-    CONFIG (first frame only)  ->
-                               <-   INIT_FAILED (init raised; worker exits)
-    JOB                        ->
-                               <-   VALUE | ERROR   (flags: retire reason)
-    (JOB_BUFFERS and VALUE_BUFFERS: the same, carrying large buffers apart
-    from the pickle, pickle protocol 5 style, so they are never copied into it)
-                               <-   BYE             (idle timeout; worker exits)
+    Config (first frame only)  ->
+                               <-   InitFailed   (init raised; worker exits)
+                               <-   Started      (init done; only if an init
+                                                  hook or max_memory is set)
+    Job                        ->
+                               <-   Value | Error (carries a Retire reason)
+                               <-   Bye          (idle timeout; worker exits)
     EOF                        ->   worker exits cleanly
 
-A worker that retires says so in the flags of its last result, so the parent
-never sends another job to a worker that is leaving.
+A Job or a Value may carry large pickle-5 buffers beside its pickle (the
+``_BUFFERS`` frame kinds), so they are never copied into it. A worker that
+retires says so in the flags of its last result, so the parent never sends a
+job to a worker that is leaving. A Bye can only follow a reply.
 """
 
 from __future__ import annotations
 
+import enum
 import struct
 
 HEADER = struct.Struct("!BBQ")
 
-# Frame kinds, parent -> worker.
-CONFIG = 1
-JOB = 2
-JOB_BUFFERS = 3
-# Frame kinds, worker -> parent.
-VALUE = 10
-ERROR = 11
-INIT_FAILED = 12
-BYE = 13
-VALUE_BUFFERS = 14
 
-_WITH_BUFFERS = {JOB: JOB_BUFFERS, VALUE: VALUE_BUFFERS}
+class Kind(enum.IntEnum):
+    CONFIG = 1
+    JOB = 2
+    JOB_BUFFERS = 3
+    VALUE = 10
+    ERROR = 11
+    INIT_FAILED = 12
+    BYE = 13
+    VALUE_BUFFERS = 14
+    STARTED = 15
 
-# Retire reasons, carried in the flags of a VALUE or ERROR frame.
-KEEP = 0
-RETIRE_MAX_JOBS = 1
-RETIRE_MEMORY = 2
-RETIRE_USER = 3
-RETIRE_HOOK_FAILED = 4  # the payload then holds the retire hook's error
 
-RETIRE_REASONS = {
-    RETIRE_MAX_JOBS: "jobs",
-    RETIRE_MEMORY: "memory",
-    RETIRE_USER: "user",
-    RETIRE_HOOK_FAILED: "hook_error",
+# Module-level names for the kinds, as the template and older code use them.
+CONFIG, JOB, JOB_BUFFERS = Kind.CONFIG, Kind.JOB, Kind.JOB_BUFFERS
+VALUE, ERROR, INIT_FAILED, BYE = Kind.VALUE, Kind.ERROR, Kind.INIT_FAILED, Kind.BYE
+VALUE_BUFFERS, STARTED = Kind.VALUE_BUFFERS, Kind.STARTED
+
+
+class Retire(enum.IntEnum):
+    """Why a worker leaves after the job whose reply carries this (flags)."""
+
+    KEEP = 0
+    MAX_JOBS = 1
+    MEMORY = 2
+    USER = 3
+    HOOK_FAILED = 4  # the reply is an Error holding the retire hook's exception
+
+    @property
+    def reason(self) -> str:
+        """The name statistics count it under."""
+        return _REASONS[self]
+
+
+_REASONS = {
+    Retire.KEEP: "",
+    Retire.MAX_JOBS: "jobs",
+    Retire.MEMORY: "memory",
+    Retire.USER: "user",
+    Retire.HOOK_FAILED: "hook_error",
 }
-
-_KINDS = {CONFIG, JOB, JOB_BUFFERS, VALUE, ERROR, INIT_FAILED, BYE, VALUE_BUFFERS}
-_COUNT = struct.Struct("!I")
 
 
 class ProtocolError(Exception):
-    """The byte stream does not hold valid frames."""
+    """The byte stream does not hold valid frames, or holds one this end may not get."""
+
+
+# --- events ---------------------------------------------------------------------
+
+
+class Config:
+    """The worker's settings (a pickled `WorkerSettings`), sent before its first job."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+class Job:
+    """A pickled ``(fn, args)``, with its out-of-band buffers."""
+
+    __slots__ = ("pickled", "buffers")
+
+    def __init__(self, pickled: bytes | bytearray | memoryview, buffers: list[memoryview] | None = None) -> None:
+        self.pickled = pickled
+        self.buffers = buffers or []
+
+
+class Value:
+    """A job's pickled result, with its out-of-band buffers."""
+
+    __slots__ = ("pickled", "buffers", "retire")
+
+    def __init__(
+        self,
+        pickled: bytes | bytearray | memoryview,
+        buffers: list[memoryview] | None = None,
+        retire: Retire = Retire.KEEP,
+    ) -> None:
+        self.pickled = pickled
+        self.buffers = buffers or []
+        self.retire = retire
+
+
+class Error:
+    """A job's exception, its chain and traceback (see ``_errorcodec``)."""
+
+    __slots__ = ("payload", "retire")
+
+    def __init__(self, payload: bytes, retire: Retire = Retire.KEEP) -> None:
+        self.payload = payload
+        self.retire = retire
+
+
+class InitFailed:
+    """The worker's ``init`` hook (or the template's preload) raised; it leaves."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+class Started:
+    """The worker's ``init`` hook returned: a death from now on is the job's.
+    ``memory``: its memory (by the context's metric) before any job, when
+    that is already above ``max_memory``; else -1."""
+
+    __slots__ = ("memory",)
+
+    def __init__(self, memory: int = -1) -> None:
+        self.memory = memory
+
+
+_STARTED = struct.Struct("!q")
+
+
+class Bye:
+    """The worker's idle timeout fired: it left without reading anything more."""
+
+    __slots__ = ()
+
+
+class Closed:
+    """The other end closed the channel. ``mid_frame``: in the middle of a frame."""
+
+    __slots__ = ("mid_frame",)
+
+    def __init__(self, mid_frame: bool) -> None:
+        self.mid_frame = mid_frame
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+Event = Config | Job | Value | Error | InitFailed | Started | Bye | Closed
+
+# What each end may receive.
+_PARENT_RECEIVES = {Kind.VALUE, Kind.VALUE_BUFFERS, Kind.ERROR, Kind.INIT_FAILED, Kind.STARTED, Kind.BYE}
+_WORKER_RECEIVES = {Kind.CONFIG, Kind.JOB, Kind.JOB_BUFFERS}
+_WITH_RETIRE = {Kind.VALUE, Kind.VALUE_BUFFERS, Kind.ERROR}
+_KIND_VALUES = {int(kind) for kind in Kind}
+
+# Payloads from this size on are received into a buffer of their own size.
+LARGE_PAYLOAD = 1 << 16
+
+
+# --- framing ------------------------------------------------------------------------
 
 
 def encode_frame(kind: int, payload: bytes = b"", flags: int = 0) -> bytes:
     return HEADER.pack(kind, flags, len(payload)) + payload
 
 
-def encode_header(kind: int, length: int, flags: int = 0) -> bytes:
-    return HEADER.pack(kind, flags, length)
-
-
 # Buffers start at multiples of this within the payload, so that arrays
 # rebuilt on the receiver's buffer are aligned for their element type.
 _ALIGN = 64
+_COUNT = struct.Struct("!I")
 
 
 def _aligned(offset: int) -> int:
@@ -86,10 +207,9 @@ def frame_parts(kind: int, pickled: bytes, buffers: list[memoryview], flags: int
     the payload is: buffer count, the pickle's and each buffer's length, the
     pickle, then each buffer at an aligned offset (zero padding between)."""
     if not buffers:
-        return [encode_frame(kind, pickled, flags)]
+        return [HEADER.pack(kind, flags, len(pickled)) + pickled]
     lengths = [len(pickled)] + [buffer.nbytes for buffer in buffers]
-    meta = _COUNT.pack(len(buffers)) + struct.pack(f"!{len(lengths)}Q", *lengths)
-    head = meta + pickled
+    head = _COUNT.pack(len(buffers)) + struct.pack(f"!{len(lengths)}Q", *lengths) + pickled
     parts: list[bytes | memoryview] = []
     offset = len(head)
     for buffer in buffers:
@@ -100,18 +220,24 @@ def frame_parts(kind: int, pickled: bytes, buffers: list[memoryview], flags: int
             head += b"\0" * padding
         parts.append(buffer)
         offset += padding + buffer.nbytes
-    return [encode_header(_WITH_BUFFERS[kind], offset, flags) + head, *parts]
+    return [HEADER.pack(_WITH_BUFFERS[kind], flags, offset) + head, *parts]
 
 
-def split_buffers(payload: bytes) -> tuple[memoryview, list[memoryview]]:
+_WITH_BUFFERS: dict[int, Kind] = {Kind.JOB: Kind.JOB_BUFFERS, Kind.VALUE: Kind.VALUE_BUFFERS}
+
+
+def split_buffers(payload: bytes | bytearray | memoryview) -> tuple[memoryview, list[memoryview]]:
     """The pickle and the buffers of a _BUFFERS payload, as views (no copy of a
     large payload, which arrives in a bytearray: arrays rebuilt on it are
     writable, as they would be from an in-band pickle)."""
     if isinstance(payload, bytes):
-        payload = bytearray(payload)  # type: ignore[assignment]
+        payload = bytearray(payload)
     view = memoryview(payload)
-    (count,) = _COUNT.unpack_from(view)
-    lengths = struct.unpack_from(f"!{count + 1}Q", view, _COUNT.size)
+    try:
+        (count,) = _COUNT.unpack_from(view)
+        lengths = struct.unpack_from(f"!{count + 1}Q", view, _COUNT.size)
+    except struct.error:
+        raise ProtocolError("a buffer table that does not fit its payload") from None
     offset = _COUNT.size + 8 * (count + 1)
     pickled = view[offset : offset + lengths[0]]
     offset += lengths[0]
@@ -126,47 +252,215 @@ def split_buffers(payload: bytes) -> tuple[memoryview, list[memoryview]]:
 
 
 class FrameReader:
-    """Accumulates bytes and yields complete frames, in order."""
+    """The one framer: accumulates bytes and cuts them into ``(kind, flags,
+    payload)`` frames, in order. A large payload can be received straight into
+    a buffer of its own size (`payload_buffer`), without a growing buffer."""
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._large: bytearray | None = None  # the payload of a large frame being read
+        self._large_header: tuple[int, int] = (0, 0)
+        self._large_have = 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._large is not None:
+            take = min(len(data), len(self._large) - self._large_have)
+            self._large[self._large_have : self._large_have + take] = data[:take]
+            self._large_have += take
+            data = data[take:]
         self._buffer += data
 
     @property
     def pending(self) -> int:
         """Bytes received that do not make a whole frame yet."""
-        return len(self._buffer)
+        return len(self._buffer) + (HEADER.size + self._large_have if self._large is not None else 0)
 
     def peek_header(self) -> tuple[int, int, int] | None:
         """``(kind, flags, payload length)`` of the frame being read, once known."""
+        if self._large is not None:
+            return (*self._large_header, len(self._large))
         if len(self._buffer) < HEADER.size:
             return None
         kind, flags, length = HEADER.unpack_from(self._buffer)
         return kind, flags, length
 
-    def take_payload_start(self) -> bytes:
-        """Drop the header of the frame being read and return the payload bytes
-        received so far: for a caller that reads the rest straight into a buffer
-        of the payload's size (only valid while the frame is incomplete)."""
-        start = bytes(self._buffer[HEADER.size :])
-        self._buffer.clear()
-        return start
+    def payload_buffer(self) -> memoryview | None:
+        """Where the rest of a large payload should be received (``recv_into``,
+        then `received`), or None when an ordinary read will do."""
+        if self._large is None:
+            header = self.peek_header()
+            if header is None or header[2] < LARGE_PAYLOAD:
+                return None
+            kind, flags, length = header
+            if len(self._buffer) >= HEADER.size + length:
+                return None  # already whole
+            self._check_kind(kind)
+            self._large = bytearray(length)
+            start = self._buffer[HEADER.size :]
+            self._large[: len(start)] = start
+            self._large_have = len(start)
+            self._large_header = (kind, flags)
+            self._buffer = bytearray()
+        return memoryview(self._large)[self._large_have :]
 
-    def next_frame(self) -> tuple[int, int, bytes] | None:
+    def received(self, count: int) -> None:
+        """``count`` bytes were written into the view `payload_buffer` gave."""
+        self._large_have += count
+
+    @staticmethod
+    def _check_kind(kind: int) -> None:
+        if kind not in _KIND_VALUES:
+            raise ProtocolError(f"unknown frame kind {kind}")
+
+    def next_frame(self) -> tuple[int, int, bytes | bytearray] | None:
         """Return ``(kind, flags, payload)`` or None if no whole frame is buffered."""
+        if self._large is not None:
+            if self._large_have < len(self._large):
+                return None
+            kind, flags = self._large_header
+            large, self._large = self._large, None
+            return kind, flags, large
         if len(self._buffer) < HEADER.size:
             return None
         kind, flags, length = HEADER.unpack_from(self._buffer)
-        if kind not in _KINDS:
-            raise ProtocolError(f"unknown frame kind {kind}")
+        self._check_kind(kind)
         end = HEADER.size + length
         if len(self._buffer) < end:
             return None
         payload = bytes(self._buffer[HEADER.size : end])
         del self._buffer[:end]
         return kind, flags, payload
+
+
+# --- the connection ----------------------------------------------------------------
+
+PARENT = "parent"
+WORKER = "worker"
+
+
+class Connection:
+    """One end of a worker channel, as a state machine over bytes.
+
+    ``our_role`` is `PARENT` or `WORKER`; each end may only send and receive
+    its own kinds of event, and a worker's first frame must be its Config.
+    """
+
+    def __init__(self, our_role: str) -> None:
+        if our_role not in (PARENT, WORKER):
+            raise ValueError(f"our_role must be {PARENT!r} or {WORKER!r}, not {our_role!r}")
+        self.our_role = our_role
+        self._receives = _PARENT_RECEIVES if our_role == PARENT else _WORKER_RECEIVES
+        self._reader = FrameReader()
+        self._eof = False
+        self._configured = our_role == PARENT  # a worker must get its Config first
+
+    # --- outgoing ---
+
+    def send(self, event: Event) -> list[bytes | memoryview]:
+        """The byte pieces of ``event``'s frame, to be written in order."""
+        if isinstance(event, Job):
+            self._check_sender(PARENT, event)
+            return frame_parts(Kind.JOB, event.pickled, event.buffers)  # type: ignore[arg-type]
+        if isinstance(event, Value):
+            self._check_sender(WORKER, event)
+            return frame_parts(Kind.VALUE, event.pickled, event.buffers, event.retire)  # type: ignore[arg-type]
+        if isinstance(event, Error):
+            self._check_sender(WORKER, event)
+            return [encode_frame(Kind.ERROR, event.payload, event.retire)]
+        if isinstance(event, Config):
+            self._check_sender(PARENT, event)
+            return [encode_frame(Kind.CONFIG, event.payload)]
+        if isinstance(event, InitFailed):
+            self._check_sender(WORKER, event)
+            return [encode_frame(Kind.INIT_FAILED, event.payload)]
+        if isinstance(event, Started):
+            self._check_sender(WORKER, event)
+            return [encode_frame(Kind.STARTED, _STARTED.pack(event.memory))]
+        if isinstance(event, Bye):
+            self._check_sender(WORKER, event)
+            return [encode_frame(Kind.BYE)]
+        raise TypeError(f"cannot send {event!r}")
+
+    def _check_sender(self, sender: str, event: Event) -> None:
+        if self.our_role != sender:
+            raise ProtocolError(f"the {self.our_role} cannot send {type(event).__name__}")
+
+    # --- incoming ---
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes that arrived; ``b""`` means the other end closed."""
+        if not data:
+            self._eof = True
+        else:
+            self._reader.feed(data)
+
+    def payload_buffer(self) -> memoryview | None:
+        """Where to ``recv_into`` the rest of a large payload, if one is being read
+        (then call `received`); None when an ordinary read will do."""
+        return self._reader.payload_buffer()
+
+    def received(self, count: int) -> None:
+        if count == 0:
+            self._eof = True
+        else:
+            self._reader.received(count)
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that are not part of an event handed out yet."""
+        return self._reader.pending
+
+    def next_event(self) -> Event | _NeedData:
+        """The next event, `NEED_DATA` if more bytes are needed, or `Closed` at EOF.
+
+        Raises:
+            ProtocolError: for an unknown kind, a kind this end may not receive,
+                bad flags, or a malformed payload.
+        """
+        frame = self._reader.next_frame()
+        if frame is None:
+            if self._eof:
+                return Closed(mid_frame=self._reader.pending > 0)
+            return NEED_DATA
+        kind, flags, payload = frame
+        if kind not in self._receives:
+            raise ProtocolError(f"the {self.our_role} received a {Kind(kind).name} frame, which only it sends")
+        if kind in _WITH_RETIRE:
+            try:
+                retire = Retire(flags)
+            except ValueError:
+                raise ProtocolError(f"unknown retire reason {flags} in a {Kind(kind).name} frame") from None
+        elif flags:
+            raise ProtocolError(f"a {Kind(kind).name} frame with flags {flags}")
+        if not self._configured:
+            if kind != Kind.CONFIG:
+                raise ProtocolError(f"expected a CONFIG frame first, got {Kind(kind).name}")
+            self._configured = True
+        elif kind == Kind.CONFIG:
+            raise ProtocolError("a second CONFIG frame")
+        if kind == Kind.VALUE:
+            return Value(payload, [], retire)
+        if kind == Kind.VALUE_BUFFERS:
+            pickled, buffers = split_buffers(payload)
+            return Value(pickled, buffers, retire)
+        if kind == Kind.ERROR:
+            return Error(bytes(payload), retire)
+        if kind == Kind.JOB:
+            return Job(payload)
+        if kind == Kind.JOB_BUFFERS:
+            pickled, buffers = split_buffers(payload)
+            return Job(pickled, buffers)
+        if kind == Kind.CONFIG:
+            return Config(bytes(payload))
+        if kind == Kind.INIT_FAILED:
+            return InitFailed(bytes(payload))
+        if kind == Kind.STARTED:
+            if len(payload) != _STARTED.size:
+                raise ProtocolError(f"a STARTED frame of {len(payload)} bytes, not {_STARTED.size}")
+            return Started(_STARTED.unpack(payload)[0])
+        if payload:
+            raise ProtocolError(f"a BYE frame with {len(payload)} payload bytes")
+        return Bye()
 
 
 # --- The template's control channel and status pipes -----------------------

@@ -1,7 +1,8 @@
 """The worker loop: receive a job, run it, send its outcome, decide whether to retire.
 
 Runs in a process forked by the template or in a freshly spawned interpreter;
-the loop is the same. It uses blocking I/O on one socket and never imports trio.
+the loop is the same. It does blocking I/O on one socket around the sans-IO
+`_protocol.Connection`, and never imports trio.
 """
 
 from __future__ import annotations
@@ -9,32 +10,30 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import os
 import pickle
 import random
 import select
 import socket
 import struct
 import sys
-import traceback
 from collections.abc import Callable
-from typing import Any
-
-import cloudpickle
 
 from . import _protocol as p
-from ._memory import MemoryWatch
+from ._describe import describe
+from ._errorcodec import encode_error
+from ._memory import MemoryWatch, memory_usage
 from ._pickling import dumps_value, loads
+from ._settings import WorkerHooks, WorkerSettings
 
 _RECV_SIZE = 1 << 16
-_LARGE_PAYLOAD = 1 << 20
 
-
-class ChannelClosed(Exception):
-    """The parent closed its end of the channel."""
+# The template's own handshake and rehearsal use these names.
+dump_error = encode_error
 
 
 class Inbox:
-    """Frames from the parent, read with as few syscalls as possible.
+    """Events from the parent, read with as few syscalls as possible.
 
     A small job arrives whole in one ``recv``. The idle timeout is a receive
     timeout on the socket (SO_RCVTIMEO) where the OS has one, rather than a
@@ -42,9 +41,9 @@ class Inbox:
     quicker wake-up.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, connection: p.Connection) -> None:
         self.sock = sock
-        self.reader = p.FrameReader()
+        self.connection = connection
         self.idle_timeout = math.inf
         self.kernel_timeout = False
 
@@ -57,62 +56,31 @@ class Inbox:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
                 self.kernel_timeout = True
 
-    def next_frame(self) -> tuple[int, int, bytes] | None:
-        """The next frame; None if the idle timeout passed with nothing received.
-
-        Raises ChannelClosed on EOF.
-        """
+    def next_event(self) -> p.Event | None:
+        """The next event (`p.Closed` at EOF); None if the idle timeout passed
+        with nothing received."""
+        connection = self.connection
         while True:
-            frame = self.reader.next_frame()
-            if frame is not None:
-                return frame
-            header = self.reader.peek_header()
-            if header is not None and header[2] >= _LARGE_PAYLOAD:
-                return self._receive_large(*header)
-            waiting = self.reader.pending == 0
+            event = connection.next_event()
+            if event is not p.NEED_DATA:
+                return event  # type: ignore[return-value]
+            buffer = connection.payload_buffer()
+            waiting = connection.pending == 0
             if waiting and not self.kernel_timeout and not wait_for_job(self.sock, self.idle_timeout):
                 return None
             try:
-                data = self.sock.recv(_RECV_SIZE)
+                if buffer is not None:
+                    # Straight into a buffer of the payload's size: no growing
+                    # buffer, no copies (a 128 MB argument arrives ~3x faster).
+                    connection.received(self.sock.recv_into(buffer))
+                else:
+                    connection.receive_data(self.sock.recv(_RECV_SIZE))
             except BlockingIOError:  # SO_RCVTIMEO expired
                 if waiting:
                     return None
-                continue  # mid-frame: the rest is on its way
-            if not data:
-                raise ChannelClosed
-            self.reader.feed(data)
-
-
-    def _receive_large(self, kind: int, flags: int, length: int) -> tuple[int, int, bytes]:
-        # Straight into a buffer of the payload's size: no growing buffer, no
-        # copies, no allocation per recv (a 128 MB argument arrives ~3x faster).
-        start = self.reader.take_payload_start()
-        payload = bytearray(length)
-        payload[: len(start)] = start
-        view = memoryview(payload)
-        have = len(start)
-        while have < length:
-            try:
-                count = self.sock.recv_into(view[have:])
-            except BlockingIOError:  # SO_RCVTIMEO expired mid-frame: keep reading
-                continue
-            if count == 0:
-                raise ChannelClosed
-            have += count
-        return kind, flags, payload  # type: ignore[return-value]
-
-
-def send_frame(sock: socket.socket, kind: int, payload: bytes = b"", flags: int = 0) -> None:
-    """Send one small frame (handshakes, BYE, INIT_FAILED); results go through
-    ``frame_parts``, which keeps large buffers out of the copy."""
-    sock.sendall(p.encode_frame(kind, payload, flags))
-
-
-def recv_frame(sock: socket.socket) -> tuple[int, int, bytes]:
-    """Receive one frame, blocking; for the handshakes before the job loop."""
-    frame = Inbox(sock).next_frame()
-    assert frame is not None  # no timeout was set
-    return frame
+                # mid-frame: the rest is on its way
+            except ConnectionResetError:
+                connection.receive_data(b"")
 
 
 def wait_for_job(sock: socket.socket, idle_timeout: float) -> bool:
@@ -127,188 +95,186 @@ def wait_for_job(sock: socket.socket, idle_timeout: float) -> bool:
     return bool(readable)
 
 
-def describe(fn: object) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
+def send_frame(sock: socket.socket, kind: int, payload: bytes = b"", flags: int = 0) -> None:
+    """Send one small frame (the template's handshake)."""
+    sock.sendall(p.encode_frame(kind, payload, flags))
 
 
-_MAX_CHAIN = 10
+def recv_frame(sock: socket.socket) -> tuple[int, int, bytes]:
+    """Receive one frame, blocking (the template's handshake)."""
+    reader = p.FrameReader()
+    while (frame := reader.next_frame()) is None:
+        data = sock.recv(_RECV_SIZE)
+        if not data:
+            raise EOFError("the parent closed the channel during the handshake")
+        reader.feed(data)
+    kind, flags, payload = frame
+    return kind, flags, bytes(payload)
 
 
-def _round_trip(obj: object) -> bytes:
-    """Pickle ``obj`` and load it back once: an exception whose ``__init__`` takes
-    other arguments than ``args`` pickles fine but fails to load, and the parent
-    must never be the one to find that out."""
-    data: bytes = cloudpickle.dumps(obj)
-    pickle.loads(data)
-    return data
-
-
-def _chain(exc: BaseException) -> list[tuple[str, bytes]]:
-    """The exceptions ``exc`` was raised from or during, each pickled on its own
-    (pickle keeps neither ``__cause__`` nor ``__context__``). The chain stops at
-    the first link that cannot travel."""
-    links: list[tuple[str, bytes]] = []
-    seen = {id(exc)}
-    current = exc
-    while len(links) < _MAX_CHAIN:
-        if current.__cause__ is not None:
-            how, nxt = "cause", current.__cause__
-        elif current.__context__ is not None and not current.__suppress_context__:
-            how, nxt = "context", current.__context__
-        else:
-            break
-        if id(nxt) in seen:
-            break
-        seen.add(id(nxt))
-        try:
-            links.append((how, _round_trip(nxt)))
-        except BaseException:  # noqa: BLE001 - the traceback text still shows it
-            break
-        current = nxt
-    return links
-
-
-def safe_str(exc: BaseException) -> str:
+def execute(job: p.Job) -> p.Value | p.Error:
+    """Run one job; its outcome as the event to send back."""
     try:
-        return str(exc)
-    except BaseException:  # noqa: BLE001 - a broken __str__ must not kill the worker
-        return f"<{type(exc).__name__} whose str() failed>"
-
-
-def dump_error(exc: BaseException) -> bytes:
-    """Pickle an exception, its chain and its formatted traceback, whatever they hold."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        return pickle.dumps((_round_trip(exc), _chain(exc), text))
-    except BaseException as why:  # noqa: BLE001 - anything the pickle machinery raises
-        stand_in = RuntimeError(
-            f"the job raised {type(exc).__module__}.{type(exc).__qualname__}: {safe_str(exc)}, "
-            f"which could not travel back from the worker ({type(why).__name__}: {safe_str(why)}); "
-            "its traceback follows. Give the exception picklable attributes and an "
-            "__init__ that accepts its args, or raise a simpler one."
-        )
-        return pickle.dumps((pickle.dumps(stand_in), [], text))
-
-
-def run_job(payload: bytes, kind: int = p.JOB) -> tuple[int, bytes, list[memoryview]]:
-    """Run one pickled job; return the frame kind, pickle and buffers of its outcome."""
-    try:
-        if kind == p.JOB_BUFFERS:
-            job_pickle, job_buffers = p.split_buffers(payload)
-            fn, args = loads(job_pickle, job_buffers)
-        else:
-            fn, args = loads(payload)
+        fn, args = loads(job.pickled, job.buffers)
     except BaseException as exc:  # noqa: BLE001
-        return p.ERROR, dump_error(exc), []
+        return p.Error(encode_error(exc))
     try:
         result = fn(*args)
     except BaseException as exc:  # noqa: BLE001 - the job's exception is its outcome
-        return p.ERROR, dump_error(exc), []
+        return p.Error(encode_error(exc))
     # An async function slipped through as a callable object returning a coroutine.
     if inspect.iscoroutine(result):
         result.close()
-        return p.ERROR, dump_error(
-            TypeError(f"{describe(fn)} returned a coroutine: it is an async function, "
-                      "and run_sync runs synchronous functions only")
-        ), []
+        return p.Error(
+            encode_error(
+                TypeError(
+                    f"{describe(fn)} returned a coroutine: it is an async function, "
+                    "and run_sync runs synchronous functions only"
+                )
+            )
+        )
     if inspect.isgenerator(result):
         result.close()
-        return p.ERROR, dump_error(
-            TypeError(f"{describe(fn)} returned a generator, which cannot leave the worker; "
-                      "return a list (or other picklable value) instead")
-        ), []
+        return p.Error(
+            encode_error(
+                TypeError(
+                    f"{describe(fn)} returned a generator, which cannot leave the worker; "
+                    "return a list (or other picklable value) instead"
+                )
+            )
+        )
     try:
         pickled, buffers = dumps_value(result)
-        return p.VALUE, pickled, buffers
     except BaseException as exc:  # noqa: BLE001
-        return p.ERROR, dump_error(
-            TypeError(f"the result of {describe(fn)}, a {type(result).__qualname__}, "
-                      f"could not be pickled to leave the worker: {type(exc).__name__}: {exc}")
-        ), []
+        return p.Error(
+            encode_error(
+                TypeError(
+                    f"the result of {describe(fn)}, a {type(result).__qualname__}, "
+                    f"could not be pickled to leave the worker: {type(exc).__name__}: {exc}"
+                )
+            )
+        )
+    return p.Value(pickled, buffers)
+
+
+def run_job(payload: bytes, kind: int = p.JOB) -> p.Value | p.Error:
+    """Run one job from its frame's payload (the template's rehearsal)."""
+    if kind == p.JOB_BUFFERS:
+        return execute(p.Job(*p.split_buffers(payload)))
+    return execute(p.Job(payload))
 
 
 class RetirePolicy:
     """Decides after each job whether this worker should leave."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.jobs_left: float = config.get("max_jobs") or math.inf
-        jitter = config.get("max_jobs_jitter", 0)
-        if jitter:
+    def __init__(self, hooks: WorkerHooks) -> None:
+        self.jobs_left: float = hooks.max_jobs or math.inf
+        if hooks.max_jobs_jitter:
             # Drawn here, per worker: the random module reseeds in each fork.
-            self.jobs_left += random.randint(0, jitter)
-        max_memory = config.get("max_memory")
-        self.memory = None if max_memory is None else MemoryWatch(max_memory, config.get("memory_metric", "uss"))
-        self.retire: Callable[[], object] = config.get("retire", bool)
+            self.jobs_left += random.randint(0, hooks.max_jobs_jitter)
+        self.memory = None if hooks.max_memory is None else MemoryWatch(hooks.max_memory, hooks.memory_metric)
+        self.retire: Callable[[], object] = hooks.retire
 
-    def after_job(self) -> tuple[int, bytes | None]:
+    def after_job(self) -> tuple[p.Retire, bytes | None]:
         """Return the retire reason (or KEEP) and, if the retire hook raised, its error."""
         self.jobs_left -= 1
         try:
             if self.retire():
-                return p.RETIRE_USER, None
+                return p.Retire.USER, None
         except BaseException as exc:  # noqa: BLE001
-            return p.RETIRE_HOOK_FAILED, dump_error(exc)
+            return p.Retire.HOOK_FAILED, encode_error(exc)
         if self.jobs_left <= 0:
-            return p.RETIRE_MAX_JOBS, None
+            return p.Retire.MAX_JOBS, None
         if self.memory is not None and self.memory.exceeded():
-            return p.RETIRE_MEMORY, None
-        return p.KEEP, None
+            return p.Retire.MEMORY, None
+        return p.Retire.KEEP, None
 
 
-def load_settings(payload: bytes) -> dict[str, Any]:
-    """Apply the parent's sys.path and preload, then unpickle the hooks (in that
-    order: unpickling a hook may import the user's modules)."""
-    outer = pickle.loads(payload)
-    if outer["sys_path"] is not None:
-        sys.path[:] = outer["sys_path"]
-    for name in outer["preload"]:
+def load_settings(payload: bytes) -> WorkerHooks:
+    """Apply the parent's working directory, sys.path and preload, then
+    unpickle the hooks (in that order: unpickling a hook may import the user's
+    modules)."""
+    settings: WorkerSettings = pickle.loads(payload)
+    try:
+        os.chdir(settings.cwd)
+    except OSError as exc:
+        raise RuntimeError(
+            f"the worker could not enter the parent's working directory {settings.cwd!r} "
+            f"({type(exc).__name__}: {exc}); was it removed?"
+        ) from None
+    if settings.sys_path is not None:
+        sys.path[:] = settings.sys_path
+    for name in settings.preload:
         importlib.import_module(name)
-    if outer["template_init"] is not None:
-        pickle.loads(outer["template_init"])()
-    settings: dict[str, Any] = pickle.loads(outer["hooks"])
-    return settings
+    if settings.template_init is not None:
+        pickle.loads(settings.template_init)()
+    hooks: WorkerHooks = pickle.loads(settings.hooks)
+    return hooks
+
+
+class _Sender:
+    """Writes events; False once the parent has closed its end (it no longer
+    wants what we send, so the worker leaves quietly)."""
+
+    def __init__(self, sock: socket.socket, connection: p.Connection) -> None:
+        self.sock = sock
+        self.connection = connection
+
+    def __call__(self, event: p.Event) -> bool:
+        try:
+            for part in self.connection.send(event):
+                self.sock.sendall(part)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
 
 
 def serve(sock: socket.socket) -> int:
     """Serve jobs on ``sock`` until told to stop; return the exit code."""
     sock.setblocking(True)
-    # One inbox for the whole conversation: the parent sends the CONFIG frame
+    connection = p.Connection(p.WORKER)
+    send = _Sender(sock, connection)
+    # One inbox for the whole conversation: the parent sends the Config frame
     # and the first job together, so one recv may hold both.
-    inbox = Inbox(sock)
-    try:
-        kind, _, payload = inbox.next_frame()  # type: ignore[misc]
-    except ChannelClosed:
+    inbox = Inbox(sock, connection)
+    event = inbox.next_event()
+    if not isinstance(event, p.Config):  # Closed: the parent left before the first job
         return 0
-    if kind != p.CONFIG:
-        raise p.ProtocolError(f"expected a CONFIG frame, got kind {kind}")
     try:
-        config = load_settings(payload)
-        config["init"]()
+        hooks = load_settings(event.payload)
+        hooks.init()
     except BaseException as exc:  # noqa: BLE001 - the parent raises it for the waiting call
-        send_frame(sock, p.INIT_FAILED, dump_error(exc))
+        send(p.InitFailed(encode_error(exc)))
         return 1
-    policy = RetirePolicy(config)
-    inbox.set_idle_timeout(config.get("idle_timeout", math.inf))
+    policy = RetirePolicy(hooks)
+    baseline = -1
+    if hooks.max_memory is not None:
+        # A limit below what this worker uses before any job would retire it
+        # after every job; the parent warns once with this figure.
+        used = memory_usage(hooks.memory_metric)
+        baseline = used if used > hooks.max_memory else -1
+    # After an init hook, say it returned, so that a death from now on is
+    # reported as the job's, not the hook's.
+    if (hooks.init is not bool or baseline >= 0) and not send(p.Started(baseline)):
+        return 0
+    inbox.set_idle_timeout(hooks.idle_timeout)
     while True:
-        try:
-            frame = inbox.next_frame()
-        except ChannelClosed:
-            return 0
-        if frame is None:
-            # The parent may be sending a job right now; BYE tells it that this
+        event = inbox.next_event()
+        if event is None:
+            # The parent may be sending a job right now; Bye tells it that this
             # worker left without reading it, so it can resubmit elsewhere.
-            send_frame(sock, p.BYE)
+            send(p.Bye())
             return 0
-        kind, _, payload = frame
-        if kind not in (p.JOB, p.JOB_BUFFERS):
-            raise p.ProtocolError(f"expected a JOB frame, got kind {kind}")
-        result_kind, result, buffers = run_job(payload, kind)
-        del payload, frame
+        if not isinstance(event, p.Job):  # Closed
+            return 0
+        outcome = execute(event)
+        del event
         reason, hook_error = policy.after_job()
         if hook_error is not None:
-            result_kind, result, buffers = p.ERROR, hook_error, []
-        for part in p.frame_parts(result_kind, result, buffers, flags=reason):
-            sock.sendall(part)
-        del result, buffers
-        if reason != p.KEEP:
+            outcome = p.Error(hook_error)
+        outcome.retire = reason
+        if not send(outcome):
+            return 0
+        del outcome
+        if reason != p.Retire.KEEP:
             return 0

@@ -170,7 +170,8 @@ async def test_result_too_deeply_nested_to_pickle(worker_type):
         async def check():
             with pytest.raises(
                 TypeError,
-                match=r"the result of nested_list, a list, could not be pickled to leave the worker: .*recursion",
+                match=r"the result of workerfns.nested_list, a list, could not be pickled to leave the worker: "
+                r".*recursion",
             ):
                 await ctx.run_sync(workerfns.nested_list, 100_000)
 
@@ -281,13 +282,45 @@ async def test_not_a_sync_function_is_refused_before_reaching_a_worker(worker_ty
         await same_worker_after(ctx, check)
 
 
-async def test_wrong_run_sync_keywords_are_refused():
+async def test_keyword_arguments_for_the_job_are_refused_with_the_fix():
+    expected = (
+        r"run_sync passes positional arguments only, and got keyword arguments for the job \(b=\)\. "
+        r"Bind them first: run_sync\(functools\.partial\(workerfns\.add, b=b\), \*args\)"
+    )
     async with tpf.open_worker_context() as ctx:
-        with pytest.raises(TypeError, match="unexpected keyword argument 'b'"):
+        with pytest.raises(TypeError, match=expected):
             await ctx.run_sync(workerfns.add, 1, b=2)
-        with pytest.raises(TypeError, match="unexpected keyword argument 'b'"):
+        with pytest.raises(TypeError, match=expected):
             await tpf.run_sync(workerfns.add, 1, b=2)
         assert ctx.statistics().started_workers == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "function"),
+    [
+        (lambda: tpf.open_worker_context(max_job=3), "open_worker_context"),
+        (lambda: tpf.cache_scope(max_job=3), "cache_scope"),
+    ],
+)
+async def test_a_misspelt_setting_names_the_function_and_the_closest_keyword(call, function):
+    with pytest.raises(
+        TypeError, match=rf"^{function}\(\) got an unexpected keyword argument 'max_job'; did you mean max_jobs\?$"
+    ):
+        async with call():
+            pass
+
+
+def test_configure_default_context_suggests_the_closest_keyword_too():
+    with pytest.raises(
+        TypeError,
+        match=r"configure_default_context\(\) got an unexpected keyword argument 'idle_timout'; "
+        r"did you mean idle_timeout\?",
+    ):
+        tpf.configure_default_context(idle_timout=3)
+    with pytest.raises(
+        TypeError, match=r"got an unexpected keyword argument 'colour'; the keywords are idle_timeout, init"
+    ):
+        tpf.configure_default_context(colour="blue")
 
 
 async def test_a_limiter_that_is_not_one_is_refused():

@@ -26,6 +26,7 @@ import workerfns
 from conftest import wait_dead, wait_until_gone
 
 import trio_parallel_fs as tpf
+from trio_parallel_fs._introspect import context_processes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -45,6 +46,11 @@ def worker_processes(ctx) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             return []
     return [p for p in psutil.Process().children() if is_spawned_worker(p)]
+
+
+def busy_workers(ctx) -> list[int]:
+    """Pids of the context's workers, as the template reported them."""
+    return [record.pid for record in context_processes(ctx) if record.role == "worker"]
 
 
 def is_spawned_worker(process: psutil.Process) -> bool:
@@ -173,7 +179,8 @@ async def test_worker_that_dies_in_its_init_fails_the_call_clearly(worker_type):
         for _ in range(2):
             with trio.fail_after(HANG):
                 with pytest.raises(
-                    tpf.BrokenWorkerError, match=r"died with exit code 4 while running its init hook or workerfns\.add"
+                    tpf.BrokenWorkerError,
+                    match=r"died with exit code 4 while running its init hook, before workerfns\.add",
                 ) as info:
                     await ctx.run_sync(workerfns.add, 1, 2)
             assert info.value.exitcode == 4
@@ -285,7 +292,8 @@ async def test_template_killed_while_jobs_run_fails_them_all_and_restarts(tmp_pa
             async with trio.open_nursery() as nursery:
                 for _ in range(3):
                     nursery.start_soon(doomed)
-                while len(worker_processes(ctx)) < 3 or ctx.statistics().running_workers < 3:  # noqa: ASYNC110 - polling other processes
+                # Until the template has reported the three workers' pids.
+                while len(busy_workers(ctx)) < 3:  # noqa: ASYNC110 - polling other processes
                     await trio.sleep(0.01)
                 # The three busy workers, and the template's spare if it has one.
                 old_children = {p.pid for p in worker_processes(ctx)}
@@ -329,7 +337,7 @@ async def test_a_call_in_the_instant_a_template_dies_starts_a_new_one():
         old_template = ctx.statistics().template_pid
         signal_descendant(old_template, signal.SIGKILL)
         await wait_dead(old_template)
-        ctx._pool._backend._template._popen.poll = lambda: None  # white box: the instant
+        ctx._pool.backend._template._popen.poll = lambda: None  # white box: the instant
         with trio.fail_after(HANG):
             assert await ctx.run_sync(workerfns.add, 1, 2) == 3
         assert ctx.statistics().template_pid != old_template

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -272,13 +273,10 @@ async def test_infinite_idle_timeout_keeps_workers(worker_type):
         assert await ctx.run_sync(workerfns.pid) == await ctx.run_sync(workerfns.pid)
 
 
-async def test_grace_period_kills_a_worker_stuck_at_exit():
-    def leave_a_thread_that_blocks_exit():
-        # A spawned worker exits through the interpreter's shutdown, which
-        # waits for non-daemon threads: this one outlasts the grace period.
-        threading.Thread(target=time.sleep, args=(60,)).start()
-
+async def test_grace_period_kills_a_worker_stuck_at_exit(worker_type):
     expected = r"did not exit within grace_period=0.3s after their context closed, and were killed"
     with pytest.raises(tpf.BrokenWorkerError, match=expected):
-        async with tpf.open_worker_context(worker_type="spawn", grace_period=0.3) as ctx:
-            await ctx.run_sync(leave_a_thread_that_blocks_exit)
+        async with tpf.open_worker_context(worker_type=worker_type, grace_period=0.3) as ctx:
+            pid = await ctx.run_sync(workerfns.pid)
+            # A stopped worker cannot act on its channel closing.
+            os.kill(pid, signal.SIGSTOP)

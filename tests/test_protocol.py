@@ -1,35 +1,220 @@
-"""The wire protocol's framing, in memory: no processes."""
+"""The sans-IO wire protocol, in memory: no processes, no sockets."""
+
+from __future__ import annotations
+
+import pickle
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _trio_parallel_fs_worker import _protocol as p
 
 
-def test_frame_round_trip():
-    reader = p.FrameReader()
-    reader.feed(p.encode_frame(p.JOB, b"payload", flags=3))
-    assert reader.next_frame() == (p.JOB, 3, b"payload")
-    assert reader.next_frame() is None
-    assert reader.pending == 0
+def stream(sender: p.Connection, events: list[p.Event]) -> bytes:
+    return b"".join(bytes(part) for event in events for part in sender.send(event))
 
 
-def test_frames_cut_anywhere_come_out_whole_and_in_order():
-    stream = p.encode_frame(p.VALUE, b"first") + p.encode_frame(p.ERROR, b"") + p.encode_frame(p.BYE)
-    for cut in range(len(stream) + 1):
-        reader = p.FrameReader()
-        frames = []
-        for piece in (stream[:cut], stream[cut:]):
-            reader.feed(piece)
-            while (frame := reader.next_frame()) is not None:
-                frames.append(frame)
-        assert frames == [(p.VALUE, 0, b"first"), (p.ERROR, 0, b""), (p.BYE, 0, b"")]
+def drain(receiver: p.Connection) -> list[p.Event]:
+    events = []
+    while (event := receiver.next_event()) is not p.NEED_DATA:
+        events.append(event)
+        if isinstance(event, p.Closed):
+            break
+    return events
 
 
-def test_unknown_kind_is_a_protocol_error():
-    reader = p.FrameReader()
-    reader.feed(p.HEADER.pack(99, 0, 0))
-    with pytest.raises(p.ProtocolError, match="unknown frame kind 99"):
-        reader.next_frame()
+def describe(event: object) -> tuple:
+    """A comparable summary of an event (events do not define equality)."""
+    fields = {name: getattr(event, name) for name in getattr(type(event), "__slots__", ()) if hasattr(event, name)}
+    for name in ("pickled", "payload"):
+        if name in fields:
+            fields[name] = bytes(fields[name])
+    if "buffers" in fields:
+        fields["buffers"] = [bytes(buffer) for buffer in fields["buffers"]]
+    return (type(event).__name__, sorted(fields.items()))
+
+
+def worker_events() -> list[p.Event]:
+    big = memoryview(bytearray(range(256)) * 400)  # > LARGE_PAYLOAD: read into its own buffer
+    return [
+        p.Started(-1),
+        p.Value(b"result"),
+        p.Value(b"pickle", [memoryview(b"x" * 100), memoryview(b"")], p.Retire.MAX_JOBS),
+        p.Error(b"error", p.Retire.MEMORY),
+        p.Value(b"big", [big]),
+        p.Error(b"hook", p.Retire.HOOK_FAILED),
+        p.InitFailed(b"init"),
+        p.Bye(),
+    ]
+
+
+def parent_events() -> list[p.Event]:
+    return [
+        p.Config(pickle.dumps({"settings": 1})),
+        p.Job(b"job"),
+        p.Job(b"job with buffers", [memoryview(b"abc" * 30000), memoryview(bytearray(7))]),
+        p.Job(b""),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("sender_role", "receiver_role", "events"),
+    [(p.WORKER, p.PARENT, worker_events()), (p.PARENT, p.WORKER, parent_events())],
+)
+def test_every_split_point_gives_the_same_events(sender_role, receiver_role, events):
+    data = stream(p.Connection(sender_role), events)
+    expected = [describe(event) for event in events]
+    # Every cut of the stream into two reads; a cut every 997 bytes is enough
+    # inside the large payloads, every byte elsewhere.
+    cuts = [cut for cut in range(len(data) + 1) if cut < 2000 or cut > len(data) - 2000 or cut % 997 == 0]
+    for cut in cuts:
+        receiver = p.Connection(receiver_role)
+        got = []
+        for piece in (data[:cut], data[cut:]):
+            receiver.receive_data(piece) if piece else None
+            got.extend(drain(receiver))
+        receiver.receive_data(b"")
+        got.extend(drain(receiver))
+        assert [describe(event) for event in got[:-1]] == expected, cut
+        assert isinstance(got[-1], p.Closed) and not got[-1].mid_frame
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(min_value=1, max_value=70000), min_size=1, max_size=30),
+    st.lists(st.booleans(), min_size=1, max_size=30),
+)
+def test_any_chunking_gives_the_same_events(sizes, into_buffer):
+    events = worker_events()
+    stream_bytes = stream(p.Connection(p.WORKER), events)
+    receiver = p.Connection(p.PARENT)
+    got = []
+    position = 0
+    step = 0
+    while position < len(stream_bytes):
+        size = sizes[step % len(sizes)]
+        use_buffer = into_buffer[step % len(into_buffer)]
+        step += 1
+        # Sometimes, read a large payload straight into its own buffer.
+        buffer = receiver.payload_buffer()
+        if buffer is not None and use_buffer:
+            count = min(size, len(buffer), len(stream_bytes) - position)
+            buffer[:count] = stream_bytes[position : position + count]
+            receiver.received(count)
+        else:
+            count = size
+            receiver.receive_data(stream_bytes[position : position + count])
+        position += count
+        got.extend(drain(receiver))
+    assert [describe(event) for event in got] == [describe(event) for event in events]
+
+
+@pytest.mark.parametrize("cut", [1, p.HEADER.size - 1, p.HEADER.size, p.HEADER.size + 3])
+def test_a_partial_frame_at_eof_is_closed_mid_frame(cut):
+    data = stream(p.Connection(p.WORKER), [p.Value(b"result!")])
+    receiver = p.Connection(p.PARENT)
+    receiver.receive_data(data[:cut])
+    assert receiver.next_event() is p.NEED_DATA
+    receiver.receive_data(b"")
+    event = receiver.next_event()
+    assert isinstance(event, p.Closed) and event.mid_frame
+
+
+def test_a_large_payload_cut_short_at_eof_is_closed_mid_frame():
+    data = stream(p.Connection(p.WORKER), [p.Value(b"z" * 200_000)])
+    receiver = p.Connection(p.PARENT)
+    receiver.receive_data(data[:1000])
+    buffer = receiver.payload_buffer()
+    assert buffer is not None and len(buffer) == 200_000 - (1000 - p.HEADER.size)
+    buffer[:500] = data[1000:1500]
+    receiver.received(500)
+    assert receiver.next_event() is p.NEED_DATA
+    receiver.received(0)  # EOF
+    event = receiver.next_event()
+    assert isinstance(event, p.Closed) and event.mid_frame
+
+
+def test_bytes_after_a_reply_stay_pending_for_the_next_event():
+    """A Bye read in part right after a reply is not an error: it waits for the rest."""
+    data = stream(p.Connection(p.WORKER), [p.Value(b"r" * 65_000), p.Bye()])
+    receiver = p.Connection(p.PARENT)
+    receiver.receive_data(data[:-1])
+    assert isinstance(receiver.next_event(), p.Value)
+    assert receiver.next_event() is p.NEED_DATA
+    assert receiver.pending == p.HEADER.size - 1
+    receiver.receive_data(data[-1:])
+    assert isinstance(receiver.next_event(), p.Bye)
+
+
+def frame(kind: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    return p.HEADER.pack(kind, flags, len(payload)) + payload
+
+
+@pytest.mark.parametrize(
+    ("role", "data", "message"),
+    [
+        (p.PARENT, frame(99), "unknown frame kind 99"),
+        (p.WORKER, frame(0), "unknown frame kind 0"),
+        (p.PARENT, frame(p.JOB, b"x"), "the parent received a JOB frame, which only it sends"),
+        (p.WORKER, frame(p.VALUE, b"x"), "the worker received a VALUE frame, which only it sends"),
+        (p.PARENT, frame(p.VALUE, b"x", flags=9), "unknown retire reason 9 in a VALUE frame"),
+        (p.PARENT, frame(p.BYE, flags=1), "a BYE frame with flags 1"),
+        (p.PARENT, frame(p.BYE, b"junk"), "a BYE frame with 4 payload bytes"),
+        (p.PARENT, frame(p.STARTED, b"123"), "a STARTED frame of 3 bytes, not 8"),
+        (p.WORKER, frame(p.JOB, b"x"), "expected a CONFIG frame first, got JOB"),
+        (p.WORKER, frame(p.CONFIG) + frame(p.CONFIG), "a second CONFIG frame"),
+        (p.PARENT, frame(p.VALUE_BUFFERS, b"\0\0"), "a buffer table that does not fit its payload"),
+        (
+            p.PARENT,
+            frame(p.VALUE_BUFFERS, b"\0\0\0\0" + (5).to_bytes(8, "big") + b"abc"),
+            "buffer lengths do not add up to the payload",
+        ),
+    ],
+)
+def test_malformed_or_misdirected_frames_are_one_error_type(role, data, message):
+    receiver = p.Connection(role)
+    receiver.receive_data(data)
+    with pytest.raises(p.ProtocolError, match=message):
+        while receiver.next_event() is not p.NEED_DATA:
+            pass
+
+
+def test_an_unknown_kind_is_refused_before_its_payload_arrives():
+    receiver = p.Connection(p.PARENT)
+    receiver.receive_data(p.HEADER.pack(77, 0, 10**9))  # the header alone
+    with pytest.raises(p.ProtocolError, match="unknown frame kind 77"):
+        receiver.payload_buffer()
+
+
+def test_each_end_sends_only_its_own_events():
+    with pytest.raises(p.ProtocolError, match="the parent cannot send Value"):
+        p.Connection(p.PARENT).send(p.Value(b""))
+    with pytest.raises(p.ProtocolError, match="the worker cannot send Job"):
+        p.Connection(p.WORKER).send(p.Job(b""))
+    with pytest.raises(ValueError, match="our_role must be"):
+        p.Connection("template")
+
+
+def test_retire_reasons_have_the_names_statistics_count():
+    assert {reason: reason.reason for reason in p.Retire} == {
+        p.Retire.KEEP: "",
+        p.Retire.MAX_JOBS: "jobs",
+        p.Retire.MEMORY: "memory",
+        p.Retire.USER: "user",
+        p.Retire.HOOK_FAILED: "hook_error",
+    }
+
+
+def test_buffers_arrive_aligned_and_writable():
+    events = [p.Value(b"pickle!", [memoryview(b"a" * 70_000), memoryview(b"b" * 3)])]
+    receiver = p.Connection(p.PARENT)
+    receiver.receive_data(stream(p.Connection(p.WORKER), events))
+    (value,) = drain(receiver)
+    assert [bytes(buffer) for buffer in value.buffers] == [b"a" * 70_000, b"b" * 3]
+    first = value.buffers[0]
+    assert not first.readonly
+    assert first.obj is value.buffers[1].obj  # views of one receive buffer, no copies
 
 
 def test_control_records_parse_with_leftover():
@@ -44,13 +229,3 @@ def test_status_records_carry_negative_and_large_values():
     records, rest = p.parse_records(data, p.STATUS_RECORD)
     assert records == [(p.PID, 123), (p.CEILING, 5 * 2**40)]
     assert rest == b""
-
-
-def test_a_large_payload_can_be_read_into_its_own_buffer():
-    frame = p.encode_frame(p.JOB, b"y" * 1000)
-    reader = p.FrameReader()
-    reader.feed(frame[:300])
-    assert reader.peek_header() == (p.JOB, 0, 1000)
-    start = reader.take_payload_start()
-    assert start == b"y" * (300 - p.HEADER.size)
-    assert reader.pending == 0

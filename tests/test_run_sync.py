@@ -76,7 +76,7 @@ async def test_unpicklable_argument_names_it_and_spares_the_worker(worker_type):
 async def test_unpicklable_result_is_a_clear_error_and_the_worker_lives(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
         worker = await ctx.run_sync(workerfns.pid)
-        with pytest.raises(TypeError, match="result of return_unpicklable, a lock, could not be pickled"):
+        with pytest.raises(TypeError, match="result of workerfns.return_unpicklable, a lock, could not be pickled"):
             await ctx.run_sync(workerfns.return_unpicklable)
         assert await ctx.run_sync(workerfns.pid) == worker
 

@@ -1,13 +1,19 @@
-"""The parent's end of one worker's channel: send a job, receive one frame.
+"""The parent's end of one worker: its channel, its process handle, its state.
 
-A raw non-blocking socket and ``trio.lowlevel.wait_readable`` are all a job
-round trip needs: no trio stream objects, no extra buffering layer. The
-exchange is strictly one frame out, one frame back, so no frame ever has to be
-kept for later.
+A raw non-blocking socket, the sans-IO `_protocol.Connection` and
+``trio.lowlevel.wait_readable`` are all a job round trip needs: no trio stream
+objects, no extra buffering layer.
+
+Where the OS allows (Linux: an epoll fd), the wait covers the channel *and*
+the backend's exit fd (the template's status pipe, or a pidfd) at once. A
+worker's death is then seen from its exit report even while another process
+(a helper its job started) keeps a copy of the channel open, so no EOF comes.
+Elsewhere the wait is on the channel alone.
 """
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 
@@ -15,99 +21,119 @@ import trio
 
 from _trio_parallel_fs_worker import _protocol as p
 
-from ._process import WorkerProcess
+from ._backend import WorkerProcess
+from ._lifecycle import WorkerEvent, WorkerState, next_worker_state
 
 _RECV_SIZE = 1 << 16
+_HAS_EPOLL = hasattr(select, "epoll")
 
 
-async def send_all(sock: socket.socket, data: bytes | memoryview) -> bool:
-    """Send everything; False if the worker is gone."""
-    view = memoryview(data)
-    sent = 0
-    try:
-        while sent < len(view):
-            try:
-                sent += sock.send(view[sent:])
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-    except (BrokenPipeError, ConnectionResetError):
-        return False
-    return True
-
-
-async def receive_frame(sock: socket.socket) -> tuple[tuple[int, int, bytes] | None, bool]:
-    """Receive one whole frame; None if the worker closed its end first.
-
-    Also tells whether more bytes followed the frame. Only one thing can: a
-    BYE, sent when a very short idle timeout expired right after the reply.
-    """
-    try:
-        await trio.lowlevel.wait_readable(sock)
-        data = sock.recv(_RECV_SIZE)
-        while 0 < len(data) < p.HEADER.size:
-            await trio.lowlevel.wait_readable(sock)
-            more = sock.recv(_RECV_SIZE)
-            if not more:
-                return None, False
-            data += more
-        if not data:
-            return None, False
-        kind, flags, length = p.HEADER.unpack_from(data)
-        end = p.HEADER.size + length
-        if len(data) >= end:
-            extra = data[end:]
-            if extra and extra != p.encode_frame(p.BYE):
-                raise p.ProtocolError(f"the worker sent {len(extra)} unexpected bytes after a reply")
-            return (kind, flags, data[p.HEADER.size : end]), bool(extra)
-        # A large payload: receive it straight into a buffer of its final size.
-        payload = bytearray(length)
-        have = len(data) - p.HEADER.size
-        payload[:have] = data[p.HEADER.size :]
-        view = memoryview(payload)
-        while have < length:
-            try:
-                count = sock.recv_into(view[have:])
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                continue
-            if count == 0:
-                return None, False
-            have += count
-        return (kind, flags, payload), False  # type: ignore[return-value]
-    except ConnectionResetError:
-        return None, False
+class AnswerTimeout(Exception):
+    """The worker's template did not confirm its start in time."""
 
 
 class Worker:
-    """A worker process as the pool sees it: its channel and its process handle."""
+    """A worker process as the pool sees it."""
 
-    __slots__ = ("channel", "process", "_first_frames", "idle_since", "said_bye", "served", "announced")
+    __slots__ = (
+        "channel",
+        "process",
+        "connection",
+        "state",
+        "_first_frames",
+        "_epoll",
+        "idle_since",
+        "init_done",
+        "announced",
+    )
 
     def __init__(self, channel: socket.socket, process: WorkerProcess, config_frame: bytes) -> None:
         channel.setblocking(False)
         self.channel = channel
         self.process = process
+        self.connection = p.Connection(p.PARENT)
+        self.state = WorkerState.STARTING
         # The worker's configuration rides along with its first job: one send.
         self._first_frames = config_frame
+        self._epoll: select.epoll | None = None
+        exit_fd = process.exit_fd
+        if _HAS_EPOLL and exit_fd is not None:
+            self._epoll = select.epoll(2)
+            self._epoll.register(channel.fileno(), select.EPOLLIN)
+            self._epoll.register(exit_fd, select.EPOLLIN)
         self.idle_since = time.monotonic()
-        self.said_bye = False  # it sent BYE right after its last reply: it is gone
-        self.served = 0  # replies received: 0 means it may not be past its init yet
+        self.init_done = False  # past its init hook (a reply or Started came)
         self.announced = False  # its pid was given to the pool's observers
 
-    async def exchange(self, job_parts: list[bytes | memoryview]) -> tuple[int, int, bytes] | None:
-        """Send a job (its frame, in parts); return the worker's reply, or None if
-        it died first."""
+    def apply(self, event: WorkerEvent) -> None:
+        """Move to the state the lifecycle table gives (the pool holds its lock)."""
+        self.state = next_worker_state(self.state, event)
+
+    async def send_job(self, job_parts: list[bytes | memoryview]) -> bool:
+        """Send a job (its frame, in parts); False if the worker closed its end."""
         if self._first_frames:
             job_parts = [self._first_frames + job_parts[0], *job_parts[1:]]
             self._first_frames = b""
-        for part in job_parts:
-            if not await send_all(self.channel, part):
-                return None
-        reply, self.said_bye = await receive_frame(self.channel)
-        if reply is not None:
-            self.served += 1
-        return reply
+        sock = self.channel
+        try:
+            for part in job_parts:
+                view = memoryview(part)
+                sent = 0
+                while sent < len(view):
+                    try:
+                        sent += sock.send(view[sent:])
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(sock)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
 
-    def close_channel(self) -> None:
+    async def receive(self, answer_timeout: float) -> p.Event:
+        """The worker's next event; `p.Closed` once it is known to be dead.
+
+        Raises AnswerTimeout if the worker's start was not confirmed by its
+        template within ``answer_timeout`` seconds.
+        """
+        connection = self.connection
+        sock = self.channel
+        wait_fd = self._epoll.fileno() if self._epoll is not None else sock.fileno()
+        while True:
+            event = connection.next_event()
+            if event is not p.NEED_DATA:
+                return event  # type: ignore[return-value]
+            if self.process.answered():
+                await trio.lowlevel.wait_readable(wait_fd)
+            else:
+                with trio.move_on_after(answer_timeout) as waited:
+                    await trio.lowlevel.wait_readable(wait_fd)
+                if waited.cancelled_caught and not self.process.answered():
+                    raise AnswerTimeout
+            buffer = connection.payload_buffer()
+            try:
+                if buffer is not None:
+                    connection.received(sock.recv_into(buffer))
+                else:
+                    connection.receive_data(sock.recv(_RECV_SIZE))
+                continue
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                connection.receive_data(b"")
+                continue
+            if self.process.has_exited():
+                # Dead: what it sent is here already, and more never comes.
+                while True:
+                    try:
+                        data = sock.recv(_RECV_SIZE)
+                    except (BlockingIOError, ConnectionResetError):
+                        data = b""
+                    connection.receive_data(data)
+                    if not data:
+                        break
+
+    def close(self) -> None:
         # EOF tells an idle worker to exit; a busy one finds out when it replies.
         self.channel.close()
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None

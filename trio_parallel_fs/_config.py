@@ -6,6 +6,7 @@ accept these keywords refer to it.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import math
 import sys
@@ -16,6 +17,7 @@ import attrs
 import cloudpickle
 
 from _trio_parallel_fs_worker._memory import METRICS
+from _trio_parallel_fs_worker._settings import TemplateSettings, WorkerHooks
 
 
 class WorkerType(str, enum.Enum):
@@ -184,39 +186,56 @@ class WorkerConfig:
                 "worker_type=WorkerType.FORKSERVER; with SPAWN use max_memory"
             )
 
-    def worker_settings(self) -> dict[str, Any]:
-        """What each worker needs to know, sent to it with its first job.
+    def worker_hooks(self) -> WorkerHooks:
+        """The limits and callables each worker applies (see `WorkerHooks`)."""
+        return WorkerHooks(
+            idle_timeout=self.idle_timeout,
+            init=self.init,
+            retire=self.retire,
+            max_jobs=self.max_jobs,
+            max_jobs_jitter=self.max_jobs_jitter,
+            max_memory=self.max_memory,
+            memory_metric=self.memory_metric,
+        )
 
-        ``hooks`` holds the pickled callables and limits; ``sys_path`` and
-        ``preload`` come first so that a spawned worker can import what
-        unpickling the hooks needs. Forked workers have both from the template.
-        """
-        spawned = self.worker_type is WorkerType.SPAWN
-        hooks = {
-            "idle_timeout": self.idle_timeout,
-            "init": self.init,
-            "retire": self.retire,
-            "max_jobs": self.max_jobs,
-            "max_jobs_jitter": self.max_jobs_jitter,
-            "max_memory": self.max_memory,
-            "memory_metric": self.memory_metric,
-        }
-        return {
-            "sys_path": list(sys.path) if spawned else None,
-            "preload": list(self.preload) if spawned else [],
-            "template_init": self._pickled_template_init() if spawned else None,
-            "hooks": cloudpickle.dumps(hooks),
-        }
+    @staticmethod
+    def sys_path() -> list[str]:
+        """This process's import path, for children that must import as it does."""
+        return list(sys.path)
 
-    def _pickled_template_init(self) -> bytes | None:
+    def pickled_template_init(self) -> bytes | None:
         # Unpickled only after sys.path is set and the preload is imported.
         return None if self.template_init is None else bytes(cloudpickle.dumps(self.template_init))
 
-    def template_setup(self) -> dict[str, Any]:
-        return {
-            "sys_path": list(sys.path),
-            "preload": list(self.preload),
-            "template_init": self._pickled_template_init(),
-            "memory_ceiling": self.memory_ceiling,
-            "memory_metric": self.memory_metric,
-        }
+    def template_settings(self) -> TemplateSettings:
+        return TemplateSettings(
+            sys_path=self.sys_path(),
+            preload=self.preload,
+            template_init=self.pickled_template_init(),
+            memory_ceiling=self.memory_ceiling,
+            memory_metric=self.memory_metric,
+        )
+
+
+# trio-parallel accepts its five settings positionally, in this order.
+POSITIONAL = ("idle_timeout", "init", "retire", "grace_period", "worker_type")
+
+
+def make_config(function: str, args: tuple[Any, ...], config: dict[str, Any]) -> WorkerConfig:
+    """A `WorkerConfig` from the arguments given to ``function`` (named in errors)."""
+    if len(args) > len(POSITIONAL):
+        raise TypeError(
+            f"{function}() takes at most {len(POSITIONAL)} positional arguments ({', '.join(POSITIONAL)}, "
+            f"as in trio-parallel), not {len(args)}; pass the others by keyword"
+        )
+    names = [field.name for field in attrs.fields(WorkerConfig)]
+    for name in config:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; the keywords are {', '.join(names)}"
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}{hint}")
+    for name, value in zip(POSITIONAL, args, strict=False):
+        if name in config:
+            raise TypeError(f"{function}() got multiple values for argument {name!r}")
+        config[name] = value
+    return WorkerConfig(**config)

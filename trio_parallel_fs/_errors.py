@@ -1,8 +1,21 @@
-"""Exceptions raised to callers when a worker, its hooks or the template fail."""
+"""Exceptions raised to callers, and every message they carry.
+
+Each message says what happened, the evidence, and a likely cause or fix.
+The functions below build them; the modules that raise them pass the facts.
+"""
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
+from typing import TYPE_CHECKING, Any
+
+from _trio_parallel_fs_worker._errorcodec import RemoteTraceback as RemoteTraceback
+from _trio_parallel_fs_worker._errorcodec import decode_error
+
+if TYPE_CHECKING:
+    from ._backend import ExitInfo
 
 
 def signal_name(exitcode: int | None) -> str | None:
@@ -102,20 +115,146 @@ class TemplateStartError(RuntimeError):
     """
 
 
-class RemoteTraceback(Exception):
-    """Carries the traceback text of an exception raised in a worker.
 
-    Set as the ``__cause__`` of the innermost exception of the chain a job
-    raised, so that the worker's frames show up first when the exception is
-    printed in the parent.
+# --- messages ---------------------------------------------------------------------
 
-    Attributes:
-        text: The traceback, formatted in the worker.
-    """
+_HINTS = {
+    "SIGKILL": "killed from outside, or by the kernel's OOM killer (see dmesg)",
+    "SIGSEGV": "a crash in native code",
+    "SIGBUS": "a crash in native code",
+    "SIGABRT": "an abort() in native code",
+    "SIGTERM": "terminated from outside, e.g. by systemd stopping a unit with KillMode=control-group",
+}
 
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
 
-    def __str__(self) -> str:
-        return "\n\n" + self.text.rstrip("\n")
+def broken_worker_error(
+    info: ExitInfo, function: str, metric: str, ceiling: int | None, in_init: bool = False
+) -> BrokenWorkerError:
+    """The error for a call whose worker died (or could not be started)."""
+    fields: dict[str, Any] = {
+        "pid": info.pid,
+        "exitcode": info.exitcode,
+        "template_died": info.template_died,
+        "function": function,
+    }
+    who = f"worker process {info.pid}" if info.pid is not None else "a worker process"
+    if info.ceiling_used is not None and ceiling is not None:
+        return MemoryCeilingError(
+            f"{who} was killed at the memory ceiling while running {function}: it used "
+            f"{info.ceiling_used / 2**20:.1f} MiB ({metric.upper()}), above memory_ceiling="
+            f"{ceiling / 2**20:.1f} MiB. Give the job less data, or raise the ceiling.",
+            used=info.ceiling_used,
+            ceiling=ceiling,
+            **fields,
+        )
+    if info.fork_errno is not None:
+        return BrokenWorkerError(
+            f"the template could not fork a worker for {function}: "
+            f"{os.strerror(info.fork_errno)} ({errno.errorcode.get(info.fork_errno, '?')}). "
+            "Too many processes or open files, or too little memory?",
+            **fields,
+        )
+    if info.unresponsive is not None:
+        return BrokenWorkerError(
+            f"the template process did not answer within {info.unresponsive:g} s while {function} "
+            "needed a worker (was it stopped with SIGSTOP, or is the machine thrashing?); it was "
+            "killed with its workers, and the next call starts a new template.",
+            **fields,
+        )
+    if info.template_died:
+        return BrokenWorkerError(
+            f"the template process died while {who} was running {function}, and took "
+            "its workers with it. The next call starts a new template.",
+            **fields,
+        )
+    hint = _HINTS.get(signal_name(info.exitcode) or "", "")
+    doing = f"running its init hook, before {function}" if in_init else f"running {function}"
+    return BrokenWorkerError(
+        f"{who} died with {describe_exit(info.exitcode)} while {doing}" + (f" ({hint})" if hint else "") + ".",
+        **fields,
+    )
+
+
+def hook_error(hook: str, payload: bytes, pid: int | None, function: str) -> WorkerHookError:
+    """The error for a call whose worker's ``init`` or ``retire`` hook raised
+    (the hook's exception, from ``payload``, becomes its cause)."""
+    cause = decode_error(payload)
+    consequence = (
+        f"{function} did not run"
+        if hook == "init"
+        else f"after running {function}; the job's result is lost and the worker left"
+    )
+    error = WorkerHookError(
+        f"the worker's {hook} hook raised {type(cause).__name__}: {cause}; {consequence}",
+        hook=hook,
+        pid=pid,
+        function=function,
+    )
+    error.__cause__ = cause
+    return error
+
+
+def template_start_error(
+    preload: tuple[str, ...],
+    *,
+    cause: BaseException | None = None,
+    pid: int | None = None,
+    exitcode: int | None = None,
+) -> TemplateStartError:
+    if cause is not None:
+        return TemplateStartError(
+            f"the template could not preload {list(preload)}: {type(cause).__name__}: {cause}"
+        )
+    return TemplateStartError(
+        f"the template process (pid {pid}) exited with {describe_exit(exitcode)} while "
+        f"preloading {list(preload)}; see its output above"
+    )
+
+
+def stuck_at_close_error(pids: list[int | None], grace_period: float) -> BrokenWorkerError:
+    listed = ", ".join(str(pid) for pid in pids)
+    return BrokenWorkerError(
+        f"{len(pids)} worker(s) (pid {listed}) did not exit within grace_period={grace_period}s "
+        "after their context closed, and were killed. A job still running at exit, or an "
+        "init/retire hook that blocks? Raise grace_period to give them longer."
+    )
+
+
+def unpicklable_result_error(function: str, exc: BaseException) -> TypeError:
+    error = TypeError(
+        f"the result of {function} could not be unpickled in the parent: {type(exc).__name__}: {exc}"
+    )
+    error.__cause__ = exc
+    return error
+
+
+def unpicklable_job_error(function: str, culprit: str, exc: BaseException) -> Exception:
+    import pickle
+
+    return pickle.PicklingError(
+        f"cannot send {function} to a worker: {culprit} could not be pickled ({type(exc).__name__}: {exc})"
+    )
+
+
+def not_sync_error(function: str, kind: str) -> TypeError:
+    if kind == "generator":
+        return TypeError(
+            f"{function} is a generator function; its generator cannot leave the "
+            "worker. Pass a function that returns a list (or another picklable value)."
+        )
+    return TypeError(
+        f"{function} is an async function; run_sync runs synchronous functions "
+        "in worker processes. Await it directly, or pass a sync function that runs it."
+    )
+
+
+def baseline_above_max_memory_message(pid: int | None, used: int, limit: int, metric: str) -> str:
+    return (
+        f"max_memory={limit / 2**20:.1f} MiB is below what a fresh worker of this context uses "
+        f"before any job: worker {pid} measured {used / 2**20:.1f} MiB ({metric.upper()}), so every "
+        "worker retires after every job. Raise max_memory above that baseline. (Warned once per context.)"
+    )
+
+
+CONTEXT_CLOSED = "this worker context is closed"
+CONTEXT_CLOSED_WHILE_WAITING = "this worker context closed while the call waited"

@@ -7,7 +7,6 @@ import contextvars
 import functools
 import inspect
 import os
-import pickle
 import threading
 import types
 from collections.abc import AsyncIterator, Callable
@@ -21,9 +20,11 @@ import trio
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._pickling import dumps_job
 
-from ._config import WorkerConfig
+from ._backend import Backend
+from ._config import WorkerConfig, WorkerType, make_config
 from ._describe import describe
-from ._pool import RESUBMIT, WorkerContextStatistics, WorkerPool
+from ._errors import CONTEXT_CLOSED, CONTEXT_CLOSED_WHILE_WAITING, not_sync_error, unpicklable_job_error
+from ._pool import RESUBMIT, PoolClosed, WorkerContextStatistics, WorkerPool
 
 T = TypeVar("T")
 
@@ -72,26 +73,25 @@ def _check_sync(fn: Callable[..., Any]) -> None:
     if not callable(fn):
         raise TypeError(f"run_sync needs a callable, not {type(fn).__name__} {fn!r}")
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        raise TypeError(
-            f"{describe(fn)} is an async function; run_sync runs synchronous functions "
-            "in worker processes. Await it directly, or pass a sync function that runs it."
-        )
+        raise not_sync_error(describe(fn), "async")
     if inspect.isgeneratorfunction(fn):
-        raise TypeError(
-            f"{describe(fn)} is a generator function; its generator cannot leave the "
-            "worker. Pass a function that returns a list (or another picklable value)."
-        )
+        raise not_sync_error(describe(fn), "generator")
+
+
+def _refuse_keywords(fn: Callable[..., Any], keywords: dict[str, Any]) -> None:
+    names = ", ".join(f"{name}=" for name in keywords)
+    example = ", ".join(f"{name}={name}" for name in keywords)
+    raise TypeError(
+        f"run_sync passes positional arguments only, and got keyword arguments for the job ({names}). "
+        f"Bind them first: run_sync(functools.partial({describe(fn)}, {example}), *args)"
+    )
 
 
 def _encode_job(fn: Callable[..., Any], args: tuple[Any, ...]) -> list[bytes | memoryview]:
     try:
         pickled, buffers = dumps_job(fn, args)
     except Exception as exc:
-        culprit = _find_unpicklable(fn, args)
-        raise pickle.PicklingError(
-            f"cannot send {describe(fn)} to a worker: {culprit} could not be pickled "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
+        raise unpicklable_job_error(describe(fn), _find_unpicklable(fn, args), exc) from exc
     return p.frame_parts(p.JOB, pickled, buffers)
 
 
@@ -102,6 +102,84 @@ def _find_unpicklable(fn: object, args: tuple[Any, ...]) -> str:
         except Exception:  # noqa: BLE001 - any failure to pickle names the culprit
             return f"{label} ({type(value).__name__})"
     return "the job"
+
+
+def make_backend(config: WorkerConfig) -> Backend:
+    """The backend a context of this configuration is handed."""
+    if config.worker_type is WorkerType.SPAWN:
+        from ._spawn import SpawnBackend
+
+        return SpawnBackend(config.blas_threads)
+    from ._template import TemplateBackend
+
+    return TemplateBackend(config.template_settings(), config.blas_threads)
+
+
+async def _acquire(limiter: Any) -> Callable[[], Any] | None:
+    """Take a token of ``limiter``; return how to give it back (None for an
+    async context manager, which the caller enters itself)."""
+    # ``async with limiter``, minus a trip through the scheduler when a token
+    # is free: CapacityLimiter.acquire always yields, which costs a whole
+    # event-loop pass on the warm path. The call stays a full checkpoint: it
+    # checks for cancellation here and yields while waiting for the reply.
+    if type(limiter) is trio.CapacityLimiter:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await limiter.acquire()
+        return limiter.release
+    if not (hasattr(limiter, "__aenter__") and hasattr(limiter, "__aexit__")):
+        raise TypeError(
+            f"limiter must be a trio.CapacityLimiter or another async context manager, "
+            f"not {type(limiter).__name__} {limiter!r}"
+        )
+    return None
+
+
+async def _call(
+    get_context: Callable[[], WorkerContext],
+    sync_fn: Callable[..., T],
+    args: tuple[Any, ...],
+    keywords: dict[str, Any],
+    kill: bool,
+    limiter: Any,
+) -> T:
+    """The body of every run_sync: check, encode, take a token, then run on the
+    context ``get_context`` gives *once the token is held* (the default context
+    may have been reconfigured while the call waited for it)."""
+    if keywords:
+        _refuse_keywords(sync_fn, keywords)
+    _check_sync(sync_fn)
+    if limiter is None:
+        limiter = current_default_worker_limiter()
+    job = _encode_job(sync_fn, args)
+    release = await _acquire(limiter)
+    if release is not None:
+        try:
+            return await _run_on(get_context, sync_fn, job, kill)
+        finally:
+            release()
+    async with limiter:
+        return await _run_on(get_context, sync_fn, job, kill)
+
+
+async def _run_on(
+    get_context: Callable[[], WorkerContext], sync_fn: Callable[..., T], job: list[bytes | memoryview], kill: bool
+) -> T:
+    while True:
+        context = get_context()
+        try:
+            with trio.CancelScope(shield=not kill):
+                result = await context._pool.run(job, sync_fn)
+        except PoolClosed:
+            if get_context() is context:
+                raise trio.ClosedResourceError(CONTEXT_CLOSED_WHILE_WAITING) from None
+            continue  # reconfigured meanwhile: run on the new default context
+        if result is not RESUBMIT:
+            return result.unwrap()  # type: ignore[no-any-return]
+        # The shield hides cancellation; look for it between tries.
+        await trio.lowlevel.checkpoint_if_cancelled()
 
 
 class WorkerContext:
@@ -116,7 +194,7 @@ class WorkerContext:
         if not _private:
             raise TypeError("use open_worker_context() to make a WorkerContext")
         self.config = config
-        self._pool = WorkerPool(config)
+        self._pool = WorkerPool(config, make_backend(config))
 
     def __getattr__(self, name: str) -> Any:
         # Read-only access to the configuration, as trio-parallel offers it.
@@ -135,56 +213,16 @@ class WorkerContext:
         kill_on_cancel: bool = False,
         cancellable: bool = False,
         limiter: trio.CapacityLimiter | None = None,
+        **keywords: Any,
     ) -> T:
         """Run ``sync_fn(*args)`` in one of this context's workers; see `run_sync`.
 
         Raises:
             trio.ClosedResourceError: if the context is closed.
         """
-        _check_sync(sync_fn)
         if self._pool.closed:
-            raise trio.ClosedResourceError("this worker context is closed")
-        if limiter is None:
-            limiter = current_default_worker_limiter()
-        job = _encode_job(sync_fn, args)
-        kill = kill_on_cancel or cancellable
-        # ``async with limiter``, minus a trip through the scheduler when a token
-        # is free: CapacityLimiter.acquire always yields, which costs a whole
-        # event-loop pass on the warm path. The call stays a full checkpoint: it
-        # checks for cancellation here and yields while waiting for the reply.
-        if type(limiter) is trio.CapacityLimiter:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            try:
-                limiter.acquire_nowait()
-            except trio.WouldBlock:
-                await limiter.acquire()
-            try:
-                return await self._run(sync_fn, job, kill)
-            finally:
-                limiter.release()
-        if not (hasattr(limiter, "__aenter__") and hasattr(limiter, "__aexit__")):
-            raise TypeError(
-                f"limiter must be a trio.CapacityLimiter or another async context manager, "
-                f"not {type(limiter).__name__} {limiter!r}"
-            )
-        async with limiter:
-            return await self._run(sync_fn, job, kill)
-
-    async def _run(self, sync_fn: Callable[..., T], job: list[bytes | memoryview], kill: bool) -> T:
-        pool = self._pool
-        if pool.closed:
-            raise trio.ClosedResourceError("this worker context closed while the call waited")
-        pool.running += 1
-        try:
-            while True:
-                with trio.CancelScope(shield=not kill):
-                    result = await pool.run(job, sync_fn)
-                if result is not RESUBMIT:
-                    return result.unwrap()  # type: ignore[no-any-return]
-                # The shield hides cancellation; look for it between tries.
-                await trio.lowlevel.checkpoint_if_cancelled()
-        finally:
-            pool.running -= 1
+            raise trio.ClosedResourceError(CONTEXT_CLOSED)
+        return await _call(lambda: self, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)
 
     def statistics(self) -> WorkerContextStatistics:
         """A `WorkerContextStatistics` snapshot; eventually consistent when
@@ -218,9 +256,21 @@ def _config_names() -> frozenset[str]:
 _default_lock = threading.Lock()
 _default_config = WorkerConfig()
 _default_context: WorkerContext | None = None
+_default_pid = os.getpid()  # the process that owns _default_context
 _scoped_context: contextvars.ContextVar[WorkerContext | None] = contextvars.ContextVar(
     "trio_parallel_fs.cache_scope", default=None
 )
+
+
+def _forget_default_after_fork() -> None:
+    """In a child forked from the process that made the default context: drop
+    it without closing it (its template and workers are the parent's)."""
+    global _default_context, _default_lock, _default_pid
+    _default_lock = threading.Lock()  # another thread may have held it at the fork
+    if _default_context is not None:
+        _default_context._pool.close_blocking(0)  # forgets, touching nothing
+    _default_context = None
+    _default_pid = os.getpid()
 
 
 def _get_default_context() -> WorkerContext:
@@ -228,6 +278,8 @@ def _get_default_context() -> WorkerContext:
     if scoped is not None:
         return scoped
     global _default_context
+    if _default_pid != os.getpid():
+        _forget_default_after_fork()
     context = _default_context
     if context is None:
         with _default_lock:
@@ -237,37 +289,23 @@ def _get_default_context() -> WorkerContext:
     return context
 
 
-# trio-parallel accepts its five settings positionally, in this order.
-_POSITIONAL = ("idle_timeout", "init", "retire", "grace_period", "worker_type")
-
-
-def _make_config(args: tuple[Any, ...], config: dict[str, Any]) -> WorkerConfig:
-    if len(args) > len(_POSITIONAL):
-        raise TypeError(
-            f"at most {len(_POSITIONAL)} positional arguments ({', '.join(_POSITIONAL)}, as in "
-            f"trio-parallel); pass the others by keyword"
-        )
-    for name, value in zip(_POSITIONAL, args, strict=False):
-        if name in config:
-            raise TypeError(f"got multiple values for argument {name!r}")
-        config[name] = value
-    return WorkerConfig(**config)
-
-
 def configure_default_context(*args: Any, **config: Any) -> None:
     """Set the configuration of the default context that `run_sync` uses.
 
     Takes the keywords of `WorkerConfig` (the first five may be positional, as
-    in trio-parallel). Workers of the previous default
-    context are shut down (gracefully, within its grace period).
+    in trio-parallel). Workers of the previous default context are shut down
+    (gracefully, within its grace period); calls waiting for a limiter token
+    run on the new one.
 
     Raises:
-        TypeError: for an argument of the wrong type, naming it.
+        TypeError: for an argument of the wrong type or an unknown keyword, naming it.
         ValueError: for an argument out of range, naming it.
         RuntimeError: if jobs are running in the default context.
     """
-    new_config = _make_config(args, config)
+    new_config = make_config("configure_default_context", args, config)
     global _default_config, _default_context
+    if _default_pid != os.getpid():
+        _forget_default_after_fork()
     with _default_lock:
         old = _default_context
         if old is not None and old._pool.running:
@@ -289,6 +327,10 @@ def default_context_statistics() -> WorkerContextStatistics:
 @atexit.register
 def _shut_down_default_context() -> None:
     global _default_context
+    if _default_pid != os.getpid():
+        # A forked child exiting: the default context is its parent's.
+        _forget_default_after_fork()
+        return
     with _default_lock:
         context, _default_context = _default_context, None
     if context is not None:
@@ -306,12 +348,12 @@ async def open_worker_context(*args: Any, **config: Any) -> AsyncIterator[Worker
     cancellable, so hand the context only to tasks inside the block.
 
     Raises:
-        TypeError: for an argument of the wrong type, naming it.
+        TypeError: for an argument of the wrong type or an unknown keyword, naming it.
         ValueError: for an argument out of range, naming it.
         TemplateStartError: if the template could not preload.
         BrokenWorkerError: if a worker had to be killed at exit.
     """
-    context = WorkerContext(_make_config(args, config), _private=True)
+    context = WorkerContext(make_config("open_worker_context", args, config), _private=True)
     try:
         await context._start()
         yield context
@@ -326,20 +368,26 @@ async def cache_scope(*args: Any, **config: Any) -> AsyncIterator[None]:
 
     Contexts from `open_worker_context` are not affected. Nested scopes win.
     """
-    async with open_worker_context(*args, **config) as context:
+    context = WorkerContext(make_config("cache_scope", args, config), _private=True)
+    try:
+        await context._start()
         token = _scoped_context.set(context)
         try:
             yield
         finally:
             _scoped_context.reset(token)
+    finally:
+        await context._aclose()
 
 
+@trio.lowlevel.enable_ki_protection
 async def run_sync(
     sync_fn: Callable[..., T],
     *args: Any,
     kill_on_cancel: bool = False,
     cancellable: bool = False,
     limiter: trio.CapacityLimiter | None = None,
+    **keywords: Any,
 ) -> T:
     """Run ``sync_fn(*args)`` in a worker process and return or raise its outcome.
 
@@ -352,7 +400,9 @@ async def run_sync(
 
     Args:
         sync_fn: A synchronous callable. Async and generator functions are refused.
-        *args: Its positional arguments; use `functools.partial` for keywords.
+        *args: Its positional arguments.
+        **keywords: Refused with a TypeError that shows the fix: bind keyword
+            arguments with `functools.partial` first.
         kill_on_cancel: Let cancellation kill the worker; see below.
         cancellable: trio-parallel's older name for ``kill_on_cancel``; either
             being true enables it.
@@ -382,6 +432,4 @@ async def run_sync(
         (SIGKILL), its exit is awaited, and `trio.Cancelled` propagates; the
         job's side effects may be partly done. No worker is leaked either way.
     """
-    return await _get_default_context().run_sync(
-        sync_fn, *args, kill_on_cancel=kill_on_cancel, cancellable=cancellable, limiter=limiter
-    )
+    return await _call(_get_default_context, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)

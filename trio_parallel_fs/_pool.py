@@ -2,65 +2,79 @@
 
 Theory of operation
 -------------------
-A worker is taken from the idle stack (LIFO: the most recently used worker is
-the warmest), or started by the backend. The job goes out; exactly one frame
-comes back:
+The pool is handed a backend (`_backend.Backend`) and never asks what kind it
+is. A worker is taken from the idle stack (LIFO: the most recently used worker
+is the warmest), or started by the backend. The job goes out; then events come
+back until one settles the call (see `_channel.Worker.receive`):
 
-* VALUE / ERROR: the job's outcome. If the flags carry a retire reason the
-  worker is leaving, so it is closed instead of going back on the stack; the
-  parent never sends a job to a worker that announced it is leaving.
-* BYE: the worker's idle timeout fired as the job was being sent. It left
+* Started: the worker's init hook returned (and, if it carries a figure, the
+  worker already uses more than ``max_memory``: warn once). Keep reading.
+* Value / Error: the job's outcome. If it carries a retire reason the worker
+  is leaving, so it is let go instead of going back on the stack; the parent
+  never sends a job to a worker that announced it is leaving. Bytes already
+  received after the reply can only be (the start of) a Bye: it is leaving too.
+* Bye: the worker's idle timeout fired as the job was being sent. It left
   without reading the job, so the job is resubmitted: a clean idle exit is
-  never reported as a crash.
-* INIT_FAILED: ``init`` raised; the call fails with WorkerHookError.
-* EOF: the worker died. Its exit status comes from the backend (the template
-  reaps forked workers and writes their status to a pipe) and the call fails
-  with BrokenWorkerError naming the code or signal.
+  never reported as a crash. (A send that fails because the worker closed
+  its end is followed by a read too: the Bye is there.)
+* InitFailed: ``init`` raised; the call fails with WorkerHookError.
+* Closed: the worker died: its channel closed, or its exit was reported while
+  something else still holds the channel. The call fails with
+  BrokenWorkerError naming the exit code or signal.
 
-The pool is shared by every ``trio.run`` that uses its context, in any
-thread, so it holds no Trio objects: a deque for the idle stack (append and
-pop are atomic) and plain counters for the statistics.
+Each worker's state follows the table in `_lifecycle`; states, the idle stack,
+the counters and the context's own state change under one lock, because a
+context (the default one above all) is shared by every thread's ``trio.run``.
+The pool holds no Trio objects for the same reason.
+
+A process forked from the parent inherits the pool. It must never touch the
+parent's template, workers or channels, so the pool notices the new pid and
+forgets them all (closing only its own copies of the fds) before it serves.
 """
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import pickle
+import threading
 import time
-from collections import deque
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import attrs
+import cloudpickle
 import outcome
 import trio
 
 from _trio_parallel_fs_worker import _protocol as p
+from _trio_parallel_fs_worker._errorcodec import decode_error
+from _trio_parallel_fs_worker._settings import WorkerSettings
 
-from ._channel import Worker
-from ._config import WorkerConfig, WorkerType
+from ._backend import Backend, ExitInfo, WorkerProcess
+from ._channel import AnswerTimeout, Worker
+from ._config import WorkerConfig
 from ._describe import describe
-from ._errors import BrokenWorkerError, MemoryCeilingError, WorkerHookError, describe_exit, signal_name
-from ._process import ExitInfo, WorkerProcess
-from ._spawn import SpawnBackend
-from ._template import TemplateBackend, remote_error
+from ._errors import (
+    baseline_above_max_memory_message,
+    broken_worker_error,
+    hook_error,
+    stuck_at_close_error,
+    unpicklable_result_error,
+)
+from ._lifecycle import ContextEvent, ContextState, WorkerEvent, WorkerState, next_context_state
 
 RESUBMIT = object()
 
-# How long to wait for the exit report of a worker whose channel closed. The
-# template reports within milliseconds; this only bounds a hung template.
-_EXIT_REPORT_TIMEOUT = 10.0
+# How long to wait for the exit report of a worker whose channel closed, or
+# that was killed. The template reports within milliseconds; past this, it
+# is declared unresponsive.
+_EXIT_REPORT_TIMEOUT = 2.0
 
-_HINTS = {
-    "SIGKILL": "killed from outside, or by the kernel's OOM killer (see dmesg)",
-    "SIGSEGV": "a crash in native code",
-    "SIGBUS": "a crash in native code",
-    "SIGABRT": "an abort() in native code",
-    "SIGTERM": "terminated from outside, e.g. by systemd stopping a unit with "
-    "KillMode=control-group",
-}
+
+class PoolClosed(Exception):
+    """The pool refused a job because its context is closing or closed."""
 
 
 @attrs.frozen
@@ -88,156 +102,47 @@ class WorkerContextStatistics:
     preload: tuple[str, ...] = ()
 
 
-def broken_worker_error(
-    info: ExitInfo, function: str, metric: str, ceiling: int | None, first_job: bool = False
-) -> BrokenWorkerError:
-    fields: dict[str, Any] = {
-        "pid": info.pid,
-        "exitcode": info.exitcode,
-        "template_died": info.template_died,
-        "function": function,
-    }
-    who = f"worker process {info.pid}" if info.pid is not None else "a worker process"
-    if info.ceiling_used is not None and ceiling is not None:
-        return MemoryCeilingError(
-            f"{who} was killed at the memory ceiling while running {function}: it used "
-            f"{info.ceiling_used / 2**20:.1f} MiB ({metric.upper()}), above memory_ceiling="
-            f"{ceiling / 2**20:.1f} MiB. Give the job less data, or raise the ceiling.",
-            used=info.ceiling_used,
-            ceiling=ceiling,
-            **fields,
-        )
-    if info.fork_errno is not None:
-        return BrokenWorkerError(
-            f"the template could not fork a worker for {function}: "
-            f"{os.strerror(info.fork_errno)} ({errno.errorcode.get(info.fork_errno, '?')}). "
-            "Too many processes, or too little memory?",
-            **fields,
-        )
-    if info.template_died:
-        return BrokenWorkerError(
-            f"the template process died while {who} was running {function}, and took "
-            "its workers with it. The next call starts a new template.",
-            **fields,
-        )
-    hint = _HINTS.get(signal_name(info.exitcode) or "", "")
-    # A new worker runs the init hook before its first job: it may have died in either.
-    doing = f"running its init hook or {function}" if first_job else f"running {function}"
-    return BrokenWorkerError(
-        f"{who} died with {describe_exit(info.exitcode)} while {doing}"
-        + (f" ({hint})" if hint else "")
-        + ".",
-        **fields,
-    )
-
-
-def hook_error(hook: str, payload: bytes, pid: int | None, function: str) -> WorkerHookError:
-    """The error for a call whose worker's ``init`` or ``retire`` hook raised
-    (the hook's exception, from ``payload``, becomes its cause)."""
-    cause = remote_error(payload)
-    consequence = (
-        f"{function} did not run"
-        if hook == "init"
-        else f"after running {function}; the job's result is lost and the worker left"
-    )
-    error = WorkerHookError(
-        f"the worker's {hook} hook raised {type(cause).__name__}: {cause}; {consequence}",
-        hook=hook,
-        pid=pid,
-        function=function,
-    )
-    error.__cause__ = cause
-    return error
-
-
 class WorkerPool:
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, backend: Backend) -> None:
         self.config = config
-        settings = config.worker_settings()
-        self._config_frame = p.encode_frame(p.CONFIG, pickle.dumps(settings))
-        self._backend: TemplateBackend | SpawnBackend
-        if config.worker_type is WorkerType.SPAWN:
-            self._backend = SpawnBackend(config.blas_threads)
-        else:
-            self._backend = TemplateBackend(config.template_setup(), config.blas_threads)
-        self._idle: deque[Worker] = deque()
-        self._departing: list[WorkerProcess] = []
+        self.backend = backend
+        self._hooks = cloudpickle.dumps(config.worker_hooks())
+        self._lock = threading.Lock()
+        self._state = ContextState.OPEN
+        self._idle: list[Worker] = []
+        self._live: set[Worker] = set()  # every worker not GONE or DEAD
+        self._departing: list[WorkerProcess] = []  # let go, not reaped yet
         self.running = 0
-        self.closed = False
         self._started = 0
         self._retired: dict[str, int] = {}
-        self._live: dict[int, Worker] = {}  # id(worker) -> worker, idle or busy
+        self._warned_baseline = False
+        self._pid = os.getpid()
         self.observers: list[Callable[[int], None]] = []  # see _introspect.watch_workers
+
+    @property
+    def closed(self) -> bool:
+        return self._state is not ContextState.OPEN
 
     # --- statistics ---------------------------------------------------------
 
-    def _retire(self, worker: Worker, reason: str) -> None:
-        """Count why ``worker`` left, and let it go."""
-        self._retired[reason] = self._retired.get(reason, 0) + 1
-        self._let_go(worker)
-
     def statistics(self) -> WorkerContextStatistics:
+        self._check_fork()
         self.prune()
-        return WorkerContextStatistics(
-            idle_workers=len(self._idle),
-            running_workers=self.running,
-            started_workers=self._started,
-            retired=dict(self._retired),
-            template_pid=self._backend.template_pid,
-            preload=self.config.preload,
-        )
+        with self._lock:
+            return WorkerContextStatistics(
+                idle_workers=len(self._idle),
+                running_workers=self.running,
+                started_workers=self._started,
+                retired=dict(self._retired),
+                template_pid=self.backend.template_pid,
+                preload=self.config.preload,
+            )
 
-    # --- workers in and out -------------------------------------------------
-
-    async def start(self) -> None:
-        """Start the template now, so that preload errors surface here."""
-        await self._backend.ensure_started()
-
-    def _take_idle(self) -> Worker | None:
-        now = time.monotonic()
-        while self._idle:
-            try:
-                worker = self._idle.pop()
-            except IndexError:  # another thread took the last one
-                return None
-            if now - worker.idle_since >= self.config.idle_timeout:
-                # Its own idle timeout has (almost certainly) made it leave.
-                self._retire(worker, "idle")
-            elif worker.process.has_exited():
-                # Died while idle (killed, or its template died): the job has not
-                # been sent, so it goes to another worker instead of failing.
-                self._retire_exited(worker)
-            else:
-                return worker
-        return None
-
-    def prune(self) -> None:
-        """Drop idle workers that have left (by their idle timeout, or killed).
-        This also reaps spawned workers, which would otherwise stay zombies
-        until the next call."""
-        for worker in list(self._idle):
-            if worker.process.has_exited():
-                try:
-                    self._idle.remove(worker)
-                except ValueError:  # another thread took it meanwhile
-                    continue
-                self._retire_exited(worker)
-        self._reap_departing()
-
-    async def _new_worker(self) -> Worker:
-        self.prune()
-        await self._backend.ensure_started()
-        try:
-            channel, process = self._backend.start_worker()
-        except OSError:
-            # The template died since we looked: start a new one, once.
-            await self._backend.ensure_started()
-            channel, process = self._backend.start_worker()
-        self._started += 1
-        worker = Worker(channel, process, self._config_frame)
-        self._live[id(worker)] = worker
-        self._announce(worker)
-        return worker
+    def worker_pids(self) -> list[int]:
+        """Pids of the workers this pool holds (idle or busy), where known."""
+        with self._lock:
+            workers = list(self._live)
+        return [pid for worker in workers if (pid := worker.process.pid) is not None]
 
     def _announce(self, worker: Worker) -> None:
         if self.observers and not worker.announced and worker.process.pid is not None:
@@ -245,103 +150,268 @@ class WorkerPool:
             for observer in self.observers:
                 observer(worker.process.pid)
 
-    def worker_pids(self) -> list[int]:
-        """Pids of the workers this pool holds (idle or busy), where known."""
-        return [pid for worker in list(self._live.values()) if (pid := worker.process.pid) is not None]
+    # --- after a fork of the parent ----------------------------------------------
 
-    def _retire_exited(self, worker: Worker) -> None:
-        """An idle worker found gone: by its idle timeout if it exited cleanly."""
-        self._retire(worker, "idle" if worker.process.exited_cleanly() else "died")
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():
+            self._forget_after_fork()
 
-    def _let_go(self, worker: Worker) -> None:
-        self._live.pop(id(worker), None)
-        worker.close_channel()
+    def _forget_after_fork(self) -> None:
+        """We are a child forked from the process that made this pool: drop every
+        inherited worker, closing only our copies of their fds."""
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        for worker in self._live:
+            worker.close()
+            worker.process.forget()
+        for process in self._departing:
+            process.forget()
+        self._live.clear()
+        self._idle.clear()
+        self._departing.clear()
+        self.running = 0
+        self.backend.forget_after_fork()
+        self._pid = os.getpid()
+
+    # --- workers in and out -------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the template now, so that preload errors surface here."""
+        await self.backend.start()
+
+    def _end(self, worker: Worker, event: WorkerEvent, reason: str) -> None:
+        """Apply a final event to ``worker``, count why it left, let it go
+        (the caller holds the lock)."""
+        worker.apply(event)
+        self._retired[reason] = self._retired.get(reason, 0) + 1
+        self._live.discard(worker)
+        worker.close()
         if not worker.process.release():
             self._departing.append(worker.process)
 
-    def _reap_departing(self) -> None:
-        if self._departing:
-            self._departing = [proc for proc in self._departing if not proc.release()]
+    def _let_go_retiring(self, worker: Worker, reason: str) -> None:
+        """A worker that said it is leaving: count it, close our end, and stop
+        tracking it (the backend reaps it; spawned ones are reaped later)."""
+        self._retired[reason] = self._retired.get(reason, 0) + 1
+        self._live.discard(worker)
+        worker.close()
+        if not worker.process.release():
+            self._departing.append(worker.process)
+
+    def _take_idle(self) -> Worker | None:
+        """An idle worker that is still there, marked BUSY; None if there is none
+        (the caller holds the lock)."""
+        now = time.monotonic()
+        idle_timeout = self.config.idle_timeout
+        while self._idle:
+            worker = self._idle.pop()
+            if now - worker.idle_since >= idle_timeout:
+                # Its own idle timeout has (almost certainly) made it leave.
+                self._end(worker, WorkerEvent.LEFT, "idle")
+            elif worker.process.has_exited():
+                # Died while idle (killed, or its template died): the job has not
+                # been sent, so it goes to another worker instead of failing.
+                self._end_exited(worker)
+            else:
+                worker.apply(WorkerEvent.SEND_JOB)
+                return worker
+        return None
+
+    def _end_exited(self, worker: Worker) -> None:
+        """An idle worker found gone: by its idle timeout if it exited cleanly."""
+        if worker.process.exited_cleanly():
+            self._end(worker, WorkerEvent.LEFT, "idle")
+        else:
+            self._end(worker, WorkerEvent.DIED, "died")
+
+    def prune(self) -> None:
+        """Drop idle workers that have left (by their idle timeout, or killed).
+        This also reaps spawned workers, which would otherwise stay zombies
+        until the next call."""
+        with self._lock:
+            for worker in [w for w in self._idle if w.process.has_exited()]:
+                self._idle.remove(worker)
+                self._end_exited(worker)
+            if self._departing:
+                self._departing = [process for process in self._departing if not process.release()]
+
+    def _worker_settings(self) -> bytes:
+        """The Config frame of a worker started now (the cwd is this moment's)."""
+        config = self.config
+        spawned = config.worker_type.value == "spawn"
+        settings = WorkerSettings(
+            cwd=os.getcwd(),
+            sys_path=config.sys_path() if spawned else None,
+            preload=config.preload if spawned else (),
+            template_init=config.pickled_template_init() if spawned else None,
+            hooks=self._hooks,
+        )
+        return p.encode_frame(p.CONFIG, pickle.dumps(settings))
+
+    async def _new_worker(self) -> Worker:
+        self.prune()
+        await self.backend.start()
+        try:
+            channel, process = self.backend.start_worker()
+        except OSError:
+            # The template died since we looked: start a new one, once.
+            await self.backend.start()
+            channel, process = self.backend.start_worker()
+        worker = Worker(channel, process, self._worker_settings())
+        with self._lock:
+            if self.closed:
+                # Closed while we started it: nothing would ever close it.
+                worker.close()
+                process.kill()
+                if not process.release():
+                    self._departing.append(process)
+                raise PoolClosed
+            self._started += 1
+            self._live.add(worker)
+            worker.apply(WorkerEvent.SEND_JOB)
+        self._announce(worker)
+        return worker
 
     # --- one job ------------------------------------------------------------
 
-    async def run(self, job_frame: list[bytes | memoryview], fn: object) -> Any:
-        """Run one job; return its outcome, or RESUBMIT if it never ran."""
-        worker = self._take_idle() or await self._new_worker()
+    async def run(self, job_parts: list[bytes | memoryview], fn: object) -> Any:
+        """Run one job; return its outcome, or RESUBMIT if it never ran.
+
+        Raises PoolClosed if the context is closed (or closes while a new
+        worker starts for this job).
+        """
+        with self._lock:
+            if self._pid != os.getpid():
+                self._forget_after_fork()
+            if self.closed:
+                raise PoolClosed
+            self.running += 1
+            worker = self._take_idle()
         try:
-            reply = await worker.exchange(job_frame)
-            self._announce(worker)
+            if worker is None:
+                worker = await self._new_worker()
+            return await self._exchange(worker, job_parts, fn)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    async def _exchange(self, worker: Worker, job_parts: list[bytes | memoryview], fn: object) -> Any:
+        try:
+            await worker.send_job(job_parts)  # if it closed its end, its Bye may be waiting
+            while True:
+                event = await worker.receive(_EXIT_REPORT_TIMEOUT)
+                self._announce(worker)
+                if not isinstance(event, p.Started):
+                    break
+                worker.init_done = True
+                if event.memory >= 0:
+                    self._warn_baseline(worker, event.memory)
+        except AnswerTimeout:
+            info = worker.process.give_up()
+            with self._lock:
+                self._end(worker, WorkerEvent.DIED, "died")
+            raise self._broken(info, fn, worker) from None
         except BaseException:
             # Cancelled with kill_on_cancel, or KeyboardInterrupt: nobody will
             # read this job's result, so the worker goes.
             with trio.CancelScope(shield=True):
-                worker.process.kill()
-                with trio.move_on_after(_EXIT_REPORT_TIMEOUT):
-                    await worker.process.wait()
-                self._retire(worker, "killed")
+                await self._kill(worker)
             raise
-        return await self._settle(worker, reply, fn)
+        return await self._settle(worker, event, fn)
 
-    async def _settle(self, worker: Worker, reply: tuple[int, int, bytes] | None, fn: object) -> Any:
-        if reply is None:
-            function = describe(fn)
+    async def _kill(self, worker: Worker) -> None:
+        worker.process.kill()
+        with trio.move_on_after(_EXIT_REPORT_TIMEOUT):
+            await worker.process.wait()
+        if not worker.process.has_exited():
+            worker.process.give_up()  # its template did not answer the kill
+        with self._lock:
+            self._end(worker, WorkerEvent.KILL, "killed")
+
+    def _warn_baseline(self, worker: Worker, used: int) -> None:
+        if self._warned_baseline or self.config.max_memory is None:
+            return
+        self._warned_baseline = True
+        message = baseline_above_max_memory_message(
+            worker.process.pid, used, self.config.max_memory, self.config.memory_metric
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def _broken(self, info: ExitInfo, fn: object, worker: Worker) -> BaseException:
+        return broken_worker_error(
+            info,
+            describe(fn),
+            self.config.memory_metric,
+            self.config.memory_ceiling,
+            in_init=not worker.init_done and self.config.init is not bool,
+        )
+
+    async def _settle(self, worker: Worker, event: p.Event, fn: object) -> Any:
+        if isinstance(event, p.Closed):
             with trio.CancelScope(shield=True):
                 info = ExitInfo(pid=worker.process.pid, exitcode=None)
                 with trio.move_on_after(_EXIT_REPORT_TIMEOUT):
                     info = await worker.process.wait()
-            self._retire(worker, "ceiling" if info.ceiling_used is not None else "died")
-            raise broken_worker_error(
-                info,
-                function,
-                self.config.memory_metric,
-                self.config.memory_ceiling,
-                first_job=worker.served == 0 and self.config.init is not bool,
-            )
-        kind, flags, payload = reply
-        if kind == p.BYE:
-            self._retire(worker, "idle")
+                if not worker.process.has_exited():
+                    info = worker.process.give_up()
+            with self._lock:
+                self._end(worker, WorkerEvent.DIED, "ceiling" if info.ceiling_used is not None else "died")
+            raise self._broken(info, fn, worker)
+        if isinstance(event, p.Bye):
+            with self._lock:
+                self._end(worker, WorkerEvent.LEFT, "idle")
             return RESUBMIT
-        if kind == p.INIT_FAILED:
-            self._retire(worker, "hook_error")
-            raise hook_error("init", payload, worker.process.pid, describe(fn))
-        if flags == p.KEEP and worker.said_bye:
-            self._retire(worker, "idle")
-        elif flags == p.KEEP:
-            worker.idle_since = time.monotonic()
-            self._idle.append(worker)
-        else:
-            self._retire(worker, p.RETIRE_REASONS[flags])
-        if flags == p.RETIRE_HOOK_FAILED:
-            raise hook_error("retire", payload, worker.process.pid, describe(fn))
-        if kind == p.ERROR:
-            return outcome.Error(remote_error(payload))
+        if isinstance(event, p.InitFailed):
+            with self._lock:
+                worker.apply(WorkerEvent.REPLY_RETIRING)
+                self._let_go_retiring(worker, "hook_error")
+            raise hook_error("init", event.payload, worker.process.pid, describe(fn))
+        assert isinstance(event, (p.Value, p.Error))
+        worker.init_done = True
+        retire = event.retire
+        # Anything received past the reply is (the start of) a Bye: it is leaving.
+        leaving = worker.connection.pending > 0
+        with self._lock:
+            if retire is not p.Retire.KEEP:
+                worker.apply(WorkerEvent.REPLY_RETIRING)
+                self._let_go_retiring(worker, retire.reason)
+            elif leaving:
+                worker.apply(WorkerEvent.REPLY_RETIRING)
+                self._let_go_retiring(worker, "idle")
+            else:
+                worker.apply(WorkerEvent.REPLY)
+                worker.idle_since = time.monotonic()
+                self._idle.append(worker)
+        if retire is p.Retire.HOOK_FAILED:
+            assert isinstance(event, p.Error)
+            raise hook_error("retire", event.payload, worker.process.pid, describe(fn))
+        if isinstance(event, p.Error):
+            return outcome.Error(decode_error(event.payload))
         try:
-            if kind == p.VALUE_BUFFERS:
-                pickled, buffers = p.split_buffers(payload)
-                return outcome.Value(pickle.loads(pickled, buffers=buffers))
-            return outcome.Value(pickle.loads(payload))
+            return outcome.Value(pickle.loads(event.pickled, buffers=event.buffers))
         except BaseException as exc:  # noqa: BLE001
-            error = TypeError(
-                f"the result of {describe(fn)} could not be unpickled in the parent: "
-                f"{type(exc).__name__}: {exc}"
-            )
-            error.__cause__ = exc
-            return outcome.Error(error)
+            return outcome.Error(unpicklable_result_error(describe(fn), exc))
 
     # --- closing --------------------------------------------------------------
 
     def close_blocking(self, grace_period: float) -> None:
         """Stop idle workers, wait up to ``grace_period`` for them, kill stragglers,
-        stop the template. Raises BrokenWorkerError if anything had to be killed."""
-        self.closed = True
-        self._live.clear()
-        processes: list[WorkerProcess] = []
-        while self._idle:
-            worker = self._idle.pop()
-            worker.close_channel()
-            processes.append(worker.process)
-        processes.extend(self._departing)
-        self._departing = []
+        stop the template. Raises BrokenWorkerError if anything had to be killed.
+        A second close does nothing."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._forget_after_fork()
+                self._state = ContextState.CLOSED
+                return
+            if self._state is not ContextState.OPEN:
+                return
+            self._state = next_context_state(self._state, ContextEvent.CLOSE)
+            closing = [w for w in self._live if w.state in (WorkerState.IDLE, WorkerState.STARTING)]
+            for worker in closing:
+                worker.apply(WorkerEvent.CLOSE)
+                worker.close()
+            self._idle.clear()
+            processes = [worker.process for worker in closing] + self._departing
+            self._departing = []
         deadline = time.monotonic() + grace_period
         stuck = []
         for process in processes:
@@ -350,13 +420,16 @@ class WorkerPool:
                 process.kill()
                 stuck.append(process)
         for process in stuck:
-            process.wait_blocking(_EXIT_REPORT_TIMEOUT)
+            if process.wait_blocking(_EXIT_REPORT_TIMEOUT) is None:
+                process.give_up()
         for process in processes:
             process.release()
-        self._backend.close(_EXIT_REPORT_TIMEOUT)
+        with self._lock:
+            for worker in closing:
+                worker.apply(WorkerEvent.KILL if worker.process in stuck else WorkerEvent.LEFT)
+                self._live.discard(worker)
+        self.backend.close(_EXIT_REPORT_TIMEOUT)
+        with self._lock:
+            self._state = next_context_state(self._state, ContextEvent.CLOSED)
         if stuck:
-            pids = ", ".join(str(process.pid) for process in stuck)
-            raise BrokenWorkerError(
-                f"{len(stuck)} worker(s) (pid {pids}) did not exit within "
-                f"grace_period={grace_period}s after their context closed, and were killed"
-            )
+            raise stuck_at_close_error([process.pid for process in stuck], grace_period)

@@ -11,16 +11,18 @@ import concurrent.futures
 import math
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
 import threading
+import time
 from typing import Any
 
 import trio
 
-from ._process import ExitInfo
-from ._template import child_command, child_environment
+from ._backend import ExitInfo
+from ._launch import child_command, child_environment
 
 _HAS_PIDFD = hasattr(os, "pidfd_open")
 
@@ -71,6 +73,10 @@ _launcher = _Launcher()
 
 
 class SpawnedWorker:
+    """A spawned worker: the parent's own child, leading its own process group
+    (it starts in its own session), so that killing the group takes the
+    processes its jobs started along."""
+
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self._popen = popen
         self._pidfd: int | None = None
@@ -84,17 +90,52 @@ class SpawnedWorker:
     def pid(self) -> int:
         return self._popen.pid
 
+    @property
+    def exit_fd(self) -> int | None:
+        return self._pidfd
+
+    def answered(self) -> bool:
+        return True
+
+    def give_up(self) -> ExitInfo:
+        self.kill()
+        return self._info()
+
+    def _kill_group(self) -> None:
+        # Only while the worker is not reaped: until then its pid (and so the
+        # group id it gave its group) cannot belong to anyone else.
+        try:
+            os.killpg(self._popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def kill(self) -> None:
-        # Popen checks whether it has reaped the child before signalling, so a
-        # recycled pid is never hit.
         if self._popen.returncode is None:
-            try:
-                self._popen.send_signal(signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._kill_group()
+
+    def _exited_unreaped(self) -> bool:
+        """Exited (a zombie), without reaping it."""
+        if self._popen.returncode is not None:
+            return True
+        try:
+            info = os.waitid(os.P_PID, self._popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        return info is not None
+
+    def _reap(self) -> bool:
+        """Reap it if it exited, after killing what is left of its process group
+        (a job's helpers must not outlive the worker)."""
+        if self._popen.returncode is not None:
+            return True
+        if not self._exited_unreaped():
+            return False
+        self._kill_group()
+        self._popen.wait()
+        return True
 
     def has_exited(self) -> bool:
-        return self._popen.poll() is not None
+        return self._reap()
 
     def exited_cleanly(self) -> bool:
         return self._popen.returncode == 0
@@ -105,23 +146,36 @@ class SpawnedWorker:
     async def wait(self) -> ExitInfo:
         if self._pidfd is not None:
             await trio.lowlevel.wait_readable(self._pidfd)
-            self._popen.wait()  # has exited: returns at once
         else:
             delay = 0.0005
-            while self._popen.poll() is None:
+            while not self._exited_unreaped():
                 await trio.sleep(delay)
                 delay = min(delay * 2, 0.05)
+        self._reap()
         return self._info()
 
     def wait_blocking(self, timeout: float) -> ExitInfo | None:
-        try:
-            self._popen.wait(None if math.isinf(timeout) else timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while not self._reap():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if self._pidfd is not None:
+                select.select([self._pidfd], [], [], None if math.isinf(remaining) else remaining)
+            else:
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 0.05)
         return self._info()
 
+    def forget(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._popen.returncode = 0  # the parent's child, not ours to reap
+
     def release(self) -> bool:
-        if self._popen.poll() is None:
+        if not self._reap():
             return False
         if self._pidfd is not None:
             os.close(self._pidfd)
@@ -130,6 +184,8 @@ class SpawnedWorker:
 
 
 class SpawnBackend:
+    """Each worker a fresh interpreter, started by this process."""
+
     def __init__(self, blas_threads: int | None) -> None:
         self._env = child_environment(blas_threads)
 
@@ -137,18 +193,19 @@ class SpawnBackend:
     def template_pid(self) -> None:
         return None
 
-    async def ensure_started(self) -> None:
+    async def start(self) -> None:
         pass
 
     def start_worker(self) -> tuple[socket.socket, SpawnedWorker]:
         ours, theirs = socket.socketpair()
         try:
             popen = _launcher.popen(
-                child_command("worker", theirs.fileno(), "--die-with-parent", str(os.getpid())),
+                child_command("worker", str(theirs.fileno()), "--die-with-parent", str(os.getpid())),
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 env=self._env,
                 # See the template's Popen: Ctrl-C is for the parent to handle.
+                # It also makes the worker lead its own process group.
                 start_new_session=True,
             )
         except BaseException:
@@ -161,3 +218,5 @@ class SpawnBackend:
     def close(self, timeout: float) -> None:
         pass
 
+    def forget_after_fork(self) -> None:
+        pass  # the workers the pool held are forgotten by the pool

@@ -6,101 +6,65 @@ each fork request carries the worker's channel and a status pipe made by the
 parent, so replies come back on per-worker fds and no reader task is needed.
 That keeps the default context usable from any number of ``trio.run`` calls, in
 any threads, at once.
+
+A template that stops answering (SIGSTOPped, hung) is noticed by the pool:
+a fork request or a kill it does not answer within `ANSWER_TIMEOUT` makes the
+pool `give_up` on it, which kills it; the next call starts a new one.
 """
 
 from __future__ import annotations
 
 import array
+import dataclasses
 import math
 import os
 import pickle
 import select
 import socket
 import subprocess
-import sys
 import threading
 import time
-from typing import Any
 
 import trio
 
-import _trio_parallel_fs_worker
 from _trio_parallel_fs_worker import _protocol as p
-from _trio_parallel_fs_worker._worker import ChannelClosed, recv_frame, send_frame
+from _trio_parallel_fs_worker._errorcodec import decode_error
+from _trio_parallel_fs_worker._settings import TemplateSettings
 
-from ._errors import RemoteTraceback, TemplateStartError
-from ._process import ExitInfo
+from ._backend import ExitInfo
+from ._errors import template_start_error
+from ._launch import child_command, child_environment
 
-# Run the child package from wherever this parent imported it, without
-# touching PYTHONPATH (which the user's own subprocesses would inherit).
-_CHILD_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(_trio_parallel_fs_worker.__file__)))
-BOOT = (
-    "import sys; sys.path.insert(0, {root!r}); "
-    "from _trio_parallel_fs_worker._main import main; sys.exit(main(sys.argv[1:]))"
-)
-
-# Thread pools that numerical libraries start at import time. Capped in the
-# template's environment (unless the user set them) so that the template stays
-# single-threaded and N workers do not run N x cores BLAS threads.
-THREAD_LIMIT_VARIABLES = (
-    "OPENBLAS_NUM_THREADS",
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "BLIS_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-)
+# How long a running template may take to answer a fork request or a kill
+# (it answers in microseconds when it runs at all).
+ANSWER_TIMEOUT = 2.0
 
 
-def child_command(role: str, fd: int, *extra: str) -> list[str]:
-    return [sys.executable, "-c", BOOT.format(root=_CHILD_ROOT), role, str(fd), *extra]
-
-
-def child_environment(blas_threads: int | None) -> dict[str, str]:
-    env = dict(os.environ)
-    if blas_threads is not None:
-        for name in THREAD_LIMIT_VARIABLES:
-            env.setdefault(name, str(blas_threads))
-    return env
-
-
-def remote_error(payload: bytes) -> BaseException:
-    """Rebuild an exception sent by a worker with its chain; the remote traceback
-    becomes the cause of the innermost link, so printing shows it first."""
-    exc_data, chain, text = pickle.loads(payload)
-    try:
-        exc: BaseException = pickle.loads(exc_data)
-    except Exception as why:  # noqa: BLE001 - e.g. its class only exists in the worker
-        first_line = text.rstrip("\n").rsplit("\n", 1)[-1]
-        exc = RuntimeError(
-            f"the job raised {first_line}, which could not be unpickled in the parent "
-            f"({type(why).__name__}: {why}); its traceback follows"
-        )
-        chain = []
-    link = exc
-    for how, data in chain:
+def _handshake(sock: socket.socket, settings: TemplateSettings) -> p.Event:
+    """Send the template its settings; return its answer (blocking)."""
+    connection = p.Connection(p.PARENT)
+    # The template's code reads its settings as a mapping.
+    for part in connection.send(p.Config(pickle.dumps(dataclasses.asdict(settings)))):
+        sock.sendall(part)
+    while True:
+        event = connection.next_event()
+        if event is not p.NEED_DATA:
+            return event  # type: ignore[return-value]
         try:
-            inner = pickle.loads(data)
-        except Exception:  # noqa: BLE001 - the traceback text still shows it
-            break
-        if how == "cause":
-            link.__cause__ = inner
-        else:
-            link.__context__ = inner
-        link = inner
-    link.__cause__ = RemoteTraceback(text)
-    return exc
+            connection.receive_data(sock.recv(1 << 16))
+        except OSError:
+            connection.receive_data(b"")
 
 
 class TemplateProcess:
     """One running template and the fork requests sent to it."""
 
-    def __init__(self, setup: dict[str, Any], blas_threads: int | None) -> None:
-        self._setup = setup
+    def __init__(self, settings: TemplateSettings, blas_threads: int | None) -> None:
+        self._settings = settings
         self._blas_threads = blas_threads
         self._lock = threading.Lock()  # one writer at a time on the control channel
         self._next_seq = 0
-        self._broken = False  # a request failed: dying, even if not reapable yet
+        self._broken = False  # a request failed, or it stopped answering: dying
         self._control: socket.socket | None = None
         self._popen: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
@@ -110,7 +74,7 @@ class TemplateProcess:
         ours, theirs = socket.socketpair()
         try:
             self._popen = subprocess.Popen(
-                child_command("template", theirs.fileno()),
+                child_command("template", str(theirs.fileno())),
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 env=child_environment(self._blas_threads),
@@ -123,23 +87,16 @@ class TemplateProcess:
             theirs.close()
         self._control = ours
         self.pid = self._popen.pid
-        try:
-            send_frame(ours, p.CONFIG, pickle.dumps(self._setup))
-            kind, _, payload = recv_frame(ours)
-        except (ChannelClosed, OSError):
-            code = self._popen.wait()
-            self.close(0)
-            raise TemplateStartError(
-                f"the template process (pid {self.pid}) exited with code {code} while "
-                f"preloading {self._setup['preload']}; see its output above"
-            ) from None
-        if kind == p.INIT_FAILED:
-            cause = remote_error(payload)
+        answer = _handshake(ours, self._settings)
+        if isinstance(answer, p.Value):
+            return
+        if isinstance(answer, p.InitFailed):
+            cause = decode_error(answer.payload)
             self.close(5)
-            raise TemplateStartError(
-                f"the template could not preload {self._setup['preload']}: "
-                f"{type(cause).__name__}: {cause}"
-            ) from cause
+            raise template_start_error(self._settings.preload, cause=cause) from cause
+        code = self._popen.wait()
+        self.close(0)
+        raise template_start_error(self._settings.preload, pid=self.pid, exitcode=code) from None
 
     def alive(self) -> bool:
         return not self._broken and self._popen is not None and self._popen.poll() is None
@@ -151,7 +108,8 @@ class TemplateProcess:
         try:
             fds = array.array("i", [theirs.fileno(), status_w])
             with self._lock:
-                assert self._control is not None
+                if self._control is None:
+                    raise BrokenPipeError("the template was closed")
                 try:
                     self._control.sendmsg(
                         [p.CONTROL_RECORD.pack(p.FORK, 0)],
@@ -182,6 +140,16 @@ class TemplateProcess:
             except OSError:
                 pass  # the template is gone, and its workers with it
 
+    def give_up(self) -> None:
+        """It stopped answering: kill it (its workers die with it) and never
+        use it again. Only the parent reaps it, so its pid is still ours."""
+        self._broken = True
+        if self._popen is not None and self._popen.returncode is None:
+            try:
+                self._popen.kill()
+            except ProcessLookupError:
+                pass
+
     def close(self, timeout: float) -> None:
         """EOF on the control channel: the template kills its workers and exits."""
         with self._lock:
@@ -194,6 +162,15 @@ class TemplateProcess:
             except subprocess.TimeoutExpired:
                 self._popen.kill()
                 self._popen.wait()
+
+    def forget(self) -> None:
+        """In a forked child of the parent: close our copies of its fds, nothing else."""
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._popen is not None:
+            self._popen.returncode = 0  # not ours to reap: keep Popen from trying
+            self._popen = None
 
 
 class ForkedWorker:
@@ -209,6 +186,7 @@ class ForkedWorker:
         self._wait_status: int | None = None
         self._ceiling_used: int | None = None
         self._fork_errno: int | None = None
+        self._unresponsive: float | None = None
         self._eof = False
 
     def _read_available(self) -> None:
@@ -237,11 +215,29 @@ class ForkedWorker:
             self._read_available()
         return self._pid
 
+    @property
+    def exit_fd(self) -> int | None:
+        return self._status_fd
+
+    def answered(self) -> bool:
+        return self.pid is not None or self._done()
+
+    def give_up(self) -> ExitInfo:
+        self._template.give_up()
+        self._unresponsive = ANSWER_TIMEOUT
+        return self._info()
+
     def _done(self) -> bool:
         self._read_available()
         # The exit report is enough: EOF may come later, if a process the
         # template forked at that moment still holds a copy of the pipe.
-        return self._wait_status is not None or self._fork_errno is not None or self._eof or self._status_fd is None
+        return (
+            self._wait_status is not None
+            or self._fork_errno is not None
+            or self._eof
+            or self._unresponsive is not None
+            or self._status_fd is None
+        )
 
     def _info(self) -> ExitInfo:
         exitcode = None
@@ -254,6 +250,7 @@ class ForkedWorker:
             template_died=self._wait_status is None and self._fork_errno is None,
             ceiling_used=self._ceiling_used,
             fork_errno=self._fork_errno,
+            unresponsive=self._unresponsive,
         )
 
     def kill(self) -> None:
@@ -284,6 +281,9 @@ class ForkedWorker:
             select.select([self._status_fd], [], [], None if math.isinf(remaining) else remaining)
         return self._info()
 
+    def forget(self) -> None:
+        self.release()
+
     def release(self) -> bool:
         # The template reaps; the parent only has to stop listening.
         if self._status_fd is not None:
@@ -295,18 +295,19 @@ class ForkedWorker:
 class TemplateBackend:
     """Workers forked from one preloaded template, restarted if it dies."""
 
-    def __init__(self, setup: dict[str, Any], blas_threads: int | None) -> None:
-        self._setup = setup
+    def __init__(self, settings: TemplateSettings, blas_threads: int | None) -> None:
+        self._settings = settings
         self._blas_threads = blas_threads
         self._lock = threading.Lock()
         self._template: TemplateProcess | None = None
+        self._closed = False
 
     @property
     def template_pid(self) -> int | None:
         template = self._template
         return template.pid if template is not None else None
 
-    async def ensure_started(self) -> None:
+    async def start(self) -> None:
         template = self._template
         if template is not None and template.alive():
             return
@@ -318,24 +319,36 @@ class TemplateBackend:
 
     def start_blocking(self) -> None:
         with self._lock:
+            if self._closed:
+                # A close ran meanwhile: a template started now would be one
+                # that nothing closes.
+                raise BrokenPipeError("this worker context is closed")
             old = self._template
             if old is not None and old.alive():
                 return
             if old is not None:
                 old.close(1.0)
                 self._template = None
-            template = TemplateProcess(self._setup, self._blas_threads)
+            template = TemplateProcess(self._settings, self._blas_threads)
             template.start()
             self._template = template
 
     def start_worker(self) -> tuple[socket.socket, ForkedWorker]:
         template = self._template
         if template is None:
-            raise RuntimeError("ensure_started() must come first")
+            raise BrokenPipeError("start() must come first")
         return template.fork()
 
     def close(self, timeout: float) -> None:
         with self._lock:
+            self._closed = True
             template, self._template = self._template, None
         if template is not None:
             template.close(timeout)
+
+    def forget_after_fork(self) -> None:
+        # The lock may have been held by another thread at the fork: a new one.
+        self._lock = threading.Lock()
+        template, self._template = self._template, None
+        if template is not None:
+            template.forget()
