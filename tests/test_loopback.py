@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 
+import cloudpickle
 import psutil
 import pytest
 import trio
@@ -24,9 +25,9 @@ import _trio_parallel_fs_worker
 from _trio_parallel_fs_worker import _loopback as child_loopback
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._pickling import dumps_job
+from _trio_parallel_fs_worker._settings import WorkerSettings
 from trio_parallel_fs import BrokenWorkerError
 from trio_parallel_fs import _loopback as loopback
-from trio_parallel_fs._channel import Worker
 from trio_parallel_fs._config import WorkerConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,8 +40,8 @@ WORKER_BOOT = (
     f"import sys; sys.path.insert(0, {ROOT!r}); "
     "from _trio_parallel_fs_worker._lifeline import ignore_interrupts; ignore_interrupts(); "
     "from _trio_parallel_fs_worker._loopback import connect_to_parent; "
-    "from _trio_parallel_fs_worker._worker import serve; "
-    "sys.exit(serve(connect_to_parent(int(sys.argv[1]))))"
+    "from _trio_parallel_fs_worker._main import serve_then_leave; "
+    "serve_then_leave(connect_to_parent(int(sys.argv[1])).detach())"
 )
 
 
@@ -55,26 +56,65 @@ def launch_worker(listener: loopback.LoopbackListener) -> subprocess.Popen[bytes
     return popen
 
 
-CONFIG_FRAME = p.encode_frame(p.CONFIG, pickle.dumps(WorkerConfig(worker_type="spawn").worker_settings()))
+SETTINGS = pickle.dumps(
+    WorkerSettings(
+        cwd=os.getcwd(),
+        sys_path=list(sys.path),
+        preload=(),
+        template_init=None,
+        hooks=cloudpickle.dumps(WorkerConfig(worker_type="spawn").worker_hooks()),
+    )
+)
 
 
-def job_parts(fn, *args):
-    pickled, buffers = dumps_job(fn, args)
-    return p.frame_parts(p.JOB, pickled, buffers)
+class JobDriver:
+    """The parent's end of a worker channel, blocking: the sans-IO connection
+    over the socket, with a receive timeout so that a hang fails the test."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.settimeout(HANG)
+        self.sock = sock
+        self.connection = p.Connection(p.PARENT)
+        self.configured = False
+
+    def send_job(self, fn, *args) -> None:
+        parts: list[bytes | memoryview] = []
+        if not self.configured:
+            parts += self.connection.send(p.Config(SETTINGS))
+            self.configured = True
+        parts += self.connection.send(p.Job(*dumps_job(fn, args)))
+        for part in parts:
+            self.sock.sendall(part)
+
+    def receive(self) -> p.Event:
+        while True:
+            event = self.connection.next_event()
+            if event is not p.NEED_DATA:
+                return event  # type: ignore[return-value]
+            try:
+                data = self.sock.recv(1 << 16)
+            except ConnectionResetError:  # how a dead peer's end often closes on Windows
+                data = b""
+            self.connection.receive_data(data)
+
+    def run(self, fn, *args):
+        """Run one job; return its result."""
+        self.send_job(fn, *args)
+        event = self.receive()
+        while isinstance(event, p.Started):  # after an init hook; none here, but allowed
+            event = self.receive()
+        assert isinstance(event, p.Value), f"expected a Value, got {event!r}"
+        return pickle.loads(event.pickled, buffers=event.buffers)
+
+
+async def run_job(driver: JobDriver, fn, *args):
+    with trio.fail_after(HANG):
+        return await trio.to_thread.run_sync(lambda: driver.run(fn, *args))
 
 
 async def start_worker(**kwargs) -> loopback.LoopbackWorker:
     with trio.fail_after(HANG):
         return await trio.to_thread.run_sync(lambda: loopback.start_loopback_worker(worker_command, **kwargs))
-
-
-async def run_job(worker: Worker, fn, *args):
-    with trio.fail_after(HANG):
-        reply = await worker.exchange(job_parts(fn, *args))
-    assert reply is not None, "the worker died during the job"
-    kind, _, payload = reply
-    assert kind == p.VALUE, pickle.loads(payload)
-    return pickle.loads(payload)
 
 
 async def finish(popen: subprocess.Popen[bytes], channel: socket.socket) -> int:
@@ -101,7 +141,7 @@ async def test_a_job_round_trip_on_the_loopback_channel():
         assert started.popen.pid in {c.pid for c in psutil.Process().children()}
         assert started.channel.getpeername()[0] == "127.0.0.1"
         assert started.channel.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        worker = Worker(started.channel, started.popen, CONFIG_FRAME)  # type: ignore[arg-type]
+        worker = JobDriver(started.channel)
         assert await run_job(worker, workerfns.add, 1, 2) == 3
         assert await run_job(worker, workerfns.pid) == started.popen.pid
         # A large argument and result: several sends and receives each way.
@@ -166,7 +206,7 @@ async def test_connections_without_the_secret_are_refused_and_the_worker_still_s
                 assert stranger.recv(1) == b""
             except ConnectionResetError:
                 pass
-        worker = Worker(channel, popen, CONFIG_FRAME)  # type: ignore[arg-type]
+        worker = JobDriver(channel)
         assert await run_job(worker, workerfns.add, 20, 22) == 42
     finally:
         for stranger in strangers:
@@ -221,19 +261,19 @@ def test_the_secret_is_fresh_for_each_worker():
 
 async def test_closing_the_lifeline_ends_a_busy_worker(tmp_path):
     started = await start_worker()
-    worker = Worker(started.channel, started.popen, CONFIG_FRAME)  # type: ignore[arg-type]
+    worker = JobDriver(started.channel)
     marker = tmp_path / "busy"
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(worker.exchange, job_parts(workerfns.record_pid_and_sleep, str(marker), 60))
-        with trio.fail_after(HANG):
-            while not marker.exists():  # noqa: ASYNC110 - written by the worker
-                await trio.sleep(0.01)
-        assert started.popen.stdin is not None
-        started.popen.stdin.close()
-        with trio.fail_after(HANG):
-            code = await trio.to_thread.run_sync(started.popen.wait)
-        # The exchange sees the worker gone and returns.
+    worker.send_job(workerfns.record_pid_and_sleep, str(marker), 60)
+    with trio.fail_after(HANG):
+        while not marker.exists():  # noqa: ASYNC110 - written by the worker
+            await trio.sleep(0.01)
+    assert started.popen.stdin is not None
+    started.popen.stdin.close()
+    with trio.fail_after(HANG):
+        code = await trio.to_thread.run_sync(started.popen.wait)
     assert code == child_loopback.PARENT_GONE_EXIT_CODE
+    # The job never answered: the channel just closes.
+    assert isinstance(await trio.to_thread.run_sync(worker.receive), p.Closed)
     started.channel.close()
 
 
@@ -245,9 +285,7 @@ import workerfns
 from trio_parallel_fs._loopback import start_loopback_worker
 
 started = start_loopback_worker(t.worker_command)
-started.channel.sendall(t.CONFIG_FRAME)
-for part in t.job_parts(workerfns.record_pid_and_sleep, {marker!r}, 60):
-    started.channel.sendall(part)
+t.JobDriver(started.channel).send_job(workerfns.record_pid_and_sleep, {marker!r}, 60)
 print(started.popen.pid, flush=True)
 time.sleep(120)
 """
