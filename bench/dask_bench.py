@@ -1,0 +1,145 @@
+"""``python -m bench.dask_bench``: trio_parallel_fs.dask against raw Dask calls.
+
+Starts a LocalCluster (worker processes with one thread each, one per CPU by
+default) and measures, in one ``trio.run``, with samples interleaved between
+the two ways (each round takes them in a new random order):
+
+- per call, a trivial function: ``ctx.run_sync(fn)`` against
+  ``client.submit(fn).result()`` in ``trio.to_thread.run_sync``, the way to
+  call Dask from Trio without this package;
+- a fan-out of N numpy/scipy jobs at once (default 100): N concurrent
+  ``ctx.run_sync`` calls (default limiter) against ``client.map`` and
+  ``client.gather`` in one thread.
+
+Prints the medians and the ratios. The job functions come from
+``bench/jobs.py``, which the workers import (run this from the repository root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from bench import jobs
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+async def per_call(client: Any, ctx: Any, calls: int) -> dict[str, list[float]]:
+    def raw() -> object:
+        return client.submit(jobs.trivial, pure=False).result()
+
+    ways: dict[str, Callable[[], Awaitable[object]]] = {
+        "raw submit().result() in a thread": lambda: trio.to_thread.run_sync(raw),
+        "ctx.run_sync": lambda: ctx.run_sync(jobs.trivial),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(calls):
+        order = list(ways)
+        random.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            await ways[name]()
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+async def fan_out(client: Any, ctx: Any, jobs_count: int, rounds: int) -> dict[str, list[float]]:
+    def raw() -> object:
+        return client.gather(client.map(jobs.numpy_scipy_job, range(jobs_count), pure=False))
+
+    async def ours(limiter: trio.CapacityLimiter | None) -> None:
+        async with trio.open_nursery() as nursery:
+            for seed in range(jobs_count):
+                nursery.start_soon(functools.partial(ctx.run_sync, jobs.numpy_scipy_job, seed, limiter=limiter))
+
+    # The default limiter keeps one job per Dask thread in flight, so each
+    # slot waits a whole round trip between jobs; a limiter as wide as the
+    # fan-out lets Dask queue them all, as client.map does.
+    wide = trio.CapacityLimiter(jobs_count)
+    ways: dict[str, Callable[[], Awaitable[object]]] = {
+        "raw map + gather in a thread": lambda: trio.to_thread.run_sync(raw),
+        "ctx.run_sync x N, default limiter": lambda: ours(None),
+        "ctx.run_sync x N, limiter of N": lambda: ours(wide),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        order = list(ways)
+        random.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            await ways[name]()
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+async def measure(client: Any, calls: int, jobs_count: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    from trio_parallel_fs.dask import open_dask_context
+
+    async with open_dask_context(client, preload=["numpy", "scipy.linalg", "bench.jobs"]) as ctx:
+        # Warm up both ways: imports, connections, the workers' first jobs.
+        for _ in range(5):
+            await ctx.run_sync(jobs.numpy_scipy_job, 0)
+            await trio.to_thread.run_sync(lambda: client.submit(jobs.trivial, pure=False).result())
+        return {
+            "per call, trivial function": await per_call(client, ctx, calls),
+            f"fan-out of {jobs_count} numpy/scipy jobs": await fan_out(client, ctx, jobs_count, rounds),
+        }
+
+
+def report(results: dict[str, dict[str, list[float]]]) -> str:
+    lines = []
+    for case, samples in results.items():
+        medians = {name: statistics.median(values) * 1000 for name, values in samples.items()}
+        raw_name, *our_names = medians
+        raw = medians[raw_name]
+        lines.append(f"{case} (median of {len(samples[raw_name])}):")
+        lines.append(f"  {raw_name:36}{raw:10.2f} ms")
+        for name in our_names:
+            ours = medians[name]
+            lines.append(f"  {name:36}{ours:10.2f} ms   ({ours / raw:.2f}x raw, {ours - raw:+.2f} ms)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.dask_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=usable_cpus(), help="worker processes (default: the CPUs)")
+    parser.add_argument("--calls", type=int, default=200, help="per-call samples for each way (default 200)")
+    parser.add_argument("--jobs", type=int, default=100, help="jobs in the fan-out (default 100)")
+    parser.add_argument("--rounds", type=int, default=5, help="fan-outs timed for each way (default 5)")
+    args = parser.parse_args(argv)
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        print("needs Dask's distributed: pip install 'trio_parallel_fs[dask]'", file=sys.stderr)
+        return 2
+    with (
+        LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        print(f"Dask LocalCluster: {args.workers} worker processes x 1 thread; Python {sys.version.split()[0]}")
+        results = trio.run(measure, client, args.calls, args.jobs, args.rounds)
+    print(report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
