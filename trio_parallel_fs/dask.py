@@ -36,7 +36,13 @@ from typing import Any, TypeVar
 import attrs
 import cloudpickle
 import trio
-from distributed import Client
+
+try:
+    from distributed import Client
+except ImportError as exc:  # pragma: no cover - the dask extra is installed for the tests
+    raise ImportError(
+        "trio_parallel_fs.dask needs Dask's distributed package: pip install 'trio_parallel_fs[dask]'"
+    ) from exc
 
 from . import _dask_worker
 from ._dask_bridge import LoopBridge
@@ -69,9 +75,9 @@ class DaskContextStatistics:
             ``refresh_interval`` of `open_dask_context`).
         total_threads: Their threads, which is the default limiter's size.
         running_jobs: Jobs of this context submitted and not yet ended.
-        submitted_jobs: Jobs submitted so far.
+        submitted_jobs: Calls handed to the client so far (past the limiter).
         completed_jobs: Jobs that returned a value.
-        failed_jobs: Jobs that raised an exception.
+        failed_jobs: Jobs that raised an exception, or could not be pickled.
         broken_jobs: Jobs whose worker died under them (`BrokenWorkerError`).
         killed_jobs: Jobs cancelled with ``kill_on_cancel``.
         restarted_workers: Workers this context restarted to stop a killed job.
@@ -175,8 +181,8 @@ class DaskContext:
 
     @property
     def limiter(self) -> trio.CapacityLimiter:
-        """The default limiter of `run_sync`: as many tokens as the cluster has
-        threads (at least one), kept up to date as workers join and leave."""
+        """The default limiter of `run_sync`, with as many tokens as the cluster
+        has threads (at least one), kept up to date as workers join and leave."""
         return self._limiter
 
     @trio.lowlevel.enable_ki_protection
