@@ -17,6 +17,8 @@ interleaved rep by rep so that a noisy neighbour hits them all alike:
   it (MAP_POPULATE) and keeps it: no copy out, but every page is new.
 * socket: the bytes over a socketpair, received into a new buffer.
 * memcpy: one copy within this process into memory already touched (the floor).
+* memcpy new: the same into a new numpy array each time, as a result needs
+  (numpy asks for huge pages; the new pages cost as much as the copy, or more).
 
 Every figure is bytes / median seconds, from sending until the reply is in
 hand (a round trip: at 1 MB the reply's latency is a large share of it).
@@ -200,6 +202,11 @@ class Bench:
         np.copyto(self.floor_target[:size], self.source[:size])
         return None
 
+    def memcpy_new(self, size: int) -> object:
+        target = np.empty(size, np.uint8)
+        np.copyto(target, self.source[:size])
+        return target
+
 
 def timed(fn: Callable[[int], object], size: int) -> float:
     start = time.perf_counter()
@@ -216,6 +223,7 @@ def transfer_table(sizes: list[int], reps: int) -> list[str]:
         "fresh memfd": (bench.fresh_arg, bench.fresh_result),
         "socket": (bench.socket_arg, bench.socket_result),
         "memcpy": (bench.memcpy, bench.memcpy),
+        "memcpy new": (bench.memcpy_new, bench.memcpy_new),
     }
     lines = [f"{'size':>8} {'direction':>9} " + " ".join(f"{name:>12}" for name in means) + "   (GB/s)"]
     print(lines[0], flush=True)
