@@ -129,6 +129,11 @@ def two_workers(client):
     client.wait_for_workers(2, timeout=60)
 
 
+async def cancel_after(scope: trio.CancelScope, seconds: float) -> None:
+    await trio.sleep(seconds)
+    scope.cancel()
+
+
 async def on_workers(client, fn, *args):
     """``client.run`` (a blocking call) from Trio: {worker address: result}."""
     return await trio.to_thread.run_sync(lambda: client.run(fn, *args))
@@ -217,13 +222,8 @@ async def test_without_kill_on_cancel_the_call_is_shielded(client):
     with trio.fail_after(60):
         async with open_dask_context(client) as ctx:
             with trio.CancelScope() as scope:
-
-                async def cancel_soon() -> None:
-                    await trio.sleep(0.3)
-                    scope.cancel()
-
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(cancel_soon)
+                    nursery.start_soon(cancel_after, scope, 0.3)
                     got = await ctx.run_sync(nap, 1.5)
                     await trio.sleep(10)  # the cancellation lands here
             stats = ctx.statistics()
@@ -267,6 +267,28 @@ async def test_kill_on_cancel_kills_the_worker_process_and_frees_its_slot(client
             stats = ctx.statistics()
     assert len(set(pids)) == 2 and spinner not in pids
     assert (stats.killed_jobs, stats.restarted_workers, stats.completed_jobs) == (1, 1, 2)
+
+
+async def test_kill_on_cancel_of_a_job_not_started_kills_nothing(client):
+    wide = trio.CapacityLimiter(3)  # let a third job wait on Dask's side
+    naps = []
+    with trio.fail_after(60):
+        async with open_dask_context(client) as ctx:
+
+            async def nap_on(seconds: float) -> None:
+                naps.append(await ctx.run_sync(nap, seconds, limiter=wide))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(nap_on, 1.5)
+                nursery.start_soon(nap_on, 1.5)
+                await trio.sleep(0.5)  # both workers busy
+                with trio.CancelScope() as scope:
+                    nursery.start_soon(cancel_after, scope, 0.5)
+                    await ctx.run_sync(nap, 600, kill_on_cancel=True, limiter=wide)
+            stats = ctx.statistics()
+    assert scope.cancelled_caught
+    assert naps == ["slept", "slept"]
+    assert (stats.killed_jobs, stats.restarted_workers, stats.completed_jobs) == (1, 0, 2)
 
 
 async def test_a_worker_dying_mid_job_is_a_broken_worker_error(client):

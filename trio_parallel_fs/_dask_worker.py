@@ -34,10 +34,14 @@ class PreloadPlugin(WorkerPlugin):
             importlib.import_module(name)
 
 
+# A worker's task states for a task it has been given and not started yet.
+_NOT_STARTED = frozenset({"waiting", "ready", "constrained"})
+
+
 def job_state(key: str, dask_worker: Any) -> str | None:
     """Where job ``key`` stands on this worker: `RUNNING` (a thread runs it,
-    even if Dask has already cancelled it), `QUEUED` (known here, not started),
-    or None (not here).
+    even if Dask has already cancelled it), `QUEUED` (given to this worker, not
+    started, so it could still start), or None (not here, or done).
 
     Run through ``Client.run``, which passes the worker as ``dask_worker``.
     """
@@ -49,7 +53,9 @@ def job_state(key: str, dask_worker: Any) -> str | None:
     # cannot stop a thread, which is why the caller restarts the worker.
     if task in state.executing or task in state.long_running:
         return RUNNING
-    return QUEUED
+    if task.state in _NOT_STARTED:
+        return QUEUED
+    return None
 
 
 KILLED = "killed"

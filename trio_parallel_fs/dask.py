@@ -59,7 +59,7 @@ T = TypeVar("T")
 __all__ = ["DaskContext", "DaskContextStatistics", "open_dask_context"]
 
 #: How long ``kill_on_cancel`` may take to find and kill a job's worker.
-RESTART_TIMEOUT = 60.0
+KILL_TIMEOUT = 60.0
 #: Seconds a nanny lets its worker try to close before killing it: a worker
 #: whose thread runs a job can only finish closing once the job returns.
 KILL_GRACE = 0.5
@@ -294,11 +294,13 @@ class DaskContext:
         asyncio complain about a task exception nobody retrieved.
         """
         await self._bridge.run(cancel_job, self.client, job)
+        if job.future is None:
+            return  # it was never submitted (its arguments did not pickle)
         key = job.future.key
         # Once the scheduler has cancelled the key it sends it to no worker, but
         # the worker it was sent to may not have heard yet: there it may still
         # sit queued, and could start. Ask until no worker holds it queued.
-        with trio.move_on_after(RESTART_TIMEOUT):
+        with trio.move_on_after(KILL_TIMEOUT):
             while True:
                 states = await self._bridge.run(_job_states, self.client, key)
                 running = sorted(addr for addr, state in states.items() if state == _dask_worker.RUNNING)
@@ -308,6 +310,12 @@ class DaskContext:
                 if _dask_worker.QUEUED not in states.values():
                     return
                 await trio.sleep(0.01)
+        warnings.warn(
+            f"kill_on_cancel gave up on job {key!r} after {KILL_TIMEOUT:.0f} s: it was still queued on a "
+            "worker, or its worker did not die. It may still run; look at the cluster's dashboard.",
+            RuntimeWarning,
+            stacklevel=1,
+        )
 
     async def _restart(self, workers: list[str], key: str) -> None:
         """Kill the worker processes running ``key`` through their nannies,
