@@ -171,21 +171,22 @@ async def measure_dask(client: Any, warm_calls: int, batch: int) -> dict[str, fl
 
 def run_dask(workers: int, warm_calls: int, batch: int) -> int:
     try:
-        from distributed import Client, LocalCluster
+        import distributed
     except ImportError:
         print("--dask needs Dask's distributed: pip install 'trio_parallel_fs[dask]'", file=sys.stderr)
         return 2
     progress(f"dask: starting a LocalCluster of {workers} worker processes")
     start = time.perf_counter()
+    dask: Any = distributed  # its constructors are not annotated
     with (
-        LocalCluster(
+        dask.LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
             silence_logs=logging.ERROR,
         ) as cluster,
-        Client(cluster, set_as_default=False) as client,
+        dask.Client(cluster, set_as_default=False) as client,
     ):
         cluster_ms = (time.perf_counter() - start) * 1000
         row = trio.run(measure_dask, client, warm_calls, batch)
