@@ -400,3 +400,30 @@ async def test_bad_arguments_are_named():
     with pytest.raises(TypeError, match=r"takes a distributed.Client or a scheduler address .* not int 8786"):
         async with open_dask_context(8786):
             pass  # pragma: no cover
+
+
+# --- the demonstration (python -m trio_parallel_fs) ---------------------------
+
+
+def test_the_demo_runs_its_jobs_on_a_local_cluster():
+    out = subprocess.run(
+        [sys.executable, "-m", "trio_parallel_fs", "--dask", "--warm-calls", "5", "--batch", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "Dask LocalCluster: " in out.stdout
+    assert "\nbatch of 4 numpy/scipy jobs, wall time " in out.stdout
+
+
+def test_the_demo_table_says_how_many_jobs_and_that_spawn_starts_nothing():
+    from trio_parallel_fs._demo import table
+
+    row = {"start": 400.0, "warm": 0.1, "fresh": 5.0, "batch": 100.0}
+    text = table({"forkserver": row, "spawn": dict(row, fresh=400.0)}, batch=16)
+    assert "\nbatch of 16 numpy/scipy jobs, wall time " in text
+    start_line = next(line for line in text.splitlines() if line.startswith("context start"))
+    assert start_line.split()[-2:] == ["(none)", "*"]
+    assert "* spawn has no template: opening its context starts no process" in text
