@@ -23,8 +23,9 @@ import attrs
 import cloudpickle
 from distributed.scheduler import KilledWorker
 
+# The public names: the private modules behind them may move.
+from . import BrokenWorkerError, RemoteTraceback
 from ._describe import describe
-from ._errors import BrokenWorkerError, RemoteTraceback
 
 VALUE = "value"
 ERROR = "error"

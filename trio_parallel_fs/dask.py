@@ -44,11 +44,11 @@ except ImportError as exc:  # pragma: no cover - the dask extra is installed for
         "trio_parallel_fs.dask needs Dask's distributed package: pip install 'trio_parallel_fs[dask]'"
     ) from exc
 
-from . import _dask_worker
+# BrokenWorkerError by its public name: the private modules behind it may move.
+from . import BrokenWorkerError, _dask_worker
 from ._dask_bridge import LoopBridge
 from ._dask_job import Job, cancel_job, run_job, unwrap
 from ._describe import describe
-from ._errors import BrokenWorkerError
 
 # The worker-side code travels by value: Dask workers need ``distributed``,
 # not trio_parallel_fs (nor trio, which importing it would bring).
