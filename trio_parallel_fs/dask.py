@@ -10,16 +10,17 @@ Needs the ``dask`` extra (``pip install 'trio_parallel_fs[dask]'``). Importing
     async with open_dask_context("tcp://scheduler:8786", preload=["numpy"]) as ctx:
         result = await ctx.run_sync(fn, *args)
 
-Theory of operation: each call submits ``fn(*args)`` through a synchronous
-``distributed.Client``, from the Trio thread (so pickling the arguments costs
-the caller, as with the local backend). Waiting and fetching the result happen
-on the client's own event loop, which wakes the Trio task through its
-`trio.lowlevel.TrioToken` when done (``_dask_bridge``): no thread is blocked
-per call. A `trio.CapacityLimiter` sized to the cluster's threads keeps at
-most one job per Dask thread in flight; a background task polls the scheduler
-and resizes it as workers come and go. Dask cannot stop a thread that runs a
-job, so cancelling with ``kill_on_cancel`` restarts the worker process through
-its nanny (``_kill``).
+Theory of operation: a synchronous ``distributed.Client`` runs its own asyncio
+event loop in a thread. Each call hands that loop one coroutine (``_dask_job``)
+that submits ``fn(*args)``, waits for the task and fetches the result; when it
+ends, its done-callback wakes the Trio task through the run's
+`trio.lowlevel.TrioToken` (``_dask_bridge``). No thread is blocked per call,
+and no asyncio runs in Trio's thread. A `trio.CapacityLimiter` sized to the
+cluster's threads keeps at most one job per Dask thread in flight; a
+background task polls the scheduler and resizes it as workers come and go.
+Dask cannot stop a thread that runs a job, so cancelling with
+``kill_on_cancel`` has the worker's nanny kill that worker process, and the
+nanny starts a fresh one (``_kill``).
 """
 
 from __future__ import annotations
