@@ -190,11 +190,11 @@ class WorkerContext:
     (``ctx.idle_timeout`` and so on; see `WorkerConfig`) and as ``ctx.config``.
     """
 
-    def __init__(self, config: WorkerConfig, *, _private: bool = False) -> None:
+    def __init__(self, config: WorkerConfig, *, _private: bool = False, _backend: Backend | None = None) -> None:
         if not _private:
             raise TypeError("use open_worker_context() to make a WorkerContext")
         self.config = config
-        self._pool = WorkerPool(config, make_backend(config))
+        self._pool = WorkerPool(config, _backend if _backend is not None else make_backend(config))
 
     def __getattr__(self, name: str) -> Any:
         # Read-only access to the configuration, as trio-parallel offers it.
