@@ -466,8 +466,10 @@ class Connection:
 # --- The template's control channel and status pipes -----------------------
 #
 # Parent -> template: fixed 9-byte records (command, sequence number).
-#   FORK carries two fds by SCM_RIGHTS: the worker's end of its channel and the
-#   write end of its status pipe. Fork requests are numbered implicitly, 0, 1,
+#   FORK carries two fds by SCM_RIGHTS: the write end of its status pipe, then
+#   the worker's end of its channel (in that order: short of fds, the kernel
+#   delivers only the first, and the template can still fail the request on
+#   its status pipe). Fork requests are numbered implicitly, 0, 1,
 #   2, ... in the order the template receives them; KILL names that number, so
 #   the template kills only a worker it has not reaped yet (never a reused pid).
 # Template -> parent, on each worker's status pipe: 9-byte records.

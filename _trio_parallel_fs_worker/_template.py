@@ -11,8 +11,8 @@ other local user can ask the template for anything.
    single-threaded, then ``gc.collect(); gc.freeze()`` so that garbage
    collections in workers do not write to (and so un-share) the template's
    objects. It answers VALUE (ready) or INIT_FAILED (with the import error).
-2. For each FORK record the parent sends two fds by SCM_RIGHTS: the worker's
-   end of a fresh socketpair, and the write end of a status pipe. The template
+2. For each FORK record the parent sends two fds by SCM_RIGHTS: the write end
+   of a status pipe, and the worker's end of a fresh socketpair. The template
    forks; the child serves jobs on its socket, straight to the parent; the
    template writes ``PID <pid>`` on the status pipe.
 3. The template alone reaps its workers (they are not the parent's children).
@@ -417,14 +417,16 @@ class Template:
         for command, value in records:
             if command == p.FORK:
                 if len(self.pending_fds) >= _FDS_PER_FORK:
-                    channel_fd = self.pending_fds.popleft()
+                    # The status pipe comes first: it is the one that arrives
+                    # when the kernel can deliver only one.
                     status_fd = self.pending_fds.popleft()
+                    channel_fd = self.pending_fds.popleft()
                     self.fork(channel_fd, status_fd)
                 else:
-                    # Its fds did not all arrive: no status pipe to report on, at best.
+                    # Its fds did not all arrive: fail it on its status pipe, if that came.
                     self.next_seq += 1
-                    channel = self.pending_fds.popleft() if self.pending_fds else None
-                    self.fail_request(channel, None, errno.EMFILE)
+                    status = self.pending_fds.popleft() if self.pending_fds else None
+                    self.fail_request(None, status, errno.EMFILE)
             elif command == p.KILL:
                 self.kill(value)
         if self.want_spare and self.spare is None and self.refill_at is None:

@@ -135,6 +135,12 @@ def check_recycling(out: str) -> None:
             f"memory_metric='{metric}': USS {uss} MiB, PSS {pss} MiB, RSS {rss} MiB\n"
             f"  4 jobs: workers started {started}, retired {retired}\n" in out
         )
+    # Only the RSS limit is below what a fresh worker uses: warned once.
+    assert out.count("  warning: ") == 1
+    assert (
+        "retired {'memory': 4}\n  warning: max_memory=40.0 MiB is below what a fresh worker "
+        "of this context uses before any job\n" in out
+    )
     assert "idle_timeout=0.2: idle workers 0, retired {'idle': 1}\n" in out
     assert "squares: [1, 4, 9, 16, 25, 36]\n" in out
     assert "retire hook: workers started 2, retired {'user': 2}\n" in out
@@ -218,6 +224,16 @@ def check_migrate(out: str) -> None:
     assert out == MIGRATE_OUTPUT
 
 
+def check_bigdata(out: str) -> None:
+    assert out.startswith("dataset: 128 MiB, loaded once in the template\nevery job saw the whole dataset: True\n")
+    workers = re.findall(r"^a worker: USS ([\d.]+) MiB, RSS (\d+) MiB$", out, re.MULTILINE)
+    assert 1 <= len(workers) <= usable_cpus()
+    assert len(out.splitlines()) == 2 + len(workers)
+    for uss, rss in workers:
+        # Each worker read all 128 MiB (in its RSS), none of it its own (USS).
+        assert float(uss) < 16 < 128 <= int(rss)
+
+
 CHECKS = {
     "quickstart.py": check_quickstart,
     "preload.py": check_preload,
@@ -228,6 +244,7 @@ CHECKS = {
     "errors.py": check_errors,
     "spawn.py": check_spawn,
     "migrate.py": check_migrate,
+    "bigdata.py": check_bigdata,
 }
 
 

@@ -10,6 +10,7 @@ them themselves, by pids the jobs recorded, after checking what they are.
 from __future__ import annotations
 
 import array
+import dataclasses
 import os
 import pickle
 import resource
@@ -584,12 +585,12 @@ def test_a_forked_worker_whose_parent_left_mid_job_exits_quietly(tmp_path):
         )
     theirs.close()
     try:
-        control.sendall(p.encode_frame(p.CONFIG, pickle.dumps(WorkerConfig().template_setup())))
+        control.sendall(p.encode_frame(p.CONFIG, pickle.dumps(dataclasses.asdict(WorkerConfig().template_settings()))))
         control.settimeout(HANG)
         assert recv_frame(control)[0] == p.VALUE  # preloaded, ready to fork
         channel, worker_end = socket.socketpair()
         status_r, status_w = os.pipe()
-        fds = array.array("i", [worker_end.fileno(), status_w]).tobytes()
+        fds = array.array("i", [status_w, worker_end.fileno()]).tobytes()
         control.sendmsg([p.CONTROL_RECORD.pack(p.FORK, 0)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         worker_end.close()
         os.close(status_w)

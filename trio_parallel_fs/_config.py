@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import enum
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -17,7 +18,7 @@ import attrs
 import cloudpickle
 
 from _trio_parallel_fs_worker._memory import METRICS
-from _trio_parallel_fs_worker._settings import TemplateSettings, WorkerHooks
+from _trio_parallel_fs_worker._settings import TemplateSettings, WorkerHooks, WorkerSettings
 
 
 class WorkerType(str, enum.Enum):
@@ -196,6 +197,18 @@ class WorkerConfig:
             max_jobs_jitter=self.max_jobs_jitter,
             max_memory=self.max_memory,
             memory_metric=self.memory_metric,
+        )
+
+    def worker_settings(self, hooks: bytes | None = None) -> WorkerSettings:
+        """A new worker's start-up message, made now (it carries this moment's
+        working directory). ``hooks``: `worker_hooks` already pickled, if at hand."""
+        spawned = self.worker_type is WorkerType.SPAWN
+        return WorkerSettings(
+            cwd=os.getcwd(),
+            sys_path=self.sys_path() if spawned else None,
+            preload=self.preload if spawned else (),
+            template_init=self.pickled_template_init() if spawned else None,
+            hooks=hooks if hooks is not None else cloudpickle.dumps(self.worker_hooks()),
         )
 
     @staticmethod

@@ -50,7 +50,6 @@ import trio
 
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._errorcodec import decode_error
-from _trio_parallel_fs_worker._settings import WorkerSettings
 
 from ._backend import Backend, ExitInfo, WorkerProcess
 from ._channel import AnswerTimeout, Worker
@@ -236,16 +235,7 @@ class WorkerPool:
 
     def _worker_settings(self) -> bytes:
         """The Config frame of a worker started now (the cwd is this moment's)."""
-        config = self.config
-        spawned = config.worker_type.value == "spawn"
-        settings = WorkerSettings(
-            cwd=os.getcwd(),
-            sys_path=config.sys_path() if spawned else None,
-            preload=config.preload if spawned else (),
-            template_init=config.pickled_template_init() if spawned else None,
-            hooks=self._hooks,
-        )
-        return p.encode_frame(p.CONFIG, pickle.dumps(settings))
+        return p.encode_frame(p.CONFIG, pickle.dumps(self.config.worker_settings(self._hooks)))
 
     async def _new_worker(self) -> Worker:
         self.prune()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import errno
 import math
 import os
 import pickle
@@ -106,7 +107,9 @@ class TemplateProcess:
         ours, theirs = socket.socketpair()
         status_r, status_w = os.pipe()
         try:
-            fds = array.array("i", [theirs.fileno(), status_w])
+            # The status pipe first: out of fds, the template receives only the
+            # first, and can still say why it fails the request.
+            fds = array.array("i", [status_w, theirs.fileno()])
             with self._lock:
                 if self._control is None:
                     raise BrokenPipeError("the template was closed")
@@ -243,13 +246,19 @@ class ForkedWorker:
         exitcode = None
         if self._wait_status is not None:
             exitcode = os.waitstatus_to_exitcode(self._wait_status)
+        fork_errno = self._fork_errno
+        if self._eof and self._pid is None and fork_errno is None and self._template.alive():
+            # The status pipe closed unused while the template lives: the
+            # request's fds never reached it (the kernel drops fds that a
+            # process out of file descriptors cannot take).
+            fork_errno = errno.EMFILE
         return ExitInfo(
             pid=self._pid,
             exitcode=exitcode,
             # EOF without an exit report: the template died before reaping.
-            template_died=self._wait_status is None and self._fork_errno is None,
+            template_died=self._wait_status is None and fork_errno is None,
             ceiling_used=self._ceiling_used,
-            fork_errno=self._fork_errno,
+            fork_errno=fork_errno,
             unresponsive=self._unresponsive,
         )
 
