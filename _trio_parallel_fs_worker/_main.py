@@ -11,7 +11,15 @@ from ._lifeline import die_with_parent, flush_std_streams, ignore_interrupts
 
 
 def main(argv: list[str]) -> int:
-    role, fd = argv[0], int(argv[1])
+    role = argv[0]
+    if role == "worker" and argv[1].startswith("loopback:"):
+        # The portable channel: connect to the parent's port; the secret comes
+        # on stdin, which then stays open as the lifeline (see _loopback).
+        ignore_interrupts()
+        from ._loopback import connect_to_parent
+
+        serve_then_leave(connect_to_parent(int(argv[1].partition(":")[2])).detach())
+    fd = int(argv[1])
     if role == "template":
         from ._template import main as template_main
 

@@ -111,7 +111,7 @@ class FakeBackend:
         if self.before_start is not None:
             await self.before_start()
 
-    def start_worker(self) -> tuple[socket.socket, FakeProcess]:
+    async def start_worker(self) -> tuple[socket.socket, FakeProcess]:
         if self.closed:
             raise BrokenPipeError("closed")
         ours, theirs = socket.socketpair()

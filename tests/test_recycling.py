@@ -52,9 +52,9 @@ async def test_leaking_job_is_recycled_by_max_memory_and_memory_stays_bounded():
         assert retired.get("memory", 0) >= 3, retired
 
 
-async def test_memory_ceiling_kills_a_runaway_job_and_spares_the_others():
+async def test_memory_ceiling_kills_a_runaway_job_and_spares_the_others(worker_type):
     ceiling = 150 * MiB
-    async with tpf.open_worker_context(memory_ceiling=ceiling) as ctx:
+    async with tpf.open_worker_context(memory_ceiling=ceiling, worker_type=worker_type) as ctx:
         results = []
 
         async def well_behaved():

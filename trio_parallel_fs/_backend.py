@@ -84,7 +84,7 @@ class Backend(Protocol):
         """Be ready to start workers (start the template, if any); idempotent.
         Raises TemplateStartError if the template cannot preload."""
 
-    def start_worker(self) -> tuple[socket.socket, WorkerProcess]:
+    async def start_worker(self) -> tuple[socket.socket, WorkerProcess]:
         """Start a worker; return the parent's end of its channel and its handle.
         Raises OSError if the backend broke since `start` (call `start` again)."""
 

@@ -154,8 +154,9 @@ class WorkerConfig:
         memory_metric: ``"uss"`` (private memory, the default: pages shared with
             the template are not counted), ``"pss"`` or ``"rss"``.
         memory_ceiling: Kill a worker *while its job runs* once it uses more than
-            this many bytes; the caller gets `MemoryCeilingError`. Enforced by the
-            template, so ``FORKSERVER`` only. Default: no ceiling.
+            this many bytes; the caller gets `MemoryCeilingError`. Checked every
+            20 ms, by the template (``FORKSERVER``) or by a thread of this
+            process (``SPAWN``). Default: no ceiling.
         blas_threads: Thread count for BLAS/OpenMP pools (OPENBLAS_NUM_THREADS
             and friends), set in the workers' environment unless you set those
             variables yourself. 1 keeps the template single-threaded and stops
@@ -181,11 +182,6 @@ class WorkerConfig:
             raise ValueError("worker_type FORKSERVER needs os.fork; use WorkerType.SPAWN on Windows")
         if self.max_jobs_jitter and self.max_jobs is None:
             raise ValueError("max_jobs_jitter needs max_jobs: it spreads the retirements max_jobs causes")
-        if self.memory_ceiling is not None and self.worker_type is not WorkerType.FORKSERVER:
-            raise ValueError(
-                "memory_ceiling is enforced by the template, so it needs "
-                "worker_type=WorkerType.FORKSERVER; with SPAWN use max_memory"
-            )
 
     def worker_hooks(self) -> WorkerHooks:
         """The limits and callables each worker applies (see `WorkerHooks`)."""

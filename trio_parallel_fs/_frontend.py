@@ -109,7 +109,7 @@ def make_backend(config: WorkerConfig) -> Backend:
     if config.worker_type is WorkerType.SPAWN:
         from ._spawn import SpawnBackend
 
-        return SpawnBackend(config.blas_threads)
+        return SpawnBackend(config.blas_threads, config.memory_ceiling, config.memory_metric)
     from ._template import TemplateBackend
 
     return TemplateBackend(config.template_settings(), config.blas_threads)

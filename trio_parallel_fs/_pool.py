@@ -241,11 +241,11 @@ class WorkerPool:
         self.prune()
         await self.backend.start()
         try:
-            channel, process = self.backend.start_worker()
+            channel, process = await self.backend.start_worker()
         except OSError:
             # The template died since we looked: start a new one, once.
             await self.backend.start()
-            channel, process = self.backend.start_worker()
+            channel, process = await self.backend.start_worker()
         worker = Worker(channel, process, self._worker_settings())
         with self._lock:
             if self.closed:

@@ -2,7 +2,11 @@
 
 This is the only backend on Windows (no fork) and the slow path everywhere:
 every worker pays an interpreter start and its imports. It runs the same worker
-loop and wire protocol as the template's workers, and is tested on Linux too.
+loop and wire protocol as the template's workers, and is tested on Linux too,
+over both channels: a socketpair passed with ``pass_fds`` (POSIX), and the
+portable loopback channel of ``_loopback`` (Windows; Linux CI runs it with
+TRIO_PARALLEL_FS_CHANNEL=loopback). ``memory_ceiling`` is enforced by a
+watcher thread in the parent (``_spawn_ceiling``), since there is no template.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -23,6 +28,8 @@ import trio
 
 from ._backend import ExitInfo
 from ._launch import child_command, child_environment
+from ._loopback import start_loopback_worker
+from ._spawn_ceiling import CeilingWatcher, Watched
 
 _HAS_PIDFD = hasattr(os, "pidfd_open")
 
@@ -72,12 +79,30 @@ class _Launcher:
 _launcher = _Launcher()
 
 
+def channel_kind() -> str:
+    """How spawned workers get their channel: ``"socketpair"`` (POSIX: one end
+    passed with ``pass_fds``) or ``"loopback"`` (Windows always; elsewhere when
+    TRIO_PARALLEL_FS_CHANNEL=loopback, so that Linux CI runs the Windows path)."""
+    if sys.platform == "win32":
+        return "loopback"
+    choice = os.environ.get("TRIO_PARALLEL_FS_CHANNEL", "socketpair")
+    if choice not in ("socketpair", "loopback"):
+        raise ValueError(f"TRIO_PARALLEL_FS_CHANNEL must be 'socketpair' or 'loopback', not {choice!r}")
+    return choice
+
+
+# waitid(WNOWAIT) sees an exit without reaping; Windows and macOS before
+# Python 3.13 lack it, and then the group kill at exit is skipped.
+_HAS_WAITID = hasattr(os, "waitid") and hasattr(os, "WNOWAIT")
+_HAS_GROUPS = hasattr(os, "killpg")
+
+
 class SpawnedWorker:
     """A spawned worker: the parent's own child, leading its own process group
-    (it starts in its own session), so that killing the group takes the
-    processes its jobs started along."""
+    (it starts in its own session; on Windows, its own process group), so that
+    killing the group takes the processes its jobs started along."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], watcher: CeilingWatcher | None = None) -> None:
         self._popen = popen
         self._pidfd: int | None = None
         if _HAS_PIDFD:
@@ -85,6 +110,8 @@ class SpawnedWorker:
                 self._pidfd = os.pidfd_open(popen.pid)
             except OSError:  # old kernel
                 self._pidfd = None
+        self._watcher = watcher
+        self._watched: Watched | None = watcher.watch(popen.pid, self.kill) if watcher is not None else None
 
     @property
     def pid(self) -> int:
@@ -104,19 +131,27 @@ class SpawnedWorker:
     def _kill_group(self) -> None:
         # Only while the worker is not reaped: until then its pid (and so the
         # group id it gave its group) cannot belong to anyone else.
+        if not _HAS_GROUPS:
+            return
         try:
             os.killpg(self._popen.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
     def kill(self) -> None:
-        if self._popen.returncode is None:
+        if self._popen.returncode is not None:
+            return
+        if _HAS_GROUPS:
             self._kill_group()
+        else:
+            self._popen.kill()  # Windows: TerminateProcess through its handle
 
     def _exited_unreaped(self) -> bool:
-        """Exited (a zombie), without reaping it."""
+        """Exited (a zombie), without reaping it where the OS allows."""
         if self._popen.returncode is not None:
             return True
+        if not _HAS_WAITID:
+            return self._popen.poll() is not None
         try:
             info = os.waitid(os.P_PID, self._popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
@@ -130,8 +165,9 @@ class SpawnedWorker:
             return True
         if not self._exited_unreaped():
             return False
-        self._kill_group()
-        self._popen.wait()
+        if self._popen.returncode is None:
+            self._kill_group()
+            self._popen.wait()
         return True
 
     def has_exited(self) -> bool:
@@ -141,7 +177,8 @@ class SpawnedWorker:
         return self._popen.returncode == 0
 
     def _info(self) -> ExitInfo:
-        return ExitInfo(pid=self._popen.pid, exitcode=self._popen.returncode)
+        used = self._watched.used if self._watched is not None else None
+        return ExitInfo(pid=self._popen.pid, exitcode=self._popen.returncode, ceiling_used=used)
 
     async def wait(self) -> ExitInfo:
         if self._pidfd is not None:
@@ -168,26 +205,38 @@ class SpawnedWorker:
                 delay = min(delay * 2, 0.05)
         return self._info()
 
-    def forget(self) -> None:
+    def _drop(self) -> None:
+        if self._watched is not None and self._watcher is not None:
+            self._watcher.unwatch(self._watched)
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+        if self._popen.stdin is not None:
+            # The loopback channel's lifeline: closed only now, after the reaping
+            # (closing it earlier would end the worker).
+            try:
+                self._popen.stdin.close()
+            except OSError:
+                pass
+
+    def forget(self) -> None:
         self._popen.returncode = 0  # the parent's child, not ours to reap
+        self._drop()
 
     def release(self) -> bool:
         if not self._reap():
             return False
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        self._drop()
         return True
 
 
 class SpawnBackend:
     """Each worker a fresh interpreter, started by this process."""
 
-    def __init__(self, blas_threads: int | None) -> None:
+    def __init__(self, blas_threads: int | None, memory_ceiling: int | None = None, memory_metric: str = "uss") -> None:
         self._env = child_environment(blas_threads)
+        self._channel = channel_kind()
+        self._watcher = CeilingWatcher(memory_ceiling, memory_metric) if memory_ceiling is not None else None
 
     @property
     def template_pid(self) -> None:
@@ -196,7 +245,15 @@ class SpawnBackend:
     async def start(self) -> None:
         pass
 
-    def start_worker(self) -> tuple[socket.socket, SpawnedWorker]:
+    async def start_worker(self) -> tuple[socket.socket, SpawnedWorker]:
+        if self._channel == "loopback":
+            # Waiting for the worker to connect takes an interpreter start.
+            started = await trio.to_thread.run_sync(
+                lambda: start_loopback_worker(
+                    lambda port: child_command("worker", f"loopback:{port}"), self._env
+                )
+            )
+            return started.channel, SpawnedWorker(started.popen, self._watcher)
         ours, theirs = socket.socketpair()
         try:
             popen = _launcher.popen(
@@ -213,10 +270,11 @@ class SpawnBackend:
             raise
         finally:
             theirs.close()
-        return ours, SpawnedWorker(popen)
+        return ours, SpawnedWorker(popen, self._watcher)
 
     def close(self, timeout: float) -> None:
-        pass
+        if self._watcher is not None:
+            self._watcher.close(timeout)
 
     def forget_after_fork(self) -> None:
-        pass  # the workers the pool held are forgotten by the pool
+        pass  # the workers the pool held are forgotten by the pool; the watcher forgets its own

@@ -342,7 +342,7 @@ class TemplateBackend:
             template.start()
             self._template = template
 
-    def start_worker(self) -> tuple[socket.socket, ForkedWorker]:
+    async def start_worker(self) -> tuple[socket.socket, ForkedWorker]:
         template = self._template
         if template is None:
             raise BrokenPipeError("start() must come first")
