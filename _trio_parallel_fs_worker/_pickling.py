@@ -9,8 +9,10 @@ never by trying one and then the other: a large argument is pickled once.
 
 from __future__ import annotations
 
+import io
 import pickle
 import types
+from collections import ChainMap
 from typing import Any
 
 import cloudpickle
@@ -41,8 +43,40 @@ def _importable_function(fn: object) -> bool:
         module is not None
         and module != "__main__"
         and "<" not in getattr(fn, "__qualname__", "<")  # lambdas and nested functions
-        and not _BY_VALUE_MODULES
+        and not (_BY_VALUE_MODULES and _registered_by_value(module))
     )
+
+
+def _registered_by_value(module: str) -> bool:
+    """True if ``module`` or a package above it was registered with
+    ``cloudpickle.register_pickle_by_value`` (as cloudpickle itself decides)."""
+    parts = module.split(".")
+    return any(".".join(parts[:depth]) in _BY_VALUE_MODULES for depth in range(1, len(parts) + 1))
+
+
+# cloudpickle 3.1 names the file of every function it pickles by value
+# "<dynamic-code>", so a remote traceback through a function defined in
+# __main__ would not show where it is. Keep the real file name: workers run on
+# this machine, and the traceback then shows the source lines too.
+_code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
+
+
+def _code_reduce_keeping_file(code: types.CodeType) -> Any:
+    assert _code_reduce is not None
+    constructor, args = _code_reduce(code)
+    args = tuple(code.co_filename if arg == "<dynamic-code>" else arg for arg in args)
+    return constructor, args
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    if _code_reduce is not None:
+        dispatch_table = ChainMap({types.CodeType: _code_reduce_keeping_file}, cloudpickle.Pickler.dispatch_table)
+
+
+def _cloudpickle_dumps(obj: object, buffer_callback: Any = None) -> bytes:
+    with io.BytesIO() as file:
+        _Pickler(file, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+        return file.getvalue()
 
 
 def _cloudpickle_out_of_band(obj: object) -> Pickled:
@@ -60,8 +94,7 @@ def _cloudpickle_out_of_band(obj: object) -> Pickled:
         buffers.append(view)
         return False
 
-    data: bytes = cloudpickle.dumps(obj, PROTOCOL, buffer_callback=keep_out)
-    return data, buffers
+    return _cloudpickle_dumps(obj, keep_out), buffers
 
 
 def loads(payload: bytes | bytearray | memoryview, buffers: list[memoryview] | None = None) -> Any:

@@ -1,4 +1,5 @@
-"""The choice between pickle and cloudpickle, in memory."""
+"""The choice between pickle and cloudpickle, in memory; and what a function
+sent by value looks like in a remote traceback."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import pickle
 import types
 
 import cloudpickle
+import pytest
 import workerfns
 
+import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import _pickling
 
 
@@ -22,7 +25,11 @@ def test_lambdas_closures_and_containers_go_through_cloudpickle():
     offset = 3
     for fn, args in [(lambda x: x + 1, (1,)), (lambda x: x + offset, (1,)), (workerfns.add, ([1], [2]))]:
         data, buffers = _pickling.dumps_job(fn, args)
-        assert data == cloudpickle.dumps((fn, args), _pickling.PROTOCOL) and buffers == []
+        assert buffers == []
+        if fn is workerfns.add:  # by reference: exactly cloudpickle's bytes
+            assert data == cloudpickle.dumps((fn, args), _pickling.PROTOCOL)
+        else:  # by value: cloudpickle's, but keeping the code's real file name
+            assert __file__.encode() in data and b"<dynamic-code>" not in data
         loaded_fn, loaded_args = pickle.loads(data)
         assert loaded_fn(*loaded_args) == fn(*args)
 
@@ -70,3 +77,27 @@ def test_large_buffers_travel_beside_the_pickle_without_a_copy():
     got_big, got_small = pickle.loads(pickled, buffers=views)
     assert (got_big == big).all() and (got_small == small).all()
     assert got_big.flags.writeable and got_big.flags.aligned
+
+
+def test_registering_another_module_by_value_keeps_the_shortcut_for_this_one():
+    import recyclefns
+
+    cloudpickle.register_pickle_by_value(recyclefns)
+    try:
+        assert not _pickling._importable_function(recyclefns.hog)
+        assert _pickling._importable_function(workerfns.add)
+    finally:
+        cloudpickle.unregister_pickle_by_value(recyclefns)
+
+
+async def test_a_function_sent_by_value_shows_its_file_and_line_in_the_remote_traceback(worker_type):
+    def fails():
+        raise ValueError("raised by a function sent by value")
+
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        with pytest.raises(ValueError) as info:
+            await ctx.run_sync(fails)
+    text = info.value.__cause__.text
+    assert f'File "{__file__}", line {fails.__code__.co_firstlineno + 1}, in fails' in text
+    assert 'raise ValueError("raised by a function sent by value")' in text
+    assert "<dynamic-code>" not in text
