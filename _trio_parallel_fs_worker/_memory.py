@@ -16,8 +16,9 @@ whose RSS is already above the limit.
 
 from __future__ import annotations
 
+import mmap
 import os
-import resource
+import sys
 import time
 
 METRICS = ("uss", "pss", "rss")
@@ -30,6 +31,8 @@ _ROLLUP_FIELDS = {
 
 
 def _from_rollup(pid: int | str, metric: str) -> int | None:
+    if not _LINUX:
+        return None
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
             text = f.read()
@@ -43,7 +46,8 @@ def _from_rollup(pid: int | str, metric: str) -> int | None:
     return total_kb * 1024
 
 
-_PAGE_SIZE = resource.getpagesize()
+_PAGE_SIZE = mmap.PAGESIZE
+_LINUX = sys.platform.startswith("linux")  # /proc; elsewhere psutil
 
 
 # A worker checks its own RSS after every job: keep its statm open and pread it
@@ -54,6 +58,8 @@ _own_statm: tuple[int, int] | None = None
 
 def _rss_from_statm(pid: int | None) -> int | None:
     global _own_statm
+    if not _LINUX:
+        return None
     try:
         if pid is None:
             me = os.getpid()

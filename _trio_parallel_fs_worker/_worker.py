@@ -79,7 +79,7 @@ class Inbox:
                 if waiting:
                     return None
                 # mid-frame: the rest is on its way
-            except ConnectionResetError:
+            except ConnectionError:
                 connection.receive_data(b"")
 
 
@@ -224,7 +224,7 @@ class _Sender:
         try:
             for part in self.connection.send(event):
                 self.sock.sendall(part)
-        except (BrokenPipeError, ConnectionResetError):
+        except ConnectionError:  # reset, broken pipe; aborted on Windows
             return False
         return True
 

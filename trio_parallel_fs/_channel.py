@@ -84,7 +84,7 @@ class Worker:
                         sent += sock.send(view[sent:])
                     except BlockingIOError:
                         await trio.lowlevel.wait_writable(sock)
-        except (BrokenPipeError, ConnectionResetError):
+        except ConnectionError:  # reset, broken pipe; aborted on Windows
             return False
         return True
 
@@ -117,7 +117,7 @@ class Worker:
                 continue
             except BlockingIOError:
                 pass
-            except ConnectionResetError:
+            except ConnectionError:
                 connection.receive_data(b"")
                 continue
             if self.process.has_exited():
@@ -125,7 +125,7 @@ class Worker:
                 while True:
                     try:
                         data = sock.recv(_RECV_SIZE)
-                    except (BlockingIOError, ConnectionResetError):
+                    except (BlockingIOError, ConnectionError):
                         data = b""
                     connection.receive_data(data)
                     if not data:
