@@ -10,17 +10,22 @@ started.
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
+if not sys.platform.startswith("linux"):
+    pytest.skip("needs Linux: /proc, PR_SET_PDEATHSIG, process groups and signals", allow_module_level=True)
+
 import ctypes
 import functools
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import psutil
-import pytest
 import trio
 import workerfns
 from conftest import wait_dead, wait_until_gone

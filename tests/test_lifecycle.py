@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
+if not sys.platform.startswith("linux"):
+    pytest.skip("needs Linux: parent death (PR_SET_PDEATHSIG) and POSIX signals", allow_module_level=True)
+
 import math
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 import time
 
 import psutil
-import pytest
 import trio
 import workerfns
 from conftest import wait_until_gone

@@ -3,11 +3,17 @@ during a job; USS versus RSS; the statistics that tell the story."""
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
+if not sys.platform.startswith("linux"):
+    pytest.skip("needs Linux: memory figures from /proc/<pid>/smaps_rollup", allow_module_level=True)
+
 import itertools
 import os
 
 import psutil
-import pytest
 import recyclefns
 import trio
 import workerfns

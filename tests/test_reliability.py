@@ -9,6 +9,13 @@ them themselves, by pids the jobs recorded, after checking what they are.
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
+if not sys.platform.startswith("linux"):
+    pytest.skip("needs Linux: /proc, subreapers, RLIMIT_NOFILE and process groups", allow_module_level=True)
+
 import array
 import dataclasses
 import os
@@ -17,14 +24,12 @@ import resource
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 import uuid
 from pathlib import Path
 
 import psutil
-import pytest
 import reliabilityfns
 import trio
 import workerfns

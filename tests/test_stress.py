@@ -12,13 +12,19 @@ template (forkserver) or from our own worker children (spawn).
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
+if not sys.platform.startswith("linux"):
+    pytest.skip("needs Linux: kills workers with POSIX signals and counts fds in /proc", allow_module_level=True)
+
 import os
 import random
 import threading
 import time
 
 import psutil
-import pytest
 import trio
 import workerfns
 from conftest import is_dead, open_fds, wait_dead, wait_until_gone

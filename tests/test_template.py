@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
+if not sys.platform.startswith("linux"):
+    pytest.skip("needs Linux: the template's forks, prctl and /proc", allow_module_level=True)
+
 import os
 import signal
 import time
 
 import psutil
-import pytest
 import trio
 import workerfns
 from conftest import wait_until_gone
