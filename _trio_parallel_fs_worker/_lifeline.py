@@ -99,3 +99,27 @@ def flush_std_streams() -> None:
                 stream.flush()
         except (OSError, ValueError):
             pass
+
+
+def keep_out_of_forks(fd: int) -> None:
+    """Make every process forked from this one (a job's multiprocessing helper,
+    ``os.fork``) drop its copy of ``fd``, this worker's channel.
+
+    A helper that kept a copy would keep the channel open after this worker
+    died, and the parent, waiting for end-of-file, would not learn of the
+    death until the helper exits. ``exec`` already closes it (sockets are
+    non-inheritable); a fork without exec needs this. The fd number stays
+    taken (pointing at the null device), so the socket object the child
+    inherited closes something harmless.
+    """
+    if not hasattr(os, "register_at_fork"):
+        return
+
+    def drop() -> None:
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+
+    os.register_at_fork(after_in_child=drop)

@@ -7,7 +7,7 @@ import socket
 import traceback
 from typing import NoReturn
 
-from ._lifeline import die_with_parent, flush_std_streams, ignore_interrupts
+from ._lifeline import die_with_parent, flush_std_streams, ignore_interrupts, keep_out_of_forks
 
 
 def main(argv: list[str]) -> int:
@@ -42,6 +42,7 @@ def serve_then_leave(fd: int) -> NoReturn:
     from ._worker import serve
 
     code = 1
+    keep_out_of_forks(fd)
     try:
         code = serve(socket.socket(fileno=fd))
     except ConnectionError:  # reset, broken pipe; aborted on Windows

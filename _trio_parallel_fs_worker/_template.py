@@ -66,6 +66,7 @@ from ._lifeline import (
     die_with_parent,
     flush_std_streams,
     ignore_interrupts,
+    keep_out_of_forks,
     prepare_prctl,
     set_process_name,
 )
@@ -313,6 +314,7 @@ class Template:
                     return
             set_process_name(b"tpf-worker")
             assert channel_fd is not None
+            keep_out_of_forks(channel_fd)
             code = serve(socket.socket(fileno=channel_fd))
         except ConnectionError:  # reset, broken pipe; aborted on Windows
             # The parent closed the channel while we wrote to it (a BYE racing

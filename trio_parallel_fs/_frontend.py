@@ -67,8 +67,11 @@ _SYNC_FLAGS_MASK = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.C
 
 
 def _check_sync(fn: Callable[..., Any]) -> None:
-    # The common case, a plain function, is decided from its code flags alone.
+    # The common cases are decided without inspect: a plain function from its
+    # code flags, a builtin (never async or a generator) from its type.
     if type(fn) is types.FunctionType and not fn.__code__.co_flags & _SYNC_FLAGS_MASK:
+        return
+    if type(fn) is types.BuiltinFunctionType:
         return
     if not callable(fn):
         raise TypeError(f"run_sync needs a callable, not {type(fn).__name__} {fn!r}")

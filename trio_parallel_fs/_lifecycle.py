@@ -26,6 +26,10 @@ class LifecycleError(RuntimeError):
 
 
 class WorkerState(enum.Enum):
+    # Members are singletons: hash them by identity, in C. Enum's own __hash__
+    # is Python code, run twice per call for the transition table's lookups.
+    __hash__ = object.__hash__
+
     STARTING = "starting"
     IDLE = "idle"
     BUSY = "busy"
@@ -35,6 +39,8 @@ class WorkerState(enum.Enum):
 
 
 class WorkerEvent(enum.Enum):
+    __hash__ = object.__hash__  # see WorkerState
+
     SEND_JOB = "send job"  # the pool hands it a job
     REPLY = "reply"  # the job's outcome came back; it stays
     REPLY_RETIRING = "reply, retiring"  # the outcome came back, and it leaves (or init failed)
