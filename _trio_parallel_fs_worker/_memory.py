@@ -101,20 +101,23 @@ class MemoryWatch:
         self.recheck_after = recheck_after
         self._last: tuple[int, int, float] | None = None  # (figure, rss then, when)
 
-    def exceeded(self) -> bool:
+    def exceeded(self, exclude: int = 0) -> bool:
+        """True if the worker uses more than the limit, not counting ``exclude``
+        bytes (what its shared memory area adds to the figure: see
+        ``SharedArea.counted_bytes``)."""
         rss = _rss_from_statm(None)
         if rss is None:
-            return memory_usage(self.metric) > self.limit
+            return memory_usage(self.metric) - exclude > self.limit
         if rss <= self.limit:
             return False
         if self.metric == "rss":
-            return True
+            return rss - exclude > self.limit
         now = time.monotonic()
         if self._last is not None:
             figure, rss_then, when = self._last
             if figure + max(rss - rss_then, 0) <= self.limit and now - when < self.recheck_after:
                 return False
-        figure = memory_usage(self.metric)
+        figure = memory_usage(self.metric) - exclude
         self._last = (figure, rss, now)
         return figure > self.limit
 

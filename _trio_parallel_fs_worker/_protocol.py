@@ -11,6 +11,7 @@ followed by the payload. Conversation on one worker channel::
 
     parent                          worker
     Config (first frame only)  ->
+    Area  (+ fd; at most once) ->
                                <-   InitFailed   (init raised; worker exits)
                                <-   Started      (init done; only if an init
                                                   hook or max_memory is set)
@@ -20,7 +21,14 @@ followed by the payload. Conversation on one worker channel::
     EOF                        ->   worker exits cleanly
 
 A Job or a Value may carry large pickle-5 buffers beside its pickle (the
-``_BUFFERS`` frame kinds), so they are never copied into it. A worker that
+``_BUFFERS`` frame kinds), so they are never copied into it. On an AF_UNIX
+channel, buffers that reach a threshold travel through the worker's shared
+memory area instead (``_shm``): the parent sends one ``Area`` frame, whose
+file descriptor rides on the same ``sendmsg`` (SCM_RIGHTS), before the first
+job that needs it; from then on a Job or Value may be an ``_AREA`` frame,
+whose payload is a ``_shm`` descriptor (where its buffers lie in the area)
+followed by the pickle. The Connection checks descriptors but never touches
+the area or the fd: the I/O layer of each end does. A worker that
 retires says so in the flags of its last result, so the parent never sends a
 job to a worker that is leaving. A Bye can only follow a reply.
 """
@@ -30,6 +38,8 @@ from __future__ import annotations
 import enum
 import struct
 
+from ._shm import Descriptor, DescriptorError, decode_descriptor, descriptor_length
+
 HEADER = struct.Struct("!BBQ")
 
 
@@ -37,18 +47,22 @@ class Kind(enum.IntEnum):
     CONFIG = 1
     JOB = 2
     JOB_BUFFERS = 3
+    AREA = 4
+    JOB_AREA = 5
     VALUE = 10
     ERROR = 11
     INIT_FAILED = 12
     BYE = 13
     VALUE_BUFFERS = 14
     STARTED = 15
+    VALUE_AREA = 16
 
 
 # Module-level names for the kinds, as the template and older code use them.
 CONFIG, JOB, JOB_BUFFERS = Kind.CONFIG, Kind.JOB, Kind.JOB_BUFFERS
 VALUE, ERROR, INIT_FAILED, BYE = Kind.VALUE, Kind.ERROR, Kind.INIT_FAILED, Kind.BYE
 VALUE_BUFFERS, STARTED = Kind.VALUE_BUFFERS, Kind.STARTED
+AREA, JOB_AREA, VALUE_AREA = Kind.AREA, Kind.JOB_AREA, Kind.VALUE_AREA
 
 
 class Retire(enum.IntEnum):
@@ -59,6 +73,7 @@ class Retire(enum.IntEnum):
     MEMORY = 2
     USER = 3
     HOOK_FAILED = 4  # the reply is an Error holding the retire hook's exception
+    AREA_HELD = 5  # the job kept a reference into the shared memory area
 
     @property
     def reason(self) -> str:
@@ -72,6 +87,7 @@ _REASONS = {
     Retire.MEMORY: "memory",
     Retire.USER: "user",
     Retire.HOOK_FAILED: "hook_error",
+    Retire.AREA_HELD: "area",
 }
 
 
@@ -91,30 +107,64 @@ class Config:
         self.payload = payload
 
 
+class Area:
+    """The worker's shared memory area: its fd rides beside this frame (SCM_RIGHTS).
+
+    Attributes:
+        cap: The largest size the area may grow to, in bytes.
+        threshold: Results whose out-of-band buffers total at least this many
+            bytes go through the area (if they fit below ``cap``).
+        fd: The area's file descriptor, set by the I/O layer that received it
+            (-1 as the Connection hands the event out).
+    """
+
+    __slots__ = ("cap", "threshold", "fd")
+
+    def __init__(self, cap: int, threshold: int, fd: int = -1) -> None:
+        self.cap = cap
+        self.threshold = threshold
+        self.fd = fd
+
+
+_AREA = struct.Struct("!QQ")
+
+
 class Job:
-    """A pickled ``(fn, args)``, with its out-of-band buffers."""
+    """A pickled ``(fn, args)``, with its out-of-band buffers.
 
-    __slots__ = ("pickled", "buffers")
+    ``area``: if not None, the buffers are in the shared memory area, where
+    this encoded descriptor says; the I/O layer fills ``buffers`` from it.
+    """
 
-    def __init__(self, pickled: bytes | bytearray | memoryview, buffers: list[memoryview] | None = None) -> None:
+    __slots__ = ("pickled", "buffers", "area")
+
+    def __init__(
+        self,
+        pickled: bytes | bytearray | memoryview,
+        buffers: list[memoryview] | None = None,
+        area: bytes | memoryview | None = None,
+    ) -> None:
         self.pickled = pickled
         self.buffers = buffers or []
+        self.area = area
 
 
 class Value:
-    """A job's pickled result, with its out-of-band buffers."""
+    """A job's pickled result, with its out-of-band buffers (``area``: as for `Job`)."""
 
-    __slots__ = ("pickled", "buffers", "retire")
+    __slots__ = ("pickled", "buffers", "retire", "area")
 
     def __init__(
         self,
         pickled: bytes | bytearray | memoryview,
         buffers: list[memoryview] | None = None,
         retire: Retire = Retire.KEEP,
+        area: bytes | memoryview | None = None,
     ) -> None:
         self.pickled = pickled
         self.buffers = buffers or []
         self.retire = retire
+        self.area = area
 
 
 class Error:
@@ -172,12 +222,20 @@ class _NeedData:
 
 NEED_DATA = _NeedData()
 
-Event = Config | Job | Value | Error | InitFailed | Started | Bye | Closed
+Event = Config | Area | Job | Value | Error | InitFailed | Started | Bye | Closed
 
 # What each end may receive.
-_PARENT_RECEIVES = {Kind.VALUE, Kind.VALUE_BUFFERS, Kind.ERROR, Kind.INIT_FAILED, Kind.STARTED, Kind.BYE}
-_WORKER_RECEIVES = {Kind.CONFIG, Kind.JOB, Kind.JOB_BUFFERS}
-_WITH_RETIRE = {Kind.VALUE, Kind.VALUE_BUFFERS, Kind.ERROR}
+_PARENT_RECEIVES = {
+    Kind.VALUE,
+    Kind.VALUE_BUFFERS,
+    Kind.VALUE_AREA,
+    Kind.ERROR,
+    Kind.INIT_FAILED,
+    Kind.STARTED,
+    Kind.BYE,
+}
+_WORKER_RECEIVES = {Kind.CONFIG, Kind.AREA, Kind.JOB, Kind.JOB_BUFFERS, Kind.JOB_AREA}
+_WITH_RETIRE = {Kind.VALUE, Kind.VALUE_BUFFERS, Kind.VALUE_AREA, Kind.ERROR}
 _KIND_VALUES = {int(kind) for kind in Kind}
 
 # Payloads from this size on are received into a buffer of their own size.
@@ -224,6 +282,56 @@ def frame_parts(kind: int, pickled: bytes, buffers: list[memoryview], flags: int
 
 
 _WITH_BUFFERS: dict[int, Kind] = {Kind.JOB: Kind.JOB_BUFFERS, Kind.VALUE: Kind.VALUE_BUFFERS}
+
+
+def job_from_parts(parts: list[bytes | memoryview]) -> tuple[memoryview, list[memoryview]]:
+    """The pickle and the buffers of a job that `frame_parts` cut into parts:
+    its inverse, without copying anything (the buffers are the parts' own).
+
+    The parent's caller hands the pool a job already framed for the socket; a
+    job whose buffers go through the shared memory area is framed again from these.
+    """
+    if len(parts) == 1:
+        header = HEADER.unpack_from(parts[0])
+        if header[0] != Kind.JOB:
+            raise ProtocolError(f"a job of one part is a JOB frame, not kind {header[0]}")
+        return memoryview(parts[0])[HEADER.size :], []
+    head = memoryview(parts[0])
+    kind = head[0]
+    if kind != Kind.JOB_BUFFERS:
+        raise ProtocolError(f"a job of several parts is a JOB_BUFFERS frame, not kind {kind}")
+    (count,) = _COUNT.unpack_from(head, HEADER.size)
+    if len(parts) != 2 * count:
+        raise ProtocolError(f"a JOB_BUFFERS frame of {count} buffers has {2 * count} parts, not {len(parts)}")
+    start = HEADER.size + _COUNT.size
+    (pickle_length,) = struct.unpack_from("!Q", head, start)
+    start += 8 * (count + 1)
+    # parts: the head (ending with padding), the first buffer, then padding
+    # and buffer alternately.
+    buffers = [memoryview(part) for part in parts[1::2]]
+    return head[start : start + pickle_length], buffers
+
+
+def area_parts(
+    kind: int, descriptor: bytes | memoryview, pickled: bytes | bytearray | memoryview, flags: int = 0
+) -> list[bytes | memoryview]:
+    """The one piece of an _AREA frame: the descriptor, then the pickle."""
+    length = len(descriptor) + len(pickled)
+    return [HEADER.pack(_WITH_AREA[kind], flags, length) + bytes(descriptor) + bytes(pickled)]
+
+
+_WITH_AREA: dict[int, Kind] = {Kind.JOB: Kind.JOB_AREA, Kind.VALUE: Kind.VALUE_AREA}
+
+
+def split_area(payload: bytes | bytearray | memoryview, kind: Kind) -> tuple[memoryview, memoryview, Descriptor]:
+    """The descriptor (encoded, and decoded: checked) and the pickle of an _AREA payload."""
+    view = memoryview(payload)
+    try:
+        length = descriptor_length(view)
+        descriptor = decode_descriptor(view[:length])
+    except DescriptorError as exc:
+        raise ProtocolError(f"a {kind.name} frame with a malformed shared memory descriptor: {exc}") from None
+    return view[:length], view[length:], descriptor
 
 
 def split_buffers(payload: bytes | bytearray | memoryview) -> tuple[memoryview, list[memoryview]]:
@@ -353,17 +461,33 @@ class Connection:
         self._reader = FrameReader()
         self._eof = False
         self._configured = our_role == PARENT  # a worker must get its Config first
+        self._area_cap: int | None = None  # set once the area is known on this channel
 
     # --- outgoing ---
 
     def send(self, event: Event) -> list[bytes | memoryview]:
-        """The byte pieces of ``event``'s frame, to be written in order."""
+        """The byte pieces of ``event``'s frame, to be written in order.
+
+        For an `Area`, the I/O layer sends the area's fd with the first byte
+        of this frame (SCM_RIGHTS). A Job or Value whose ``area`` is set has
+        its buffers in the area already: only the descriptor and pickle go.
+        """
         if isinstance(event, Job):
             self._check_sender(PARENT, event)
+            if event.area is not None:
+                return area_parts(Kind.JOB, event.area, event.pickled)
             return frame_parts(Kind.JOB, event.pickled, event.buffers)  # type: ignore[arg-type]
         if isinstance(event, Value):
             self._check_sender(WORKER, event)
+            if event.area is not None:
+                return area_parts(Kind.VALUE, event.area, event.pickled, event.retire)
             return frame_parts(Kind.VALUE, event.pickled, event.buffers, event.retire)  # type: ignore[arg-type]
+        if isinstance(event, Area):
+            self._check_sender(PARENT, event)
+            if self._area_cap is not None:
+                raise ProtocolError("this channel has its shared memory area already")
+            self._area_cap = event.cap
+            return [encode_frame(Kind.AREA, _AREA.pack(event.cap, event.threshold))]
         if isinstance(event, Error):
             self._check_sender(WORKER, event)
             return [encode_frame(Kind.ERROR, event.payload, event.retire)]
@@ -450,6 +574,26 @@ class Connection:
         if kind == Kind.JOB_BUFFERS:
             pickled, buffers = split_buffers(payload)
             return Job(pickled, buffers)
+        if kind == Kind.VALUE_AREA or kind == Kind.JOB_AREA:
+            encoded, pickled, descriptor = split_area(payload, Kind(kind))
+            if self._area_cap is None:
+                raise ProtocolError(f"a {Kind(kind).name} frame before any AREA frame")
+            if descriptor.area_size > self._area_cap:
+                raise ProtocolError(
+                    f"a {Kind(kind).name} frame says the shared memory area has {descriptor.area_size} bytes, "
+                    f"above its cap of {self._area_cap}"
+                )
+            if kind == Kind.JOB_AREA:
+                return Job(pickled, area=encoded)
+            return Value(pickled, retire=retire, area=encoded)
+        if kind == Kind.AREA:
+            if self._area_cap is not None:
+                raise ProtocolError("a second AREA frame")
+            if len(payload) != _AREA.size:
+                raise ProtocolError(f"an AREA frame of {len(payload)} bytes, not {_AREA.size}")
+            cap, threshold = _AREA.unpack(payload)
+            self._area_cap = cap
+            return Area(cap, threshold)
         if kind == Kind.CONFIG:
             return Config(bytes(payload))
         if kind == Kind.INIT_FAILED:

@@ -161,6 +161,20 @@ def encode_descriptor(descriptor: Descriptor) -> bytes:
     return _HEAD.pack(descriptor.area_size, len(extents)) + struct.pack(f"!{2 * len(extents)}Q", *flat)
 
 
+def descriptor_length(data: bytes | memoryview) -> int:
+    """The length of the encoded descriptor that ``data`` starts with (the
+    rest of a message follows it)."""
+    if len(data) < _HEAD.size:
+        raise DescriptorError(f"a shared memory descriptor has at least {_HEAD.size} bytes, this one {len(data)}")
+    _, count = _HEAD.unpack_from(data)
+    length: int = _HEAD.size + count * _EXTENT.size
+    if length > len(data):
+        raise DescriptorError(
+            f"a shared memory descriptor of {count} buffers has {length} bytes, but only {len(data)} arrived"
+        )
+    return length
+
+
 def decode_descriptor(data: bytes | memoryview) -> Descriptor:
     """The descriptor in ``data``, checked: every buffer inside the area, at an
     aligned offset, in order, none overlapping."""
@@ -336,6 +350,26 @@ class SharedArea:
         both ends pre-touch their mappings, which every method but ``"none"`` does.
         """
         return max(0, self._size - self._peer_size)
+
+    def counted_bytes(self, metric: str) -> int:
+        """Bytes of the area that this process's memory figure by ``metric``
+        ("uss", "pss", "rss") includes: subtract them to leave the area out."""
+        private = self.private_bytes
+        if metric == "uss":
+            return private
+        if metric == "pss":
+            return private + (self._size - private) // 2
+        return self._size
+
+    def peer_caught_up(self) -> None:
+        """The other end has read everything this end wrote (it answered
+        since): it has mapped the whole area, so no page of it is private."""
+        self._peer_size = max(self._peer_size, self._size)
+
+    @property
+    def holds_views(self) -> bool:
+        """True while views ``read`` handed out are not released."""
+        return bool(self._handed)
 
     @property
     def closed(self) -> bool:

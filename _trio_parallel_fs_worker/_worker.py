@@ -3,10 +3,19 @@
 Runs in a process forked by the template or in a freshly spawned interpreter;
 the loop is the same. It does blocking I/O on one socket around the sans-IO
 `_protocol.Connection`, and never imports trio.
+
+On an AF_UNIX channel the parent may send a shared memory area (an ``Area``
+frame with its fd). Jobs then may carry their buffers in it (the worker gets
+views: no copy), and a result whose buffers reach the area's threshold is
+written into it after the arguments. After each job the worker drops every
+reference to the job and calls ``release``; if the job kept a view of an
+argument, the next job would overwrite it, so the worker retires
+(``Retire.AREA_HELD``).
 """
 
 from __future__ import annotations
 
+import array
 import importlib
 import inspect
 import math
@@ -25,8 +34,13 @@ from ._errorcodec import encode_error
 from ._memory import MemoryWatch, memory_usage
 from ._pickling import dumps_value, loads
 from ._settings import WorkerHooks, WorkerSettings
+from ._shm import SharedArea, total_bytes
 
 _RECV_SIZE = 1 << 16
+# Room for the fds one recvmsg may bring: one area, and then some, so that a
+# misbehaving sender's extra fds are received (and closed), not truncated.
+_FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize) if hasattr(socket, "CMSG_SPACE") else 0
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 # The template's own handshake and rehearsal use these names.
 dump_error = encode_error
@@ -39,6 +53,11 @@ class Inbox:
     timeout on the socket (SO_RCVTIMEO) where the OS has one, rather than a
     poll() before each recv: one syscall instead of two, and a measurably
     quicker wake-up.
+
+    On AF_UNIX the reads are ``recvmsg`` (the same one syscall, with room for
+    ancillary data), so that the fd of a shared memory area, which rides with
+    its ``Area`` frame, is received rather than dropped; it is handed out on
+    that event.
     """
 
     def __init__(self, sock: socket.socket, connection: p.Connection) -> None:
@@ -46,6 +65,8 @@ class Inbox:
         self.connection = connection
         self.idle_timeout = math.inf
         self.kernel_timeout = False
+        self.takes_fds = _FD_SPACE > 0 and sock.family == getattr(socket, "AF_UNIX", None)
+        self.fds: list[int] = []  # received, not handed out yet
 
     def set_idle_timeout(self, idle_timeout: float) -> None:
         self.idle_timeout = idle_timeout
@@ -63,13 +84,26 @@ class Inbox:
         while True:
             event = connection.next_event()
             if event is not p.NEED_DATA:
+                if type(event) is p.Area:
+                    event.fd = self._take_fd()
                 return event  # type: ignore[return-value]
             buffer = connection.payload_buffer()
             waiting = connection.pending == 0
             if waiting and not self.kernel_timeout and not wait_for_job(self.sock, self.idle_timeout):
                 return None
             try:
-                if buffer is not None:
+                if self.takes_fds:
+                    if buffer is not None:
+                        count, ancillary, flags, _ = self.sock.recvmsg_into([buffer], _FD_SPACE, _RECV_FLAGS)
+                        if ancillary:
+                            self._keep_fds(ancillary, flags)
+                        connection.received(count)
+                    else:
+                        data, ancillary, flags, _ = self.sock.recvmsg(_RECV_SIZE, _FD_SPACE, _RECV_FLAGS)
+                        if ancillary:
+                            self._keep_fds(ancillary, flags)
+                        connection.receive_data(data)
+                elif buffer is not None:
                     # Straight into a buffer of the payload's size: no growing
                     # buffer, no copies (a 128 MB argument arrives ~3x faster).
                     connection.received(self.sock.recv_into(buffer))
@@ -81,6 +115,25 @@ class Inbox:
                 # mid-frame: the rest is on its way
             except ConnectionError:
                 connection.receive_data(b"")
+
+    def _keep_fds(self, ancillary: list[tuple[int, int, bytes]], flags: int) -> None:
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self.fds.extend(fds)
+        if flags & getattr(socket, "MSG_CTRUNC", 0):
+            raise p.ProtocolError("the parent sent more file descriptors at once than a shared memory area needs")
+
+    def _take_fd(self) -> int:
+        if not self.fds:
+            raise p.ProtocolError("an AREA frame arrived without its file descriptor; is the channel a Unix socket?")
+        fd = self.fds.pop(0)
+        # Any other fd is not one the protocol sends: do not keep it open.
+        for extra in self.fds:
+            os.close(extra)
+        self.fds.clear()
+        return fd
 
 
 def wait_for_job(sock: socket.socket, idle_timeout: float) -> bool:
@@ -157,6 +210,47 @@ def execute(job: p.Job) -> p.Value | p.Error:
     return p.Value(pickled, buffers)
 
 
+class AreaUse:
+    """This worker's shared memory area, and when results go through it."""
+
+    def __init__(self, event: p.Area) -> None:
+        self.area = SharedArea.attach(event.fd, event.cap)
+        self.threshold = event.threshold
+        self.wrote_result = False  # the last reply's buffers are in the area
+
+    def job_arrived(self, job: p.Job) -> None:
+        """The parent answered our last reply with this job: it has read the
+        area up to its end. Resolve the job's buffers, if they are in the area."""
+        if self.wrote_result:
+            self.area.peer_caught_up()
+            self.wrote_result = False
+        if job.area is not None:
+            job.buffers = self.area.read(job.area)
+
+    def place(self, value: p.Value) -> None:
+        """Put the result's buffers into the area if they are large enough and fit.
+
+        Result buffers that go over the socket instead may be views of an
+        argument (the job returned it, or a slice of it): those are copied
+        first, because the area's views are released before the reply is sent.
+        """
+        buffers = value.buffers
+        if not buffers:
+            return
+        if total_bytes(buffers) >= self.threshold and self.area.fits(buffers):
+            value.area = self.area.write(buffers)
+            value.buffers = []
+            self.wrote_result = True
+        elif self.area.holds_views:
+            value.buffers = [memoryview(bytes(buffer)) for buffer in buffers]
+
+    def release(self) -> bool:
+        return self.area.release()
+
+    def close(self) -> None:
+        self.area.close()
+
+
 def run_job(payload: bytes, kind: int = p.JOB) -> p.Value | p.Error:
     """Run one job from its frame's payload (the template's rehearsal)."""
     if kind == p.JOB_BUFFERS:
@@ -175,8 +269,9 @@ class RetirePolicy:
         self.memory = None if hooks.max_memory is None else MemoryWatch(hooks.max_memory, hooks.memory_metric)
         self.retire: Callable[[], object] = hooks.retire
 
-    def after_job(self) -> tuple[p.Retire, bytes | None]:
-        """Return the retire reason (or KEEP) and, if the retire hook raised, its error."""
+    def after_job(self, area: SharedArea | None = None) -> tuple[p.Retire, bytes | None]:
+        """Return the retire reason (or KEEP) and, if the retire hook raised, its
+        error. The shared memory ``area``'s pages are not counted against max_memory."""
         self.jobs_left -= 1
         try:
             if self.retire():
@@ -185,8 +280,10 @@ class RetirePolicy:
             return p.Retire.HOOK_FAILED, encode_error(exc)
         if self.jobs_left <= 0:
             return p.Retire.MAX_JOBS, None
-        if self.memory is not None and self.memory.exceeded():
-            return p.Retire.MEMORY, None
+        if self.memory is not None:
+            exclude = 0 if area is None else area.counted_bytes(self.memory.metric)
+            if self.memory.exceeded(exclude):
+                return p.Retire.MEMORY, None
         return p.Retire.KEEP, None
 
 
@@ -258,23 +355,47 @@ def serve(sock: socket.socket) -> int:
     if (hooks.init is not bool or baseline >= 0) and not send(p.Started(baseline)):
         return 0
     inbox.set_idle_timeout(hooks.idle_timeout)
-    while True:
-        event = inbox.next_event()
-        if event is None:
-            # The parent may be sending a job right now; Bye tells it that this
-            # worker left without reading it, so it can resubmit elsewhere.
-            send(p.Bye())
-            return 0
-        if not isinstance(event, p.Job):  # Closed
-            return 0
-        outcome = execute(event)
-        del event
-        reason, hook_error = policy.after_job()
-        if hook_error is not None:
-            outcome = p.Error(hook_error)
-        outcome.retire = reason
-        if not send(outcome):
-            return 0
-        del outcome
-        if reason != p.Retire.KEEP:
-            return 0
+    area: AreaUse | None = None
+    try:
+        while True:
+            event = inbox.next_event()
+            if event is None:
+                # The parent may be sending a job right now; Bye tells it that this
+                # worker left without reading it, so it can resubmit elsewhere.
+                send(p.Bye())
+                return 0
+            if type(event) is p.Area:
+                if area is not None:  # the Connection refuses a second Area
+                    area.close()
+                area = AreaUse(event)
+                continue
+            if not isinstance(event, p.Job):  # Closed
+                return 0
+            if area is not None:
+                area.job_arrived(event)
+            elif event.area is not None:  # the Connection refuses a JOB_AREA before an AREA
+                raise p.ProtocolError("a job in a shared memory area this worker was never given")
+            outcome = execute(event)
+            del event
+            held = False
+            if area is not None:
+                if type(outcome) is p.Value:
+                    area.place(outcome)
+                # Every reference the job had to its arguments is gone (or kept by it).
+                held = not area.release()
+            reason, hook_error = policy.after_job(None if area is None else area.area)
+            if hook_error is not None:
+                outcome = p.Error(hook_error)
+            if held and reason is p.Retire.KEEP:
+                reason = p.Retire.AREA_HELD
+            outcome.retire = reason
+            if not send(outcome):
+                return 0
+            del outcome
+            if reason != p.Retire.KEEP:
+                return 0
+    finally:
+        if area is not None:
+            area.close()
+        for fd in inbox.fds:
+            os.close(fd)

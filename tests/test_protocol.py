@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _trio_parallel_fs_worker import _protocol as p
+from _trio_parallel_fs_worker import _shm
 
 
 def stream(sender: p.Connection, events: list[p.Event]) -> bytes:
@@ -27,8 +28,8 @@ def drain(receiver: p.Connection) -> list[p.Event]:
 def describe(event: object) -> tuple:
     """A comparable summary of an event (events do not define equality)."""
     fields = {name: getattr(event, name) for name in getattr(type(event), "__slots__", ()) if hasattr(event, name)}
-    for name in ("pickled", "payload"):
-        if name in fields:
+    for name in ("pickled", "payload", "area"):
+        if fields.get(name) is not None:
             fields[name] = bytes(fields[name])
     if "buffers" in fields:
         fields["buffers"] = [bytes(buffer) for buffer in fields["buffers"]]
@@ -203,6 +204,7 @@ def test_retire_reasons_have_the_names_statistics_count():
         p.Retire.MEMORY: "memory",
         p.Retire.USER: "user",
         p.Retire.HOOK_FAILED: "hook_error",
+        p.Retire.AREA_HELD: "area",
     }
 
 
@@ -229,3 +231,147 @@ def test_status_records_carry_negative_and_large_values():
     records, rest = p.parse_records(data, p.STATUS_RECORD)
     assert records == [(p.PID, 123), (p.CEILING, 5 * 2**40)]
     assert rest == b""
+
+
+# --- the shared memory area's frames ------------------------------------------------
+
+
+def descriptor(area_size: int, *extents: tuple[int, int]) -> bytes:
+    return _shm.encode_descriptor(_shm.Descriptor(area_size, tuple(extents)))
+
+
+def area_conversation() -> tuple[list[p.Event], list[p.Event]]:
+    """A parent's events (Config, Area, jobs in the area) and a worker's replies."""
+    parent = [
+        p.Config(b"settings"),
+        p.Area(1 << 30, 1 << 20),
+        p.Job(b"job in the area", area=descriptor(4 << 20, (0, 3 << 20), (3 << 20, 5))),
+        p.Job(b"job over the socket", [memoryview(b"q" * 70_000)]),
+        p.Job(b"x" * 70_000, area=descriptor(1 << 20)),  # a large pickle, no buffers
+    ]
+    worker = [
+        p.Value(b"value in the area", retire=p.Retire.KEEP, area=descriptor(8 << 20, (4 << 20, 4 << 20))),
+        p.Value(b"v", retire=p.Retire.AREA_HELD, area=descriptor(8 << 20, (0, 64), (64, 0))),
+    ]
+    return parent, worker
+
+
+def test_area_frames_survive_every_split_point():
+    parent_events, worker_events_ = area_conversation()
+    for sender_role, receiver_role, events in [
+        (p.PARENT, p.WORKER, parent_events),
+        (p.WORKER, p.PARENT, worker_events_),
+    ]:
+        data = stream(p.Connection(sender_role), events)
+        expected = [describe(event) for event in events]
+        cuts = [cut for cut in range(len(data) + 1) if cut < 3000 or cut > len(data) - 500 or cut % 997 == 0]
+        for cut in cuts:
+            receiver = p.Connection(receiver_role)
+            if receiver_role == p.PARENT:
+                receiver.send(p.Area(1 << 30, 1 << 20))  # the parent sent the area first
+            got = []
+            for piece in (data[:cut], data[cut:]):
+                receiver.receive_data(piece) if piece else None
+                got.extend(drain(receiver))
+            assert [describe(event) for event in got] == expected, (sender_role, cut)
+
+
+def test_an_area_frame_carries_cap_and_threshold_not_the_fd():
+    worker = p.Connection(p.WORKER)
+    worker.receive_data(stream(p.Connection(p.PARENT), [p.Config(b""), p.Area(12345, 678, fd=99)]))
+    config, area = drain(worker)
+    assert isinstance(area, p.Area)
+    assert (area.cap, area.threshold, area.fd) == (12345, 678, -1)  # the I/O layer fills the fd in
+
+
+def test_an_area_job_resolves_to_its_descriptor_and_pickle():
+    worker = p.Connection(p.WORKER)
+    encoded = descriptor(2 << 20, (0, 1 << 20), (1 << 20, 7))
+    worker.receive_data(
+        stream(p.Connection(p.PARENT), [p.Config(b""), p.Area(4 << 20, 1), p.Job(b"pkl", area=encoded)])
+    )
+    *_, job = drain(worker)
+    assert isinstance(job, p.Job)
+    assert bytes(job.pickled) == b"pkl" and bytes(job.area) == encoded and job.buffers == []
+    assert _shm.decode_descriptor(job.area) == _shm.Descriptor(2 << 20, ((0, 1 << 20), (1 << 20, 7)))
+
+
+def test_job_from_parts_inverts_frame_parts():
+    buffers = [memoryview(b"a" * 100_000), memoryview(bytearray(b"b" * 3)), memoryview(b"")]
+    parts = p.frame_parts(p.JOB, b"the pickle", buffers)
+    pickled, got = p.job_from_parts(parts)
+    assert bytes(pickled) == b"the pickle"
+    assert [bytes(buffer) for buffer in got] == [bytes(buffer) for buffer in buffers]
+    assert got[0].obj is buffers[0].obj  # the caller's own buffers, not copies
+    pickled, got = p.job_from_parts(p.frame_parts(p.JOB, b"small", []))
+    assert (bytes(pickled), got) == (b"small", [])
+    with pytest.raises(p.ProtocolError, match="not kind 10"):
+        p.job_from_parts([p.encode_frame(p.VALUE, b"x")])
+    with pytest.raises(p.ProtocolError, match="has 6 parts, not 5"):
+        p.job_from_parts(p.frame_parts(p.JOB, b"the pickle", buffers)[:-1])
+
+
+def test_the_parent_sends_one_area_per_channel():
+    parent = p.Connection(p.PARENT)
+    parent.send(p.Area(100, 1))
+    with pytest.raises(p.ProtocolError, match="has its shared memory area already"):
+        parent.send(p.Area(100, 1))
+    with pytest.raises(p.ProtocolError, match="the worker cannot send Area"):
+        p.Connection(p.WORKER).send(p.Area(100, 1))
+
+
+AREA = frame(p.CONFIG) + frame(p.AREA, (1 << 20).to_bytes(8, "big") + (5).to_bytes(8, "big"))
+
+
+@pytest.mark.parametrize(
+    ("role", "data", "message"),
+    [
+        (p.WORKER, frame(p.CONFIG) + frame(p.JOB_AREA, descriptor(64)), "a JOB_AREA frame before any AREA frame"),
+        (p.PARENT, frame(p.VALUE_AREA, descriptor(64)), "a VALUE_AREA frame before any AREA frame"),
+        (p.PARENT, frame(p.AREA, bytes(16)), "the parent received a AREA frame, which only it sends"),
+        (p.WORKER, frame(p.CONFIG) + frame(p.AREA, b"short"), "an AREA frame of 5 bytes, not 16"),
+        (p.WORKER, AREA + frame(p.AREA, bytes(16)), "a second AREA frame"),
+        (p.WORKER, AREA + frame(p.JOB_AREA, b"tiny"), "JOB_AREA frame with a malformed shared memory descriptor"),
+        (
+            p.WORKER,
+            # says 3 buffers, holds one
+            AREA + frame(p.JOB_AREA, (64).to_bytes(8, "big") + (3).to_bytes(4, "big") + bytes(16)),
+            "malformed shared memory descriptor: a shared memory descriptor of 3 buffers has 60 bytes",
+        ),
+        (
+            p.WORKER,
+            AREA + frame(p.JOB_AREA, descriptor(128, (3, 10)) + b"pickle"),
+            "malformed shared memory descriptor: buffer extent \\(offset 3, length 10\\) is not aligned",
+        ),
+        (
+            p.WORKER,
+            AREA + frame(p.JOB_AREA, descriptor(128, (64, 100))),
+            "passes the area's end \\(128\\)",
+        ),
+        (
+            p.WORKER,
+            AREA + frame(p.JOB_AREA, descriptor(128, (64, 10), (0, 10))),
+            "overlaps the previous buffer",
+        ),
+        (
+            p.WORKER,
+            AREA + frame(p.JOB_AREA, descriptor(2 << 20)),
+            "says the shared memory area has 2097152 bytes, above its cap of 1048576",
+        ),
+        (p.WORKER, AREA + frame(p.JOB_AREA, descriptor(64), flags=1), "a JOB_AREA frame with flags 1"),
+    ],
+)
+def test_malformed_area_frames_are_protocol_errors(role, data, message):
+    receiver = p.Connection(role)
+    receiver.receive_data(data)
+    with pytest.raises(p.ProtocolError, match=message):
+        while receiver.next_event() is not p.NEED_DATA:
+            pass
+
+
+def test_a_value_area_frame_with_a_bad_retire_reason_is_refused():
+    receiver = p.Connection(p.PARENT)
+    receiver.send(p.Area(1 << 20, 1))
+    receiver.receive_data(frame(p.VALUE_AREA, descriptor(64), flags=42))
+    with pytest.raises(p.ProtocolError, match="unknown retire reason 42 in a VALUE_AREA frame"):
+        receiver.next_event()

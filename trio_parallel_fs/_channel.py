@@ -9,10 +9,21 @@ the backend's exit fd (the template's status pipe, or a pidfd) at once. A
 worker's death is then seen from its exit report even while another process
 (a helper its job started) keeps a copy of the channel open, so no EOF comes.
 Elsewhere the wait is on the channel alone.
+
+Large buffers may go through a shared memory area instead of the socket (see
+``_trio_parallel_fs_worker._shm``). The worker's end of it is made lazily
+here, on a Unix socket channel only: when a job's buffers reach the
+threshold, or after a result's buffers reached it over the socket (so that
+the next large result uses the area). Its ``Area`` frame and fd (SCM_RIGHTS,
+on the same ``sendmsg``) go right before the job frame that first needs it.
+Arguments are copied in once; results are copied out once (``read_copy``), so
+that the caller never holds a view into the area that the next job reuses.
+The area is closed with the worker (``close``).
 """
 
 from __future__ import annotations
 
+import array
 import select
 import socket
 import time
@@ -20,6 +31,7 @@ import time
 import trio
 
 from _trio_parallel_fs_worker import _protocol as p
+from _trio_parallel_fs_worker._shm import SharedArea, total_bytes
 
 from ._backend import WorkerProcess
 from ._lifecycle import WorkerEvent, WorkerState, next_worker_state
@@ -45,9 +57,20 @@ class Worker:
         "idle_since",
         "init_done",
         "announced",
+        "area",
+        "_area_settings",
+        "_area_wanted",
     )
 
-    def __init__(self, channel: socket.socket, process: WorkerProcess, config_frame: bytes) -> None:
+    def __init__(
+        self,
+        channel: socket.socket,
+        process: WorkerProcess,
+        config_frame: bytes,
+        area_settings: tuple[int, int] | None = None,
+    ) -> None:
+        """``area_settings``: ``(threshold, cap)`` of a shared memory area, or
+        None for none (it is also none on a channel that is not a Unix socket)."""
         channel.setblocking(False)
         self.channel = channel
         self.process = process
@@ -64,6 +87,11 @@ class Worker:
         self.idle_since = time.monotonic()
         self.init_done = False  # past its init hook (a reply or Started came)
         self.announced = False  # its pid was given to the pool's observers
+        self.area: SharedArea | None = None
+        if area_settings is not None and channel.family != getattr(socket, "AF_UNIX", None):
+            area_settings = None  # the loopback TCP channel cannot carry an fd
+        self._area_settings = area_settings
+        self._area_wanted = False  # a large result came over the socket: send the area
 
     def apply(self, event: WorkerEvent) -> None:
         """Move to the state the lifecycle table gives (the pool holds its lock)."""
@@ -71,11 +99,17 @@ class Worker:
 
     async def send_job(self, job_parts: list[bytes | memoryview]) -> bool:
         """Send a job (its frame, in parts); False if the worker closed its end."""
+        fd = -1
+        if self._area_settings is not None and (len(job_parts) > 1 or self._area_wanted):
+            job_parts, fd = self._through_area(job_parts)
         if self._first_frames:
             job_parts = [self._first_frames + job_parts[0], *job_parts[1:]]
             self._first_frames = b""
         sock = self.channel
         try:
+            if fd >= 0:
+                await self._send_with_fd(job_parts[0], fd)
+                job_parts = job_parts[1:]
             for part in job_parts:
                 view = memoryview(part)
                 sent = 0
@@ -87,6 +121,56 @@ class Worker:
         except ConnectionError:  # reset, broken pipe; aborted on Windows
             return False
         return True
+
+    def _through_area(self, job_parts: list[bytes | memoryview]) -> tuple[list[bytes | memoryview], int]:
+        """The job's frame parts with its buffers moved into the area, if they
+        reach the threshold and fit; and the area's fd if its Area frame goes
+        first (else -1)."""
+        assert self._area_settings is not None
+        threshold, cap = self._area_settings
+        buffers: list[memoryview] = []
+        if len(job_parts) > 1:
+            pickled, buffers = p.job_from_parts(job_parts)
+            if total_bytes(buffers) < threshold:
+                buffers = []
+        if not buffers and not self._area_wanted:
+            return job_parts, -1
+        fd = -1
+        area = self.area
+        if area is None:
+            try:
+                area = SharedArea.create(cap)
+            except OSError:
+                # Unsupported here after all, or out of fds or memory: this
+                # worker uses the socket, as it would without an area.
+                self._area_settings = None
+                return job_parts, -1
+            self.area = area
+            fd = area.fileno()
+            first = bytes(self.connection.send(p.Area(cap, threshold))[0])
+        self._area_wanted = False
+        if buffers and area.fits(buffers):
+            job_parts = self.connection.send(p.Job(pickled, area=area.write(buffers)))
+        if fd >= 0:
+            job_parts = [first + bytes(job_parts[0]), *job_parts[1:]]
+        return job_parts, fd
+
+    async def _send_with_fd(self, part: bytes | memoryview, fd: int) -> None:
+        """Send ``part``, the area's fd riding with its first byte (SCM_RIGHTS)."""
+        sock = self.channel
+        view = memoryview(part)
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+        while True:
+            try:
+                sent = sock.sendmsg([view], fds)
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+        while sent < len(view):
+            try:
+                sent += sock.send(view[sent:])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
 
     async def receive(self, answer_timeout: float) -> p.Event:
         """The worker's next event; `p.Closed` once it is known to be dead.
@@ -100,6 +184,8 @@ class Worker:
         while True:
             event = connection.next_event()
             if event is not p.NEED_DATA:
+                if type(event) is p.Value and (event.area is not None or event.buffers):
+                    self._take_result_buffers(event)
                 return event  # type: ignore[return-value]
             if self.process.answered():
                 await trio.lowlevel.wait_readable(wait_fd)
@@ -131,8 +217,31 @@ class Worker:
                     if not data:
                         break
 
+    def _take_result_buffers(self, value: p.Value) -> None:
+        """Copy a result's buffers out of the area; or, if large ones came over
+        the socket, have the area ready for the next large result."""
+        if value.area is not None:
+            if self.area is None:  # the Connection refuses a VALUE_AREA before an AREA
+                raise p.ProtocolError("a result in a shared memory area this worker was never given")
+            value.buffers = self.area.read_copy(value.area)
+            value.area = None
+        elif (
+            self._area_settings is not None
+            and self.area is None
+            and total_bytes(value.buffers) >= self._area_settings[0]
+        ):
+            self._area_wanted = True
+
+    @property
+    def area_size(self) -> int:
+        """Bytes of this worker's shared memory area (0 without one)."""
+        area = self.area
+        return 0 if area is None or area.closed else area.size
+
     def close(self) -> None:
         # EOF tells an idle worker to exit; a busy one finds out when it replies.
+        if self.area is not None:
+            self.area.close()
         self.channel.close()
         if self._epoll is not None:
             self._epoll.close()

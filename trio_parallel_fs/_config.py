@@ -161,6 +161,19 @@ class WorkerConfig:
             and friends), set in the workers' environment unless you set those
             variables yourself. 1 keeps the template single-threaded and stops
             N workers from running N x cores threads. None leaves them alone.
+        shm_threshold: Bytes. When the large buffers of a job's arguments (numpy
+            arrays, bytes, bytearrays: pickle protocol 5 out-of-band buffers of
+            64 KiB or more) total at least this, they travel through the
+            worker's shared memory area instead of its socket: copied in once by
+            this process, read in place by the job. The same holds for a result,
+            which this process copies out once, so you own what you get. The
+            area is made when first needed, per worker, kept for its life and
+            reused (pre-touched, so copies run at memory speed); it needs a
+            Unix socket channel and ``memfd_create`` or ``shm_open``, and
+            elsewhere everything goes over the socket. Default 1 MiB.
+        shm_max: Bytes: the most one worker's shared memory area may grow to.
+            Buffers that would not fit go over the socket instead. 0 turns the
+            area off. Default 2 GiB.
     """
 
     idle_timeout: float = attrs.field(default=600.0, validator=_seconds)
@@ -176,6 +189,8 @@ class WorkerConfig:
     memory_metric: str = attrs.field(default="uss", validator=_metric)
     memory_ceiling: int | None = attrs.field(default=None, validator=_optional_count)
     blas_threads: int | None = attrs.field(default=1, validator=_optional_count)
+    shm_threshold: int = attrs.field(default=1 << 20, validator=_count_or_zero)
+    shm_max: int = attrs.field(default=2 << 30, validator=_count_or_zero)
 
     def __attrs_post_init__(self) -> None:
         if self.worker_type is WorkerType.FORKSERVER and sys.platform == "win32":

@@ -50,6 +50,7 @@ import trio
 
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._errorcodec import decode_error
+from _trio_parallel_fs_worker._shm import unsupported_reason
 
 from ._backend import Backend, ExitInfo, WorkerProcess
 from ._channel import AnswerTimeout, Worker
@@ -88,9 +89,13 @@ class WorkerContextStatistics:
             ``memory`` (max_memory), ``user`` (the retire hook said so),
             ``idle`` (idle timeout), ``ceiling`` (killed at memory_ceiling),
             ``killed`` (cancelled with kill_on_cancel), ``died`` (crashed or
-            killed from outside), ``hook_error`` (init or retire raised).
+            killed from outside), ``hook_error`` (init or retire raised),
+            ``area`` (a job kept a reference to an argument that came through
+            the shared memory area, which the next job would overwrite).
         template_pid: The template's pid, or None (not started, or SPAWN).
         preload: The modules the template preloads.
+        shared_memory_bytes: The total size of the live workers' shared memory
+            areas (see ``shm_threshold``). Not counted against ``max_memory``.
     """
 
     idle_workers: int
@@ -99,6 +104,7 @@ class WorkerContextStatistics:
     retired: dict[str, int] = attrs.field(factory=dict)
     template_pid: int | None = None
     preload: tuple[str, ...] = ()
+    shared_memory_bytes: int = 0
 
 
 class WorkerPool:
@@ -117,6 +123,10 @@ class WorkerPool:
         self._warned_baseline = False
         self._pid = os.getpid()
         self.observers: list[Callable[[int], None]] = []  # see _introspect.watch_workers
+        # (threshold, cap) of each worker's shared memory area, or None for none.
+        self._area_settings = (
+            (config.shm_threshold, config.shm_max) if config.shm_max and unsupported_reason() is None else None
+        )
 
     @property
     def closed(self) -> bool:
@@ -135,6 +145,7 @@ class WorkerPool:
                 retired=dict(self._retired),
                 template_pid=self.backend.template_pid,
                 preload=self.config.preload,
+                shared_memory_bytes=sum(worker.area_size for worker in self._live),
             )
 
     def worker_pids(self) -> list[int]:
@@ -246,7 +257,7 @@ class WorkerPool:
             # The template died since we looked: start a new one, once.
             await self.backend.start()
             channel, process = await self.backend.start_worker()
-        worker = Worker(channel, process, self._worker_settings())
+        worker = Worker(channel, process, self._worker_settings(), self._area_settings)
         with self._lock:
             if self.closed:
                 # Closed while we started it: nothing would ever close it.
