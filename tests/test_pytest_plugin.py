@@ -335,3 +335,17 @@ def test_loading_the_plugin_imports_nothing_more() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == repr([PLUGIN])
+
+
+def test_loading_the_plugin_imports_neither_trio_nor_the_library() -> None:
+    """pytest imports the plugin in every session of every user: with the
+    package's names loaded on first use, that pulls in neither trio nor any
+    of the library's own modules."""
+    code = (
+        "import sys, pytest\n"
+        f"import {PLUGIN}\n"
+        "print(sorted(name for name in sys.modules if name == 'trio' or name.startswith('trio_parallel_fs.')"
+        " or name.startswith('_trio_parallel_fs_worker')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == repr([PLUGIN])
