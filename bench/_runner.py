@@ -43,6 +43,10 @@ import trio
 from bench import jobs, systems
 
 MB = 1 << 20
+GB = 1 << 30
+# From this size on, arrays are measured for ours and the floor only: the
+# peers move them at 0.2-0.3 GB/s, minutes for a few rounds.
+ARRAYS_OURS_ONLY = GB
 
 # Table columns, in order; "floor" is whichever floor fits the case.
 COLUMNS = ["tpf-fs", "tpf-spawn", "tp-spawn", "tp-fs", "anyio", "thread", "floor"]
@@ -93,7 +97,7 @@ class Settings:
             tiny_rounds=3,
             spin_seconds=0.1,
             scale_rounds=5,
-            array_rounds={MB: 30, 128 * MB: 5},
+            array_rounds={MB: 30, 16 * MB: 15, 128 * MB: 5, GB: 3},
         )
 
     @classmethod
@@ -111,7 +115,7 @@ class Settings:
             tiny_rounds=1,
             spin_seconds=0.03,
             scale_rounds=2,
-            array_rounds={MB: 5, 128 * MB: 1},
+            array_rounds={MB: 5, 16 * MB: 2, 128 * MB: 1},
         )
 
 
@@ -142,11 +146,34 @@ def cases(settings: Settings) -> list[Case]:
              "×", 1.0, True, WARM, "scaling"),
         Case("uss", "USS per worker after numpy/scipy", "MB", 1 / MB, False,
              {k: WARM[k] for k in ("tpf-fs", "tpf-spawn", "tp-spawn", "tp-fs", "anyio")}, "uss"),
-        Case("arg_1mb", "1 MB ndarray argument", "GB/s", 1e-9, True, WARM, "arg_1mb", "memcpy_1mb"),
-        Case("result_1mb", "1 MB ndarray result", "GB/s", 1e-9, True, WARM, "result_1mb", "memcpy_1mb"),
-        Case("arg_128mb", "128 MB ndarray argument", "GB/s", 1e-9, True, WARM, "arg_128mb", "memcpy_128mb"),
-        Case("result_128mb", "128 MB ndarray result", "GB/s", 1e-9, True, WARM, "result_128mb", "memcpy_128mb"),
+        *array_cases(settings),
     ]
+
+
+def size_label(size: int) -> tuple[str, str]:
+    """(key part, display) of an array size: ("16mb", "16 MB"), ("1gb", "1 GB")."""
+    if size >= GB:
+        return f"{size // GB}gb", f"{size // GB} GB"
+    return f"{size // MB}mb", f"{size // MB} MB"
+
+
+def array_systems(size: int) -> dict[str, str]:
+    if size >= ARRAYS_OURS_ONLY:
+        return {k: WARM[k] for k in ("tpf-fs", "tpf-spawn")}
+    return WARM
+
+
+def array_cases(settings: Settings) -> list[Case]:
+    found = []
+    for size in settings.array_rounds:
+        key, shown = size_label(size)
+        only = " (ours only)" if size >= ARRAYS_OURS_ONLY else ""
+        for kind in ("arg", "result"):
+            label = f"{shown} ndarray {'argument' if kind == 'arg' else 'result'}{only}"
+            found.append(
+                Case(f"{kind}_{key}", label, "GB/s", 1e-9, True, array_systems(size), f"{kind}_{key}", f"memcpy_{key}")
+            )
+    return found
 
 
 MEASUREMENTS = ["warm", "memcheck", "fresh", "concurrent", "throughput", "scaling", "uss", "arrays"]
@@ -409,10 +436,10 @@ async def measure(settings: Settings, selected: list[str], seed: int) -> dict[st
         if "arrays" in selected:
             import numpy as np
 
-            callers = await pool.get_all(list(WARM.values()))
             for size, rounds in settings.array_rounds.items():
-                label = f"{size // MB}mb"
-                progress(f"{size // MB} MB ndarray arguments and results, {rounds} rounds")
+                label, shown = size_label(size)
+                callers = await pool.get_all(list(array_systems(size).values()))
+                progress(f"{shown} ndarray arguments and results, {rounds} rounds, {', '.join(callers)}")
                 argument = np.ones(size // 8)
                 await warm_up(callers, jobs.nbytes, argument)
                 await warm_up(callers, jobs.cached_array, size)
@@ -542,6 +569,8 @@ def render(settings: Settings, report: dict[str, Any], meta: dict[str, Any]) -> 
         "(fs+pre: forkserver with set_forkserver_preload); medians unless p99.",
         "floors: warm = socketpair echo round trip; fresh = fork+exit+waitpid with numpy+scipy; "
         "arrays = in-process memcpy.",
+        f"arrays of {size_label(ARRAYS_OURS_ONLY)[1]} and more: ours and the floor only "
+        "(the peers would take minutes).",
         "",
     ]
     head = f"{'case':<38}{'unit':>7}" + "".join(f"{COLUMN_TITLES[c]:>11}" for c in COLUMNS)
