@@ -470,3 +470,36 @@ def test_memory_the_area_counts_for_in_each_process(peer):
     assert rss is not None and rss >= peer.area.size
     pss = _shm.area_memory("pss", peer.proc.pid)
     assert pss is not None and abs(pss - peer.area.size // 2) <= 4 * MiB
+
+
+def test_descriptor_length_finds_where_the_pickle_starts():
+    encoded = _shm.encode_descriptor(_shm.Descriptor(4096, ((0, 10), (64, 5))))
+    assert _shm.descriptor_length(encoded + b"pickle") == len(encoded) == 12 + 2 * 16
+    with pytest.raises(_shm.DescriptorError, match="has 44 bytes, but only 43 arrived"):
+        _shm.descriptor_length(encoded[:-1])
+    with pytest.raises(_shm.DescriptorError, match="at least 12 bytes"):
+        _shm.descriptor_length(b"short")
+
+
+def test_counted_bytes_by_metric_and_after_the_peer_caught_up(pair):
+    parent, worker = pair
+    worker.write([b"r" * (3 * MiB)])  # grown by the worker: only it has the new pages mapped
+    size = worker.size
+    assert worker.private_bytes == size
+    assert (worker.counted_bytes("uss"), worker.counted_bytes("pss"), worker.counted_bytes("rss")) == (
+        size,
+        size,
+        size,
+    )
+    worker.peer_caught_up()  # the parent read the result (and so mapped the area) before its next job
+    assert (worker.counted_bytes("uss"), worker.counted_bytes("pss"), worker.counted_bytes("rss")) == (
+        0,
+        size // 2,
+        size,
+    )
+    assert not worker.holds_views
+    descriptor = parent.write([b"a" * MiB])
+    views = worker.read(descriptor)
+    assert worker.holds_views
+    del views
+    assert worker.release() and not worker.holds_views
