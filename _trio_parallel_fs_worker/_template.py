@@ -71,6 +71,7 @@ from ._lifeline import (
     set_process_name,
 )
 from ._memory import exceeds
+from ._pickling import dumps_job
 from ._worker import dump_error, recv_frame, run_job, send_frame, serve
 
 _MAX_FDS_PER_READ = 64
@@ -129,13 +130,15 @@ def rehearse() -> None:
     """As the spare, run a dummy job through the worker's code paths while
     nobody waits: the copy-on-write faults that a first job triggers (refcount
     writes to the template's objects) are paid now instead of on the caller's
-    time."""
-    payload = p.encode_frame(p.JOB, pickle.dumps((int, ("7",))))
-    reader = p.FrameReader()
-    reader.feed(payload)
-    frame = reader.next_frame()
-    assert frame is not None
-    run_job(bytes(frame[2]), frame[0])
+    time. Two jobs: one by reference (plain pickle), one by value with a
+    result that needs cloudpickle, the path of functions from ``__main__``."""
+    by_value, _ = dumps_job(lambda n: [n] * 3, (7,))
+    for job in (pickle.dumps((int, ("7",))), by_value):
+        reader = p.FrameReader()
+        reader.feed(p.encode_frame(p.JOB, job))
+        frame = reader.next_frame()
+        assert frame is not None
+        run_job(bytes(frame[2]), frame[0])
     dump_error(ValueError("rehearsal"))
 
 

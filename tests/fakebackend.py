@@ -38,7 +38,6 @@ _pids = itertools.count(900_001)
 class FakeProcess:
     def __init__(self) -> None:
         self.pid = next(_pids)
-        self.exit_fd = None
         self.exitcode: int | None = None
         self.killed = False
         self._exited = threading.Event()

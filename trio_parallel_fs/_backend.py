@@ -33,13 +33,6 @@ class WorkerProcess(Protocol):
     def pid(self) -> int | None:
         """Its pid, once known (a forked worker's arrives from the template)."""
 
-    @property
-    def exit_fd(self) -> int | None:
-        """An fd that turns readable when the worker's exit is known (the
-        template's status pipe, a pidfd), or None. The pool waits on it beside
-        the worker's channel, so that a death is seen even while another
-        process (a helper the job started) still holds a copy of the channel."""
-
     def answered(self) -> bool:
         """False while the worker's start is not confirmed (its template has
         not answered the fork request yet)."""

@@ -117,10 +117,6 @@ class SpawnedWorker:
     def pid(self) -> int:
         return self._popen.pid
 
-    @property
-    def exit_fd(self) -> int | None:
-        return self._pidfd
-
     def answered(self) -> bool:
         return True
 

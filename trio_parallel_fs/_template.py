@@ -218,10 +218,6 @@ class ForkedWorker:
             self._read_available()
         return self._pid
 
-    @property
-    def exit_fd(self) -> int | None:
-        return self._status_fd
-
     def answered(self) -> bool:
         return self.pid is not None or self._done()
 
