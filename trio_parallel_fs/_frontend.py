@@ -118,26 +118,12 @@ def make_backend(config: WorkerConfig) -> Backend:
     return TemplateBackend(config.template_settings(), config.blas_threads)
 
 
-async def _acquire(limiter: Any) -> Callable[[], Any] | None:
-    """Take a token of ``limiter``; return how to give it back (None for an
-    async context manager, which the caller enters itself)."""
-    # ``async with limiter``, minus a trip through the scheduler when a token
-    # is free: CapacityLimiter.acquire always yields, which costs a whole
-    # event-loop pass on the warm path. The call stays a full checkpoint: it
-    # checks for cancellation here and yields while waiting for the reply.
-    if type(limiter) is trio.CapacityLimiter:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            limiter.acquire_nowait()
-        except trio.WouldBlock:
-            await limiter.acquire()
-        return limiter.release
+def _check_limiter(limiter: Any) -> None:
     if not (hasattr(limiter, "__aenter__") and hasattr(limiter, "__aexit__")):
         raise TypeError(
             f"limiter must be a trio.CapacityLimiter or another async context manager, "
             f"not {type(limiter).__name__} {limiter!r}"
         )
-    return None
 
 
 async def _call(
@@ -157,12 +143,22 @@ async def _call(
     if limiter is None:
         limiter = current_default_worker_limiter()
     job = _encode_job(sync_fn, args)
-    release = await _acquire(limiter)
-    if release is not None:
+    if type(limiter) is trio.CapacityLimiter:
+        # ``async with limiter``, minus a trip through the scheduler when a
+        # token is free: CapacityLimiter.acquire always yields, which costs a
+        # whole event-loop pass on the warm path. The call stays a full
+        # checkpoint: it checks for cancellation here and yields while waiting
+        # for the reply.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await limiter.acquire()
         try:
             return await _run_on(get_context, sync_fn, job, kill)
         finally:
-            release()
+            limiter.release()
+    _check_limiter(limiter)
     async with limiter:
         return await _run_on(get_context, sync_fn, job, kill)
 

@@ -67,6 +67,20 @@ from ._lifecycle import ContextEvent, ContextState, WorkerEvent, WorkerState, ne
 
 RESUBMIT = object()
 
+# Bumped in the child of every fork of this process: a pool made in another
+# generation is the parent's, and must be forgotten (a counter, not a getpid()
+# syscall on every call).
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 # How long to wait for the exit report of a worker whose channel closed, or
 # that was killed. The template reports within milliseconds; past this, it
 # is declared unresponsive.
@@ -121,7 +135,7 @@ class WorkerPool:
         self._started = 0
         self._retired: dict[str, int] = {}
         self._warned_baseline = False
-        self._pid = os.getpid()
+        self._generation = _fork_generation
         self.observers: list[Callable[[int], None]] = []  # see _introspect.watch_workers
         # (threshold, cap) of each worker's shared memory area, or None for none.
         self._area_settings = (
@@ -163,7 +177,7 @@ class WorkerPool:
     # --- after a fork of the parent ----------------------------------------------
 
     def _check_fork(self) -> None:
-        if self._pid != os.getpid():
+        if self._generation != _fork_generation:
             self._forget_after_fork()
 
     def _forget_after_fork(self) -> None:
@@ -180,7 +194,7 @@ class WorkerPool:
         self._departing.clear()
         self.running = 0
         self.backend.forget_after_fork()
-        self._pid = os.getpid()
+        self._generation = _fork_generation
 
     # --- workers in and out -------------------------------------------------
 
@@ -281,7 +295,7 @@ class WorkerPool:
         worker starts for this job).
         """
         with self._lock:
-            if self._pid != os.getpid():
+            if self._generation != _fork_generation:
                 self._forget_after_fork()
             if self.closed:
                 raise PoolClosed
@@ -290,12 +304,17 @@ class WorkerPool:
         try:
             if worker is None:
                 worker = await self._new_worker()
-            return await self._exchange(worker, job_parts, fn)
-        finally:
+            event = await self._exchange(worker, job_parts, fn)
+            if isinstance(event, p.Closed):
+                await self._died(worker, fn)
+        except BaseException:
             with self._lock:
                 self.running -= 1
+            raise
+        return self._settle(worker, event, fn)  # decrements running
 
-    async def _exchange(self, worker: Worker, job_parts: list[bytes | memoryview], fn: object) -> Any:
+    async def _exchange(self, worker: Worker, job_parts: list[bytes | memoryview], fn: object) -> p.Event:
+        """Send the job; return the event that settles it."""
         try:
             await worker.send_job(job_parts)  # if it closed its end, its Bye may be waiting
             while True:
@@ -317,7 +336,7 @@ class WorkerPool:
             with trio.CancelScope(shield=True):
                 await self._kill(worker)
             raise
-        return await self._settle(worker, event, fn)
+        return event
 
     async def _kill(self, worker: Worker) -> None:
         worker.process.kill()
@@ -346,23 +365,30 @@ class WorkerPool:
             in_init=not worker.init_done and self.config.init is not bool,
         )
 
-    async def _settle(self, worker: Worker, event: p.Event, fn: object) -> Any:
-        if isinstance(event, p.Closed):
-            with trio.CancelScope(shield=True):
-                info = ExitInfo(pid=worker.process.pid, exitcode=None)
-                with trio.move_on_after(_EXIT_REPORT_TIMEOUT):
-                    info = await worker.process.wait()
-                if not worker.process.has_exited():
-                    info = worker.process.give_up()
-            with self._lock:
-                self._end(worker, WorkerEvent.DIED, "ceiling" if info.ceiling_used is not None else "died")
-            raise self._broken(info, fn, worker)
+    async def _died(self, worker: Worker, fn: object) -> None:
+        """The worker's channel closed: wait for its exit report, let it go and
+        raise the BrokenWorkerError that says how it died."""
+        with trio.CancelScope(shield=True):
+            info = ExitInfo(pid=worker.process.pid, exitcode=None)
+            with trio.move_on_after(_EXIT_REPORT_TIMEOUT):
+                info = await worker.process.wait()
+            if not worker.process.has_exited():
+                info = worker.process.give_up()
+        with self._lock:
+            self._end(worker, WorkerEvent.DIED, "ceiling" if info.ceiling_used is not None else "died")
+        raise self._broken(info, fn, worker)
+
+    def _settle(self, worker: Worker, event: p.Event, fn: object) -> Any:
+        """Apply a reply to the worker's state and the counters (one lock, which
+        also counts the call out of ``running``); its outcome, or RESUBMIT."""
         if isinstance(event, p.Bye):
             with self._lock:
+                self.running -= 1
                 self._end(worker, WorkerEvent.LEFT, "idle")
             return RESUBMIT
         if isinstance(event, p.InitFailed):
             with self._lock:
+                self.running -= 1
                 worker.apply(WorkerEvent.REPLY_RETIRING)
                 self._let_go_retiring(worker, "hook_error")
             raise hook_error("init", event.payload, worker.process.pid, describe(fn))
@@ -372,6 +398,7 @@ class WorkerPool:
         # Anything received past the reply is (the start of) a Bye: it is leaving.
         leaving = worker.connection.pending > 0
         with self._lock:
+            self.running -= 1
             if retire is not p.Retire.KEEP:
                 worker.apply(WorkerEvent.REPLY_RETIRING)
                 self._let_go_retiring(worker, retire.reason)
@@ -399,7 +426,7 @@ class WorkerPool:
         stop the template. Raises BrokenWorkerError if anything had to be killed.
         A second close does nothing."""
         with self._lock:
-            if self._pid != os.getpid():
+            if self._generation != _fork_generation:
                 self._forget_after_fork()
                 self._state = ContextState.CLOSED
                 return
