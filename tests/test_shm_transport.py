@@ -33,6 +33,7 @@ from conftest import wait_dead, wait_until_gone
 
 import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import _shm
+from trio_parallel_fs._spawn import channel_kind
 
 pytestmark = pytest.mark.skipif(_shm.unsupported_reason() is not None, reason="no shared memory area here")
 
@@ -42,6 +43,16 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 MiB = 1 << 20
 HANG = 30  # seconds: a bound for "does not hang", never a speed assertion
+
+
+@pytest.fixture(params=["forkserver", "spawn"])
+def worker_type(request):
+    """Both backends; spawned workers only where their channel is a Unix socket
+    that can carry the area's fd (the loopback channel cannot: its workers use
+    the socket, see test_the_loopback_channel_falls_back_to_the_socket)."""
+    if request.param == "spawn" and channel_kind() == "loopback":
+        pytest.skip("spawned workers on the loopback channel have no area (TCP cannot carry an fd)")
+    return request.param
 
 
 def dev_shm() -> set[str]:
