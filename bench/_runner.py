@@ -726,6 +726,35 @@ def leftover_processes(timeout: float) -> list[str]:
 # --- command line ----------------------------------------------------------------------------
 
 
+# How much worse than a saved run a case of ours may be before --compare flags
+# it. Absolute figures drift run to run on a shared machine; this only catches
+# what is clearly a regression, and never runs in CI (nothing there is timed).
+REGRESSION_TOLERANCE = 0.15
+OUR_COLUMNS = ("tpf-fs", "tpf-spawn")
+
+
+def regressions(baseline: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    """Cases of ours worse than in ``baseline`` by more than the tolerance."""
+    before = {row["case"]["label"]: row for row in baseline["report"]["rows"]}
+    found = []
+    for row in report["rows"]:
+        old = before.get(row["case"]["label"])
+        if old is None:
+            continue
+        higher_better = row["case"]["higher_better"]
+        for column in OUR_COLUMNS:
+            now, then = row["values"].get(column), old["values"].get(column)
+            if not now or not then:
+                continue
+            worse = then / now if higher_better else now / then
+            if worse > 1 + REGRESSION_TOLERANCE:
+                found.append(
+                    f"{row['case']['label']} [{column}]: {now:.4g} {row['case']['unit']} now, "
+                    f"{then:.4g} in the baseline ({worse:.2f}x worse)"
+                )
+    return found
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -745,6 +774,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated measurements to run (default all): {','.join(MEASUREMENTS)}",
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the interleaving order")
+    parser.add_argument(
+        "--compare",
+        metavar="BASELINE",
+        help="a JSON file saved by --json: flag every case of ours more than "
+        f"{REGRESSION_TOLERANCE:.0%} worse than in it (exit status 3 if any)",
+    )
     args = parser.parse_args(argv)
     if args.only:
         unknown = set(args.only.split(",")) - set(MEASUREMENTS)
@@ -805,4 +840,11 @@ def main(argv: list[str] | None = None) -> int:
     if leftovers:
         print("processes left behind (now killed):\n  " + "\n  ".join(leftovers), file=sys.stderr)
         return 1
+    if args.compare:
+        with open(args.compare) as f:
+            worse = regressions(json.load(f), report)
+        if worse:
+            print(f"\nworse than {args.compare} by more than {REGRESSION_TOLERANCE:.0%}:\n  " + "\n  ".join(worse))
+            return 3
+        print(f"\nno case of ours is more than {REGRESSION_TOLERANCE:.0%} worse than in {args.compare}")
     return 0
