@@ -290,3 +290,21 @@ async def test_a_dead_spare_is_replaced_not_used():
         for i in range(3):
             assert await ctx.run_sync(workerfns.add, i, 1) == i + 1
         assert "died" not in ctx.statistics().retired
+
+
+@pytest.mark.parametrize("worker_type", ["forkserver", "spawn"])
+async def test_ps_ef_says_what_each_process_is(worker_type):
+    """The command line names the child package and the role, not ``python -c
+    import sys; sys.path.insert(...)``."""
+    from trio_parallel_fs._launch import CHILD_PACKAGE
+
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        worker = psutil.Process(await ctx.run_sync(workerfns.pid))
+        template_pid = ctx.statistics().template_pid
+        if worker_type == "forkserver":
+            # Forked workers show the template's command line, and their own name.
+            assert psutil.Process(template_pid).cmdline()[1:3] == [CHILD_PACKAGE, "template"]
+            assert worker.name() == "tpf-worker"
+        else:
+            assert worker.cmdline()[1:3] == [CHILD_PACKAGE, "worker"]
+        assert CHILD_PACKAGE.endswith("_trio_parallel_fs_worker")
