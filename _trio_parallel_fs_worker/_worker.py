@@ -284,7 +284,7 @@ class RetirePolicy:
             exclude = 0 if area is None else area.counted_bytes(self.memory.metric)
             if self.memory.exceeded(exclude):
                 return p.Retire.MEMORY, None
-        return p.Retire.KEEP, None
+        return p.KEEP, None
 
 
 def load_settings(payload: bytes) -> WorkerHooks:
@@ -386,13 +386,13 @@ def serve(sock: socket.socket) -> int:
             reason, hook_error = policy.after_job(None if area is None else area.area)
             if hook_error is not None:
                 outcome = p.Error(hook_error)
-            if held and reason is p.Retire.KEEP:
+            if held and reason is p.KEEP:
                 reason = p.Retire.AREA_HELD
             outcome.retire = reason
             if not send(outcome):
                 return 0
             del outcome
-            if reason != p.Retire.KEEP:
+            if reason is not p.KEEP:
                 return 0
     finally:
         if area is not None:
