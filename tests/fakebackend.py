@@ -121,6 +121,9 @@ class FakeBackend:
         self.nursery.start_soon(_serve, theirs, process, script)
         return ours, process
 
+    def start_worker_now(self) -> None:
+        return None
+
     def close(self, timeout: float) -> None:
         self.closed = True
 

@@ -176,3 +176,30 @@ def test_memory_watch_measures_uss_again_only_when_it_could_have_crossed(monkeyp
     assert _memory.MemoryWatch(limit=50 * MiB, metric="rss").exceeded() is False
     rss[0] = 60 * MiB
     assert _memory.MemoryWatch(limit=50 * MiB, metric="rss").exceeded() is True
+
+
+async def test_a_retiring_worker_gets_a_successor_prepared_for_the_next_call():
+    """max_jobs=1: each call's worker retires with its result, and its successor
+    is forked and handed its channel at once, so the next call finds it ready."""
+    async with tpf.open_worker_context(max_jobs=1) as ctx:
+        first = await ctx.run_sync(workerfns.pid)
+        stats = ctx.statistics()
+        assert (stats.prepared_workers, stats.idle_workers, stats.started_workers) == (1, 0, 1)
+        template = psutil.Process(stats.template_pid)
+
+        def ready() -> set[int]:  # forked (or the spare, handed its channel), not the one that left
+            return {child.pid for child in template.children() if child.name() == "tpf-worker"} - {first}
+
+        with trio.fail_after(5):
+            while not (waiting := ready()):  # noqa: ASYNC110 - polling other processes
+                await trio.sleep(0.01)
+        second = await ctx.run_sync(workerfns.pid)
+        assert second != first and second in waiting  # the prepared one, already a worker
+        stats = ctx.statistics()
+        assert (stats.started_workers, stats.retired) == (2, {"jobs": 2})
+
+
+async def test_spawned_workers_are_not_prepared_ahead():
+    async with tpf.open_worker_context(max_jobs=1, worker_type="spawn") as ctx:
+        await ctx.run_sync(workerfns.pid)
+        assert ctx.statistics().prepared_workers == 0

@@ -279,9 +279,13 @@ async def test_a_bye_read_in_part_after_a_reply_is_not_a_protocol_error(worker_t
 
 
 async def frozen_template(ctx) -> int:
-    """Stop the context's template (SIGSTOP); its pid. No worker is idle."""
+    """Stop the context's template (SIGSTOP) once its worker has left by its
+    idle timeout (a worker retired by max_jobs would get a successor prepared
+    ahead, and the next call would not need the template); its pid."""
+    with trio.fail_after(HANG):
+        while (stats := ctx.statistics()).idle_workers or stats.prepared_workers:  # noqa: ASYNC110
+            await trio.sleep(0.02)
     template = ctx.statistics().template_pid
-    assert ctx.statistics().idle_workers == 0
     os.kill(template, signal.SIGSTOP)
     return template
 
@@ -296,8 +300,8 @@ def resume(pid: int) -> None:
 async def test_a_kill_on_cancel_call_waiting_on_a_frozen_template_is_cancelled_on_time():
     """Before: a 1 s deadline cancelled the call at 11 s (it waited for the
     frozen template to report the kill)."""
-    async with tpf.open_worker_context(max_jobs=1) as ctx:
-        await ctx.run_sync(workerfns.add, 1, 2)  # the template runs; the worker left
+    async with tpf.open_worker_context(idle_timeout=0.05) as ctx:
+        await ctx.run_sync(workerfns.add, 1, 2)  # the template runs; the worker leaves
         template = await frozen_template(ctx)
         try:
             with trio.fail_after(PROMPTLY):
@@ -318,7 +322,7 @@ FROZEN_FOR = 8
 async def test_a_frozen_template_is_declared_dead_and_replaced():
     """Before: a call that needed a fresh worker returned only when the template
     was resumed (14 s in the report), and could not be cancelled."""
-    async with tpf.open_worker_context(max_jobs=1) as ctx:
+    async with tpf.open_worker_context(idle_timeout=0.05) as ctx:
         await ctx.run_sync(workerfns.add, 1, 2)
         template = await frozen_template(ctx)
         try:

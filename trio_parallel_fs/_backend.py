@@ -81,6 +81,12 @@ class Backend(Protocol):
         """Start a worker; return the parent's end of its channel and its handle.
         Raises OSError if the backend broke since `start` (call `start` again)."""
 
+    def start_worker_now(self) -> tuple[socket.socket, WorkerProcess] | None:
+        """Start a worker without waiting, if that is cheap (a fork request to a
+        running template: one ``sendmsg``); None where it is not (spawning an
+        interpreter), or when the backend is not ready. The pool uses it to
+        prepare a worker in place of one that retires."""
+
     def close(self, timeout: float) -> None:
         """Stop whatever the backend keeps running; later `start` calls fail."""
 

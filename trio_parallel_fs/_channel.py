@@ -85,6 +85,11 @@ class Worker:
         self._area_settings = area_settings
         self._area_wanted = False  # a large result came over the socket: send the area
 
+    def prepared(self, config_frame: bytes) -> None:
+        """This worker was started ahead of demand; its first job goes now, with
+        the start-up message made now."""
+        self._first_frames = config_frame
+
     def apply(self, event: WorkerEvent) -> None:
         """Move to the state the lifecycle table gives (the pool holds its lock)."""
         self.state = next_worker_state(self.state, event)

@@ -3,7 +3,8 @@ transitions between them.
 
 Theory of operation
 -------------------
-A worker is STARTING until its first job is sent, then alternates between
+A worker is STARTING until its first job is sent (a worker prepared ahead of
+demand waits in that state on the idle stack), then alternates between
 BUSY (a job is out) and IDLE (on the pool's idle stack). It ends GONE (it left
 by itself: idle timeout, or after a reply that said it retires) or DEAD
 (crashed, killed, or its template died). RETIRING is the wait in between: it
@@ -54,6 +55,7 @@ W, E = WorkerState, WorkerEvent
 
 WORKER_TRANSITIONS: dict[tuple[WorkerState, WorkerEvent], WorkerState] = {
     (W.STARTING, E.SEND_JOB): W.BUSY,
+    (W.STARTING, E.LEFT): W.GONE,  # prepared ahead, it left by its idle timeout before any job
     (W.STARTING, E.DIED): W.DEAD,
     (W.STARTING, E.CLOSE): W.RETIRING,
     (W.IDLE, E.SEND_JOB): W.BUSY,

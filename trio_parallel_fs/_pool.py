@@ -70,6 +70,7 @@ RESUBMIT = object()
 # Enum members the warm path uses, bound to globals: on Python 3.11 looking a
 # member up on its Enum class costs about 140 ns, ten times a global.
 _OPEN = ContextState.OPEN
+_STARTING = WorkerState.STARTING
 _SEND_JOB, _REPLY, _REPLY_RETIRING = WorkerEvent.SEND_JOB, WorkerEvent.REPLY, WorkerEvent.REPLY_RETIRING
 _KEEP, _HOOK_FAILED = p.Retire.KEEP, p.Retire.HOOK_FAILED
 
@@ -116,6 +117,10 @@ class WorkerContextStatistics:
         preload: The modules the template preloads.
         shared_memory_bytes: The total size of the live workers' shared memory
             areas (see ``shm_threshold``). Not counted against ``max_memory``.
+        prepared_workers: Workers started ahead of demand, in place of one
+            that retired after its job (``max_jobs``, ``max_memory``, the
+            retire hook), which the next call will use; not counted in
+            ``idle_workers`` or ``started_workers`` until then.
     """
 
     idle_workers: int
@@ -125,6 +130,7 @@ class WorkerContextStatistics:
     template_pid: int | None = None
     preload: tuple[str, ...] = ()
     shared_memory_bytes: int = 0
+    prepared_workers: int = 0
 
 
 class WorkerPool:
@@ -159,13 +165,14 @@ class WorkerPool:
         self.prune()
         with self._lock:
             return WorkerContextStatistics(
-                idle_workers=len(self._idle),
+                idle_workers=sum(1 for worker in self._idle if worker.state is not _STARTING),
                 running_workers=self.running,
                 started_workers=self._started,
                 retired=dict(self._retired),
                 template_pid=self.backend.template_pid,
                 preload=self.config.preload,
                 shared_memory_bytes=sum(worker.area_size for worker in self._live),
+                prepared_workers=sum(1 for worker in self._idle if worker.state is _STARTING),
             )
 
     def worker_pids(self) -> list[int]:
@@ -242,6 +249,9 @@ class WorkerPool:
                 # been sent, so it goes to another worker instead of failing.
                 self._end_exited(worker)
             else:
+                if worker.state is _STARTING:  # prepared ahead: its first job
+                    self._started += 1
+                    worker.prepared(self._worker_settings())
                 worker.apply(_SEND_JOB)
                 return worker
         return None
@@ -291,6 +301,31 @@ class WorkerPool:
             worker.apply(_SEND_JOB)
         self._announce(worker)
         return worker
+
+    def _prepare_replacement(self) -> None:
+        """A worker just retired after its job (max_jobs, max_memory, the retire
+        hook): ask for its successor now, where that is cheap (a fork request to
+        the template), so that it is forked and handed its channel while nobody
+        waits. With ``max_jobs=1`` the next call then finds a fresh worker
+        ready, instead of paying the template's and the spare's wake-ups. It
+        waits on the idle stack in STARTING; its settings (with the working
+        directory of that moment) go out with its first job, and it counts as
+        started from then on."""
+        started = self.backend.start_worker_now()
+        if started is None:
+            return
+        channel, process = started
+        worker = Worker(channel, process, b"", self._area_settings)
+        with self._lock:
+            if self.closed:
+                worker.close()
+                process.kill()
+                if not process.release():
+                    self._departing.append(process)
+                return
+            self._live.add(worker)
+            worker.idle_since = time.monotonic()
+            self._idle.append(worker)
 
     # --- one job ------------------------------------------------------------
 
@@ -401,6 +436,7 @@ class WorkerPool:
         assert isinstance(event, (p.Value, p.Error))
         worker.init_done = True
         retire = event.retire
+        replace = False
         # Anything received past the reply is (the start of) a Bye: it is leaving.
         leaving = worker.connection.pending > 0
         with self._lock:
@@ -408,6 +444,7 @@ class WorkerPool:
             if retire is not _KEEP:
                 worker.apply(_REPLY_RETIRING)
                 self._let_go_retiring(worker, retire.reason)
+                replace = True
             elif leaving:
                 worker.apply(_REPLY_RETIRING)
                 self._let_go_retiring(worker, "idle")
@@ -415,6 +452,8 @@ class WorkerPool:
                 worker.apply(_REPLY)
                 worker.idle_since = time.monotonic()
                 self._idle.append(worker)
+        if replace:
+            self._prepare_replacement()
         if retire is _HOOK_FAILED:
             assert isinstance(event, p.Error)
             raise hook_error("retire", event.payload, worker.process.pid, describe(fn))

@@ -268,6 +268,9 @@ class SpawnBackend:
             theirs.close()
         return ours, SpawnedWorker(popen, self._watcher)
 
+    def start_worker_now(self) -> None:
+        return None  # an interpreter start is not cheap: workers start on demand
+
     def close(self, timeout: float) -> None:
         if self._watcher is not None:
             self._watcher.close(timeout)

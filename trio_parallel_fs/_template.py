@@ -344,6 +344,15 @@ class TemplateBackend:
             raise BrokenPipeError("start() must come first")
         return template.fork()
 
+    def start_worker_now(self) -> tuple[socket.socket, ForkedWorker] | None:
+        template = self._template
+        if template is None or not template.alive():
+            return None
+        try:
+            return template.fork()
+        except OSError:
+            return None  # dying: the next call starts a new template
+
     def close(self, timeout: float) -> None:
         with self._lock:
             self._closed = True
