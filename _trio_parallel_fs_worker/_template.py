@@ -66,13 +66,12 @@ from ._lifeline import (
     die_with_parent,
     flush_std_streams,
     ignore_interrupts,
-    keep_out_of_forks,
     prepare_prctl,
     set_process_name,
 )
 from ._memory import exceeds
 from ._pickling import dumps_job
-from ._worker import dump_error, recv_frame, run_job, send_frame, serve
+from ._worker import dump_error, recv_frame, run_job, send_frame, serve_then_leave
 
 _MAX_FDS_PER_READ = 64
 _SPARE_REFILL_DELAY = 0.005
@@ -317,12 +316,7 @@ class Template:
                     return
             set_process_name(b"tpf-worker")
             assert channel_fd is not None
-            keep_out_of_forks(channel_fd)
-            code = serve(socket.socket(fileno=channel_fd))
-        except ConnectionError:  # reset, broken pipe; aborted on Windows
-            # The parent closed the channel while we wrote to it (a BYE racing
-            # the context's close, or the parent died): it wants nothing more.
-            code = 0
+            serve_then_leave(channel_fd)  # never returns
         except BaseException:  # noqa: BLE001 - report anything, then leave
             import traceback
 

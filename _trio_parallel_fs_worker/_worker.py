@@ -26,11 +26,14 @@ import select
 import socket
 import struct
 import sys
+import traceback
 from collections.abc import Callable
+from typing import NoReturn
 
 from . import _protocol as p
 from ._describe import describe
 from ._errorcodec import encode_error
+from ._lifeline import flush_std_streams, keep_out_of_forks
 from ._memory import MemoryWatch, memory_usage
 from ._pickling import dumps_value, loads
 from ._settings import WorkerHooks, WorkerSettings
@@ -399,3 +402,26 @@ def serve(sock: socket.socket) -> int:
             area.close()
         for fd in inbox.fds:
             os.close(fd)
+
+
+def serve_then_leave(fd: int) -> NoReturn:
+    """Serve jobs on ``fd``, then leave by ``os._exit``: how every worker ends,
+    forked or spawned.
+
+    Returning would let the interpreter's shutdown join every non-daemon thread
+    a job left running, so a worker told to retire could stay for as long as
+    such a thread lives (forever, for a server thread), unseen by the parent.
+    """
+    code = 1
+    keep_out_of_forks(fd)
+    try:
+        code = serve(socket.socket(fileno=fd))
+    except ConnectionError:  # reset, broken pipe; aborted on Windows
+        # The parent closed the channel while we wrote to it (a BYE racing the
+        # context's close, or the parent died): it wants nothing more.
+        code = 0
+    except BaseException:  # noqa: BLE001 - report anything, then leave
+        traceback.print_exc()
+    finally:
+        flush_std_streams()
+        os._exit(code)

@@ -40,7 +40,7 @@ WORKER_BOOT = (
     f"import sys; sys.path.insert(0, {ROOT!r}); "
     "from _trio_parallel_fs_worker._lifeline import ignore_interrupts; ignore_interrupts(); "
     "from _trio_parallel_fs_worker._loopback import connect_to_parent; "
-    "from _trio_parallel_fs_worker._main import serve_then_leave; "
+    "from _trio_parallel_fs_worker._worker import serve_then_leave; "
     "serve_then_leave(connect_to_parent(int(sys.argv[1])).detach())"
 )
 
