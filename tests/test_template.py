@@ -262,7 +262,11 @@ async def test_template_init_that_starts_threads_is_refused():
 
 
 async def test_a_spare_worker_is_forked_ahead_and_handed_the_next_channel():
-    async with tpf.open_worker_context(max_jobs=1) as ctx:
+    def hold_then_pid():
+        time.sleep(0.3)
+        return os.getpid()
+
+    async with tpf.open_worker_context() as ctx:
         template = psutil.Process(ctx.statistics().template_pid)
         assert template.name() == "tpf-template"
         assert template.children() == []  # no spare before anyone asked for a worker
@@ -271,18 +275,34 @@ async def test_a_spare_worker_is_forked_ahead_and_handed_the_next_channel():
             while not (spares := [c for c in template.children() if c.name() == "tpf-spare"]):  # noqa: ASYNC110
                 await trio.sleep(0.01)
         (spare,) = spares
-        second = await ctx.run_sync(workerfns.pid)
-        assert second == spare.pid != first
+        # Two calls at once: one runs on the idle worker, the other needs a new
+        # worker, and the template hands it the spare instead of forking.
+        pids = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(lambda: _append(pids, ctx.run_sync(hold_then_pid)))
+        assert sorted(pids) == sorted([first, spare.pid])
         assert await ctx.run_sync(workerfns.parent_pid) == template.pid
+
+
+async def _append(results: list, call) -> None:
+    results.append(await call)
 
 
 async def test_a_dead_spare_is_replaced_not_used():
     async with tpf.open_worker_context(max_jobs=1) as ctx:
         template = psutil.Process(ctx.statistics().template_pid)
-        await ctx.run_sync(workerfns.pid)
+        first = await ctx.run_sync(workerfns.pid)
+        # The successor prepared for the next call is a worker already (forked,
+        # or handed the spare), and a new spare waits beside it.
         with trio.fail_after(5):
-            while not (spares := [c for c in template.children() if c.name() == "tpf-spare"]):  # noqa: ASYNC110
+            while True:
+                children = {c.pid: c.name() for c in template.children() if c.pid != first}
+                spares = [pid for pid, name in children.items() if name == "tpf-spare"]
+                if spares and "tpf-worker" in children.values():
+                    break
                 await trio.sleep(0.01)
+        spares = [psutil.Process(pid) for pid in spares]
         spares[0].kill()
         # Once the template has reaped it (a kill racing a hand-off is a worker
         # killed from outside, and fails that call), it is never handed a job.
