@@ -18,18 +18,24 @@ back until one settles the call (see `_channel.Worker.receive`):
   never reported as a crash. (A send that fails because the worker closed
   its end is followed by a read too: the Bye is there.)
 * InitFailed: ``init`` raised; the call fails with WorkerHookError.
-* Closed: the worker died: its channel closed, or its exit was reported while
-  something else still holds the channel. The call fails with
-  BrokenWorkerError naming the exit code or signal.
+* Closed: the worker died (its channel reached end-of-file; processes its job
+  forked dropped their copies, see ``_channel``). The call fails with
+  BrokenWorkerError naming the exit code or signal, from the backend's exit
+  report.
 
 Each worker's state follows the table in `_lifecycle`; states, the idle stack,
 the counters and the context's own state change under one lock, because a
 context (the default one above all) is shared by every thread's ``trio.run``.
 The pool holds no Trio objects for the same reason.
 
+A worker that retires with its result gets its successor asked for at once
+where the backend can do that cheaply (the template), so that the next call
+finds it ready; it waits on the idle stack in STARTING.
+
 A process forked from the parent inherits the pool. It must never touch the
-parent's template, workers or channels, so the pool notices the new pid and
-forgets them all (closing only its own copies of the fds) before it serves.
+parent's template, workers or channels, so the pool notices the fork (a
+generation counter an at-fork hook bumps) and forgets them all, closing only
+its own copies of the fds, before it serves.
 """
 
 from __future__ import annotations
