@@ -222,20 +222,15 @@ class WorkerPool:
         await self.backend.start()
 
     def _end(self, worker: Worker, event: WorkerEvent, reason: str) -> None:
-        """Apply a final event to ``worker``, count why it left, let it go
-        (the caller holds the lock)."""
+        """Apply ``event`` (it left, died, was killed, or said it is leaving),
+        count why, close our end and stop tracking it; the backend reaps it,
+        spawned workers later (the caller holds the lock)."""
         worker.apply(event)
         self._retired[reason] = self._retired.get(reason, 0) + 1
         self._live.discard(worker)
-        worker.close()
-        if not worker.process.release():
-            self._departing.append(worker.process)
+        self._let_go(worker)
 
-    def _let_go_retiring(self, worker: Worker, reason: str) -> None:
-        """A worker that said it is leaving: count it, close our end, and stop
-        tracking it (the backend reaps it; spawned ones are reaped later)."""
-        self._retired[reason] = self._retired.get(reason, 0) + 1
-        self._live.discard(worker)
+    def _let_go(self, worker: Worker) -> None:
         worker.close()
         if not worker.process.release():
             self._departing.append(worker.process)
@@ -297,10 +292,8 @@ class WorkerPool:
         with self._lock:
             if self.closed:
                 # Closed while we started it: nothing would ever close it.
-                worker.close()
-                process.kill()
-                if not process.release():
-                    self._departing.append(process)
+                worker.process.kill()
+                self._let_go(worker)
                 raise PoolClosed
             self._started += 1
             self._live.add(worker)
@@ -324,10 +317,8 @@ class WorkerPool:
         worker = Worker(channel, process, b"", self._area_settings)
         with self._lock:
             if self.closed:
-                worker.close()
-                process.kill()
-                if not process.release():
-                    self._departing.append(process)
+                worker.process.kill()
+                self._let_go(worker)
                 return
             self._live.add(worker)
             worker.idle_since = time.monotonic()
@@ -436,8 +427,7 @@ class WorkerPool:
         if isinstance(event, p.InitFailed):
             with self._lock:
                 self.running -= 1
-                worker.apply(_REPLY_RETIRING)
-                self._let_go_retiring(worker, "hook_error")
+                self._end(worker, _REPLY_RETIRING, "hook_error")
             raise hook_error("init", event.payload, worker.process.pid, describe(fn))
         assert isinstance(event, (p.Value, p.Error))
         worker.init_done = True
@@ -448,12 +438,10 @@ class WorkerPool:
         with self._lock:
             self.running -= 1
             if retire is not _KEEP:
-                worker.apply(_REPLY_RETIRING)
-                self._let_go_retiring(worker, retire.reason)
+                self._end(worker, _REPLY_RETIRING, retire.reason)
                 replace = True
             elif leaving:
-                worker.apply(_REPLY_RETIRING)
-                self._let_go_retiring(worker, "idle")
+                self._end(worker, _REPLY_RETIRING, "idle")
             else:
                 worker.apply(_REPLY)
                 worker.idle_since = time.monotonic()
