@@ -42,6 +42,18 @@ just grew the area for a result) is ``Private_*`` and counted in that
 process's USS. ``private_bytes`` says how much of the area that is, from the
 sizes alone, and ``area_memory`` reads the exact figures from smaps.
 
+Views and the garbage collector: CPython before 3.12.7 and 3.13.0
+(python/cpython#77894) may crash when the garbage collector breaks a cycle
+that holds a memoryview together with an object that exports a buffer from
+that memoryview (a ``PickleBuffer`` of it, or a view made through one): it
+clears the memoryview first, and the last export then frees what is gone, a
+segfault. So this module never makes a view that exports from a memoryview
+which could end up as garbage: ``as_raw`` flattens a memoryview by a cast
+(which shares its managed buffer) rather than through ``PickleBuffer``; and
+the pieces ``read`` roots its views on stay reachable while any view of them
+lives, from the area and, once it is closed or collected, from
+``_stranded``, so the collector never clears one.
+
 Platforms: Linux uses ``memfd_create`` (anonymous: no name in /dev/shm, gone
 with the last process holding it, nothing can leak). Other POSIX systems
 (macOS) use ``shm_open`` with a random name, unlinked at once; there the
@@ -205,7 +217,18 @@ def as_raw(buffer: Any) -> memoryview:
     Takes what a pickler's ``buffer_callback`` gives (``pickle.PickleBuffer``)
     or any bytes-like object. Raises BufferError if its memory is not one
     contiguous block (C or Fortran order): such a buffer cannot be sent as it is.
+
+    A memoryview in C order (what picklers give) is flattened by a cast, which
+    shares its managed buffer: ``PickleBuffer(view).raw()`` would export from
+    the memoryview, which can crash the garbage collector of older CPythons
+    (see the module's theory of operation).
     """
+    if isinstance(buffer, memoryview) and buffer.c_contiguous:
+        if buffer.ndim == 1 and buffer.format == "B":
+            return buffer
+        if buffer.nbytes == 0:
+            return memoryview(b"")  # a cast refuses zeros in the shape
+        return buffer.cast("B")
     if not isinstance(buffer, pickle.PickleBuffer):
         buffer = pickle.PickleBuffer(buffer)
     raw: memoryview = buffer.raw()
@@ -559,9 +582,7 @@ class SharedArea:
         if self._closed:
             return
         self._closed = True
-        self._try_release()
-        self._handed.clear()
-        self._pieces.clear()
+        self._let_go_of_views()
         if self._map is not None:
             try:
                 self._map.close()
@@ -569,6 +590,21 @@ class SharedArea:
                 pass
             self._map = None
         os.close(self._fd)
+
+    def _let_go_of_views(self) -> None:
+        """Drop the views ``read`` handed out and their pieces; the pieces that
+        something still exports from go to ``_stranded``, never to the garbage."""
+        self._try_release()
+        _strand(self._pieces)
+        self._handed.clear()
+        self._pieces.clear()
+
+    def __del__(self) -> None:
+        # An area collected unclosed (garbage in a cycle, say) with views still
+        # held: keep their pieces reachable. A finalizer runs before the collector
+        # clears anything, and what it makes reachable again is not cleared.
+        if not getattr(self, "_closed", True):
+            self._let_go_of_views()
 
     def __enter__(self) -> SharedArea:
         return self
@@ -583,6 +619,26 @@ class SharedArea:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self._fd}"
         return f"<SharedArea {state} size={self._size} cap={self.cap}>"
+
+
+# Pieces of closed or collected areas (see ``SharedArea.read``) that a view
+# still held somewhere exports from. Each stays here, reachable, until that
+# view is gone: see "Views and the garbage collector" above.
+_stranded: list[memoryview] = []
+
+
+def _strand(pieces: Iterable[memoryview]) -> None:
+    """Keep the pieces that cannot be released yet in ``_stranded``, and let go
+    of those stranded earlier that can be now."""
+    _stranded[:] = [piece for piece in (*_stranded, *pieces) if not _released(piece)]
+
+
+def _released(view: memoryview) -> bool:
+    try:
+        view.release()
+    except BufferError:
+        return False
+    return True
 
 
 def _touch(area: mmap.mmap) -> None:

@@ -281,6 +281,83 @@ def test_release_collects_a_cycle_that_holds_an_argument(pair):
         gc.enable()
 
 
+# --- views and the garbage collector ------------------------------------------------
+#
+# CPython before 3.12.7 and 3.13.0 segfaults when the garbage collector breaks a
+# cycle holding a memoryview and something that exports a buffer from it
+# (python/cpython#77894). Each scenario runs in its own interpreter, so that a
+# crash is a failed test, not a dead test run; on an older CPython each crashed
+# before the area kept its pieces reachable and as_raw stopped exporting from
+# memoryviews.
+
+GC_PRELUDE = textwrap.dedent(
+    """
+    import gc, os
+    from _trio_parallel_fs_worker import _shm
+
+    MiB = 1 << 20
+
+    class Box:
+        pass
+
+    def in_a_cycle(**refs):
+        box = Box()
+        box.cycle = box
+        box.__dict__.update(refs)
+        return box
+
+    parent = _shm.SharedArea.create(64 * MiB)
+    worker = _shm.SharedArea.attach(os.dup(parent.fileno()), 64 * MiB)
+    """
+)
+
+GC_SCENARIOS = {
+    # A job kept a slice of its argument in a cycle; its worker closed the area.
+    "a view held in a cycle after close": """
+        views = worker.read(parent.write([bytearray(2 * MiB)]))
+        held = in_a_cycle(kept=views[0][64:128])
+        del views
+        assert not worker.release()
+        worker.close()
+        del held
+        """,
+    # The same, with the area itself in the cycle, never closed.
+    "a view held with its area in a cycle": """
+        views = worker.read(parent.write([bytearray(2 * MiB)]))
+        in_a_cycle(kept=views[0][64:128], area=worker)
+        del views, worker
+        """,
+    # write() refused a memoryview (above the cap), and the error, whose
+    # traceback holds write()'s flattened views, was kept in a cycle.
+    "a refused write's error in a cycle": """
+        try:
+            parent.write([memoryview(bytearray(65 * MiB))])
+        except ValueError as error:
+            in_a_cycle(error=error)
+        """,
+}
+
+
+@pytest.mark.parametrize("scenario", list(GC_SCENARIOS))
+def test_the_garbage_collector_survives_views_in_cycles(scenario: str):
+    code = GC_PRELUDE + textwrap.dedent(GC_SCENARIOS[scenario]) + "gc.collect()\nprint('collected')\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "collected\n", done.stderr
+
+
+def test_as_raw_flattens_a_memoryview_without_exporting_from_it():
+    array = np.arange(12.0).reshape(3, 4)
+    flat = memoryview(array).cast("B")
+    assert _shm.as_raw(flat) is flat
+    for view in (memoryview(array), memoryview(np.empty((0, 3)))):
+        raw = _shm.as_raw(view)
+        assert (raw.format, raw.ndim, raw.nbytes) == ("B", 1, view.nbytes)
+        assert raw.tobytes() == view.tobytes()
+        view.release()  # BufferError if `raw` exported from it
+        if raw.nbytes:
+            assert raw[8:16].cast("d")[0] == 1.0  # still usable: it shares the memory
+
+
 def test_nothing_appears_in_dev_shm_and_the_fd_goes_with_close():
     before = dev_shm()
     for backend in BACKENDS:
