@@ -24,7 +24,6 @@ import pickle
 import random
 import select
 import socket
-import struct
 import sys
 import traceback
 from collections.abc import Callable
@@ -52,10 +51,14 @@ dump_error = encode_error
 class Inbox:
     """Events from the parent, read with as few syscalls as possible.
 
-    A small job arrives whole in one ``recv``. The idle timeout is a receive
-    timeout on the socket (SO_RCVTIMEO) where the OS has one, rather than a
-    poll() before each recv: one syscall instead of two, and a measurably
-    quicker wake-up.
+    A small job arrives whole in one ``recv``, after a ``poll`` for input.
+    The poll is not there for the idle timeout only: a task asleep in a
+    blocking ``recv`` on a Unix socket is also woken when the *parent reads*
+    this worker's reply (the kernel announces the freed send space on the same
+    wait queue, and a plain receiver's wake-up does not filter it out). That
+    spurious wake-up costs a context switch per call, on the parent's CPU
+    when they share one. A poller asks for input events only, and the kernel
+    filters the others before waking it.
 
     On AF_UNIX the reads are ``recvmsg`` (the same one syscall, with room for
     ancillary data), so that the fd of a shared memory area, which rides with
@@ -66,19 +69,13 @@ class Inbox:
     def __init__(self, sock: socket.socket, connection: p.Connection) -> None:
         self.sock = sock
         self.connection = connection
-        self.idle_timeout = math.inf
-        self.kernel_timeout = False
+        self.poll_timeout: float | None = None  # milliseconds; None: forever
+        self.poller = _input_poller(sock)
         self.takes_fds = _FD_SPACE > 0 and sock.family == getattr(socket, "AF_UNIX", None)
         self.fds: list[int] = []  # received, not handed out yet
 
     def set_idle_timeout(self, idle_timeout: float) -> None:
-        self.idle_timeout = idle_timeout
-        if not math.isinf(idle_timeout) and sys.platform.startswith("linux"):
-            seconds = int(idle_timeout)
-            micros = int((idle_timeout - seconds) * 1e6)
-            if seconds or micros:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
-                self.kernel_timeout = True
+        self.poll_timeout = None if math.isinf(idle_timeout) else idle_timeout * 1000
 
     def next_event(self) -> p.Event | None:
         """The next event (`p.Closed` at EOF); None if the idle timeout passed
@@ -92,7 +89,7 @@ class Inbox:
                 return event  # type: ignore[return-value]
             buffer = connection.payload_buffer()
             waiting = connection.pending == 0
-            if waiting and not self.kernel_timeout and not wait_for_job(self.sock, self.idle_timeout):
+            if waiting and not self.poller(self.poll_timeout):
                 return None
             try:
                 if self.takes_fds:
@@ -112,10 +109,8 @@ class Inbox:
                     connection.received(self.sock.recv_into(buffer))
                 else:
                     connection.receive_data(self.sock.recv(_RECV_SIZE))
-            except BlockingIOError:  # SO_RCVTIMEO expired
-                if waiting:
-                    return None
-                # mid-frame: the rest is on its way
+            except BlockingIOError:  # a spurious readiness; the rest is on its way
+                pass
             except ConnectionError:
                 connection.receive_data(b"")
 
@@ -139,16 +134,19 @@ class Inbox:
         return fd
 
 
-def wait_for_job(sock: socket.socket, idle_timeout: float) -> bool:
-    """Wait until the parent sends something; False if ``idle_timeout`` passed first."""
-    if math.isinf(idle_timeout):
-        return True
+def _input_poller(sock: socket.socket) -> Callable[[float | None], bool]:
+    """A function that waits up to a timeout (ms; None: forever) for input on
+    ``sock``, or for its end, and says whether it came."""
     if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        return bool(poller.poll(idle_timeout * 1000))
-    readable, _, _ = select.select([sock], [], [], idle_timeout)
-    return bool(readable)
+        return lambda timeout: bool(poller.poll(timeout))
+
+    def select_input(timeout: float | None) -> bool:  # Windows
+        readable, _, _ = select.select([sock], [], [], None if timeout is None else timeout / 1000)
+        return bool(readable)
+
+    return select_input
 
 
 def send_frame(sock: socket.socket, kind: int, payload: bytes = b"", flags: int = 0) -> None:
