@@ -81,38 +81,59 @@ class Inbox:
         """The next event (`p.Closed` at EOF); None if the idle timeout passed
         with nothing received."""
         connection = self.connection
-        while True:
-            event = connection.next_event()
-            if event is not p.NEED_DATA:
-                if type(event) is p.Area:
-                    event.fd = self._take_fd()
-                return event  # type: ignore[return-value]
+        event = connection.next_event()
+        while event is p.NEED_DATA:
+            if connection.pending == 0:
+                # Between jobs: wait, then make the event straight from what
+                # one read brings (a small job arrives whole).
+                if not self.poller(self.poll_timeout):
+                    return None
+                data = self._read()
+                if data is not None:
+                    event = connection.next_event_from(data)
+                continue
             buffer = connection.payload_buffer()
-            waiting = connection.pending == 0
-            if waiting and not self.poller(self.poll_timeout):
-                return None
-            try:
-                if self.takes_fds:
-                    if buffer is not None:
-                        count, ancillary, flags, _ = self.sock.recvmsg_into([buffer], _FD_SPACE, _RECV_FLAGS)
-                        if ancillary:
-                            self._keep_fds(ancillary, flags)
-                        connection.received(count)
-                    else:
-                        data, ancillary, flags, _ = self.sock.recvmsg(_RECV_SIZE, _FD_SPACE, _RECV_FLAGS)
-                        if ancillary:
-                            self._keep_fds(ancillary, flags)
-                        connection.receive_data(data)
-                elif buffer is not None:
-                    # Straight into a buffer of the payload's size: no growing
-                    # buffer, no copies (a 128 MB argument arrives ~3x faster).
-                    connection.received(self.sock.recv_into(buffer))
-                else:
-                    connection.receive_data(self.sock.recv(_RECV_SIZE))
-            except BlockingIOError:  # a spurious readiness; the rest is on its way
-                pass
-            except ConnectionError:
-                connection.receive_data(b"")
+            if buffer is None:
+                data = self._read()
+                if data is not None:
+                    connection.receive_data(data)
+            else:
+                # Straight into a buffer of the payload's size: no growing
+                # buffer, no copies (a 128 MB argument arrives ~3x faster).
+                self._read_into(buffer)
+            event = connection.next_event()
+        if type(event) is p.Area:
+            event.fd = self._take_fd()
+        return event  # type: ignore[return-value]
+
+    def _read(self) -> bytes | None:
+        """What one read brings (b"" at the end); None if nothing came after all."""
+        try:
+            if self.takes_fds:
+                data, ancillary, flags, _ = self.sock.recvmsg(_RECV_SIZE, _FD_SPACE, _RECV_FLAGS)
+                if ancillary:
+                    self._keep_fds(ancillary, flags)
+                return data
+            return self.sock.recv(_RECV_SIZE)
+        except BlockingIOError:  # a spurious readiness
+            return None
+        except ConnectionError:
+            return b""
+
+    def _read_into(self, buffer: memoryview) -> None:
+        connection = self.connection
+        try:
+            if self.takes_fds:
+                count, ancillary, flags, _ = self.sock.recvmsg_into([buffer], _FD_SPACE, _RECV_FLAGS)
+                if ancillary:
+                    self._keep_fds(ancillary, flags)
+                connection.received(count)
+            else:
+                connection.received(self.sock.recv_into(buffer))
+        except BlockingIOError:  # the rest is on its way
+            pass
+        except ConnectionError:
+            connection.receive_data(b"")
 
     def _keep_fds(self, ancillary: list[tuple[int, int, bytes]], flags: int) -> None:
         for level, kind, data in ancillary:
@@ -320,7 +341,11 @@ class _Sender:
 
     def __call__(self, event: p.Event) -> bool:
         try:
-            for part in self.connection.send(event):
+            parts = self.connection.send(event)
+            if len(parts) == 1:
+                self.sock.sendall(parts[0])
+                return True
+            for part in parts:
                 self.sock.sendall(part)
         except ConnectionError:  # reset, broken pipe; aborted on Windows
             return False

@@ -181,6 +181,65 @@ def test_malformed_or_misdirected_frames_are_one_error_type(role, data, message)
             pass
 
 
+@pytest.mark.parametrize(
+    ("role", "data", "message"),
+    [
+        (p.WORKER, frame(p.JOB, b"x"), "expected a CONFIG frame first, got JOB"),
+        (p.PARENT, frame(p.JOB, b"x"), "the parent received a JOB frame, which only it sends"),
+        (p.WORKER, frame(p.VALUE, b"x"), "the worker received a VALUE frame, which only it sends"),
+        (p.PARENT, frame(p.VALUE, b"x", flags=9), "unknown retire reason 9 in a VALUE frame"),
+        (p.PARENT, frame(99), "unknown frame kind 99"),
+    ],
+)
+def test_the_warm_path_refuses_what_next_event_refuses(role, data, message):
+    with pytest.raises(p.ProtocolError, match=message):
+        p.Connection(role).next_event_from(data)
+
+
+def configured_worker() -> p.Connection:
+    receiver = p.Connection(p.WORKER)
+    assert isinstance(receiver.next_event_from(frame(p.CONFIG, b"settings")), p.Config)
+    return receiver
+
+
+@pytest.mark.parametrize(
+    ("sender_role", "events", "receiver"),
+    [
+        (p.WORKER, worker_events(), lambda: p.Connection(p.PARENT)),
+        (p.PARENT, parent_events()[1:], configured_worker),
+    ],
+)
+def test_the_warm_path_gives_the_events_of_receive_data_and_next_event(sender_role, events, receiver):
+    """next_event_from, fed one event's bytes, two events' bytes, or a part of
+    one, agrees with receive_data and next_event."""
+    sender = p.Connection(sender_role)
+    for event in events:
+        data = stream(sender, [event])
+        warm = receiver()
+        assert [describe(warm.next_event_from(data))] == [describe(event)]
+        assert warm.pending == 0 and warm.next_event() is p.NEED_DATA
+    data = stream(sender, events[:2])
+    warm = receiver()
+    first = warm.next_event_from(data)
+    assert [describe(first), *map(describe, drain(warm))] == [describe(e) for e in events[:2]]
+    warm = receiver()
+    assert warm.next_event_from(data[:5]) is p.NEED_DATA
+    assert warm.pending == 5
+    assert describe(warm.next_event_from(data[5 : len(stream(sender, events[:1]))])) == describe(events[0])
+
+
+def test_the_warm_path_sees_the_end():
+    warm = configured_worker()
+    closed = warm.next_event_from(b"")
+    assert isinstance(closed, p.Closed) and not closed.mid_frame
+
+
+def test_a_plain_value_is_framed_as_frame_parts_frames_it():
+    for retire in p.Retire:
+        value = p.Value(b"pickle", retire=retire)
+        assert p.Connection(p.WORKER).send(value) == p.frame_parts(p.VALUE, b"pickle", [], retire)
+
+
 def test_an_unknown_kind_is_refused_before_its_payload_arrives():
     receiver = p.Connection(p.PARENT)
     receiver.receive_data(p.HEADER.pack(77, 0, 10**9))  # the header alone

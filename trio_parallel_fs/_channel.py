@@ -177,31 +177,29 @@ class Worker:
         """
         connection = self.connection
         sock = self.channel
-        wait_fd = sock.fileno()
-        while True:
-            event = connection.next_event()
-            if event is not p.NEED_DATA:
-                if type(event) is p.Value and (event.area is not None or event.buffers):
-                    self._take_result_buffers(event)
-                return event  # type: ignore[return-value]
+        event = connection.next_event()
+        while event is p.NEED_DATA:
             if self.process.answered():
-                await trio.lowlevel.wait_readable(wait_fd)
+                await trio.lowlevel.wait_readable(sock)
             else:
                 with trio.move_on_after(answer_timeout) as waited:
-                    await trio.lowlevel.wait_readable(wait_fd)
+                    await trio.lowlevel.wait_readable(sock)
                 if waited.cancelled_caught and not self.process.answered():
                     raise AnswerTimeout
             buffer = connection.payload_buffer()
             try:
                 if buffer is not None:
                     connection.received(sock.recv_into(buffer))
+                    event = connection.next_event()
                 else:
-                    connection.receive_data(sock.recv(_RECV_SIZE))
+                    # A small reply arrives whole: its event straight from the bytes.
+                    event = connection.next_event_from(sock.recv(_RECV_SIZE))
                 continue
             except BlockingIOError:
                 pass
             except ConnectionError:
                 connection.receive_data(b"")
+                event = connection.next_event()
                 continue
             if self.process.has_exited():
                 # Dead: what it sent is here already, and more never comes.
@@ -213,6 +211,10 @@ class Worker:
                     connection.receive_data(data)
                     if not data:
                         break
+                event = connection.next_event()
+        if type(event) is p.Value and (event.area is not None or event.buffers):
+            self._take_result_buffers(event)
+        return event  # type: ignore[return-value]
 
     def _take_result_buffers(self, value: p.Value) -> None:
         """Copy a result's buffers out of the area; or, if large ones came over
