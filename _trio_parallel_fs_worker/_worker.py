@@ -161,7 +161,7 @@ def _input_poller(sock: socket.socket) -> Callable[[float | None], bool]:
     if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        return lambda timeout: bool(poller.poll(timeout))
+        return poller.poll  # type: ignore[return-value]  # a list: empty (false) on timeout
 
     def select_input(timeout: float | None) -> bool:  # Windows
         readable, _, _ = select.select([sock], [], [], None if timeout is None else timeout / 1000)
