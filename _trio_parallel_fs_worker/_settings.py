@@ -24,6 +24,7 @@ class WorkerHooks:
     max_jobs_jitter: int
     max_memory: int | None
     memory_metric: str
+    busy_wait: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,6 +71,7 @@ from ._lifeline import (
 )
 from ._memory import exceeds
 from ._pickling import dumps_job
+from ._spin import busy_waits_pay
 from ._worker import dump_error, recv_frame, run_job, send_frame, serve_then_leave
 
 _MAX_FDS_PER_READ = 64
@@ -481,6 +482,7 @@ def main(control_fd: int) -> int:
     sys.path[:] = setup["sys_path"]
     try:
         prepare_prctl()
+        busy_waits_pay()  # asked here once, for every worker forked from now on
         become_subreaper()
         preload(setup["preload"], setup["template_init"])
         gc.collect()

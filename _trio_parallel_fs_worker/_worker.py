@@ -25,6 +25,7 @@ import random
 import select
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import NoReturn
@@ -37,6 +38,7 @@ from ._memory import MemoryWatch, memory_usage
 from ._pickling import dumps_value, loads
 from ._settings import WorkerHooks, WorkerSettings
 from ._shm import SharedArea, total_bytes
+from ._spin import SpinPolicy, yield_cpu
 
 _RECV_SIZE = 1 << 16
 # Room for the fds one recvmsg may bring: one area, and then some, so that a
@@ -71,11 +73,41 @@ class Inbox:
         self.connection = connection
         self.poll_timeout: float | None = None  # milliseconds; None: forever
         self.poller = _input_poller(sock)
+        self.spin = SpinPolicy(0)
         self.takes_fds = _FD_SPACE > 0 and sock.family == getattr(socket, "AF_UNIX", None)
         self.fds: list[int] = []  # received, not handed out yet
 
-    def set_idle_timeout(self, idle_timeout: float) -> None:
-        self.poll_timeout = None if math.isinf(idle_timeout) else idle_timeout * 1000
+    def start_serving(self, hooks: WorkerHooks) -> None:
+        """Jobs come from now on: apply the idle timeout and the busy-wait limit."""
+        self.poll_timeout = None if math.isinf(hooks.idle_timeout) else hooks.idle_timeout * 1000
+        self.spin = SpinPolicy(hooks.busy_wait)
+
+    def _wait_for_input(self) -> bool:
+        """Wait for the parent's next message: busy at first while messages
+        come quickly (see ``_spin``), then blocking. False if the idle timeout
+        passed first."""
+        spin = self.spin
+        poller = self.poller
+        if not spin.limit_ns:
+            return bool(poller(self.poll_timeout))
+        start = time.perf_counter_ns()
+        window = spin.window_ns()
+        timeout = self.poll_timeout
+        if window:
+            end = start + window
+            while not poller(0):
+                if time.perf_counter_ns() >= end:
+                    break
+                yield_cpu()
+            else:
+                spin.waited(time.perf_counter_ns() - start)
+                return True
+            if timeout is not None:
+                timeout = max(0.0, timeout - window / 1e6)
+        if not poller(timeout):
+            return False
+        spin.waited(time.perf_counter_ns() - start)
+        return True
 
     def next_event(self) -> p.Event | None:
         """The next event (`p.Closed` at EOF); None if the idle timeout passed
@@ -86,7 +118,7 @@ class Inbox:
             if connection.pending == 0:
                 # Between jobs: wait, then make the event straight from what
                 # one read brings (a small job arrives whole).
-                if not self.poller(self.poll_timeout):
+                if not self._wait_for_input():
                     return None
                 data = self._read()
                 if data is not None:
@@ -380,7 +412,7 @@ def serve(sock: socket.socket) -> int:
     # reported as the job's, not the hook's.
     if (hooks.init is not bool or baseline >= 0) and not send(p.Started(baseline)):
         return 0
-    inbox.set_idle_timeout(hooks.idle_timeout)
+    inbox.start_serving(hooks)
     area: AreaUse | None = None
     try:
         while True:

@@ -442,6 +442,10 @@ def test_classes_and_exceptions_defined_in_main_round_trip(worker_type, tmp_path
         ({"max_memory": 0}, ValueError, r"max_memory must be at least 1"),
         ({"memory_metric": None}, ValueError, r"memory_metric must be one of"),
         ({"blas_threads": 0}, ValueError, r"blas_threads must be at least 1"),
+        ({"busy_wait": -0.001}, ValueError, r"busy_wait must be non-negative"),
+        ({"busy_wait": 0.5}, ValueError, r"busy_wait must be at most 0.01 seconds \(it spins a CPU .*not 0.5"),
+        ({"busy_wait": float("inf")}, ValueError, r"busy_wait must be at most 0.01 seconds"),
+        ({"busy_wait": "200us"}, TypeError, r"busy_wait must be a number, not str"),
     ],
 )
 async def test_more_invalid_configuration_is_refused_and_the_default_context_survives(kwargs, error, message):

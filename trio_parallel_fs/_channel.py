@@ -25,18 +25,35 @@ The area is closed with the worker (``close``).
 from __future__ import annotations
 
 import array
+import functools
+import select
 import socket
 import time
+from collections.abc import Callable
 
 import trio
 
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._shm import SharedArea, total_bytes
+from _trio_parallel_fs_worker._spin import SpinPolicy, yield_cpu
 
 from ._backend import WorkerProcess
 from ._lifecycle import WorkerEvent, WorkerState, next_worker_state
 
 _RECV_SIZE = 1 << 16
+
+
+def _readable_check(sock: socket.socket) -> Callable[[], object]:
+    """A function that says, without waiting, whether ``sock`` has input (or its end)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return functools.partial(poller.poll, 0)  # a list, empty (false) when nothing came
+
+    def select_readable() -> bool:  # Windows
+        return bool(select.select([sock], [], [], 0)[0])
+
+    return select_readable
 
 
 class AnswerTimeout(Exception):
@@ -58,6 +75,9 @@ class Worker:
         "area",
         "_area_settings",
         "_area_wanted",
+        "_spin",
+        "_heard_ns",
+        "_readable",
     )
 
     def __init__(
@@ -66,9 +86,11 @@ class Worker:
         process: WorkerProcess,
         config_frame: bytes,
         area_settings: tuple[int, int] | None = None,
+        busy_wait: float = 0.0,
     ) -> None:
         """``area_settings``: ``(threshold, cap)`` of a shared memory area, or
-        None for none (it is also none on a channel that is not a Unix socket)."""
+        None for none (it is also none on a channel that is not a Unix socket).
+        ``busy_wait``: the longest busy-wait for a reply, in seconds (see ``_spin``)."""
         channel.setblocking(False)
         self.channel = channel
         self.process = process
@@ -84,6 +106,9 @@ class Worker:
             area_settings = None  # the loopback TCP channel cannot carry an fd
         self._area_settings = area_settings
         self._area_wanted = False  # a large result came over the socket: send the area
+        self._spin = SpinPolicy(busy_wait)
+        self._heard_ns = 0  # when something last arrived from the worker (perf_counter_ns)
+        self._readable = _readable_check(channel)
 
     def prepared(self, config_frame: bytes) -> None:
         """This worker was started ahead of demand; its first job goes now, with
@@ -180,7 +205,7 @@ class Worker:
         event = connection.next_event()
         while event is p.NEED_DATA:
             if self.process.answered():
-                await trio.lowlevel.wait_readable(sock)
+                await self._wait_readable()
             else:
                 with trio.move_on_after(answer_timeout) as waited:
                     await trio.lowlevel.wait_readable(sock)
@@ -215,6 +240,38 @@ class Worker:
         if type(event) is p.Value and (event.area is not None or event.buffers):
             self._take_result_buffers(event)
         return event  # type: ignore[return-value]
+
+    async def _wait_readable(self) -> None:
+        """Wait until the channel has something to read: busy at first while
+        replies come quickly (see ``_spin``), letting other tasks run between
+        two looks; then through Trio.
+
+        Only while the worker itself is likely still busy-waiting for this
+        job (it last replied less than the limit ago): a worker asleep is
+        woken by the job, and the kernel may wake it on this very CPU,
+        expecting us to sleep now; busy here, we would keep it off it.
+        """
+        spin = self._spin
+        if not spin.limit_ns:
+            await trio.lowlevel.wait_readable(self.channel)
+            return
+        start = time.perf_counter_ns()
+        window = spin.window_ns() if start - self._heard_ns < spin.limit_ns else 0
+        if window:
+            end = start + window
+            readable = self._readable
+            while not readable():
+                if time.perf_counter_ns() >= end:
+                    break
+                yield_cpu()
+                await trio.lowlevel.checkpoint()
+            else:
+                self._heard_ns = time.perf_counter_ns()
+                spin.waited(self._heard_ns - start)
+                return
+        await trio.lowlevel.wait_readable(self.channel)
+        self._heard_ns = time.perf_counter_ns()
+        spin.waited(self._heard_ns - start)
 
     def _take_result_buffers(self, value: p.Value) -> None:
         """Copy a result's buffers out of the area; or, if large ones came over

@@ -288,7 +288,7 @@ class WorkerPool:
             # The template died since we looked: start a new one, once.
             await self.backend.start()
             channel, process = await self.backend.start_worker()
-        worker = Worker(channel, process, self._worker_settings(), self._area_settings)
+        worker = Worker(channel, process, self._worker_settings(), self._area_settings, self.config.busy_wait)
         with self._lock:
             if self.closed:
                 # Closed while we started it: nothing would ever close it.
@@ -314,7 +314,7 @@ class WorkerPool:
         if started is None:
             return
         channel, process = started
-        worker = Worker(channel, process, b"", self._area_settings)
+        worker = Worker(channel, process, b"", self._area_settings, self.config.busy_wait)
         with self._lock:
             if self.closed:
                 worker.process.kill()

@@ -1,0 +1,84 @@
+"""When to busy-wait for a message that usually comes quickly, and for how long.
+
+Theory of operation
+-------------------
+A process that blocks until the other end's next message pays for being woken
+when it comes: on an idle CPU of a virtual machine that alone is tens of
+microseconds (the CPU halted, and waking it goes through the hypervisor). A
+call pays it twice: the worker wakes for the job, the caller for the reply.
+When messages come back quickly (a loop of short jobs), looking for the
+message in a loop for a bounded time instead keeps the CPU awake and saves
+both wake-ups; when they do not, such a loop only burns CPU.
+
+So each end keeps a running estimate of how long its recent waits took, busy
+or blocking, and busy-waits only while that estimate is below the limit, and
+never longer than the limit (``WorkerConfig.busy_wait``; 0 turns it off). One
+slow job raises the estimate past the limit at once; a few quick waits bring
+it back below. Between two looks the loop gives the CPU away, so a process
+sharing the CPU (the caller, another worker) may run meanwhile.
+
+A busy-wait only pays where the two ends run on two CPUs at once. Where this
+process may use one CPU only (its affinity mask, or on Linux its cgroup's CPU
+quota), the two ends would take turns on it, and a yield does not hand the
+CPU over at once (measured: pinned to one CPU, a warm call took 1.4x as long
+with busy-waits): there the limit is 0.
+
+Used by both the parent and the worker: standard library only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+# sched_yield where the OS has it; sleep(0) gives up the time slice on Windows.
+yield_cpu = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
+
+
+class SpinPolicy:
+    """The busy-wait window of one end of one channel."""
+
+    __slots__ = ("limit_ns", "typical_ns")
+
+    def __init__(self, limit: float) -> None:
+        """``limit``: the longest busy-wait, in seconds (0: never)."""
+        self.limit_ns = int(limit * 1e9) if limit and busy_waits_pay() else 0
+        self.typical_ns = 0
+
+    def window_ns(self) -> int:
+        """How long to busy-wait now: the limit, or 0 while waits run longer."""
+        return self.limit_ns if self.typical_ns < self.limit_ns else 0
+
+    def waited(self, ns: int) -> None:
+        """Record how long a wait took, from its start to the message."""
+        # A running average weighting the newest wait by a quarter; a very long
+        # wait counts as four limits, so that one pause does not stop busy
+        # waits for long once messages come quickly again.
+        self.typical_ns = (3 * self.typical_ns + min(ns, 4 * self.limit_ns)) >> 2
+
+
+@functools.cache
+def busy_waits_pay() -> bool:
+    """Whether this process may use two CPUs at once (asked once per process:
+    a fresh worker's channel should not read /proc)."""
+    return usable_cpus() >= 2
+
+
+def usable_cpus() -> float:
+    """How many CPUs this process may keep busy at once: its affinity mask,
+    bounded by its cgroup's CPU quota (cgroup v2, Linux) where there is one."""
+    try:
+        cpus: float = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+    try:
+        with open("/proc/self/cgroup") as file:
+            path = next(line[3:].strip() for line in file if line.startswith("0::"))
+        with open(f"/sys/fs/cgroup{path}/cpu.max") as file:
+            quota, period = file.read().split()
+        if quota != "max":
+            cpus = min(cpus, int(quota) / int(period))
+    except (OSError, StopIteration, ValueError):
+        pass  # no cgroup v2, or no quota to read: the affinity mask decides
+    return cpus

@@ -1,0 +1,166 @@
+"""The bounded busy-wait of both ends: when it happens, that it yields, that it ends."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import trio
+import workerfns
+
+import trio_parallel_fs as tpf
+from _trio_parallel_fs_worker import _protocol as p
+from _trio_parallel_fs_worker._spin import SpinPolicy, busy_waits_pay, usable_cpus
+from trio_parallel_fs._channel import Worker
+
+needs_two_cpus = pytest.mark.skipif(not busy_waits_pay(), reason="busy-waits are off where only one CPU is usable")
+
+MS = 1_000_000  # nanoseconds
+
+
+@needs_two_cpus
+def test_the_window_closes_after_a_slow_wait_and_opens_after_quick_ones():
+    spin = SpinPolicy(0.001)  # a 1 ms limit
+    assert spin.window_ns() == 1 * MS  # nothing seen yet: try
+    spin.waited(MS // 10)
+    assert spin.window_ns() == 1 * MS
+    spin.waited(50 * MS)  # one slow job
+    assert spin.window_ns() == 0
+    quick = 0
+    while spin.window_ns() == 0:
+        spin.waited(MS // 10)
+        quick += 1
+    assert 1 <= quick <= 3  # a pause does not stop busy waits for long
+
+
+def test_a_limit_of_zero_never_busy_waits():
+    spin = SpinPolicy(0)
+    assert spin.limit_ns == 0 and spin.window_ns() == 0
+
+
+def test_one_usable_cpu_turns_busy_waits_off():
+    """Pinned to one CPU, the two ends take turns on it: busy-waiting would only
+    delay the other end (measured 1.4x slower), so the limit becomes 0."""
+    script = textwrap.dedent(
+        """
+        import os
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        from _trio_parallel_fs_worker._spin import SpinPolicy, usable_cpus
+        print(usable_cpus(), SpinPolicy(0.001).limit_ns)
+        """
+    )
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("this OS has no CPU affinity call")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "0"]
+
+
+def test_usable_cpus_is_at_most_the_affinity_mask():
+    cpus = usable_cpus()
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert 0 < cpus <= allowed
+
+
+class ScriptedProcess:
+    """Just enough of a WorkerProcess for Worker.receive: started, alive."""
+
+    pid = 12345
+
+    def answered(self) -> bool:
+        return True
+
+    def has_exited(self) -> bool:
+        return False
+
+
+@needs_two_cpus
+async def test_the_caller_busy_waits_for_a_quick_reply_letting_other_tasks_run(monkeypatch):
+    """While it busy-waits, the caller checkpoints between two looks: here the
+    reply is sent by another task of this run, which could not run otherwise,
+    and it arrives before the spin's end (Trio's wait is never used)."""
+    ours, theirs = socket.socketpair()
+    worker = Worker(ours, ScriptedProcess(), b"", busy_wait=0.01)  # type: ignore[arg-type]
+    worker._heard_ns = time.perf_counter_ns()  # it just replied: it is busy-waiting too
+    looks = 0
+    real_readable = worker._readable
+
+    def counting_readable():
+        nonlocal looks
+        looks += 1
+        return real_readable()
+
+    worker._readable = counting_readable
+
+    async def no_trio_wait(fd):
+        raise AssertionError("the busy-wait gave up and blocked")
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", no_trio_wait)
+    reply = b"".join(bytes(part) for part in p.Connection(p.WORKER).send(p.Value(pickle_of_three())))
+
+    async def replier():
+        for _ in range(3):
+            await trio.lowlevel.checkpoint()
+        theirs.sendall(reply)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replier)
+            with trio.fail_after(5):
+                event = await worker.receive(answer_timeout=1)
+        assert isinstance(event, p.Value) and bytes(event.pickled) == pickle_of_three()
+        assert looks >= 2  # it looked, yielded to the replier, and looked again
+    finally:
+        worker.close()
+        theirs.close()
+
+
+@needs_two_cpus
+async def test_the_caller_does_not_busy_wait_for_a_worker_that_sleeps(monkeypatch):
+    """A worker that last replied long ago sleeps; the job wakes it, maybe on
+    the caller's CPU, so the caller blocks at once instead of spinning."""
+    ours, theirs = socket.socketpair()
+    worker = Worker(ours, ScriptedProcess(), b"", busy_wait=0.01)  # type: ignore[arg-type]
+    worker._heard_ns = time.perf_counter_ns() - 1000 * MS  # a second ago
+    worker._readable = lambda: pytest.fail("looked without waiting")
+    theirs.sendall(b"".join(bytes(part) for part in p.Connection(p.WORKER).send(p.Value(pickle_of_three()))))
+    try:
+        with trio.fail_after(5):
+            event = await worker.receive(answer_timeout=1)
+        assert isinstance(event, p.Value)
+    finally:
+        worker.close()
+        theirs.close()
+
+
+def pickle_of_three() -> bytes:
+    import pickle
+
+    return pickle.dumps(3, protocol=5)
+
+
+async def test_a_busy_waiting_call_is_killed_on_cancel_and_the_context_goes_on(worker_type):
+    """A job slower than the busy-wait limit, after quick ones: the caller may be
+    spinning or blocked when the cancel comes; either way the worker dies and
+    the next call gets a new one."""
+    async with tpf.open_worker_context(worker_type=worker_type, busy_wait=0.01) as ctx:
+        for _ in range(20):
+            assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+        first = await ctx.run_sync(workerfns.pid)
+        with trio.move_on_after(0.005) as scope:
+            await ctx.run_sync(workerfns.busy_python, 30, kill_on_cancel=True)
+        assert scope.cancelled_caught
+        assert ctx.statistics().retired["killed"] == 1
+        assert await ctx.run_sync(workerfns.pid) != first
+
+
+async def test_results_are_right_with_and_without_busy_waits(worker_type):
+    for busy_wait in (0, 0.0002, 0.01):
+        async with tpf.open_worker_context(worker_type=worker_type, busy_wait=busy_wait) as ctx:
+            results = [await ctx.run_sync(workerfns.add, i, i) for i in range(50)]
+            assert results == [2 * i for i in range(50)]
+            assert ctx.busy_wait == busy_wait
