@@ -15,7 +15,8 @@ How the numbers are taken, and why:
   socketpair round trip to an echo process, awaited with
   ``trio.lowlevel.wait_readable``; (b) fork+exit+waitpid in a process with
   numpy and scipy imported, measured inside that process; (c) memcpy of the
-  array, for the large-array cases.
+  array, for the large-array cases (a round trip's floor is the same rate:
+  two copies of the array, counted as twice its size).
 * Every process the run starts is gone when it ends: contexts close, the
   helpers exit on EOF, multiprocessing's forkserver and resource tracker are
   stopped, and anything left is reported (and killed) before exiting.
@@ -47,6 +48,12 @@ GB = 1 << 30
 # From this size on, arrays are measured for ours and the floor only: the
 # peers move them at 0.2-0.3 GB/s, minutes for a few rounds.
 ARRAYS_OURS_ONLY = GB
+# The round trip (an identity job: the array goes to the worker and comes back)
+# is measured at this size, cold and back to back; see array_cases.
+ROUND_TRIP_SIZE = MB
+# Back-to-back calls timed per system per round in the warm round trip, after
+# one untimed call that wakes the worker and the caller up.
+ROUND_TRIP_BURST = 10
 
 # Table columns, in order; "floor" is whichever floor fits the case.
 COLUMNS = ["tpf-fs", "tpf-spawn", "tp-spawn", "tp-fs", "anyio", "thread", "floor"]
@@ -173,6 +180,12 @@ def array_cases(settings: Settings) -> list[Case]:
             found.append(
                 Case(f"{kind}_{key}", label, "GB/s", 1e-9, True, array_systems(size), f"{kind}_{key}", f"memcpy_{key}")
             )
+        if size == ROUND_TRIP_SIZE:
+            # GB/s counts both ways: twice the array's size per call.
+            for kind, how in (("roundtrip", "cold"), ("roundtrip_warm", "warm")):
+                label = f"{shown} ndarray round trip, {how}"
+                measured = f"{kind}_{key}"
+                found.append(Case(measured, label, "GB/s", 1e-9, True, array_systems(size), measured, f"memcpy_{key}"))
     return found
 
 
@@ -453,6 +466,26 @@ async def measure(settings: Settings, selected: list[str], seed: int) -> dict[st
                 for kind, sample in (("arg", send), ("result", receive)):
                     seconds = await interleave(callers, sample, rounds, rng, reps=1)
                     data[f"{kind}_{label}"] = {name: [size / s for s in values] for name, values in seconds.items()}
+                if size == ROUND_TRIP_SIZE:
+                    await warm_up(callers, jobs.identity, argument)
+
+                    async def round_trip(name: str, caller: systems.Caller, argument: Any = argument) -> float:
+                        return await timed(caller.call(jobs.identity, argument))
+
+                    async def burst(name: str, caller: systems.Caller, argument: Any = argument) -> float:
+                        # Warm: the untimed call wakes both ends (and, for ours,
+                        # lets busy-waiting engage); then the median of a burst.
+                        await caller.call(jobs.identity, argument)
+                        times = [await timed(caller.call(jobs.identity, argument)) for _ in range(ROUND_TRIP_BURST)]
+                        return statistics.median(times)
+
+                    progress(
+                        f"{shown} ndarray round trips: {rounds} rounds cold, "
+                        f"{rounds} of {ROUND_TRIP_BURST} calls in a row"
+                    )
+                    for kind, sample in (("roundtrip", round_trip), ("roundtrip_warm", burst)):
+                        seconds = await interleave(callers, sample, rounds, rng, reps=1)
+                        data[f"{kind}_{label}"] = {name: [2 * size / s for s in vals] for name, vals in seconds.items()}
                 memcpy = systems.memcpy_seconds(size, max(rounds, 5))
                 data[f"memcpy_{label}"] = {"memcpy": [size / s for s in memcpy]}
                 del argument
@@ -569,6 +602,9 @@ def render(settings: Settings, report: dict[str, Any], meta: dict[str, Any]) -> 
         "(fs+pre: forkserver with set_forkserver_preload); medians unless p99.",
         "floors: warm = socketpair echo round trip; fresh = fork+exit+waitpid with numpy+scipy; "
         "arrays = in-process memcpy.",
+        f"{size_label(ROUND_TRIP_SIZE)[1]} round trip: an identity job, GB/s = 2 × size / call time; cold: one call "
+        f"per system in turn, as in the other cases;",
+        f"  warm: {ROUND_TRIP_BURST} calls in a row after an untimed one (the median of each such burst).",
         f"arrays of {size_label(ARRAYS_OURS_ONLY)[1]} and more: ours and the floor only "
         "(the peers would take minutes).",
         "",

@@ -61,6 +61,11 @@ def nbytes(array: object) -> int:
     return int(array.nbytes)  # type: ignore[attr-defined]
 
 
+def identity(value: object) -> object:
+    """Return the argument: a round trip moves it to the worker and back."""
+    return value
+
+
 def cached_array(size: int) -> object:
     import numpy as np
 

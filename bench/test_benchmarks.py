@@ -165,7 +165,7 @@ async def test_worker_uss(trio_benchmark: Any, system: Any) -> None:
 # --- large arguments and results --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("direction", ["argument", "result"])
+@pytest.mark.parametrize("direction", ["argument", "result", "round trip"])
 @pytest.mark.parametrize("size", [MB, 128 * MB], ids=["1MB", "128MB"])
 @systems_param(WARM)
 async def test_ndarray_transfer(trio_benchmark: Any, system: Any, size: int, direction: str) -> None:
@@ -176,6 +176,8 @@ async def test_ndarray_transfer(trio_benchmark: Any, system: Any, size: int, dir
     async with system() as caller:
         if direction == "argument":
             fn, args = jobs.nbytes, (argument,)
+        elif direction == "round trip":  # there and back: twice the size moved per call
+            fn, args = jobs.identity, (argument,)
         else:
             fn, args = jobs.cached_array, (size,)
         await warm_up(caller, fn, *args, calls=1)
@@ -184,4 +186,5 @@ async def test_ndarray_transfer(trio_benchmark: Any, system: Any, size: int, dir
         else:
             await trio_benchmark(caller.call, fn, *args)
         if (seconds := median(trio_benchmark)) is not None:
-            trio_benchmark.extra_info["GB_per_s"] = size / seconds / 1e9
+            moved = 2 * size if direction == "round trip" else size
+            trio_benchmark.extra_info["GB_per_s"] = moved / seconds / 1e9
