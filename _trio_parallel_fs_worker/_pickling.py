@@ -2,15 +2,22 @@
 
 cloudpickle is needed for functions defined in ``__main__``, lambdas, closures
 and anything they reference. For the common warm call (an importable function,
-a few numbers or strings) it costs several times what ``pickle`` does, for the
-same bytes. So the choice is made *before* pickling, from the types alone,
-never by trying one and then the other: a large argument is pickled once.
+a few numbers or strings, or plain numpy arrays) it costs several times what
+``pickle`` does, for the same bytes: its pickler runs Python code for every
+object (a job with a 1 MiB array: ~30 us against ~8 us, warm). So the choice
+is made *before* pickling, from the types alone, never by trying one and then
+the other: a large argument is pickled once. (The one retry, when a function's
+module no longer names it, fails on the function, which is pickled first.)
+
+numpy is never imported here: a process that holds an array has imported it,
+so ``sys.modules`` is where it is looked up.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import sys
 import types
 from collections import ChainMap
 from typing import Any
@@ -79,9 +86,41 @@ def _cloudpickle_dumps(obj: object, buffer_callback: Any = None) -> bytes:
         return file.getvalue()
 
 
-def _cloudpickle_out_of_band(obj: object) -> Pickled:
-    """Pickle ``obj``, leaving its large contiguous buffers (numpy arrays,
-    bytearrays...) out of the pickle: they are sent as they are, not copied."""
+def _pickle_dumps(obj: object, buffer_callback: Any = None) -> bytes:
+    return pickle.dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
+
+
+def _plain_array(obj: object) -> bool:
+    """True if ``obj`` is a numpy array that the C pickler stores exactly as
+    cloudpickle does: an ``ndarray`` itself (a subclass may reduce to anything)
+    whose dtype holds nothing but numpy's own types (see ``_plain_dtype``)."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and type(obj) is numpy.ndarray and _plain_dtype(obj.dtype)  # type: ignore[attr-defined]
+
+
+def _plain_dtype(dtype: Any) -> bool:
+    """True if pickling ``dtype`` references nothing but numpy.
+
+    Python objects can hide in a dtype in three places, and pickle would store
+    a class or function among them by reference even where cloudpickle sends
+    it by value (from ``__main__``, say), which a worker could not load: the
+    elements (``dtype=object``, ``StringDType``: ``hasobject``), ``metadata``
+    (any dict), and the titles of a structured dtype's fields (any object).
+    """
+    if dtype.hasobject or dtype.metadata is not None:
+        return False
+    fields = dtype.fields
+    if fields is not None:
+        # Each field is (dtype, offset) or (dtype, offset, title).
+        return all(_plain_dtype(field[0]) and type(field[-1]) in _ATOMIC for field in fields.values())
+    subarray = dtype.subdtype  # (base dtype, shape) for a dtype like ("f8", (3,))
+    return subarray is None or _plain_dtype(subarray[0])
+
+
+def _out_of_band(dumps: Any, obj: object) -> Pickled:
+    """Pickle ``obj`` with ``dumps`` (``_pickle_dumps`` or ``_cloudpickle_dumps``),
+    leaving its large contiguous buffers (numpy arrays, bytearrays...) out of
+    the pickle: they are sent as they are, not copied."""
     buffers: list[memoryview] = []
 
     def keep_out(buffer: pickle.PickleBuffer) -> bool:
@@ -94,7 +133,7 @@ def _cloudpickle_out_of_band(obj: object) -> Pickled:
         buffers.append(view)
         return False
 
-    return _cloudpickle_dumps(obj, keep_out), buffers
+    return dumps(obj, keep_out), buffers
 
 
 def loads(payload: bytes | bytearray | memoryview, buffers: list[memoryview] | None = None) -> Any:
@@ -102,18 +141,28 @@ def loads(payload: bytes | bytearray | memoryview, buffers: list[memoryview] | N
 
 
 def dumps_job(fn: object, args: tuple[Any, ...]) -> Pickled:
-    if _importable_function(fn) and all(type(arg) in _ATOMIC for arg in args):
-        try:
-            return pickle.dumps((fn, args), PROTOCOL), []
-        except pickle.PicklingError:
-            # Its module no longer names it (reloaded, monkeypatched): cloudpickle
-            # sends it by value. The arguments are small atoms, so trying twice
-            # costs nothing worth saving.
-            pass
-    return _cloudpickle_out_of_band((fn, args))
+    if _importable_function(fn):
+        # If its module no longer names it (reloaded, monkeypatched), pickle
+        # raises and cloudpickle sends it by value. The function is pickled
+        # before the arguments, so trying twice costs nothing worth saving.
+        if all(type(arg) in _ATOMIC for arg in args):
+            try:
+                return pickle.dumps((fn, args), PROTOCOL), []
+            except pickle.PicklingError:
+                pass
+        elif all(type(arg) in _ATOMIC or _plain_array(arg) for arg in args):
+            try:
+                return _out_of_band(_pickle_dumps, (fn, args))
+            except pickle.PicklingError:
+                pass
+    return _out_of_band(_cloudpickle_dumps, (fn, args))
 
 
 def dumps_value(value: object) -> Pickled:
     if type(value) in _ATOMIC:
         return pickle.dumps(value, PROTOCOL), []
-    return _cloudpickle_out_of_band(value)
+    if _plain_array(value):
+        # No fallback: a plain array references only numpy, which both
+        # picklers store by reference, so if pickle fails cloudpickle would too.
+        return _out_of_band(_pickle_dumps, value)
+    return _out_of_band(_cloudpickle_dumps, value)

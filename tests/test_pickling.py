@@ -4,10 +4,15 @@ sent by value looks like in a remote traceback."""
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
+import textwrap
 import types
 
 import cloudpickle
+import numpy as np
 import pytest
+import trio
 import workerfns
 
 import trio_parallel_fs as tpf
@@ -101,3 +106,231 @@ async def test_a_function_sent_by_value_shows_its_file_and_line_in_the_remote_tr
     assert f'File "{__file__}", line {fails.__code__.co_firstlineno + 1}, in fails' in text
     assert 'raise ValueError("raised by a function sent by value")' in text
     assert "<dynamic-code>" not in text
+
+
+# --- numpy arrays: the C pickler for plain ones, cloudpickle for the rest ---------------
+
+
+class _CloudpickleSpy:
+    """Records every object cloudpickle is asked to pickle (and still pickles it)."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls = []
+
+    def __call__(self, obj, buffer_callback=None):
+        self.calls.append(obj)
+        return self.real(obj, buffer_callback)
+
+
+@pytest.fixture
+def cloudpickled(monkeypatch):
+    spy = _CloudpickleSpy(_pickling._cloudpickle_dumps)
+    monkeypatch.setattr(_pickling, "_cloudpickle_dumps", spy)
+    return spy
+
+
+def _structured():
+    record = np.dtype([("a", np.int64), ("b", np.float32), ("c", "S3"), ("v", np.float32, (3,))])
+    array = np.zeros(10_000, dtype=record)  # 270 kB: out of band
+    array["a"] = np.arange(10_000)
+    array["c"] = b"xyz"
+    array["v"] = 1.5
+    return array
+
+
+# Arrays of plain numpy dtypes, large (out of band) and small (in the pickle).
+PLAIN_ARRAYS = {
+    "C": lambda: np.arange(2**17, dtype=np.float64).reshape(256, -1),  # 1 MiB
+    "F": lambda: np.asfortranarray(np.arange(2**17, dtype=np.float64).reshape(256, -1)),
+    "small": lambda: np.arange(10, dtype=np.int16),
+    "0-d": lambda: np.array(3.5),
+    "zero-size": lambda: np.zeros((0, 5)),
+    "strided": lambda: np.arange(2**18, dtype=np.int64).reshape(512, -1)[::2, ::3],  # copied into the pickle
+    "structured": _structured,
+    "titled": lambda: np.ones(4, dtype=np.dtype({"names": ["a"], "formats": ["f8"], "titles": ["the a"]})),
+    "datetime": lambda: np.arange(100_000).astype("M8[s]"),
+    "unicode": lambda: np.array(["a", "bcd"] * 20_000),
+    "complex-bool": lambda: np.array([1 + 2j, 3j]) * np.array([True, False]),
+}
+
+
+def assert_same_array(got, want):
+    assert type(got) is type(want)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if want.flags.forc:  # the same memory order
+        assert (got.flags.c_contiguous, got.flags.f_contiguous) == (want.flags.c_contiguous, want.flags.f_contiguous)
+    else:  # pickle copies a non-contiguous array into C order
+        assert got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", PLAIN_ARRAYS)
+def test_plain_arrays_take_the_c_pickler_and_make_cloudpickles_bytes(name, cloudpickled):
+    array = PLAIN_ARRAYS[name]()
+    job = (workerfns.add, (array, 2, "s"))
+    expected = {
+        "job": _pickling._out_of_band(cloudpickled.real, job),
+        "value": _pickling._out_of_band(cloudpickled.real, array),
+    }
+    got = {"job": _pickling.dumps_job(*job), "value": _pickling.dumps_value(array)}
+    assert cloudpickled.calls == []  # the fast path, both ways
+    for kind in ("job", "value"):
+        data, buffers = got[kind]
+        assert data == expected[kind][0]
+        assert [bytes(b) for b in buffers] == [bytes(b) for b in expected[kind][1]]
+        if name in ("C", "F", "structured", "unicode"):
+            # Out of band, and the array's own memory: not copied. (numpy
+            # pickles datetimes in band: they export no buffer.)
+            assert len(buffers) == 1 and np.shares_memory(np.frombuffer(buffers[0], np.uint8), array)
+        loaded = pickle.loads(data, buffers=buffers)
+        if kind == "job":
+            fn, loaded = loaded
+            assert fn is workerfns.add and loaded[1:] == (2, "s")
+            loaded = loaded[0]
+        assert_same_array(loaded, array)
+
+
+def _local_class():
+    class Unit:  # defined in a function: pickle cannot name it, cloudpickle sends it by value
+        pass
+
+    return Unit
+
+
+class Tagged(np.ndarray):
+    """An ndarray subclass: its reduce is its own business, so cloudpickle's."""
+
+
+def _local_subclass_array():
+    class LocalArray(np.ndarray):
+        pass
+
+    return np.arange(2**15, dtype=np.float64).view(LocalArray)
+
+
+# Arrays the C pickler must not take: Python objects inside, a subclass, or a
+# dtype carrying Python objects (metadata, field titles).
+NOT_PLAIN = {
+    "object": lambda: np.array([1, "a", None, {"k": 2}], dtype=object),
+    "masked": lambda: np.ma.masked_array(np.arange(2**15, dtype=np.float64), mask=np.arange(2**15) % 3 == 0),
+    "subclass": lambda: np.arange(2**15, dtype=np.float64).view(Tagged),
+    "local subclass": _local_subclass_array,
+    "metadata": lambda: np.arange(2**15, dtype=np.dtype(np.float64, metadata={"unit": "m"})),
+    "metadata class": lambda: np.zeros(3, dtype=np.dtype(np.float64, metadata={"unit": _local_class()})),
+    "field metadata": lambda: np.zeros(3, dtype=[("a", np.dtype(np.int32, metadata={"unit": "s"}))]),
+    "subarray metadata": lambda: np.zeros(3, dtype=[("v", np.dtype(np.float32, metadata={"unit": "s"}), (3,))]),
+    "title class": lambda: np.zeros(3, dtype=np.dtype({"names": ["a"], "formats": ["f8"], "titles": [_local_class()]})),
+}
+if hasattr(np.dtypes, "StringDType"):  # numpy 2: variable-width strings, held as Python objects
+    NOT_PLAIN["StringDType"] = lambda: np.array(["a", "bcd"], dtype=np.dtypes.StringDType())
+
+
+def dtype_metadata(dtype):
+    """Every metadata dict and field title in ``dtype``, as comparable names."""
+    found = [dtype.metadata and {k: getattr(v, "__name__", v) for k, v in dtype.metadata.items()}]
+    for field in (dtype.fields or {}).values():
+        found.append(getattr(field[-1], "__name__", field[-1]))
+        found += dtype_metadata(field[0])
+    if dtype.subdtype is not None:
+        found += dtype_metadata(dtype.subdtype[0])
+    return found
+
+
+@pytest.mark.parametrize("make", NOT_PLAIN.values(), ids=NOT_PLAIN.keys())
+def test_other_arrays_go_through_cloudpickle_and_come_back_the_same(make, cloudpickled):
+    array = make()
+    assert not _pickling._plain_array(array)
+    for kind in ("job", "value"):
+        if kind == "job":
+            data, buffers = _pickling.dumps_job(workerfns.add, (array,))
+            assert cloudpickled.calls == [(workerfns.add, (array,))]
+            loaded = pickle.loads(data, buffers=buffers)[1][0]
+        else:
+            data, buffers = _pickling.dumps_value(array)
+            assert len(cloudpickled.calls) == 2 and cloudpickled.calls[1] is array
+            loaded = pickle.loads(data, buffers=buffers)
+        assert type(loaded).__name__ == type(array).__name__ and isinstance(loaded, np.ndarray)
+        assert loaded.dtype.kind == array.dtype.kind and loaded.shape == array.shape
+        assert dtype_metadata(loaded.dtype) == dtype_metadata(array.dtype)
+        assert repr(loaded.tolist()) == repr(array.tolist())
+        if isinstance(array, np.ma.MaskedArray):
+            np.testing.assert_array_equal(loaded.mask, array.mask)
+
+
+def test_an_object_array_holding_a_local_function_goes_by_value(cloudpickled):
+    offset = 10
+    array = np.array([lambda x: x + offset, 3], dtype=object)
+    data, buffers = _pickling.dumps_value(array)
+    assert len(cloudpickled.calls) == 1
+    fn, three = pickle.loads(data, buffers=buffers)
+    assert fn(1) == 11 and three == 3
+
+
+def test_arrays_for_a_function_from_main_go_with_it_by_value(cloudpickled):
+    main_fn = types.FunctionType((lambda array, factor: array * factor).__code__, {}, "scaled")
+    main_fn.__module__ = "__main__"
+    main_fn.__qualname__ = "scaled"
+    array = np.arange(2**17, dtype=np.float64)  # 1 MiB: still out of band
+    data, buffers = _pickling.dumps_job(main_fn, (array, 3))
+    assert len(cloudpickled.calls) == 1 and len(buffers) == 1
+    fn, args = pickle.loads(data, buffers=buffers)
+    assert fn is not main_fn and fn.__name__ == "scaled"
+    np.testing.assert_array_equal(fn(*args), array * 3)
+
+
+def test_arrays_in_containers_or_beside_other_objects_go_through_cloudpickle(cloudpickled):
+    array = np.arange(2**17, dtype=np.float64)
+    for args in [([array],), (array, [1]), (array, {"k": 1}), ({"a": array},)]:
+        before = len(cloudpickled.calls)
+        data, buffers = _pickling.dumps_job(workerfns.add, args)
+        assert len(cloudpickled.calls) == before + 1
+        assert len(buffers) == 1  # out of band all the same
+        assert repr(pickle.loads(data, buffers=buffers)[1]) == repr(args)
+
+
+def test_a_function_its_module_no_longer_names_falls_back_to_cloudpickle_with_its_arrays(cloudpickled):
+    gone = types.FunctionType(workerfns.add.__code__, {}, "gone")
+    gone.__module__ = workerfns.__name__
+    gone.__qualname__ = "gone"  # workerfns has no attribute "gone": pickle raises
+    assert _pickling._importable_function(gone)
+    first, second = np.arange(2**17, dtype=np.float64), np.ones(2**17)
+    data, buffers = _pickling.dumps_job(gone, (first, second))
+    assert len(cloudpickled.calls) == 1
+    # Only cloudpickle's buffers: the failed attempt left none behind.
+    assert len(buffers) == 2
+    assert np.shares_memory(np.frombuffer(buffers[0], np.uint8), first)
+    assert np.shares_memory(np.frombuffer(buffers[1], np.uint8), second)
+    fn, args = pickle.loads(data, buffers=buffers)
+    np.testing.assert_array_equal(fn(*args), first + 1)
+
+
+def test_the_module_never_imports_numpy():
+    code = textwrap.dedent(
+        """
+        import sys
+        from _trio_parallel_fs_worker import _pickling
+        _pickling.dumps_job(len, ("abc",))
+        _pickling.dumps_job(len, ([1, 2], bytearray(1 << 17)))
+        _pickling.dumps_value([1, 2])
+        _pickling.dumps_value(bytearray(1 << 17))
+        print("numpy" in sys.modules)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+async def test_plain_arrays_through_real_workers_both_ways(worker_type, cloudpickled):
+    # np.asarray returns its argument: an identity job whose function pickle
+    # can name, so the parent takes the fast path; the worker's result is a
+    # plain array, so does the worker.
+    arrays = [PLAIN_ARRAYS[name]() for name in ("C", "F", "strided", "structured", "zero-size", "small")]
+    arrays.append(np.arange(2**19, dtype=np.float64))  # 4 MiB: through the shared memory area where there is one
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        for array in arrays:
+            with trio.fail_after(60):
+                result = await ctx.run_sync(np.asarray, array)
+            assert_same_array(result, array)
+            assert not np.shares_memory(result, array)
+    assert cloudpickled.calls == []
