@@ -123,3 +123,18 @@ def keep_out_of_forks(fd: int) -> None:
             os.close(null)
 
     os.register_at_fork(after_in_child=drop)
+
+
+def step_aside() -> None:
+    """Lower this process's priority: it is about to exit, after its last reply.
+
+    Tearing down a worker's memory takes a millisecond or more, and the kernel
+    tends to wake the caller that the reply is for on the very CPU this worker
+    runs on (it expects a process that just sent something to sleep next).
+    At the lowest priority the teardown yields that CPU at once (measured: a
+    single-use worker whose init hook had touched its pages answered in
+    2.3-2.5 ms instead of 1.3-1.4 ms without this)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    except (AttributeError, OSError):  # Windows has no setpriority
+        pass

@@ -33,7 +33,7 @@ from typing import NoReturn
 from . import _protocol as p
 from ._describe import describe
 from ._errorcodec import encode_error
-from ._lifeline import flush_std_streams, keep_out_of_forks
+from ._lifeline import flush_std_streams, keep_out_of_forks, step_aside
 from ._memory import MemoryWatch, memory_usage
 from ._pickling import dumps_value, loads
 from ._settings import WorkerHooks, WorkerSettings
@@ -478,5 +478,6 @@ def serve_then_leave(fd: int) -> NoReturn:
     except BaseException:  # noqa: BLE001 - report anything, then leave
         traceback.print_exc()
     finally:
+        step_aside()
         flush_std_streams()
         os._exit(code)

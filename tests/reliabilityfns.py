@@ -19,6 +19,11 @@ def write_pid(path, pid: int) -> None:
     os.replace(partial, path)
 
 
+def record_init(directory) -> None:
+    """An init hook: leave a file named after this worker's pid in ``directory``."""
+    write_pid(os.path.join(directory, str(os.getpid())), os.getpid())
+
+
 def wait_for_file(path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):

@@ -16,6 +16,7 @@ import os
 import psutil
 import recyclefns
 import trio
+import trio.testing
 import workerfns
 from conftest import wait_until_gone
 
@@ -183,6 +184,7 @@ async def test_a_retiring_worker_gets_a_successor_prepared_for_the_next_call():
     is forked and handed its channel at once, so the next call finds it ready."""
     async with tpf.open_worker_context(max_jobs=1) as ctx:
         first = await ctx.run_sync(workerfns.pid)
+        await trio.testing.wait_all_tasks_blocked()  # it is asked for once the caller lets Trio run
         stats = ctx.statistics()
         assert (stats.prepared_workers, stats.idle_workers, stats.started_workers) == (1, 0, 1)
         template = psutil.Process(stats.template_pid)

@@ -18,6 +18,7 @@ if not sys.platform.startswith("linux"):
 
 import array
 import dataclasses
+import functools
 import os
 import pickle
 import resource
@@ -32,6 +33,7 @@ from pathlib import Path
 import psutil
 import reliabilityfns
 import trio
+import trio.testing
 import workerfns
 from conftest import is_dead
 
@@ -534,6 +536,46 @@ async def test_a_fresh_worker_starts_in_the_parents_working_directory(worker_typ
         assert await ctx.run_sync(reliabilityfns.cwd) == str(first)
         monkeypatch.chdir(second)
         assert await ctx.run_sync(reliabilityfns.cwd) == str(second)
+
+
+async def test_a_worker_prepared_in_another_directory_is_let_go(tmp_path, monkeypatch):
+    """A successor prepared ahead got the working directory of that moment with
+    its settings; a caller that has moved since gets a worker started where it is."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    async with tpf.open_worker_context(max_jobs=1) as ctx:
+        assert await ctx.run_sync(reliabilityfns.cwd) == str(first)
+        await trio.testing.wait_all_tasks_blocked()
+        assert ctx.statistics().prepared_workers == 1  # prepared in `first`
+        monkeypatch.chdir(second)
+        assert await ctx.run_sync(reliabilityfns.cwd) == str(second)
+        stats = ctx.statistics()
+        assert (stats.started_workers, stats.retired) == (2, {"jobs": 2})  # the prepared one never counted
+
+
+async def test_a_prepared_worker_runs_its_init_hook_before_any_call_needs_it(tmp_path):
+    """Its settings went ahead: the init hook has run by the time a call comes."""
+    async with tpf.open_worker_context(max_jobs=1, init=functools.partial(reliabilityfns.record_init, tmp_path)) as ctx:
+        first = await ctx.run_sync(workerfns.pid)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(10):
+            while len(list(tmp_path.iterdir())) < 2:  # noqa: ASYNC110 - polling another process's file
+                await trio.sleep(0.01)
+        prepared = {int(path.name) for path in tmp_path.iterdir() if not path.name.endswith(".partial")} - {first}
+        assert len(prepared) == 1  # no call has gone to it yet
+        assert await ctx.run_sync(workerfns.pid) in prepared
+
+
+def test_a_leaving_worker_steps_aside_to_the_lowest_priority():
+    """Its memory's teardown must not hold the CPU its caller is woken on."""
+    if not hasattr(os, "getpriority"):
+        pytest.skip("this OS has no process priorities to lower")
+    script = "import os; from _trio_parallel_fs_worker._lifeline import step_aside; step_aside(); "
+    script += "print(os.getpriority(os.PRIO_PROCESS, 0))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["19"]
 
 
 # --- 11. an exception whose unpickling raises SystemExit in the parent ----------

@@ -71,6 +71,7 @@ class Worker:
         "_first_frames",
         "idle_since",
         "init_done",
+        "cwd",
         "announced",
         "area",
         "_area_settings",
@@ -100,6 +101,7 @@ class Worker:
         self._first_frames = config_frame
         self.idle_since = time.monotonic()
         self.init_done = False  # past its init hook (a reply or Started came)
+        self.cwd = ""  # the working directory its start-up message gave it, if sent ahead
         self.announced = False  # its pid was given to the pool's observers
         self.area: SharedArea | None = None
         if area_settings is not None and channel.family != getattr(socket, "AF_UNIX", None):
@@ -110,10 +112,19 @@ class Worker:
         self._heard_ns = 0  # when something last arrived from the worker (perf_counter_ns)
         self._readable = _readable_check(channel)
 
-    def prepared(self, config_frame: bytes) -> None:
-        """This worker was started ahead of demand; its first job goes now, with
-        the start-up message made now."""
+    def send_ahead(self, config_frame: bytes, cwd: str) -> None:
+        """Send the start-up message now, without waiting: a worker started
+        ahead of demand applies its settings (``cwd``, its working directory,
+        among them) and runs its init hook while nobody waits. Whatever the
+        socket does not take at once goes with the first job, as does
+        everything if the worker is gone already."""
+        self.cwd = cwd
         self._first_frames = config_frame
+        try:
+            sent = self.channel.send(config_frame)
+        except (BlockingIOError, ConnectionError):
+            return
+        self._first_frames = config_frame[sent:]
 
     def apply(self, event: WorkerEvent) -> None:
         """Move to the state the lifecycle table gives (the pool holds its lock)."""

@@ -258,3 +258,4 @@ def baseline_above_max_memory_message(pid: int | None, used: int, limit: int, me
 
 CONTEXT_CLOSED = "this worker context is closed"
 CONTEXT_CLOSED_WHILE_WAITING = "this worker context closed while the call waited"
+PREPARE_FAILED = "trio_parallel_fs could not prepare a worker ahead of demand (the next call starts one itself)"

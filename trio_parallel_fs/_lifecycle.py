@@ -48,7 +48,7 @@ class WorkerEvent(enum.Enum):
     LEFT = "left"  # it exited cleanly: Bye, idle timeout, or the exit after retiring
     DIED = "died"  # it exited otherwise, or could not be started
     KILL = "kill"  # the pool killed it (kill_on_cancel, or closing after the grace period)
-    CLOSE = "close"  # its context closed its channel while it was idle
+    CLOSE = "close"  # its channel closed while it was idle (context closed, or unneeded)
 
 
 W, E = WorkerState, WorkerEvent

@@ -56,6 +56,7 @@ import trio
 
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._errorcodec import decode_error
+from _trio_parallel_fs_worker._settings import WorkerSettings
 from _trio_parallel_fs_worker._shm import unsupported_reason
 
 from ._backend import Backend, ExitInfo, WorkerProcess
@@ -63,6 +64,7 @@ from ._channel import AnswerTimeout, Worker
 from ._config import WorkerConfig
 from ._describe import describe
 from ._errors import (
+    PREPARE_FAILED,
     baseline_above_max_memory_message,
     broken_worker_error,
     hook_error,
@@ -98,6 +100,11 @@ if hasattr(os, "register_at_fork"):
 # that was killed. The template reports within milliseconds; past this, it
 # is declared unresponsive.
 _EXIT_REPORT_TIMEOUT = 2.0
+
+
+def _config_frame(settings: WorkerSettings) -> bytes:
+    """The Config frame that carries a worker's start-up message."""
+    return p.encode_frame(p.CONFIG, pickle.dumps(settings))
 
 
 class PoolClosed(Exception):
@@ -249,10 +256,15 @@ class WorkerPool:
                 # Died while idle (killed, or its template died): the job has not
                 # been sent, so it goes to another worker instead of failing.
                 self._end_exited(worker)
+            elif worker.state is _STARTING and worker.cwd != os.getcwd():
+                # Prepared ahead, in the working directory of that moment; the
+                # caller has moved since, and a worker starts where its caller is.
+                worker.apply(WorkerEvent.CLOSE)
+                self._live.discard(worker)
+                self._let_go(worker)
             else:
                 if worker.state is _STARTING:  # prepared ahead: its first job
                     self._started += 1
-                    worker.prepared(self._worker_settings())
                 worker.apply(_SEND_JOB)
                 return worker
         return None
@@ -277,7 +289,7 @@ class WorkerPool:
 
     def _worker_settings(self) -> bytes:
         """The Config frame of a worker started now (the cwd is this moment's)."""
-        return p.encode_frame(p.CONFIG, pickle.dumps(self.config.worker_settings(self._hooks)))
+        return _config_frame(self.config.worker_settings(self._hooks))
 
     async def _new_worker(self) -> Worker:
         self.prune()
@@ -301,28 +313,54 @@ class WorkerPool:
         self._announce(worker)
         return worker
 
-    def _prepare_replacement(self) -> None:
+    def _prepare_replacement_soon(self) -> None:
         """A worker just retired after its job (max_jobs, max_memory, the retire
-        hook): ask for its successor now, where that is cheap (a fork request to
-        the template), so that it is forked and handed its channel while nobody
-        waits. With ``max_jobs=1`` the next call then finds a fresh worker
-        ready, instead of paying the template's and the spare's wake-ups. It
-        waits on the idle stack in STARTING; its settings (with the working
-        directory of that moment) go out with its first job, and it counts as
-        started from then on."""
-        started = self.backend.start_worker_now()
-        if started is None:
-            return
-        channel, process = started
-        worker = Worker(channel, process, b"", self._area_settings, self.config.busy_wait)
-        with self._lock:
-            if self.closed:
-                worker.process.kill()
-                self._let_go(worker)
+        hook): have its successor prepared (`_prepare_replacement`) as soon as
+        this task lets Trio run anything else. Not right now: that costs about
+        a quarter of a millisecond, which the caller of the retiring worker's
+        job need not wait for."""
+        trio.lowlevel.spawn_system_task(self._prepare_replacement_task, name="trio_parallel_fs prepare a worker")
+
+    async def _prepare_replacement_task(self) -> None:
+        self._prepare_replacement()
+
+    def _prepare_replacement(self) -> None:
+        """Ask for a worker ahead of demand, where that is cheap (a fork request
+        to the template), so that it is forked and handed its channel while
+        nobody waits. With ``max_jobs=1`` the next call then finds a fresh
+        worker ready, instead of paying the template's and the spare's
+        wake-ups. It waits on the idle stack in STARTING and counts as started
+        from its first job on. Its settings go out at once, so that it applies
+        them and runs its init hook while nobody waits; they carry the working
+        directory of this moment, and if the caller has moved by the time it
+        is needed, it is let go for a worker started there.
+
+        Runs in a Trio system task, where an exception would end the whole
+        run: a failure here only means that the next call starts its own worker."""
+        try:
+            started = self.backend.start_worker_now()
+            if started is None:
                 return
-            self._live.add(worker)
-            worker.idle_since = time.monotonic()
-            self._idle.append(worker)
+            channel, process = started
+            worker = Worker(channel, process, b"", self._area_settings, self.config.busy_wait)
+            try:
+                settings = self.config.worker_settings(self._hooks)
+            except OSError:  # the working directory is gone; the next call's start says so
+                worker.process.kill()
+                with self._lock:
+                    self._let_go(worker)
+                return
+            worker.send_ahead(_config_frame(settings), settings.cwd)
+            with self._lock:
+                if self.closed:
+                    worker.process.kill()
+                    self._let_go(worker)
+                    return
+                self._live.add(worker)
+                worker.idle_since = time.monotonic()
+                self._idle.append(worker)
+        except Exception as exc:  # noqa: BLE001 - see above
+            warnings.warn(f"{PREPARE_FAILED}: {exc!r}", RuntimeWarning, stacklevel=1)
 
     # --- one job ------------------------------------------------------------
 
@@ -447,7 +485,7 @@ class WorkerPool:
                 worker.idle_since = time.monotonic()
                 self._idle.append(worker)
         if replace:
-            self._prepare_replacement()
+            self._prepare_replacement_soon()
         if retire is _HOOK_FAILED:
             assert isinstance(event, p.Error)
             raise hook_error("retire", event.payload, worker.process.pid, describe(fn))
