@@ -97,7 +97,6 @@ _REASONS = {
 # Retire reasons by flag value (a tuple index, not an Enum call), and the one
 # the warm path compares with.
 _RETIRES = tuple(Retire)
-_RETIRE_COUNT = len(_RETIRES)
 KEEP = Retire.KEEP
 
 
@@ -482,19 +481,17 @@ class Connection:
         of this frame (SCM_RIGHTS). A Job or Value whose ``area`` is set has
         its buffers in the area already: only the descriptor and pickle go.
         """
-        if type(event) is Value and not event.buffers and event.area is None and self.our_role is WORKER:
-            pickled = event.pickled
-            return [HEADER.pack(VALUE, event.retire, len(pickled)) + pickled]
-        if isinstance(event, Job):
-            self._check_sender(PARENT, event)
-            if event.area is not None:
-                return area_parts(JOB, event.area, event.pickled)
-            return frame_parts(JOB, event.pickled, event.buffers)  # type: ignore[arg-type]
+        # Value first: a worker sends one per job.
         if isinstance(event, Value):
             self._check_sender(WORKER, event)
             if event.area is not None:
                 return area_parts(VALUE, event.area, event.pickled, event.retire)
             return frame_parts(VALUE, event.pickled, event.buffers, event.retire)  # type: ignore[arg-type]
+        if isinstance(event, Job):
+            self._check_sender(PARENT, event)
+            if event.area is not None:
+                return area_parts(JOB, event.area, event.pickled)
+            return frame_parts(JOB, event.pickled, event.buffers)  # type: ignore[arg-type]
         if isinstance(event, Area):
             self._check_sender(PARENT, event)
             if self._area_cap is not None:
@@ -534,19 +531,17 @@ class Connection:
     def next_event_from(self, data: bytes) -> Event | _NeedData:
         """`receive_data` then `next_event`, in one call: the warm path's.
 
-        When nothing is buffered and ``data`` is exactly one plain Job (for a
-        worker) or Value (for the parent), the event is made from it at once.
+        When nothing is buffered and ``data`` is exactly one frame (a small job
+        or reply arrives so), its event is made from it without the framer.
         A warm call is dominated by what each process touches between two
         context switches, so this path is kept short.
         """
         reader = self._reader
         if type(data) is bytes and not reader._buffer and reader._large is None and len(data) >= _HEADER_SIZE:
             kind, flags, length = _unpack_header(data)
-            if len(data) == _HEADER_SIZE + length:
-                if kind == JOB and not flags and self._configured and self.our_role is WORKER:
-                    return Job(data[_HEADER_SIZE:])
-                if kind == VALUE and flags < _RETIRE_COUNT and self.our_role is PARENT:
-                    return Value(data[_HEADER_SIZE:], None, _RETIRES[flags])
+            if len(data) == _HEADER_SIZE + length:  # exactly one frame: no framer needed
+                reader._check_kind(kind)
+                return self._event(kind, flags, data[_HEADER_SIZE:])
         self.receive_data(data)
         return self.next_event()
 
@@ -578,7 +573,10 @@ class Connection:
             if self._eof:
                 return Closed(mid_frame=self._reader.pending > 0)
             return NEED_DATA
-        kind, flags, payload = frame
+        return self._event(*frame)
+
+    def _event(self, kind: int, flags: int, payload: bytes | bytearray) -> Event:
+        """The event of one whole frame, checked against what this end may receive."""
         if kind not in self._receives:
             raise ProtocolError(f"the {self.our_role} received a {Kind(kind).name} frame, which only it sends")
         if kind in _WITH_RETIRE:
