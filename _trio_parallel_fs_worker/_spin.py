@@ -30,10 +30,32 @@ from __future__ import annotations
 
 import functools
 import os
+import select
+import socket
 import time
+from collections.abc import Callable
 
 # sched_yield where the OS has it; sleep(0) gives up the time slice on Windows.
 yield_cpu = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
+
+
+def input_poller(sock: socket.socket) -> Callable[[float | None], object]:
+    """A function that waits up to a timeout (ms; 0: just look; None: forever)
+    for input on ``sock``, or for its end, and says (truthy) whether it came.
+
+    Both ends wait through it: a poller asks for input events only, so a
+    sleeping worker is not woken when the parent reads its reply (a Unix
+    socket announces freed send space on the same wait queue)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return poller.poll  # a list: empty (false) on timeout
+
+    def select_input(timeout: float | None) -> bool:  # Windows
+        readable, _, _ = select.select([sock], [], [], None if timeout is None else timeout / 1000)
+        return bool(readable)
+
+    return select_input
 
 
 class SpinPolicy:

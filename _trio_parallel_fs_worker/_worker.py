@@ -22,7 +22,6 @@ import math
 import os
 import pickle
 import random
-import select
 import socket
 import sys
 import time
@@ -38,7 +37,7 @@ from ._memory import MemoryWatch, memory_usage
 from ._pickling import dumps_value, loads
 from ._settings import WorkerHooks, WorkerSettings
 from ._shm import SharedArea, total_bytes
-from ._spin import SpinPolicy, yield_cpu
+from ._spin import SpinPolicy, input_poller, yield_cpu
 
 _RECV_SIZE = 1 << 16
 # Room for the fds one recvmsg may bring: one area, and then some, so that a
@@ -72,7 +71,7 @@ class Inbox:
         self.sock = sock
         self.connection = connection
         self.poll_timeout: float | None = None  # milliseconds; None: forever
-        self.poller = _input_poller(sock)
+        self.poller = input_poller(sock)
         self.spin = SpinPolicy(0)
         self.takes_fds = _FD_SPACE > 0 and sock.family == getattr(socket, "AF_UNIX", None)
         self.fds: list[int] = []  # received, not handed out yet
@@ -185,21 +184,6 @@ class Inbox:
             os.close(extra)
         self.fds.clear()
         return fd
-
-
-def _input_poller(sock: socket.socket) -> Callable[[float | None], bool]:
-    """A function that waits up to a timeout (ms; None: forever) for input on
-    ``sock``, or for its end, and says whether it came."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return poller.poll  # type: ignore[return-value]  # a list: empty (false) on timeout
-
-    def select_input(timeout: float | None) -> bool:  # Windows
-        readable, _, _ = select.select([sock], [], [], None if timeout is None else timeout / 1000)
-        return bool(readable)
-
-    return select_input
 
 
 def send_frame(sock: socket.socket, kind: int, payload: bytes = b"", flags: int = 0) -> None:

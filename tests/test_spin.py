@@ -89,10 +89,10 @@ async def test_the_caller_busy_waits_for_a_quick_reply_letting_other_tasks_run(m
     looks = 0
     real_readable = worker._readable
 
-    def counting_readable():
+    def counting_readable(timeout):
         nonlocal looks
         looks += 1
-        return real_readable()
+        return real_readable(timeout)
 
     worker._readable = counting_readable
 
@@ -126,7 +126,7 @@ async def test_the_caller_does_not_busy_wait_for_a_worker_that_sleeps(monkeypatc
     ours, theirs = socket.socketpair()
     worker = Worker(ours, ScriptedProcess(), b"", busy_wait=0.01)  # type: ignore[arg-type]
     worker._heard_ns = time.perf_counter_ns() - 1000 * MS  # a second ago
-    worker._readable = lambda: pytest.fail("looked without waiting")
+    worker._readable = lambda timeout: pytest.fail("looked without waiting")
     theirs.sendall(b"".join(bytes(part) for part in p.Connection(p.WORKER).send(p.Value(pickle_of_three()))))
     try:
         with trio.fail_after(5):

@@ -25,35 +25,19 @@ The area is closed with the worker (``close``).
 from __future__ import annotations
 
 import array
-import functools
-import select
 import socket
 import time
-from collections.abc import Callable
 
 import trio
 
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._shm import SharedArea, total_bytes
-from _trio_parallel_fs_worker._spin import SpinPolicy, yield_cpu
+from _trio_parallel_fs_worker._spin import SpinPolicy, input_poller, yield_cpu
 
 from ._backend import WorkerProcess
 from ._lifecycle import WorkerEvent, WorkerState, next_worker_state
 
 _RECV_SIZE = 1 << 16
-
-
-def _readable_check(sock: socket.socket) -> Callable[[], object]:
-    """A function that says, without waiting, whether ``sock`` has input (or its end)."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return functools.partial(poller.poll, 0)  # a list, empty (false) when nothing came
-
-    def select_readable() -> bool:  # Windows
-        return bool(select.select([sock], [], [], 0)[0])
-
-    return select_readable
 
 
 class AnswerTimeout(Exception):
@@ -110,7 +94,7 @@ class Worker:
         self._area_wanted = False  # a large result came over the socket: send the area
         self._spin = SpinPolicy(busy_wait)
         self._heard_ns = 0  # when something last arrived from the worker (perf_counter_ns)
-        self._readable = _readable_check(channel)
+        self._readable = input_poller(channel)
 
     def send_ahead(self, config_frame: bytes, cwd: str) -> None:
         """Send the start-up message now, without waiting: a worker started
@@ -271,7 +255,7 @@ class Worker:
         if window:
             end = start + window
             readable = self._readable
-            while not readable():
+            while not readable(0):
                 if time.perf_counter_ns() >= end:
                     break
                 yield_cpu()

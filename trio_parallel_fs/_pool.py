@@ -338,18 +338,15 @@ class WorkerPool:
         Runs in a Trio system task, where an exception would end the whole
         run: a failure here only means that the next call starts its own worker."""
         try:
+            try:
+                settings = self.config.worker_settings(self._hooks)
+            except OSError:  # the working directory is gone; the next call's start says so
+                return
             started = self.backend.start_worker_now()
             if started is None:
                 return
             channel, process = started
             worker = Worker(channel, process, b"", self._area_settings, self.config.busy_wait)
-            try:
-                settings = self.config.worker_settings(self._hooks)
-            except OSError:  # the working directory is gone; the next call's start says so
-                worker.process.kill()
-                with self._lock:
-                    self._let_go(worker)
-                return
             worker.send_ahead(_config_frame(settings), settings.cwd)
             with self._lock:
                 if self.closed:
