@@ -814,7 +814,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compare",
         metavar="BASELINE",
         help="a JSON file saved by --json: flag every case of ours more than "
-        f"{REGRESSION_TOLERANCE:.0%} worse than in it (exit status 3 if any)",
+        f"{REGRESSION_TOLERANCE * 100:.0f}%% worse than in it (exit status 3 if any)",  # %% for argparse
     )
     args = parser.parse_args(argv)
     if args.only:

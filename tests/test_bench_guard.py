@@ -3,6 +3,8 @@ synthetic reports: no timing here."""
 
 from __future__ import annotations
 
+import pytest
+
 from bench._runner import REGRESSION_TOLERANCE, regressions
 
 
@@ -45,3 +47,12 @@ def test_a_case_of_ours_worse_than_the_tolerance_is_flagged_either_way_the_unit_
 def test_an_unchanged_run_has_no_regressions():
     same = report({"warm call p50": (False, {"tpf-fs": 100.0, "tpf-spawn": 120.0})})
     assert regressions({"report": same}, same) == []
+
+
+def test_the_runners_help_prints_and_names_the_tolerance(capsys):
+    from bench._runner import parse_args
+
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--help"])
+    assert stopped.value.code == 0
+    assert f"{REGRESSION_TOLERANCE * 100:.0f}% worse" in " ".join(capsys.readouterr().out.split())
