@@ -71,6 +71,7 @@ from ._lifeline import (
 )
 from ._memory import exceeds
 from ._pickling import dumps_job
+from ._prefault import open_book
 from ._spin import busy_waits_pay
 from ._worker import dump_error, recv_frame, run_job, send_frame, serve_then_leave
 
@@ -485,6 +486,7 @@ def main(control_fd: int) -> int:
         busy_waits_pay()  # asked here once, for every worker forked from now on
         become_subreaper()
         preload(setup["preload"], setup["template_init"])
+        open_book()  # after preloading: the plans name the mappings the template has now
         gc.collect()
         gc.freeze()
     except BaseException as exc:  # noqa: BLE001 - the parent shows it at context start

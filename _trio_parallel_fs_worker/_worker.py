@@ -35,6 +35,7 @@ from ._errorcodec import encode_error
 from ._lifeline import flush_std_streams, keep_out_of_forks, step_aside
 from ._memory import MemoryWatch, memory_usage
 from ._pickling import dumps_value, loads
+from ._prefault import learn_before_leaving, prefault_while_idle
 from ._settings import WorkerHooks, WorkerSettings
 from ._shm import SharedArea, total_bytes
 from ._spin import SpinPolicy, input_poller, yield_cpu
@@ -80,6 +81,11 @@ class Inbox:
         """Jobs come from now on: apply the idle timeout and the busy-wait limit."""
         self.poll_timeout = None if math.isinf(hooks.idle_timeout) else hooks.idle_timeout * 1000
         self.spin = SpinPolicy(hooks.busy_wait)
+
+    def input_within(self, milliseconds: float) -> bool:
+        """Whether a message (or part of one) waits to be read, waiting up to
+        ``milliseconds`` for one."""
+        return self.connection.pending > 0 or bool(self.poller(milliseconds))
 
     def _wait_for_input(self) -> bool:
         """Wait for the parent's next message: busy at first while messages
@@ -396,6 +402,9 @@ def serve(sock: socket.socket) -> int:
     # reported as the job's, not the hook's.
     if (hooks.init is not bool or baseline >= 0) and not send(p.Started(baseline)):
         return 0
+    # A worker prepared ahead may have time before its first job: it takes
+    # the faults that job would take (see _prefault) while no message waits.
+    prefault_while_idle(inbox.input_within)
     inbox.start_serving(hooks)
     area: AreaUse | None = None
     try:
@@ -435,6 +444,8 @@ def serve(sock: socket.socket) -> int:
                 return 0
             del outcome
             if reason is not p.KEEP:
+                step_aside()
+                learn_before_leaving()
                 return 0
     finally:
         if area is not None:

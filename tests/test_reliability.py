@@ -38,6 +38,7 @@ import workerfns
 from conftest import is_dead
 
 import trio_parallel_fs as tpf
+from _trio_parallel_fs_worker import _prefault
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._pickling import dumps_job
 from _trio_parallel_fs_worker._worker import recv_frame
@@ -515,11 +516,17 @@ async def test_a_worker_holds_only_its_channel_and_standard_streams(worker_type)
             nursery.start_soon(one)
     assert len({pid for pid, _ in seen}) == 2
     # On the loopback channel a spawned worker also holds its lifeline (its
-    # stdin pipe, moved out of fd 0).
+    # stdin pipe, moved out of fd 0); a forked one, where page plans work,
+    # the template's plan book (_prefault), a memfd.
     lifeline = worker_type == "spawn" and channel_kind() == "loopback"
+    expected = ["pipe", "socket"] if lifeline else ["socket"]
+    if worker_type == "forkserver" and _prefault.supported():
+        expected = ["/memfd:tpf-pageplan (deleted)", *expected]
     for _, fds in seen:
-        extra = sorted(target.split(":")[0] for fd, target in fds.items() if fd > 2)
-        assert extra == (["pipe", "socket"] if lifeline else ["socket"]), fds
+        extra = sorted(
+            target if target.startswith("/memfd:") else target.split(":")[0] for fd, target in fds.items() if fd > 2
+        )
+        assert extra == expected, fds
 
 
 # --- 10. the working directory ---------------------------------------------------

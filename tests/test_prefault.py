@@ -1,0 +1,101 @@
+"""A worker prepared ahead takes the page faults its first job would take
+(see _trio_parallel_fs_worker/_prefault.py). Counted in minor faults and by
+/proc/self/pagemap, never timed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import trio
+
+import trio_parallel_fs as tpf
+from _trio_parallel_fs_worker import _prefault
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+pytestmark = pytest.mark.skipif(
+    not _prefault.supported(),
+    reason="needs Linux 5.14+ (MADV_POPULATE_WRITE)",
+)
+
+
+def run_script(mode: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, os.path.join(HERE, "prefault_script.py"), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_plan_names_the_pages_a_worker_copied_and_another_worker_copies_them_ahead():
+    found = run_script("apply")
+    first_page = found["first_page"]
+    written = set(range(first_page, first_page + 16 * _prefault.PAGE, _prefault.PAGE))
+    learned = {
+        address + offset
+        for address, length in found["learned"]["writes"]
+        for offset in range(0, length, _prefault.PAGE)
+    }
+    assert written <= learned
+    assert found["learned"]["reads"] > 0  # the interpreter's code pages, at least
+    applied = found["applied"]
+    assert applied["before"] == [False] * 16  # shared with the "template" after the fork
+    assert applied["after"] == [True] * 16  # copied by the plan, without a write
+    assert applied["same_data"]  # and still the template's bytes
+    assert applied["applied"] >= 16 * _prefault.PAGE
+    # The run inside a shared mapping was left alone (and the unmapped one did no harm).
+    assert not applied["shared_exclusive"]
+    assert applied["uses"] == 0
+
+
+def test_applying_stops_when_a_message_waits():
+    stopped = run_script("apply")["stopped"]
+    assert stopped["applied"] == 0
+    assert stopped["after"] == [False] * 16
+
+
+def test_a_worker_applies_the_plan_only_after_waiting_a_moment_for_no_message():
+    found = run_script("apply")
+    assert found["busy_worker"] == {"applied": 0, "waits": [_prefault.IDLE_FIRST_MS]}
+    assert found["idle_worker"]["applied"] >= 16 * _prefault.PAGE
+    assert found["idle_worker"]["waits"] == [_prefault.IDLE_FIRST_MS, 0]
+
+
+def test_a_plan_is_learned_again_after_enough_workers_used_it():
+    # Three workers applied it in the script, then RELEARN_AFTER more.
+    assert run_script("apply")["wants_lesson"] == [False, True]
+
+
+def test_the_private_pages_a_plan_copies_are_capped():
+    writes = run_script("cap")["learned"]["writes"]
+    assert sum(length for _, length in writes) == 8 * _prefault.PAGE
+
+
+async def test_a_prepared_fresh_worker_takes_its_jobs_faults_before_the_job():
+    faults = []
+    async with tpf.open_worker_context(preload=["prefault_objects"], max_jobs=1) as ctx:
+        for _ in range(4):
+            # Time for the retiring worker to learn and its successor to apply.
+            await trio.sleep(0.3)
+            total, taken = await ctx.run_sync(_walk)
+            assert total == sum(float(n) for n in range(200_000))
+            faults.append(taken)
+    # The first worker copies ~2000 pages of the template's objects; a successor
+    # that applied the plan finds them copied already.
+    assert faults[0] > 1000
+    assert min(faults[2:]) < faults[0] / 10, faults
+
+
+def _walk() -> tuple[float, int]:
+    import prefault_objects
+
+    return prefault_objects.walk_objects()
