@@ -30,6 +30,19 @@ def prepare_prctl() -> None:
 
 _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_TIMERSLACK = 29
+
+
+def tighten_timers() -> None:
+    """Have this process's timed waits end on time, within a microsecond.
+
+    By default Linux may end them up to 50 µs late, to wake the CPU once for
+    several timers; a worker that sleeps through most of a regular wait for
+    its next job (``_spin``) must be up before the job comes (measured:
+    woken after the job in 6 of 10 calls with the default, 1 in 1000 with this)."""
+    prepare_prctl()
+    if _prctl is not None:
+        _prctl(_PR_SET_TIMERSLACK, 1000, 0, 0, 0)
 
 
 def set_process_name(name: bytes) -> None:

@@ -17,6 +17,14 @@ slow job raises the estimate past the limit at once; a few quick waits bring
 it back below. Between two looks the loop gives the CPU away, so a process
 sharing the CPU (the caller, another worker) may run meanwhile.
 
+Waits longer than the limit are often regular: a loop that calls, does some
+work of its own, and calls again. There the worker sleeps through most of
+the expected wait (to the microsecond) and busy-waits from shortly before
+the job is due, for up to the limit: it is awake when the job comes, for at
+most a limit of CPU per call. The caller follows the worker's plan from the
+gaps it sees between a reply and its next job, and busy-waits for the reply
+only when the worker was awake.
+
 A busy-wait only pays where the two ends run on two CPUs at once. Where this
 process may use one CPU only (its affinity mask, or on Linux its cgroup's CPU
 quota), the two ends would take turns on it, and a yield does not hand the
@@ -58,26 +66,76 @@ def input_poller(sock: socket.socket) -> Callable[[float | None], object]:
     return select_input
 
 
-class SpinPolicy:
-    """The busy-wait window of one end of one channel."""
+def sleep_for_input(sock: socket.socket, ns: int) -> bool:
+    """Wait up to ``ns`` for input on ``sock`` (to the microsecond: poll()
+    counts whole milliseconds); say whether it came."""
+    try:
+        return bool(select.select([sock], [], [], ns / 1e9)[0])
+    except ValueError:  # an fd beyond select's FD_SETSIZE: whole milliseconds then
+        return ns >= 1_000_000 and bool(input_poller(sock)(ns // 1_000_000))
 
-    __slots__ = ("limit_ns", "typical_ns")
+
+# Waits longer than the limit, but regular, up to this many limits: the
+# waiting end sleeps through most of the wait and busy-waits around its end.
+_REGULAR_MAX = 32
+
+
+class SpinPolicy:
+    """The busy-wait plan of one end of one channel."""
+
+    __slots__ = ("limit_ns", "typical_ns", "gap_ns", "spread_ns")
 
     def __init__(self, limit: float) -> None:
         """``limit``: the longest busy-wait, in seconds (0: never)."""
         self.limit_ns = int(limit * 1e9) if limit and busy_waits_pay() else 0
-        self.typical_ns = 0
+        self.typical_ns = 0  # recent waits, each counted as at most 4 limits
+        self.gap_ns = 0  # recent waits, each counted as at most twice _REGULAR_MAX limits
+        self.spread_ns = 0  # how far recent waits were from gap_ns
 
     def window_ns(self) -> int:
         """How long to busy-wait now: the limit, or 0 while waits run longer."""
         return self.limit_ns if self.typical_ns < self.limit_ns else 0
 
+    def plan(self) -> tuple[int, int]:
+        """``(sleep, busy)`` in ns: how long to wait blocking first, then how
+        long to busy-wait, before blocking until the message comes.
+
+        Quick waits: busy at once, for up to the limit. Longer waits that are
+        regular (each within a quarter of the limit of the last ones, up to
+        ``_REGULAR_MAX`` limits: a loop that calls between two pieces of its
+        own work): sleep until half a limit before the message is due, then
+        busy-wait for up to a limit, so the wake-up happens before the message
+        comes instead of after (as Linux's hybrid polling of fast disks
+        sleeps through half the expected time and then polls). Otherwise none.
+        """
+        limit = self.limit_ns
+        if not limit:
+            return 0, 0
+        if self.typical_ns < limit:
+            return 0, limit
+        if 4 * self.spread_ns <= limit and self.gap_ns < _REGULAR_MAX * limit:
+            return max(0, self.gap_ns - self.spread_ns - limit // 2), limit
+        return 0, 0
+
     def waited(self, ns: int) -> None:
         """Record how long a wait took, from its start to the message."""
-        # A running average weighting the newest wait by a quarter; a very long
-        # wait counts as four limits, so that one pause does not stop busy
-        # waits for long once messages come quickly again.
-        self.typical_ns = (3 * self.typical_ns + min(ns, 4 * self.limit_ns)) >> 2
+        # Running averages weighting the newest wait by a quarter. For the
+        # window, a very long wait counts as four limits, so that one pause
+        # does not stop busy waits for long once messages come quickly again.
+        limit = self.limit_ns
+        self.typical_ns = (3 * self.typical_ns + min(ns, 4 * limit)) >> 2
+        ns = min(ns, 2 * _REGULAR_MAX * limit)  # past the plan's bound, never just below it
+        self.spread_ns = (3 * self.spread_ns + abs(ns - self.gap_ns)) >> 2
+        self.gap_ns = (3 * self.gap_ns + ns) >> 2
+
+    def busy_when(self, ns: int) -> bool:
+        """Whether the other end, waiting by a plan like this one, was busy
+        (not asleep) when a message came ``ns`` after its wait began; then
+        record that wait. The caller asks it of each job it sends, knowing
+        the worker's waits as the gaps between a reply and the next job."""
+        sleep, busy = self.plan()
+        self.waited(ns)
+        return sleep <= ns < sleep + busy
 
 
 @functools.cache

@@ -32,13 +32,13 @@ from typing import NoReturn
 from . import _protocol as p
 from ._describe import describe
 from ._errorcodec import encode_error
-from ._lifeline import flush_std_streams, keep_out_of_forks, step_aside
+from ._lifeline import flush_std_streams, keep_out_of_forks, step_aside, tighten_timers
 from ._memory import MemoryWatch, memory_usage
 from ._pickling import dumps_value, loads
 from ._prefault import learn_before_leaving, prefault_while_idle
 from ._settings import WorkerHooks, WorkerSettings
 from ._shm import SharedArea, total_bytes
-from ._spin import SpinPolicy, input_poller, yield_cpu
+from ._spin import SpinPolicy, input_poller, sleep_for_input, yield_cpu
 
 _RECV_SIZE = 1 << 16
 # Room for the fds one recvmsg may bring: one area, and then some, so that a
@@ -81,6 +81,8 @@ class Inbox:
         """Jobs come from now on: apply the idle timeout and the busy-wait limit."""
         self.poll_timeout = None if math.isinf(hooks.idle_timeout) else hooks.idle_timeout * 1000
         self.spin = SpinPolicy(hooks.busy_wait)
+        if self.spin.limit_ns:
+            tighten_timers()  # its sleeps before a busy-wait must end on time
 
     def input_within(self, milliseconds: float) -> bool:
         """Whether a message (or part of one) waits to be read, waiting up to
@@ -88,18 +90,22 @@ class Inbox:
         return self.connection.pending > 0 or bool(self.poller(milliseconds))
 
     def _wait_for_input(self) -> bool:
-        """Wait for the parent's next message: busy at first while messages
-        come quickly (see ``_spin``), then blocking. False if the idle timeout
-        passed first."""
+        """Wait for the parent's next message as ``_spin`` plans it: asleep,
+        then busy for a while, then asleep until it comes. False if the idle
+        timeout passed first."""
         spin = self.spin
         poller = self.poller
         if not spin.limit_ns:
             return bool(poller(self.poll_timeout))
         start = time.perf_counter_ns()
-        window = spin.window_ns()
+        sleep, busy = spin.plan()
         timeout = self.poll_timeout
-        if window:
-            end = start + window
+        if sleep and (timeout is None or sleep < timeout * 1e6):
+            if sleep_for_input(self.sock, sleep):
+                spin.waited(time.perf_counter_ns() - start)
+                return True
+        if busy:
+            end = time.perf_counter_ns() + busy
             while not poller(0):
                 if time.perf_counter_ns() >= end:
                     break
@@ -107,8 +113,8 @@ class Inbox:
             else:
                 spin.waited(time.perf_counter_ns() - start)
                 return True
-            if timeout is not None:
-                timeout = max(0.0, timeout - window / 1e6)
+        if timeout is not None:
+            timeout = max(0.0, timeout - (time.perf_counter_ns() - start) / 1e6)
         if not poller(timeout):
             return False
         spin.waited(time.perf_counter_ns() - start)

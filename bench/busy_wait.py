@@ -11,8 +11,10 @@ batch overlaps the next. Per pattern and setting it prints the median call
 and the CPU time per call of this process and of the workers, summed over the batches.
 
 Patterns: back-to-back trivial calls; back-to-back 100 µs jobs; trivial calls
-1 ms apart (pauses longer than the busy-wait: it should cost nothing); and two
-tasks calling at once (two workers).
+1 ms apart (pauses longer than the busy-wait, slept by the caller); trivial
+calls between 300 µs of the caller's own CPU work (regular gaps longer than
+the limit: the worker sleeps through most of each and busy-waits at its end);
+and two tasks calling at once (two workers).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ async def one_call(ctx: tpf.WorkerContext, args: tuple[object, ...]) -> float:
 
 
 def patterns(loops_100us: int) -> dict[str, Callable[[tpf.WorkerContext, int], Awaitable[list[float]]]]:
+    loops_300us = 3 * loops_100us
+
     async def back_to_back(ctx: tpf.WorkerContext, calls: int) -> list[float]:
         return [await one_call(ctx, (trivial,)) for _ in range(calls)]
 
@@ -60,6 +64,13 @@ def patterns(loops_100us: int) -> dict[str, Callable[[tpf.WorkerContext, int], A
         samples = []
         for _ in range(calls // 10):  # ten times fewer: each waits 1 ms
             await trio.sleep(0.001)
+            samples.append(await one_call(ctx, (trivial,)))
+        return samples
+
+    async def own_work_between(ctx: tpf.WorkerContext, calls: int) -> list[float]:
+        samples = []
+        for _ in range(calls):
+            spin(loops_300us)  # the caller's own work: a regular gap longer than the limit
             samples.append(await one_call(ctx, (trivial,)))
         return samples
 
@@ -79,6 +90,7 @@ def patterns(loops_100us: int) -> dict[str, Callable[[tpf.WorkerContext, int], A
         "back-to-back trivial calls": back_to_back,
         "back-to-back 100 us jobs": jobs_of_100us,
         "trivial calls 1 ms apart": one_ms_apart,
+        "trivial calls between 300 us of own work": own_work_between,
         "two tasks calling at once": two_callers,
     }
 
@@ -107,7 +119,7 @@ async def main(settings: list[float], calls: int, rounds: int) -> None:
     async with contextlib.AsyncExitStack() as stack:
         contexts = {s: await stack.enter_async_context(tpf.open_worker_context(busy_wait=s)) for s in settings}
         print(f"busy_wait: latency p50 and CPU per call (parent, workers); {rounds} rounds x {calls} calls per batch")
-        print(f"{'pattern':28} {'busy_wait':>9} {'p50 µs':>8} {'parent µs':>10} {'workers µs':>11}")
+        print(f"{'pattern':42} {'busy_wait':>9} {'p50 µs':>8} {'parent µs':>10} {'workers µs':>11}")
         for name, pattern in patterns(loops_100us).items():
             for ctx in contexts.values():
                 await pattern(ctx, 20)  # warm up: workers started, estimates settled
@@ -129,7 +141,7 @@ async def main(settings: list[float], calls: int, rounds: int) -> None:
                 count = len(samples[setting])
                 p50 = statistics.median(samples[setting]) * 1e6
                 print(
-                    f"{name:28} {setting:>9g} {p50:8.1f} {parent_cpu[setting] / count * 1e6:10.1f} "
+                    f"{name:42} {setting:>9g} {p50:8.1f} {parent_cpu[setting] / count * 1e6:10.1f} "
                     f"{worker_cpu[setting] / count * 1e6:11.1f}"
                 )
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -15,7 +16,7 @@ import workerfns
 
 import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import _protocol as p
-from _trio_parallel_fs_worker._spin import SpinPolicy, busy_waits_pay, usable_cpus
+from _trio_parallel_fs_worker._spin import SpinPolicy, busy_waits_pay, sleep_for_input, usable_cpus
 from trio_parallel_fs._channel import Worker
 
 needs_two_cpus = pytest.mark.skipif(not busy_waits_pay(), reason="busy-waits are off where only one CPU is usable")
@@ -36,6 +37,102 @@ def test_the_window_closes_after_a_slow_wait_and_opens_after_quick_ones():
         spin.waited(MS // 10)
         quick += 1
     assert 1 <= quick <= 3  # a pause does not stop busy waits for long
+
+
+@needs_two_cpus
+def test_regular_waits_longer_than_the_limit_sleep_first_then_busy_wait_around_the_message():
+    spin = SpinPolicy(0.001)
+    assert spin.plan() == (0, 1 * MS)  # nothing seen yet: quick waits assumed
+    for _ in range(40):  # a loop that calls every 5 ms
+        spin.waited(5 * MS)
+    sleep, busy = spin.plan()
+    assert busy == 1 * MS
+    assert 4 * MS <= sleep <= int(4.5 * MS)  # wakes half a limit (and the spread) early
+    # The caller's view of such a worker: busy when a job comes when due,
+    # asleep when it comes much earlier or later.
+    assert spin.busy_when(5 * MS)
+    assert not spin.busy_when(1 * MS)
+    for _ in range(40):
+        spin.waited(5 * MS)
+    assert not spin.busy_when(20 * MS)
+
+
+@needs_two_cpus
+def test_irregular_or_very_long_waits_never_busy_wait():
+    irregular = SpinPolicy(0.001)
+    for _ in range(20):
+        irregular.waited(2 * MS)
+        irregular.waited(8 * MS)
+    assert irregular.plan() == (0, 0)
+    long = SpinPolicy(0.001)
+    for _ in range(40):
+        long.waited(100 * MS)  # beyond _REGULAR_MAX limits: sleep it all
+    assert long.plan() == (0, 0)
+    assert not long.busy_when(100 * MS)
+
+
+def test_sleeping_for_input_to_the_microsecond_sees_input_and_times_out():
+    ours, theirs = socket.socketpair()
+    try:
+        assert not sleep_for_input(ours, 200_000)  # 200 µs, nothing sent
+        theirs.send(b"x")
+        assert sleep_for_input(ours, 10 * MS)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_sleeping_for_input_on_an_fd_beyond_selects_range_counts_whole_milliseconds():
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"this process may not open fd 2000 (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    ours, theirs = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(ours.fileno(), 2000))
+    try:
+        assert not sleep_for_input(high, 200_000)  # below a millisecond: no wait at all
+        assert not sleep_for_input(high, 2 * MS)
+        theirs.send(b"x")
+        assert sleep_for_input(high, 2 * MS)
+    finally:
+        high.close()
+        ours.close()
+        theirs.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@needs_two_cpus
+def test_the_worker_sleeps_through_a_regular_wait_then_busy_waits(monkeypatch):
+    """A worker whose jobs come every 5 ms sleeps ~4.5 ms (to the microsecond)
+    and then looks busily; the job, sent 5 ms after it began waiting, is read."""
+    from _trio_parallel_fs_worker import _worker
+
+    ours, theirs = socket.socketpair()
+    inbox = _worker.Inbox(ours, p.Connection(p.WORKER))
+    inbox.spin = SpinPolicy(0.001)
+    for _ in range(40):
+        inbox.spin.waited(5 * MS)
+    planned_sleep = inbox.spin.plan()[0]
+    sleeps = []
+    real_sleep = _worker.sleep_for_input
+
+    def recording_sleep(sock, ns):
+        sleeps.append(ns)
+        return real_sleep(sock, ns)
+
+    monkeypatch.setattr(_worker, "sleep_for_input", recording_sleep)
+    sender = threading.Timer(0.005, theirs.send, [b"job"])
+    sender.start()
+    try:
+        assert inbox._wait_for_input()
+        assert sleeps == [planned_sleep]
+        assert ours.recv(16) == b"job"
+    finally:
+        sender.join()
+        ours.close()
+        theirs.close()
 
 
 def test_a_limit_of_zero_never_busy_waits():
@@ -135,6 +232,55 @@ async def test_the_caller_does_not_busy_wait_for_a_worker_that_sleeps(monkeypatc
     finally:
         worker.close()
         theirs.close()
+
+
+@needs_two_cpus
+@pytest.mark.parametrize("gap_ms", [5, 1])
+async def test_the_caller_busy_waits_when_the_worker_was_awake_by_its_regular_plan(monkeypatch, gap_ms):
+    """Jobs every 5 ms: the worker sleeps ~4.5 ms then busy-waits, so a job sent
+    5 ms after the last reply finds it awake and the caller busy-waits for the
+    reply; one sent after 1 ms finds it asleep, and the caller blocks."""
+    ours, theirs = socket.socketpair()
+    worker = Worker(ours, ScriptedProcess(), b"", busy_wait=0.001)  # type: ignore[arg-type]
+    for _ in range(40):
+        worker._worker_gaps.waited(5 * MS)
+    worker._heard_ns = time.perf_counter_ns() - gap_ms * MS
+    reply = b"".join(bytes(part) for part in p.Connection(p.WORKER).send(p.Value(pickle_of_three())))
+    real_wait = trio.lowlevel.wait_readable
+    trio_waits = 0
+
+    async def counting_wait(fd):
+        nonlocal trio_waits
+        trio_waits += 1
+        await real_wait(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait)
+
+    async def replier():
+        for _ in range(3):
+            await trio.lowlevel.checkpoint()
+        theirs.sendall(reply)
+
+    try:
+        assert await worker.send_job([b"job"])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replier)
+            with trio.fail_after(5):
+                event = await worker.receive(answer_timeout=1)
+        assert isinstance(event, p.Value)
+        assert theirs.recv(16) == b"job"
+        assert trio_waits == (0 if gap_ms == 5 else 1)
+    finally:
+        worker.close()
+        theirs.close()
+
+
+@needs_two_cpus
+@pytest.mark.skipif(not os.path.exists("/proc/self/timerslack_ns"), reason="Linux 4.6+ shows the timer slack")
+async def test_a_busy_waiting_worker_ends_its_sleeps_on_time_and_only_it(worker_type):
+    for busy_wait, slack in ((0.0002, 1000), (0, 50_000)):
+        async with tpf.open_worker_context(worker_type=worker_type, busy_wait=busy_wait) as ctx:
+            assert await ctx.run_sync(workerfns.read_text, "/proc/self/timerslack_ns") == f"{slack}\n"
 
 
 def pickle_of_three() -> bytes:

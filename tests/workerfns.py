@@ -259,3 +259,8 @@ def raise_keyboard_interrupt():
 
 def recurse_forever(n=0):
     return recurse_forever(n + 1)
+
+
+def read_text(path: str) -> str:
+    with open(path) as file:
+        return file.read()

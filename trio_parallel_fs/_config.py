@@ -194,8 +194,10 @@ class WorkerConfig:
             many machines, twice per call. Each end does so only while its
             recent waits were shorter than this, and gives the CPU away between
             two looks, so slow jobs and pauses cost no CPU; the caller's loop
-            lets other Trio tasks run. 0 never busy-waits. At most 0.01.
-            Default 0.0002.
+            lets other Trio tasks run. Where the waits are longer but regular
+            (a loop with its own work between calls), the worker sleeps until
+            shortly before the job is due and busy-waits from there, at most
+            this long. 0 never busy-waits. At most 0.01. Default 0.0002.
     """
 
     idle_timeout: float = attrs.field(default=600.0, validator=_seconds)
