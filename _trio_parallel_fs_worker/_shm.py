@@ -74,6 +74,8 @@ import pickle
 import secrets
 import struct
 import sys
+import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -319,6 +321,7 @@ class SharedArea:
         self._handed: list[memoryview] = []
         self._pieces: list[memoryview] = []
         self._reserved = 0  # end of the region read() handed out views into
+        self._keeper = BlockKeeper()  # for the parent's large results (read_copy)
         self._closed = False
 
     @classmethod
@@ -512,7 +515,7 @@ class SharedArea:
         start = found.extents[0][0]
         end = found.extents[-1][0] + found.extents[-1][1]
         with memoryview(self._map) as area:
-            target = memoryview(_copy_of(area[start:end]))
+            target = memoryview(_copy_of(area[start:end], self._keeper)).cast("B")
         return [target[offset - start : offset - start + length] for offset, length in found.extents]
 
     def _locate(self, descriptor: bytes | memoryview) -> Descriptor:
@@ -577,6 +580,7 @@ class SharedArea:
             return
         self._closed = True
         self._let_go_of_views()
+        self._keeper.close()
         if self._map is not None:
             try:
                 self._map.close()
@@ -641,25 +645,91 @@ def _touch(area: mmap.mmap) -> None:
     area[::PAGE] = area[::PAGE]
 
 
-def _copy_of(source: memoryview) -> bytearray | mmap.mmap:
-    """A new writable block (at least 16-byte aligned) holding a copy of ``source``.
+def _copy_of(source: memoryview, keeper: BlockKeeper) -> Any:
+    """A writable block (at least 16-byte aligned) holding a copy of ``source``,
+    lent through an object whose end gives the block back to ``keeper``.
 
-    Below ``_HUGE_COPY_MIN`` a bytearray made from it: allocated and copied in
-    one pass over the memory, where a zeroed ``bytearray(size)`` filled
-    afterwards takes two (1 MiB right after the process idled: 105 µs against 225 µs).
+    The block the keeper kept, if one fits (its pages are in memory already).
+    Else, below ``_HUGE_COPY_MIN``, a bytearray made from ``source``: allocated
+    and copied in one pass over the memory, where a zeroed ``bytearray(size)``
+    filled afterwards takes two (1 MiB right after the process idled: 105 µs
+    against 225 µs). From there on a private mapping with transparent huge pages.
     """
     size = source.nbytes
-    huge = getattr(mmap, "MADV_HUGEPAGE", None)
-    if size < _HUGE_COPY_MIN or huge is None or not hasattr(mmap, "MAP_PRIVATE"):
-        return bytearray(source)
-    block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        block.madvise(huge)
-    except OSError:
-        pass  # transparent huge pages disabled: 4 KiB pages then
+    block = keeper.take(size)
+    if block is None:
+        huge = getattr(mmap, "MADV_HUGEPAGE", None)
+        if size < _HUGE_COPY_MIN or huge is None or not hasattr(mmap, "MAP_PRIVATE"):
+            return keeper.lend(bytearray(source), size)
+        block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            block.madvise(huge)
+        except OSError:
+            pass  # transparent huge pages disabled: 4 KiB pages then
     with memoryview(block) as target:
-        target[:] = source
-    return block
+        target[:size] = source
+    return keeper.lend(block, size)
+
+
+class BlockKeeper:
+    """The last large result block the caller let go of, kept for the next one.
+
+    A result is copied out of the area into new memory; when the caller's
+    array goes, that memory would go back to the kernel (glibc returns large
+    blocks), and the next result would have its pages allocated and zeroed
+    again: half of the copy's time here, and far more on a virtual machine
+    whose host takes back memory the guest freed (measured on the
+    development VM: 128 MiB copied out in 19-25 ms, and now and then 90-260
+    ms with the same 64 huge page faults). So the block is lent through a
+    ctypes array over it (any Python version can tell when that goes: a weak
+    reference), and when it goes the keeper keeps the block, one at most,
+    for the next result that fits in it and needs at least half of it. The
+    area closes its keeper, and with it the block kept.
+    """
+
+    __slots__ = ("_lock", "_block", "_closed")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # blocks come back from whichever thread drops an array
+        self._block: bytearray | mmap.mmap | None = None
+        self._closed = False
+
+    def take(self, size: int) -> bytearray | mmap.mmap | None:
+        with self._lock:
+            block = self._block
+            if block is None or not size <= len(block) <= 2 * size:
+                return None
+            self._block = None
+        return block
+
+    def lend(self, block: bytearray | mmap.mmap, size: int) -> Any:
+        """An object exporting the first ``size`` bytes of ``block``; the block
+        comes back here when it is gone."""
+        import ctypes
+
+        exported = (ctypes.c_char * size).from_buffer(block)
+        weakref.finalize(exported, self._give_back, block)
+        return exported
+
+    def _give_back(self, block: bytearray | mmap.mmap) -> None:
+        # Called as the lending array goes, before its export of the block is
+        # released: a block not kept is dropped, not closed, and unmapped when
+        # its last reference goes, right after.
+        with self._lock:
+            if not self._closed:
+                self._block = block  # the newest stays; an older one is dropped
+
+    @property
+    def kept_bytes(self) -> int:
+        block = self._block
+        return 0 if block is None else len(block)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            block, self._block = self._block, None
+        if isinstance(block, mmap.mmap):
+            block.close()
 
 
 # --- memory accounting ---------------------------------------------------------

@@ -580,3 +580,45 @@ def test_counted_bytes_by_metric_and_after_the_peer_caught_up(pair):
     assert worker.holds_views
     del views
     assert worker.release() and not worker.holds_views
+
+
+def address_of(view: memoryview) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+@pytest.mark.parametrize("size", [MiB, 8 * MiB], ids=["bytearray", "huge-page-mapping"])
+def test_a_results_block_is_reused_once_the_caller_lets_go_of_it(pair, size):
+    parent, worker = pair
+    first = parent.read_copy(worker.write([np.full(size, 1, np.uint8)]))[0]
+    where = address_of(first)
+    held = parent.read_copy(worker.write([np.full(size, 2, np.uint8)]))[0]
+    assert address_of(held) != where  # the first one is still the caller's
+    del first
+    assert parent._keeper.kept_bytes == size
+    third = np.frombuffer(parent.read_copy(worker.write([np.full(size, 3, np.uint8)]))[0], np.uint8)
+    assert address_of(memoryview(third)) == where  # the block came back and was reused
+    assert parent._keeper.kept_bytes == 0
+    assert third.min() == third.max() == 3
+    third[0] = 9  # the caller's to write
+    assert np.frombuffer(held, np.uint8).min() == 2  # untouched by the reuse
+    # Much smaller results do not take a big block; closing drops the kept one.
+    del held
+    assert parent._keeper.kept_bytes == size
+    small = parent.read_copy(worker.write([np.full(size // 4, 4, np.uint8)]))[0]
+    assert parent._keeper.kept_bytes == size
+    assert bytes(small[:2]) == b"\x04\x04"
+    parent.close()
+    assert parent._keeper.kept_bytes == 0
+    del third, small  # given back to a closed keeper: unmapped at once
+    assert parent._keeper.kept_bytes == 0
+
+
+def test_a_result_block_outlives_its_area_while_the_caller_holds_it(pair):
+    parent, worker = pair
+    result = np.frombuffer(parent.read_copy(worker.write([np.arange(MiB, dtype=np.float64)]))[0])
+    parent.close()
+    worker.close()
+    gc.collect()
+    assert result[-1] == MiB - 1
