@@ -48,7 +48,7 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 PAGE = mmap.PAGESIZE
@@ -142,7 +142,7 @@ class PlanBook:
 
     @classmethod
     def create(cls) -> PlanBook | None:
-        """In the template, once frozen; None where plans cannot work here."""
+        """In the template, after preloading; None where plans cannot work here."""
         if not supported():
             return None
         try:
@@ -164,15 +164,15 @@ class PlanBook:
         try:
             head = os.pread(self.fd, _HEAD.size, 0)
             magic, _version, uses, writes, reads = _HEAD.unpack(head)
-            if magic != _MAGIC:
-                return None
+            if magic != _MAGIC or writes + reads > MAX_RUNS:
+                return None  # none yet (or not one of ours: never trusted, see apply)
             body = os.pread(self.fd, (writes + reads) * _RUN.size, _HEAD.size)
             if count_use:
                 os.pwrite(self.fd, _HEAD.pack(magic, 1, uses + 1, writes, reads), 0)
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
-        runs = [tuple(pair) for pair in _pairs(body)]
-        return Plan(runs[:writes], runs[writes:]), uses  # type: ignore[arg-type]
+        runs = list(_RUN.iter_unpack(body[: len(body) // _RUN.size * _RUN.size]))
+        return Plan(runs[:writes], runs[writes:]), uses
 
     def store(self, plan: Plan) -> None:
         writes, reads = plan.writes[:MAX_RUNS], plan.reads[: MAX_RUNS - min(len(plan.writes), MAX_RUNS)]
@@ -237,10 +237,6 @@ class PlanBook:
             if madvise(address, length, advice) == 0:
                 done += length
         return done
-
-
-def _pairs(body: bytes) -> Iterable[tuple[int, int]]:
-    return _RUN.iter_unpack(body)
 
 
 def _within(runs: Sequence[Run], mappings: list[Mapping], *, writable: bool) -> list[Run]:
