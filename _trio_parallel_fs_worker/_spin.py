@@ -152,13 +152,28 @@ def usable_cpus() -> float:
         cpus: float = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no affinity call
         return os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return cpus if quota is None else min(cpus, quota)
+
+
+def cgroup_cpu_quota(membership: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPUs this process's cgroup (v2) may use by its quota (``cpu.max``,
+    the smallest along the path from the process's group up: a container's
+    limit may sit above the group it runs in); None without one."""
     try:
-        with open("/proc/self/cgroup") as file:
+        with open(membership) as file:
             path = next(line[3:].strip() for line in file if line.startswith("0::"))
-        with open(f"/sys/fs/cgroup{path}/cpu.max") as file:
-            quota, period = file.read().split()
-        if quota != "max":
-            cpus = min(cpus, int(quota) / int(period))
-    except (OSError, StopIteration, ValueError):
-        pass  # no cgroup v2, or no quota to read: the affinity mask decides
-    return cpus
+    except (OSError, StopIteration):
+        return None  # no cgroup v2
+    found: float | None = None
+    parts = [part for part in path.split("/") if part]
+    for depth in range(len(parts), -1, -1):
+        try:
+            with open(os.path.join(root, *parts[:depth], "cpu.max")) as file:
+                quota, period = file.read().split()
+            if quota != "max":
+                cpus = int(quota) / int(period)
+                found = cpus if found is None else min(found, cpus)
+        except (OSError, ValueError):
+            continue  # no cpu controller here (the root has none), or unreadable
+    return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import pickle
 import signal
@@ -13,6 +14,7 @@ import trio
 import workerfns
 
 import trio_parallel_fs as tpf
+from _trio_parallel_fs_worker._spin import usable_cpus
 
 
 async def test_returns_the_value(worker_type):
@@ -177,7 +179,21 @@ def test_worker_context_is_not_constructed_directly():
 async def test_default_limiter_is_sized_to_usable_cpus():
     limiter = tpf.current_default_worker_limiter()
     assert limiter is tpf.current_default_process_limiter()
-    assert limiter.total_tokens == len(os.sched_getaffinity(0))
+    assert 1 <= limiter.total_tokens <= len(os.sched_getaffinity(0))
+    assert limiter.total_tokens == max(1, math.ceil(usable_cpus()))
+
+
+@pytest.mark.parametrize(("cpus", "tokens"), [(1.5, 2), (0.2, 1), (3.0, 3)])
+def test_default_limiter_rounds_a_cpu_quota_up(monkeypatch, cpus, tokens):
+    """Under a cgroup quota of 1.5 CPUs (usable_cpus says so), two workers."""
+    from trio_parallel_fs import _frontend
+
+    monkeypatch.setattr(_frontend, "usable_cpus", lambda: cpus)
+
+    async def size() -> int:
+        return tpf.current_default_worker_limiter().total_tokens
+
+    assert trio.run(size) == tokens
 
 
 async def test_limiter_bounds_concurrency():

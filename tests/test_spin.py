@@ -16,7 +16,13 @@ import workerfns
 
 import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import _protocol as p
-from _trio_parallel_fs_worker._spin import SpinPolicy, busy_waits_pay, sleep_for_input, usable_cpus
+from _trio_parallel_fs_worker._spin import (
+    SpinPolicy,
+    busy_waits_pay,
+    cgroup_cpu_quota,
+    sleep_for_input,
+    usable_cpus,
+)
 from trio_parallel_fs._channel import Worker
 
 needs_two_cpus = pytest.mark.skipif(not busy_waits_pay(), reason="busy-waits are off where only one CPU is usable")
@@ -161,6 +167,29 @@ def test_usable_cpus_is_at_most_the_affinity_mask():
     cpus = usable_cpus()
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert 0 < cpus <= allowed
+
+
+def write_file(path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_a_cgroup_cpu_quota_is_the_smallest_along_the_groups_path(tmp_path):
+    membership = tmp_path / "cgroup"
+    root = tmp_path / "fs"
+    write_file(membership, "0::/box/app\n")
+    write_file(root / "box" / "app" / "cpu.max", "max 100000\n")  # the group itself: no quota
+    assert cgroup_cpu_quota(str(membership), str(root)) is None
+    write_file(root / "box" / "cpu.max", "150000 100000\n")  # the container above it: 1.5 CPUs
+    assert cgroup_cpu_quota(str(membership), str(root)) == 1.5
+    write_file(root / "box" / "app" / "cpu.max", "300000 100000\n")
+    assert cgroup_cpu_quota(str(membership), str(root)) == 1.5
+    write_file(root / "box" / "app" / "cpu.max", "50000 100000\n")
+    assert cgroup_cpu_quota(str(membership), str(root)) == 0.5
+    # cgroup v1 only (no "0::" line), or no membership file: no quota known.
+    write_file(membership, "4:cpu,cpuacct:/box\n")
+    assert cgroup_cpu_quota(str(membership), str(root)) is None
+    assert cgroup_cpu_quota(str(tmp_path / "missing"), str(root)) is None
 
 
 class ScriptedProcess:

@@ -6,6 +6,7 @@ import atexit
 import contextvars
 import functools
 import inspect
+import math
 import os
 import threading
 import types
@@ -19,6 +20,7 @@ import trio
 
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._pickling import dumps_job
+from _trio_parallel_fs_worker._spin import usable_cpus
 
 from ._backend import Backend
 from ._config import WorkerConfig, WorkerType, make_config
@@ -34,17 +36,17 @@ _limiter_runvar: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunV
 
 
 def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # what this process may run on
-    except AttributeError:  # macOS and Windows have no sched_getaffinity
-        return os.cpu_count() or 1
+    # The affinity mask (else os.cpu_count()), bounded by a cgroup v2 CPU
+    # quota (a container started with --cpus=2 on a 64-CPU host: 2), rounded up.
+    return max(1, math.ceil(usable_cpus()))
 
 
 def current_default_worker_limiter() -> trio.CapacityLimiter:
     """The `trio.CapacityLimiter` that `run_sync` uses when given no ``limiter``.
 
     One per ``trio.run``, created with as many tokens as the CPUs this process
-    may use (its affinity mask where the OS tells, else ``os.cpu_count()``).
+    may use: its affinity mask where the OS tells, else ``os.cpu_count()``;
+    on Linux at most its cgroup's CPU quota (rounded up) where one is set.
     Change its ``total_tokens`` to run more or fewer workers at once.
     """
     try:
