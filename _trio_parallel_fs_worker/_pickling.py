@@ -98,6 +98,39 @@ def _plain_array(obj: object) -> bool:
     return numpy is not None and type(obj) is numpy.ndarray and _plain_dtype(obj.dtype)  # type: ignore[attr-defined]
 
 
+def _plain_scalar(obj: object) -> bool:
+    """True if ``obj`` is a numpy scalar (``arr.mean()`` gives one) of a plain
+    dtype: it reduces to numpy's own ``scalar(dtype, bytes)``."""
+    numpy = sys.modules.get("numpy")
+    return (
+        numpy is not None
+        and isinstance(obj, numpy.generic)
+        and type(obj).__module__ == "numpy"
+        and _plain_dtype(obj.dtype)
+    )
+
+
+# How far _plain_result looks into tuples and lists: results like
+# ``(mean, std)`` or ``[array, array]``, not arbitrary data (checking costs too).
+_RESULT_DEPTH, _RESULT_ITEMS = 2, 64
+
+
+def _plain_result(obj: object, depth: int = 0) -> bool:
+    """True if the C pickler stores ``obj`` exactly as cloudpickle does: an
+    atom, a plain array or numpy scalar, or a tuple or list of such (nested
+    ``_RESULT_DEPTH`` deep, ``_RESULT_ITEMS`` items each at most)."""
+    kind = type(obj)
+    if kind in _ATOMIC:
+        return True
+    if kind is tuple or kind is list:
+        return (
+            depth < _RESULT_DEPTH
+            and len(obj) <= _RESULT_ITEMS  # type: ignore[arg-type]
+            and all(_plain_result(item, depth + 1) for item in obj)  # type: ignore[attr-defined]
+        )
+    return _plain_array(obj) or _plain_scalar(obj)
+
+
 def _plain_dtype(dtype: Any) -> bool:
     """True if pickling ``dtype`` references nothing but numpy.
 
@@ -161,8 +194,8 @@ def dumps_job(fn: object, args: tuple[Any, ...]) -> Pickled:
 def dumps_value(value: object) -> Pickled:
     if type(value) in _ATOMIC:
         return pickle.dumps(value, PROTOCOL), []
-    if _plain_array(value):
-        # No fallback: a plain array references only numpy, which both
-        # picklers store by reference, so if pickle fails cloudpickle would too.
+    if _plain_result(value):
+        # No fallback: plain arrays and scalars reference only numpy, which
+        # both picklers store by reference, so if pickle fails cloudpickle would too.
         return _out_of_band(_pickle_dumps, value)
     return _out_of_band(_cloudpickle_dumps, value)

@@ -334,3 +334,47 @@ async def test_plain_arrays_through_real_workers_both_ways(worker_type, cloudpic
             assert_same_array(result, array)
             assert not np.shares_memory(result, array)
     assert cloudpickled.calls == []
+
+
+PLAIN_RESULTS = {
+    "float64": lambda: np.float64(1.5),
+    "int32": lambda: np.int32(-4),
+    "datetime": lambda: np.datetime64("2020-01-01"),
+    "record": lambda: np.zeros(1, dtype=[("a", "i4"), ("b", "f8")])[0],
+    "mean, std": lambda: (np.float64(2.0), np.float64(0.5)),
+    "arrays in a list": lambda: [np.arange(2**17, dtype=np.float64), np.ones(3)],  # one out of band
+    "two deep": lambda: (1, "s", [np.int8(3), None, np.arange(4)]),
+}
+
+
+@pytest.mark.parametrize("make", PLAIN_RESULTS.values(), ids=PLAIN_RESULTS.keys())
+def test_results_of_atoms_arrays_and_numpy_scalars_take_the_c_pickler_and_make_cloudpickles_bytes(make, cloudpickled):
+    value = make()
+    want_data, want_buffers = _pickling._out_of_band(cloudpickled.real, value)
+    data, buffers = _pickling.dumps_value(value)
+    assert cloudpickled.calls == []
+    assert data == want_data
+    assert [bytes(b) for b in buffers] == [bytes(b) for b in want_buffers]
+    assert repr(pickle.loads(data, buffers=buffers)) == repr(value)
+
+
+class LocalFloat(np.float64):
+    pass
+
+
+NOT_PLAIN_RESULTS = {
+    "a function inside": lambda: (1, lambda: 2),
+    "a numpy scalar subclass": lambda: (LocalFloat(1.0),),
+    "three deep": lambda: (((np.float64(1),),),),
+    "65 items": lambda: tuple(range(65)),
+    "a dict": lambda: {"mean": np.float64(1)},
+    "an object array": lambda: [np.array([1, "a"], dtype=object)],
+}
+
+
+@pytest.mark.parametrize("make", NOT_PLAIN_RESULTS.values(), ids=NOT_PLAIN_RESULTS.keys())
+def test_other_results_go_through_cloudpickle(make, cloudpickled):
+    value = make()
+    data, buffers = _pickling.dumps_value(value)
+    assert cloudpickled.calls == [value]
+    assert type(pickle.loads(data, buffers=buffers)) is type(value)
