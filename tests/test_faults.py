@@ -789,3 +789,27 @@ def test_parent_exit_with_a_job_running_in_a_thread_leaves_nothing(worker_type, 
                     process.kill()
             except psutil.Error:
                 pass
+
+
+async def test_a_worker_killed_while_idle_before_its_death_is_reported_does_not_fail_the_next_call(monkeypatch):
+    """Before: an idle worker killed from outside (kill -9, the OOM killer)
+    whose template had not reaped and reported it yet was given the next job;
+    sending it failed, and the call raised BrokenWorkerError for a job that
+    never ran (seen as a rare failure of the stress test). Now the job goes to
+    another worker, and the death is counted."""
+    async with tpf.open_worker_context(worker_type="forkserver") as ctx:
+        first = await ctx.run_sync(workerfns.pid)
+        (idle,) = ctx._pool._idle
+        monkeypatch.setattr(idle.process, "has_exited", lambda: False)  # white box: not reported yet
+        os.kill(first, signal.SIGKILL)
+        await wait_dead(first)
+        second = await ctx.run_sync(workerfns.pid)
+        assert second != first
+        assert ctx.statistics().retired["died"] == 1
+
+
+async def test_a_new_worker_that_dies_before_its_first_job_still_fails_the_call():
+    """The job is not handed on and on to workers that die at start."""
+    async with tpf.open_worker_context(worker_type="forkserver", init=functools.partial(workerfns.exit_with, 3)) as ctx:
+        with pytest.raises(tpf.BrokenWorkerError):
+            await ctx.run_sync(workerfns.add, 1, 2)

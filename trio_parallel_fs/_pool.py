@@ -377,19 +377,29 @@ class WorkerPool:
         try:
             if worker is None:
                 worker = await self._new_worker()
-            event = await self._exchange(worker, job_parts, fn)
+            event, delivered = await self._exchange(worker, job_parts, fn)
             if isinstance(event, p.Closed):
-                await self._died(worker, fn)
+                # A worker that had served before and was gone before the job
+                # reached it (killed while idle, its exit not reported yet): the
+                # job never ran, and goes elsewhere. A new worker that dies
+                # before its first job fails the call (its next would too).
+                await self._died(worker, fn, job_ran=delivered or not worker.init_done)
+                with self._lock:
+                    self.running -= 1
+                return RESUBMIT
         except BaseException:
             with self._lock:
                 self.running -= 1
             raise
         return self._settle(worker, event, fn)  # decrements running
 
-    async def _exchange(self, worker: Worker, job_parts: list[bytes | memoryview], fn: object) -> p.Event:
-        """Send the job; return the event that settles it."""
+    async def _exchange(
+        self, worker: Worker, job_parts: list[bytes | memoryview], fn: object
+    ) -> tuple[p.Event, bool]:
+        """Send the job; return the event that settles it, and whether the job
+        was delivered whole (if not, the worker had closed its end before)."""
         try:
-            await worker.send_job(job_parts)  # if it closed its end, its Bye may be waiting
+            delivered = await worker.send_job(job_parts)  # if it closed its end, its Bye may be waiting
             while True:
                 event = await worker.receive(_EXIT_REPORT_TIMEOUT)
                 self._announce(worker)
@@ -409,7 +419,7 @@ class WorkerPool:
             with trio.CancelScope(shield=True):
                 await self._kill(worker)
             raise
-        return event
+        return event, delivered
 
     async def _kill(self, worker: Worker) -> None:
         worker.process.kill()
@@ -438,9 +448,9 @@ class WorkerPool:
             in_init=not worker.init_done and self.config.init is not bool,
         )
 
-    async def _died(self, worker: Worker, fn: object) -> None:
-        """The worker's channel closed: wait for its exit report, let it go and
-        raise the BrokenWorkerError that says how it died."""
+    async def _died(self, worker: Worker, fn: object, job_ran: bool = True) -> None:
+        """The worker's channel closed: wait for its exit report, let it go and,
+        if it had the job, raise the BrokenWorkerError that says how it died."""
         with trio.CancelScope(shield=True):
             info = ExitInfo(pid=worker.process.pid, exitcode=None)
             with trio.move_on_after(_EXIT_REPORT_TIMEOUT):
@@ -449,7 +459,8 @@ class WorkerPool:
                 info = worker.process.give_up()
         with self._lock:
             self._end(worker, WorkerEvent.DIED, "ceiling" if info.ceiling_used is not None else "died")
-        raise self._broken(info, fn, worker)
+        if job_ran:
+            raise self._broken(info, fn, worker)
 
     def _settle(self, worker: Worker, event: p.Event, fn: object) -> Any:
         """Apply a reply to the worker's state and the counters (one lock, which
