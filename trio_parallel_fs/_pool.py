@@ -383,7 +383,7 @@ class WorkerPool:
                 # reached it (killed while idle, its exit not reported yet): the
                 # job never ran, and goes elsewhere. A new worker that dies
                 # before its first job fails the call (its next would too).
-                await self._died(worker, fn, job_ran=delivered or not worker.init_done)
+                await self._died(worker, fn, fail_call=delivered or not worker.init_done)
                 with self._lock:
                     self.running -= 1
                 return RESUBMIT
@@ -448,9 +448,9 @@ class WorkerPool:
             in_init=not worker.init_done and self.config.init is not bool,
         )
 
-    async def _died(self, worker: Worker, fn: object, job_ran: bool = True) -> None:
+    async def _died(self, worker: Worker, fn: object, fail_call: bool = True) -> None:
         """The worker's channel closed: wait for its exit report, let it go and,
-        if it had the job, raise the BrokenWorkerError that says how it died."""
+        with ``fail_call``, raise the BrokenWorkerError that says how it died."""
         with trio.CancelScope(shield=True):
             info = ExitInfo(pid=worker.process.pid, exitcode=None)
             with trio.move_on_after(_EXIT_REPORT_TIMEOUT):
@@ -459,7 +459,7 @@ class WorkerPool:
                 info = worker.process.give_up()
         with self._lock:
             self._end(worker, WorkerEvent.DIED, "ceiling" if info.ceiling_used is not None else "died")
-        if job_ran:
+        if fail_call:
             raise self._broken(info, fn, worker)
 
     def _settle(self, worker: Worker, event: p.Event, fn: object) -> Any:
