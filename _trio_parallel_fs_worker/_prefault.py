@@ -97,8 +97,7 @@ class Mapping(NamedTuple):
 
     start: int
     end: int
-    writable_private: bool  # rw-p: a write copies the page
-    file: str  # path of a file mapping; "" for anonymous memory
+    writable_private: bool  # rw-p: a write copies the page; else a readable file mapping
 
 
 Run = tuple[int, int]  # (address, length), both page-aligned
@@ -124,10 +123,9 @@ def read_mappings() -> list[Mapping]:
         if perms[:1] != b"r" or perms[3:4] != b"p" or name.startswith(b"[v"):
             continue
         writable_private = perms[1:2] == b"w"
-        file = name.decode(errors="replace") if name.startswith(b"/") and not name.endswith(b"(deleted)") else ""
-        if not writable_private and not file:
-            continue
-        found.append(Mapping(int(start, 16), int(end, 16), writable_private, file))
+        if not writable_private and not (name.startswith(b"/") and not name.endswith(b"(deleted)")):
+            continue  # read-only anonymous memory: nothing to copy, no file to map
+        found.append(Mapping(int(start, 16), int(end, 16), writable_private))
     return found
 
 
@@ -162,13 +160,13 @@ class PlanBook:
         ``count_use``: count this worker as one more that applied it."""
         fcntl.lockf(self.fd, fcntl.LOCK_EX if count_use else fcntl.LOCK_SH)
         try:
-            head = os.pread(self.fd, _HEAD.size, 0)
-            magic, _version, uses, writes, reads = _HEAD.unpack(head)
-            if magic != _MAGIC or writes + reads > MAX_RUNS:
-                return None  # none yet (or not one of ours: never trusted, see apply)
+            head = self._head()
+            if head is None:
+                return None
+            uses, writes, reads = head
             body = os.pread(self.fd, (writes + reads) * _RUN.size, _HEAD.size)
             if count_use:
-                os.pwrite(self.fd, _HEAD.pack(magic, 1, uses + 1, writes, reads), 0)
+                os.pwrite(self.fd, _HEAD.pack(_MAGIC, 1, uses + 1, writes, reads), 0)
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
         runs = list(_RUN.iter_unpack(body[: len(body) // _RUN.size * _RUN.size]))
@@ -184,10 +182,24 @@ class PlanBook:
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
+    def _head(self) -> tuple[int, int, int] | None:
+        """The plan's uses and run counts, under the caller's lock; None if
+        there is no plan yet (or the file is not one of ours: never trusted,
+        see apply)."""
+        magic, _version, uses, writes, reads = _HEAD.unpack(os.pread(self.fd, _HEAD.size, 0))
+        if magic != _MAGIC or writes + reads > MAX_RUNS:
+            return None
+        return uses, writes, reads
+
     def wants_lesson(self) -> bool:
-        """Whether a leaving worker should learn the plan again."""
-        found = self.load()
-        return found is None or found[1] >= RELEARN_AFTER
+        """Whether a leaving worker should learn the plan again (its head is
+        enough to tell)."""
+        fcntl.lockf(self.fd, fcntl.LOCK_SH)
+        try:
+            head = self._head()
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        return head is None or head[0] >= RELEARN_AFTER
 
     def learn(self) -> Plan:
         """What this process has copied and mapped of the template's mappings."""

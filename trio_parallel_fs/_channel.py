@@ -122,7 +122,7 @@ class Worker:
 
     async def send_job(self, job_parts: list[bytes | memoryview]) -> bool:
         """Send a job (its frame, in parts); False if the worker closed its end."""
-        if self._heard_ns:
+        if self._heard_ns and self._worker_gaps.limit_ns:  # no busy-waits: nothing to follow
             self._worker_busy = self._worker_gaps.busy_when(time.perf_counter_ns() - self._heard_ns)
         fd = -1
         if self._area_settings is not None and (len(job_parts) > 1 or self._area_wanted):
