@@ -21,9 +21,10 @@ Waits longer than the limit are often regular: a loop that calls, does some
 work of its own, and calls again. There the worker sleeps through most of
 the expected wait (to the microsecond) and busy-waits from shortly before
 the job is due, for up to the limit: it is awake when the job comes, for at
-most a limit of CPU per call. The caller follows the worker's plan from the
-gaps it sees between a reply and its next job, and busy-waits for the reply
-only when the worker was awake.
+most a limit of CPU per call. The caller busy-waits for the reply while
+replies come quickly, whether the worker was awake or the job woke it: a
+sleeping worker's wake-up is on the reply's path either way, and a blocked
+caller would add its own.
 
 A busy-wait only pays where the two ends run on two CPUs at once. Where this
 process may use one CPU only (its affinity mask, or on Linux its cgroup's CPU
@@ -127,15 +128,6 @@ class SpinPolicy:
         ns = min(ns, 2 * _REGULAR_MAX * limit)  # past the plan's bound, never just below it
         self.spread_ns = (3 * self.spread_ns + abs(ns - self.gap_ns)) >> 2
         self.gap_ns = (3 * self.gap_ns + ns) >> 2
-
-    def busy_when(self, ns: int) -> bool:
-        """Whether the other end, waiting by a plan like this one, was busy
-        (not asleep) when a message came ``ns`` after its wait began; then
-        record that wait. The caller asks it of each job it sends, knowing
-        the worker's waits as the gaps between a reply and the next job."""
-        sleep, busy = self.plan()
-        self.waited(ns)
-        return sleep <= ns < sleep + busy
 
 
 @functools.cache

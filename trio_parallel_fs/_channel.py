@@ -61,9 +61,6 @@ class Worker:
         "_area_settings",
         "_area_wanted",
         "_spin",
-        "_heard_ns",
-        "_worker_gaps",
-        "_worker_busy",
         "_readable",
     )
 
@@ -95,11 +92,6 @@ class Worker:
         self._area_settings = area_settings
         self._area_wanted = False  # a large result came over the socket: send the area
         self._spin = SpinPolicy(busy_wait)
-        self._heard_ns = 0  # when something last arrived from the worker (perf_counter_ns)
-        # The worker's waits for jobs, as seen from here (reply to next job),
-        # and whether it was busy-waiting when the last job came.
-        self._worker_gaps = SpinPolicy(busy_wait)
-        self._worker_busy = False
         self._readable = input_poller(channel)
 
     def send_ahead(self, config_frame: bytes, cwd: str) -> None:
@@ -122,8 +114,6 @@ class Worker:
 
     async def send_job(self, job_parts: list[bytes | memoryview]) -> bool:
         """Send a job (its frame, in parts); False if the worker closed its end."""
-        if self._heard_ns and self._worker_gaps.limit_ns:  # no busy-waits: nothing to follow
-            self._worker_busy = self._worker_gaps.busy_when(time.perf_counter_ns() - self._heard_ns)
         fd = -1
         if self._area_settings is not None and (len(job_parts) > 1 or self._area_wanted):
             job_parts, fd = self._through_area(job_parts)
@@ -249,34 +239,24 @@ class Worker:
         replies come quickly (see ``_spin``), letting other tasks run between
         two looks; then through Trio.
 
-        Only while the worker itself is likely awake: it last replied less
-        than the limit ago, or it was busy-waiting when the job came (the
-        worker's plan, followed here from the gaps between reply and job). A
-        worker asleep is woken by the job, and the kernel may wake it on this
-        very CPU, expecting us to sleep now; busy here, we would keep it off it.
+        Also when the worker was asleep and the job wakes it: its wake-up is
+        on the reply's path either way, and blocked we would add ours (the
+        CPU we left halts, and waking it goes through the hypervisor).
         """
         spin = self._spin
         if not spin.limit_ns:
             await trio.lowlevel.wait_readable(self.channel)
             return
         start = time.perf_counter_ns()
-        awake = self._worker_busy or start - self._heard_ns < spin.limit_ns
-        window = spin.window_ns() if awake else 0
-        if window:
-            end = start + window
-            readable = self._readable
-            while not readable(0):
-                if time.perf_counter_ns() >= end:
-                    break
-                yield_cpu()
-                await trio.lowlevel.checkpoint()
-            else:
-                self._heard_ns = time.perf_counter_ns()
-                spin.waited(self._heard_ns - start)
-                return
-        await trio.lowlevel.wait_readable(self.channel)
-        self._heard_ns = time.perf_counter_ns()
-        spin.waited(self._heard_ns - start)
+        end = start + spin.window_ns()  # while replies come slowly: now, one look only
+        readable = self._readable
+        while not readable(0):
+            if time.perf_counter_ns() >= end:
+                await trio.lowlevel.wait_readable(self.channel)
+                break
+            yield_cpu()
+            await trio.lowlevel.checkpoint()
+        spin.waited(time.perf_counter_ns() - start)
 
     def _take_result_buffers(self, value: p.Value) -> None:
         """Copy a result's buffers out of the area; or, if large ones came over
