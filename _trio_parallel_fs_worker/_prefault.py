@@ -191,15 +191,22 @@ class PlanBook:
             return None
         return uses, writes, reads
 
-    def wants_lesson(self) -> bool:
-        """Whether a leaving worker should learn the plan again (its head is
-        enough to tell)."""
-        fcntl.lockf(self.fd, fcntl.LOCK_SH)
+    def claim_lesson(self) -> bool:
+        """Whether a leaving worker should learn the plan again (none yet, or
+        used for a while); if so, marks it learned meanwhile, so that workers
+        leaving at the same moment do not learn it too (each lesson is
+        milliseconds of CPU). The others keep the old plan (or none) until
+        the new one is stored."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
             head = self._head()
+            if head is not None and head[0] < RELEARN_AFTER:
+                return False
+            _, writes, reads = head or (0, 0, 0)
+            os.pwrite(self.fd, _HEAD.pack(_MAGIC, 1, 0, writes, reads), 0)
+            return True
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
-        return head is None or head[0] >= RELEARN_AFTER
 
     def learn(self) -> Plan:
         """What this process has copied and mapped of the template's mappings."""
@@ -335,7 +342,7 @@ def learn_before_leaving() -> None:
     if _book is None:
         return
     try:
-        if _book.wants_lesson():
+        if _book.claim_lesson():
             _book.store(_book.learn())
     except OSError:
         pass

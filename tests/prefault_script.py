@@ -102,8 +102,15 @@ if mode == "apply":
 
     result["busy_worker"] = in_child(lambda: {"applied": pf.prefault_while_idle(message_waits), "waits": waits})
     result["idle_worker"] = in_child(lambda: {"applied": pf.prefault_while_idle(no_message), "waits": waits[:2]})
-    result["wants_lesson"] = [book.wants_lesson()]
+    result["claims"] = [book.claim_lesson()]
     for _ in range(pf.RELEARN_AFTER):
         book.load(count_use=True)
-    result["wants_lesson"].append(book.wants_lesson())
+    # Two workers leave at once: the first learns, the second need not; the
+    # old plan stays meanwhile.
+    result["claims"] += [book.claim_lesson(), book.claim_lesson()]
+    kept = book.load()
+    result["kept_writes"] = kept[0].writes == [tuple(run) for run in learned["writes"]]
+    empty = pf.PlanBook.create()  # no plan yet: one learner, and an empty plan meanwhile
+    result["first_claims"] = [empty.claim_lesson(), empty.claim_lesson()]
+    result["meanwhile"] = empty.load()
 print(json.dumps(result))
