@@ -368,6 +368,12 @@ class SharedArea:
         return self._size
 
     @property
+    def kept_bytes(self) -> int:
+        """Bytes of the result block kept here for the next large result (see
+        `BlockKeeper`): the parent's own memory, not the area's."""
+        return self._keeper.kept_bytes
+
+    @property
     def private_bytes(self) -> int:
         """Bytes of the area mapped here and not yet by the other end.
 

@@ -287,6 +287,29 @@ async def test_a_large_result_first_over_the_socket_then_through_the_area(worker
         assert (first == 3).all() and (second == 4).all()
 
 
+async def test_statistics_count_the_block_kept_for_the_next_large_result(worker_type):
+    """A result that came through the area lives in the caller's memory; once
+    the caller lets go of it, that block is kept for the next one, and
+    statistics say how much. The next result takes it (nothing kept while it
+    lives), and the block goes with the worker's area."""
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        with trio.fail_after(HANG):
+            await ctx.run_sync(make, (4 * MiB,), np.uint8, "C", 3)  # over the socket: the area goes out next
+            second = await ctx.run_sync(make, (4 * MiB,), np.uint8, "C", 4)
+            assert ctx.statistics().kept_result_bytes == 0  # the caller holds it
+            del second
+            kept = ctx.statistics().kept_result_bytes
+            assert 4 * MiB <= kept <= area_bytes(ctx)
+            third = await ctx.run_sync(make, (4 * MiB,), np.uint8, "C", 5)
+            assert ctx.statistics().kept_result_bytes == 0  # the third result lives in it
+            assert (third == 5).all()
+            del third
+            assert ctx.statistics().kept_result_bytes == kept
+            with pytest.raises(tpf.BrokenWorkerError):
+                await ctx.run_sync(kill_self)
+            assert ctx.statistics().kept_result_bytes == 0  # gone with the worker's area
+
+
 async def test_a_job_that_keeps_its_argument_retires_its_worker(worker_type):
     array = np.full(2 * MiB, 9.0)
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:

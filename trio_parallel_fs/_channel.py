@@ -279,6 +279,12 @@ class Worker:
         area = self.area
         return 0 if area is None or area.closed else area.size
 
+    @property
+    def kept_result_bytes(self) -> int:
+        """Bytes this caller keeps for this worker's next large result (0 without an area)."""
+        area = self.area
+        return 0 if area is None or area.closed else area.kept_bytes
+
     def close(self) -> None:
         # EOF tells an idle worker to exit; a busy one finds out when it replies.
         if self.area is not None:

@@ -130,6 +130,10 @@ class WorkerContextStatistics:
         preload: The modules the template preloads.
         shared_memory_bytes: The total size of the live workers' shared memory
             areas (see ``shm_threshold``). Not counted against ``max_memory``.
+        kept_result_bytes: Memory of this process kept for the live workers'
+            next large results (at most one block per area, once the caller
+            let go of a result that came through it), so that those results
+            land in pages already allocated; released with the area.
         prepared_workers: Workers started ahead of demand, in place of one
             that retired after its job (``max_jobs``, ``max_memory``, the
             retire hook), which the next call will use; not counted in
@@ -144,6 +148,7 @@ class WorkerContextStatistics:
     preload: tuple[str, ...] = ()
     shared_memory_bytes: int = 0
     prepared_workers: int = 0
+    kept_result_bytes: int = 0
 
 
 class WorkerPool:
@@ -185,6 +190,7 @@ class WorkerPool:
                 template_pid=self.backend.template_pid,
                 preload=self.config.preload,
                 shared_memory_bytes=sum(worker.area_size for worker in self._live),
+                kept_result_bytes=sum(worker.kept_result_bytes for worker in self._live),
                 prepared_workers=sum(1 for worker in self._idle if worker.state is _STARTING),
             )
 
