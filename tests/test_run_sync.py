@@ -345,6 +345,29 @@ async def test_numpy_global_random_state_differs_between_forked_workers():
     assert len(draws) == 3
 
 
+def draw_a_normal_in_the_template():
+    import numpy
+
+    numpy.random.standard_normal()  # the legacy generator keeps the pair's second value
+
+
+def draw_numpy_normal():
+    import numpy
+
+    return float(numpy.random.standard_normal())
+
+
+async def test_forked_workers_share_no_numpy_random_state_with_the_template():
+    """Not the stream, nor the Gaussian the template's own draw left cached
+    (every worker would return that one first)."""
+    pytest.importorskip("numpy")
+    async with tpf.open_worker_context(
+        preload=["numpy.random"], template_init=draw_a_normal_in_the_template, max_jobs=1
+    ) as ctx:
+        draws = [await ctx.run_sync(draw_numpy_normal) for _ in range(3)]
+    assert len(set(draws)) == 3
+
+
 def checksum(data):
     import zlib
 
