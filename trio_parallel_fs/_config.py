@@ -197,7 +197,9 @@ class WorkerConfig:
             lets other Trio tasks run. Where the waits are longer but regular
             (a loop with its own work between calls), the worker sleeps until
             shortly before the job is due and busy-waits from there, at most
-            this long. 0 never busy-waits. At most 0.01. Default 0.0002.
+            this long (a loop that sleeps a millisecond or more between
+            calls gains nothing from that: 0 suits it better). 0 never
+            busy-waits. At most 0.01. Default 0.0002.
     """
 
     idle_timeout: float = attrs.field(default=600.0, validator=_seconds)
