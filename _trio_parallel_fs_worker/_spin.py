@@ -82,20 +82,36 @@ _REGULAR_MAX = 32
 
 
 class SpinPolicy:
-    """The busy-wait plan of one end of one channel."""
+    """The busy-wait window of one end of one channel (the caller's)."""
 
-    __slots__ = ("limit_ns", "typical_ns", "gap_ns", "spread_ns")
+    __slots__ = ("limit_ns", "typical_ns")
 
     def __init__(self, limit: float) -> None:
         """``limit``: the longest busy-wait, in seconds (0: never)."""
         self.limit_ns = int(limit * 1e9) if limit and busy_waits_pay() else 0
         self.typical_ns = 0  # recent waits, each counted as at most 4 limits
-        self.gap_ns = 0  # recent waits, each counted as at most twice _REGULAR_MAX limits
-        self.spread_ns = 0  # how far recent waits were from gap_ns
 
     def window_ns(self) -> int:
         """How long to busy-wait now: the limit, or 0 while waits run longer."""
         return self.limit_ns if self.typical_ns < self.limit_ns else 0
+
+    def waited(self, ns: int) -> None:
+        """Record how long a wait took, from its start to the message."""
+        # A running average weighting the newest wait by a quarter; a very long
+        # wait counts as four limits, so that one pause does not stop busy
+        # waits for long once messages come quickly again.
+        self.typical_ns = (3 * self.typical_ns + min(ns, 4 * self.limit_ns)) >> 2
+
+
+class WaitPlan(SpinPolicy):
+    """The worker's window, and its plan for waits longer than the limit."""
+
+    __slots__ = ("gap_ns", "spread_ns")
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(limit)
+        self.gap_ns = 0  # recent waits, each counted as at most twice _REGULAR_MAX limits
+        self.spread_ns = 0  # how far recent waits were from gap_ns
 
     def plan(self) -> tuple[int, int]:
         """``(sleep, busy)`` in ns: how long to wait blocking first, then how
@@ -119,13 +135,8 @@ class SpinPolicy:
         return 0, 0
 
     def waited(self, ns: int) -> None:
-        """Record how long a wait took, from its start to the message."""
-        # Running averages weighting the newest wait by a quarter. For the
-        # window, a very long wait counts as four limits, so that one pause
-        # does not stop busy waits for long once messages come quickly again.
-        limit = self.limit_ns
-        self.typical_ns = (3 * self.typical_ns + min(ns, 4 * limit)) >> 2
-        ns = min(ns, 2 * _REGULAR_MAX * limit)  # past the plan's bound, never just below it
+        super().waited(ns)
+        ns = min(ns, 2 * _REGULAR_MAX * self.limit_ns)  # past the plan's bound, never just below it
         self.spread_ns = (3 * self.spread_ns + abs(ns - self.gap_ns)) >> 2
         self.gap_ns = (3 * self.gap_ns + ns) >> 2
 

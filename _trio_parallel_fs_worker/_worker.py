@@ -38,7 +38,7 @@ from ._pickling import dumps_value, loads
 from ._prefault import learn_before_leaving, prefault_while_idle
 from ._settings import WorkerHooks, WorkerSettings
 from ._shm import SharedArea, total_bytes
-from ._spin import SpinPolicy, input_poller, sleep_for_input, yield_cpu
+from ._spin import WaitPlan, input_poller, sleep_for_input, yield_cpu
 
 _RECV_SIZE = 1 << 16
 # Room for the fds one recvmsg may bring: one area, and then some, so that a
@@ -73,14 +73,14 @@ class Inbox:
         self.connection = connection
         self.poll_timeout: float | None = None  # milliseconds; None: forever
         self.poller = input_poller(sock)
-        self.spin = SpinPolicy(0)
+        self.spin = WaitPlan(0)
         self.takes_fds = _FD_SPACE > 0 and sock.family == getattr(socket, "AF_UNIX", None)
         self.fds: list[int] = []  # received, not handed out yet
 
     def start_serving(self, hooks: WorkerHooks) -> None:
         """Jobs come from now on: apply the idle timeout and the busy-wait limit."""
         self.poll_timeout = None if math.isinf(hooks.idle_timeout) else hooks.idle_timeout * 1000
-        self.spin = SpinPolicy(hooks.busy_wait)
+        self.spin = WaitPlan(hooks.busy_wait)
         if self.spin.limit_ns:
             tighten_timers()  # its sleeps before a busy-wait must end on time
 

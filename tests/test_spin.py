@@ -17,6 +17,7 @@ import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._spin import (
     SpinPolicy,
+    WaitPlan,
     busy_waits_pay,
     cgroup_cpu_quota,
     sleep_for_input,
@@ -46,7 +47,7 @@ def test_the_window_closes_after_a_slow_wait_and_opens_after_quick_ones():
 
 @needs_two_cpus
 def test_regular_waits_longer_than_the_limit_sleep_first_then_busy_wait_around_the_message():
-    spin = SpinPolicy(0.001)
+    spin = WaitPlan(0.001)
     assert spin.plan() == (0, 1 * MS)  # nothing seen yet: quick waits assumed
     for _ in range(40):  # a loop that calls every 5 ms
         spin.waited(5 * MS)
@@ -57,12 +58,12 @@ def test_regular_waits_longer_than_the_limit_sleep_first_then_busy_wait_around_t
 
 @needs_two_cpus
 def test_irregular_or_very_long_waits_never_busy_wait():
-    irregular = SpinPolicy(0.001)
+    irregular = WaitPlan(0.001)
     for _ in range(20):
         irregular.waited(2 * MS)
         irregular.waited(8 * MS)
     assert irregular.plan() == (0, 0)
-    long = SpinPolicy(0.001)
+    long = WaitPlan(0.001)
     for _ in range(40):
         long.waited(100 * MS)  # beyond _REGULAR_MAX limits: sleep it all
     assert long.plan() == (0, 0)
@@ -108,7 +109,7 @@ def test_the_worker_sleeps_through_a_regular_wait_then_busy_waits(monkeypatch):
 
     ours, theirs = socket.socketpair()
     inbox = _worker.Inbox(ours, p.Connection(p.WORKER))
-    inbox.spin = SpinPolicy(0.001)
+    inbox.spin = WaitPlan(0.001)
     for _ in range(40):
         inbox.spin.waited(5 * MS)
     planned_sleep = inbox.spin.plan()[0]
