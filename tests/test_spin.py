@@ -196,13 +196,10 @@ class ScriptedProcess:
         return False
 
 
-@needs_two_cpus
-async def test_the_caller_busy_waits_for_a_quick_reply_letting_other_tasks_run(monkeypatch):
-    """While it busy-waits, the caller checkpoints between two looks: here the
-    reply is sent by another task of this run, which could not run otherwise,
-    and it arrives before the spin's end (Trio's wait is never used)."""
-    ours, theirs = socket.socketpair()
-    worker = Worker(ours, ScriptedProcess(), b"", busy_wait=0.01)  # type: ignore[arg-type]
+async def looks_for_a_reply(worker: Worker, theirs: socket.socket, before_reply) -> int:
+    """Receive on ``worker`` a reply that another task of this run sends on
+    ``theirs`` after ``await before_reply()``; check it, and return how many
+    times the caller looked for it."""
     looks = 0
     real_readable = worker._readable
 
@@ -212,24 +209,39 @@ async def test_the_caller_busy_waits_for_a_quick_reply_letting_other_tasks_run(m
         return real_readable(timeout)
 
     worker._readable = counting_readable
+    reply = b"".join(bytes(part) for part in p.Connection(p.WORKER).send(p.Value(pickle_of_three())))
+
+    async def replier():
+        await before_reply()
+        theirs.sendall(reply)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(replier)
+        with trio.fail_after(5):
+            event = await worker.receive(answer_timeout=1)
+    assert isinstance(event, p.Value) and bytes(event.pickled) == pickle_of_three()
+    return looks
+
+
+@needs_two_cpus
+async def test_the_caller_busy_waits_for_a_quick_reply_letting_other_tasks_run(monkeypatch):
+    """While it busy-waits, the caller checkpoints between two looks: here the
+    reply is sent by another task of this run, which could not run otherwise,
+    and it arrives before the spin's end (Trio's wait is never used)."""
+    ours, theirs = socket.socketpair()
+    worker = Worker(ours, ScriptedProcess(), b"", busy_wait=0.01)  # type: ignore[arg-type]
 
     async def no_trio_wait(fd):
         raise AssertionError("the busy-wait gave up and blocked")
 
     monkeypatch.setattr(trio.lowlevel, "wait_readable", no_trio_wait)
-    reply = b"".join(bytes(part) for part in p.Connection(p.WORKER).send(p.Value(pickle_of_three())))
 
-    async def replier():
+    async def three_checkpoints():
         for _ in range(3):
             await trio.lowlevel.checkpoint()
-        theirs.sendall(reply)
 
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(replier)
-            with trio.fail_after(5):
-                event = await worker.receive(answer_timeout=1)
-        assert isinstance(event, p.Value) and bytes(event.pickled) == pickle_of_three()
+        looks = await looks_for_a_reply(worker, theirs, three_checkpoints)
         assert looks >= 2  # it looked, yielded to the replier, and looked again
     finally:
         worker.close()
@@ -244,15 +256,6 @@ async def test_the_caller_blocks_at_once_while_replies_come_slowly(monkeypatch):
     worker = Worker(ours, ScriptedProcess(), b"", busy_wait=0.001)  # type: ignore[arg-type]
     for _ in range(10):
         worker._spin.waited(50 * MS)
-    looks = 0
-    real_readable = worker._readable
-
-    def counting_readable(timeout):
-        nonlocal looks
-        looks += 1
-        return real_readable(timeout)
-
-    worker._readable = counting_readable
     real_wait = trio.lowlevel.wait_readable
     trio_waits = 0
 
@@ -262,18 +265,12 @@ async def test_the_caller_blocks_at_once_while_replies_come_slowly(monkeypatch):
         await real_wait(fd)
 
     monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait)
-    reply = b"".join(bytes(part) for part in p.Connection(p.WORKER).send(p.Value(pickle_of_three())))
 
-    async def replier():
+    async def five_ms():
         await trio.sleep(0.005)
-        theirs.sendall(reply)
 
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(replier)
-            with trio.fail_after(5):
-                event = await worker.receive(answer_timeout=1)
-        assert isinstance(event, p.Value) and bytes(event.pickled) == pickle_of_three()
+        looks = await looks_for_a_reply(worker, theirs, five_ms)
         assert (looks, trio_waits) == (1, 1)
         for _ in range(6):  # each slow wait counted as at most 4 limits
             worker._spin.waited(MS // 10)
