@@ -210,33 +210,25 @@ class PlanBook:
 
     def learn(self) -> Plan:
         """What this process has copied and mapped of the template's mappings."""
-        writes: list[Run] = []
-        reads: list[Run] = []
-        write_budget = MAX_WRITE_BYTES
-        read_budget = MAX_READ_BYTES
+        # By kind of mapping: True for writable private ones (pages copied),
+        # False for file mappings (pages mapped).
+        runs: dict[bool, list[Run]] = {True: [], False: []}
+        budget = {True: MAX_WRITE_BYTES, False: MAX_READ_BYTES}
         with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
             for mapping in self.template_mappings:
+                kind = mapping.writable_private
                 size = mapping.end - mapping.start
-                if size > _MAX_SCANNED_MAPPING:
-                    continue
-                table = _PRIVATE_PAGE if mapping.writable_private else _MAPPED_PAGE
-                if mapping.writable_private and write_budget <= 0 or not mapping.writable_private and read_budget <= 0:
+                if size > _MAX_SCANNED_MAPPING or budget[kind] <= 0:
                     continue
                 entries = os.pread(pagemap.fileno(), size // PAGE * 8, mapping.start // PAGE * 8)
-                flags = entries[_TOP_BYTE::8].translate(table)
-                runs = writes if mapping.writable_private else reads
+                flags = entries[_TOP_BYTE::8].translate(_PRIVATE_PAGE if kind else _MAPPED_PAGE)
                 for match in _RUN_OF_ONES.finditer(flags):
-                    length = (match.end() - match.start()) * PAGE
-                    if mapping.writable_private:
-                        length = min(length, write_budget)
-                        write_budget -= length
-                    else:
-                        length = min(length, read_budget)
-                        read_budget -= length
+                    length = min((match.end() - match.start()) * PAGE, budget[kind])
                     if length <= 0:
                         break
-                    runs.append((mapping.start + match.start() * PAGE, length))
-        return Plan(writes, reads)
+                    budget[kind] -= length
+                    runs[kind].append((mapping.start + match.start() * PAGE, length))
+        return Plan(runs[True], runs[False])
 
     def apply(self, plan: Plan, should_stop: Callable[[], bool]) -> int:
         """Take the plan's faults here, for the runs that lie within a mapping
@@ -271,20 +263,14 @@ def _within(runs: Sequence[Run], mappings: list[Mapping], *, writable: bool) -> 
     return kept
 
 
-_madvise_function: Callable[[int, int, int], int] | None = None
-
-
+@functools.cache
 def _madvise() -> Callable[[int, int, int], int]:
-    global _madvise_function
-    if _madvise_function is None:
-        import ctypes
+    import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.madvise
-        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        function.restype = ctypes.c_int
-        _madvise_function = function
-    return _madvise_function
+    function = ctypes.CDLL(None, use_errno=True).madvise
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
 
 
 @functools.cache
@@ -315,7 +301,7 @@ _book: PlanBook | None = None
 
 
 def open_book() -> None:
-    """In the template, after preloading and freezing, before any fork."""
+    """In the template, after preloading, before any fork."""
     global _book
     _book = PlanBook.create()
 
