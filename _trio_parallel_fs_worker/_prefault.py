@@ -41,7 +41,6 @@ library only: the worker never imports trio.
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
 import mmap
 import os
@@ -158,6 +157,8 @@ class PlanBook:
     def load(self, count_use: bool = False) -> tuple[Plan, int] | None:
         """The plan and how many workers applied it; None if there is none.
         ``count_use``: count this worker as one more that applied it."""
+        import fcntl  # POSIX only: this module is imported on Windows too (by every worker)
+
         fcntl.lockf(self.fd, fcntl.LOCK_EX if count_use else fcntl.LOCK_SH)
         try:
             head = self._head()
@@ -175,6 +176,8 @@ class PlanBook:
     def store(self, plan: Plan) -> None:
         writes, reads = plan.writes[:MAX_RUNS], plan.reads[: MAX_RUNS - min(len(plan.writes), MAX_RUNS)]
         body = b"".join(_RUN.pack(*run) for run in (*writes, *reads))
+        import fcntl
+
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
             os.pwrite(self.fd, body, _HEAD.size)
@@ -197,6 +200,8 @@ class PlanBook:
         leaving at the same moment do not learn it too (each lesson is
         milliseconds of CPU). The others keep the old plan (or none) until
         the new one is stored."""
+        import fcntl
+
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
             head = self._head()
