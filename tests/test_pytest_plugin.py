@@ -289,6 +289,65 @@ def test_trio_benchmark_keeps_the_tests_benchmark_options(inner: pytest.Pytester
     assert entry["group"] == "sleeps"
 
 
+def test_trio_benchmark_tests_are_benchmarks_for_only_skip_autosave_and_compare(inner: pytest.Pytester) -> None:
+    """pytest-benchmark sorts tests into benchmarks and others at collection,
+    by whether ``benchmark`` is among their fixtures: a ``trio_benchmark``
+    test must count as a benchmark there, so that ``--benchmark-only`` runs it
+    (and skips the others), ``--benchmark-skip`` skips it, and its figures are
+    saved and compared like any benchmark's."""
+    pytest.importorskip("pytest_benchmark", reason="trio_benchmark drives pytest-benchmark")
+    inner.makepyfile(
+        test_inner="""
+        import pytest
+        import trio
+
+        @pytest.fixture
+        def seconds():
+            return 0.25
+
+        @pytest.mark.benchmark(min_rounds=3, max_time=0.1)
+        async def test_awaited(trio_benchmark, autojump_clock):
+            await trio_benchmark(trio.sleep, 0.5)
+            assert trio_benchmark.stats.stats.min == pytest.approx(0.5, abs=1e-6)
+
+        @pytest.mark.benchmark(min_rounds=3, max_time=0.1)
+        @pytest.mark.parametrize("factor", [1, 2])
+        async def test_through_a_fixture(trio_benchmark, autojump_clock, seconds, factor):
+            await trio_benchmark(trio.sleep, seconds * factor)
+            assert trio_benchmark.stats.stats.min == pytest.approx(seconds * factor, abs=1e-6)
+
+        def test_not_a_benchmark():
+            pass
+        """
+    )
+    benchmarks = [
+        "test_inner.py::test_awaited",
+        "test_inner.py::test_through_a_fixture[[]1[]]",
+        "test_inner.py::test_through_a_fixture[[]2[]]",
+    ]
+    result = run(inner, "--benchmark-only", "--benchmark-autosave")
+    result.assert_outcomes(passed=3, skipped=1)
+    result.stdout.fnmatch_lines_random([f"PASSED {name}" for name in benchmarks])
+    result.stdout.fnmatch_lines(["SKIPPED * Skipping non-benchmark (--benchmark-only active)."])
+    (saved,) = (inner.path / ".benchmarks").rglob("0001_*.json")
+    names = {entry["name"]: entry for entry in json.loads(saved.read_text())["benchmarks"]}
+    assert set(names) == {"test_awaited", "test_through_a_fixture[1]", "test_through_a_fixture[2]"}
+    assert names["test_awaited"]["options"]["timer"] == "awaited_time"
+    assert names["test_awaited"]["stats"]["min"] == pytest.approx(0.5, abs=1e-6)
+
+    # Compared with the saved run: the same figures (virtual time), so a
+    # regression threshold of 1% passes.
+    result = run(inner, "--benchmark-only", "--benchmark-compare=0001", "--benchmark-compare-fail=min:1%")
+    result.assert_outcomes(passed=3, skipped=1)
+    result.stderr.fnmatch_lines(["Comparing against benchmarks from: *0001_*.json"])
+    result.stdout.fnmatch_lines(["test_awaited (0001_*)*", "test_awaited (NOW)*"], consecutive=False)
+    assert "Performance has regressed" not in result.stdout.str()
+
+    result = run(inner, "--benchmark-skip")
+    result.assert_outcomes(passed=1, skipped=3)
+    result.stdout.fnmatch_lines(["PASSED test_inner.py::test_not_a_benchmark"])
+
+
 def test_trio_benchmark_refuses_a_test_that_also_uses_benchmark(inner: pytest.Pytester) -> None:
     pytest.importorskip("pytest_benchmark", reason="trio_benchmark drives pytest-benchmark")
     inner.makepyfile(

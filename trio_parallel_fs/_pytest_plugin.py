@@ -25,6 +25,15 @@ worker thread (``trio.to_thread``); each iteration hands the call back to the
 test's Trio loop with ``trio.from_thread.run``. The hand-offs must not be timed,
 so pytest-benchmark is given a clock of awaited time (`AwaitedTime`) through its
 public ``benchmark`` marker (``timer=``) instead of ``perf_counter``.
+
+pytest-benchmark sorts tests into benchmarks and others when they are
+collected (for ``--benchmark-only``, ``--benchmark-skip``), by whether
+``benchmark`` is among a test's fixture names; ``trio_benchmark`` asks for it
+only while the test sets up, too late for that. So the plugin's collection hook
+(run before pytest-benchmark's) adds ``benchmark`` to the fixture names of each
+test that uses ``trio_benchmark``, and hands the test its clock through the
+marker there and then, so the order in which the two fixtures are set up does
+not matter.
 """
 
 from __future__ import annotations
@@ -233,6 +242,47 @@ def worker_context(request: pytest.FixtureRequest, worker_context_leak_timeout: 
 
 # --- trio_benchmark -----------------------------------------------------------------
 
+# Stash keys on a test item: its awaited-time clock, and whether the plugin
+# (not the test) put ``benchmark`` among its fixture names.
+_CLOCK = pytest.StashKey["AwaitedTime"]()
+_ADDED_BENCHMARK = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Make each test that uses ``trio_benchmark`` a benchmark in
+    pytest-benchmark's eyes before its own collection hook looks (see the
+    module's docstring)."""
+    if not config.pluginmanager.hasplugin("benchmark"):
+        return
+    for item in items:
+        names = getattr(item, "fixturenames", None)
+        if not isinstance(names, list) or "trio_benchmark" not in names:
+            continue
+        if "benchmark" not in names:
+            # A new list for this item: parametrized items share the old one.
+            item.fixturenames = [*names, "benchmark"]  # type: ignore[attr-defined]
+            item.stash[_ADDED_BENCHMARK] = True
+        _hand_clock(item)
+
+
+def _hand_clock(node: pytest.Item) -> AwaitedTime:
+    """The test's awaited-time clock, given to pytest-benchmark's fixture
+    through the closest ``benchmark`` marker (made once per test).
+
+    pytest-benchmark's fixture takes its timer from that marker: the clock goes
+    there, keeping the test's own options (max_time, min_rounds, group...); a
+    ``timer`` given there is replaced.
+    """
+    clock = node.stash.get(_CLOCK, None)
+    if clock is None:
+        clock = node.stash[_CLOCK] = AwaitedTime()
+        closest = node.get_closest_marker("benchmark")
+        options = dict(closest.kwargs) if closest is not None else {}
+        node.add_marker(pytest.mark.benchmark(**{**options, "timer": clock}), append=False)
+    return clock
+
+
 
 class AwaitedTime:
     """A clock for pytest-benchmark that advances only while a timed call is
@@ -376,18 +426,14 @@ def trio_benchmark(request: pytest.FixtureRequest) -> TrioBenchmark:
             "loaded (-p no:benchmark): pip install pytest-benchmark",
             pytrace=False,
         )
-    if "benchmark" in request.fixturenames:
+    if "benchmark" in request.fixturenames and not request.node.stash.get(_ADDED_BENCHMARK, False):
         pytest.fail(
             f"{request.node.name} uses both benchmark and trio_benchmark; pytest-benchmark "
             "allows one benchmark per test: use trio_benchmark for awaited calls, or "
             "benchmark for sync ones",
             pytrace=False,
         )
-    # pytest-benchmark's fixture takes its timer from the closest ``benchmark``
-    # marker: hand it the awaited-time clock there, keeping the test's own
-    # options (max_time, min_rounds, group...). A ``timer`` given there is replaced.
-    clock = AwaitedTime()
-    closest = request.node.get_closest_marker("benchmark")
-    options = dict(closest.kwargs) if closest is not None else {}
-    request.node.add_marker(pytest.mark.benchmark(**{**options, "timer": clock}), append=False)
+    # Made at collection already, unless the test asked for this fixture
+    # only while it ran (request.getfixturevalue).
+    clock = _hand_clock(request.node)
     return TrioBenchmark(request.getfixturevalue("benchmark"), clock)
