@@ -400,6 +400,106 @@ async def test_bad_arguments_are_named():
     with pytest.raises(TypeError, match=r"takes a distributed.Client or a scheduler address .* not int 8786"):
         async with open_dask_context(8786):
             pass  # pragma: no cover
+    with pytest.raises(ValueError, match=r"connect_timeout must be a positive number of seconds, not 0"):
+        async with open_dask_context(UNREACHABLE, connect_timeout=0):
+            pass  # pragma: no cover
+
+
+# --- a wrong address --------------------------------------------------------------
+
+# Port 1 on loopback: nothing listens there, so every attempt is refused and
+# Dask tries again until the timeout.
+UNREACHABLE = "tcp://127.0.0.1:1"
+
+
+def loop_threads() -> set[threading.Thread]:
+    """Threads that run a Client's event loop (Dask names them so)."""
+    return {thread for thread in threading.enumerate() if thread.name == "IO loop"}
+
+
+async def test_an_unreachable_scheduler_fails_within_connect_timeout_and_leaves_no_thread():
+    before = loop_threads()
+    start = time.monotonic()
+    with trio.fail_after(30), pytest.raises(OSError) as caught:
+        async with open_dask_context(UNREACHABLE, connect_timeout=1.5):
+            pass  # pragma: no cover
+    elapsed = time.monotonic() - start
+    message = str(caught.value)
+    assert message.startswith(
+        f"open_dask_context could not connect to the Dask scheduler at {UNREACHABLE!r} within "
+        "connect_timeout=1.5 s (OSError: Timed out trying to connect"
+    )
+    assert "ConnectionRefusedError" in message  # the last attempt's error, as evidence
+    assert "Is the scheduler running" in message and "longer connect_timeout" in message
+    assert 1.4 < elapsed < 10, elapsed
+    # The client Dask closed after its failed connect kept its loop thread.
+    deadline = time.monotonic() + 10
+    while loop_threads() - before and time.monotonic() < deadline:  # noqa: ASYNC110
+        await trio.sleep(0.02)
+    assert not loop_threads() - before
+
+
+def test_the_default_connect_timeout_is_at_most_ten_seconds():
+    import inspect
+
+    from trio_parallel_fs import dask
+
+    default = inspect.signature(dask.open_dask_context).parameters["connect_timeout"].default
+    assert default == dask.CONNECT_TIMEOUT <= 10
+
+
+async def test_a_malformed_address_is_named():
+    before = loop_threads()
+    with trio.fail_after(30):
+        with pytest.raises(ValueError) as caught:
+            async with open_dask_context("127.0.0.1:8786x"):
+                pass  # pragma: no cover
+    assert str(caught.value).startswith(
+        "open_dask_context could not read the Dask scheduler address '127.0.0.1:8786x': "
+        "invalid literal for int() with base 10: '8786x'. A scheduler's address looks like "
+        "'tcp://192.168.1.5:8786'"
+    )
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert not loop_threads() - before
+
+
+UNREADABLE = "open_dask_context could not read the Dask scheduler address"
+
+WRONG_ADDRESS_PROGRAM = """
+import sys
+import trio
+from trio_parallel_fs.dask import open_dask_context
+
+async def main(address):
+    async with open_dask_context(address, connect_timeout=2):
+        pass
+
+trio.run(main, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize(
+    ("address", "last_line"),
+    [
+        ("127.0.0.1:8786x", f"ValueError: {UNREADABLE} '127.0.0.1:8786x': "),
+        ("tcp://[::1", f"ValueError: {UNREADABLE} 'tcp://[::1': "),
+        (UNREACHABLE, f"OSError: open_dask_context could not connect to the Dask scheduler at {UNREACHABLE!r} "),
+    ],
+)
+def test_a_program_given_a_wrong_address_fails_clearly_and_exits_at_once(tmp_path, address, last_line):
+    """The error ends the program, with our message as the last line and none
+    of Dask's frames; and the program exits then (a half-built Client used to
+    hang it at exit, closing itself from ``__del__``)."""
+    program = tmp_path / "wrong_address.py"
+    program.write_text(WRONG_ADDRESS_PROGRAM)
+    start = time.monotonic()
+    # The hang guard: a generous limit, far above the 2 s connect_timeout.
+    out = subprocess.run([sys.executable, str(program), address], capture_output=True, text=True, timeout=90)
+    elapsed = time.monotonic() - start
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.rstrip().splitlines()[-1].startswith(last_line), out.stderr
+    assert f"{os.sep}distributed{os.sep}" not in out.stderr, out.stderr
+    assert elapsed < 20, elapsed
 
 
 # --- the demonstration (python -m trio_parallel_fs) ---------------------------

@@ -25,6 +25,7 @@ nanny starts a fresh one (``_kill``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -64,6 +65,8 @@ KILL_TIMEOUT = 60.0
 #: Seconds a nanny lets its worker try to close before killing it: a worker
 #: whose thread runs a job can only finish closing once the job returns.
 KILL_GRACE = 0.5
+#: Default seconds to wait for a scheduler to answer (Dask's own default is 30).
+CONNECT_TIMEOUT = 10.0
 
 
 @attrs.frozen
@@ -400,11 +403,68 @@ class DaskContext:
                     pass
 
 
-async def _connect(client_or_address: Client | str) -> tuple[Client, bool]:
+def _new_client(address: str, connect_timeout: float) -> Client:
+    """``Client(address)``, made in two steps so that a constructor that fails
+    still leaves us the half-built client to close.
+
+    A Client whose constructor raised (a malformed address raises ValueError
+    before it connects) keeps its event loop thread; nobody holds it, so only
+    its ``__del__`` closes it, at interpreter exit, where that close hangs for
+    good. And a client whose connection timed out has closed itself, but left
+    that thread (and its file descriptors) running.
+    """
+    client = Client.__new__(Client)
+    try:
+        client.__init__(address, set_as_default=False, timeout=connect_timeout)  # type: ignore[misc]
+    except BaseException:
+        _discard(client, connect_timeout)
+        raise
+    return client
+
+
+def _discard(client: Client, timeout: float) -> None:
+    """Close a client whose constructor failed, and stop its loop thread."""
+    half_built: Any = client  # Client's methods are not annotated
+    with contextlib.suppress(Exception):  # whatever it got to build
+        half_built.close(timeout=timeout)
+    # close() returns at once on a client that closed itself (a timed-out
+    # connect), without stopping the loop thread it started: stop it here. A
+    # runner stops once; stopping it again does nothing.
+    runner = getattr(half_built, "_loop_runner", None)
+    if runner is not None:
+        with contextlib.suppress(Exception):
+            runner.stop()
+
+
+async def _connect_to(address: str, connect_timeout: float) -> Client:
+    try:
+        return await trio.to_thread.run_sync(_new_client, address, connect_timeout)
+    except ValueError as exc:
+        # Dask's own text says what it could not read (the port, the scheme...).
+        raise ValueError(
+            f"open_dask_context could not read the Dask scheduler address {address!r}: {exc}. "
+            "A scheduler's address looks like 'tcp://192.168.1.5:8786': copy the one "
+            "`dask scheduler` prints when it starts."
+        ) from None
+    except OSError as exc:
+        # Dask's traceback here is its connection machinery's; its text, and
+        # that of the last attempt's error (its cause), say it all.
+        evidence = f"{type(exc).__name__}: {exc}"
+        if exc.__cause__ is not None:
+            evidence += f"; the last attempt: {type(exc.__cause__).__name__}: {exc.__cause__}"
+        raise OSError(
+            f"open_dask_context could not connect to the Dask scheduler at {address!r} within "
+            f"connect_timeout={connect_timeout:g} s ({evidence}). Is the scheduler "
+            "running, and listening at that address and port (not a worker's or the dashboard's)? "
+            "Is a firewall in the way? A scheduler that is just starting, or far away, may need a "
+            "longer connect_timeout."
+        ) from None
+
+
+async def _connect(client_or_address: Client | str, connect_timeout: float) -> tuple[Client, bool]:
     """The client to use, and whether the context owns (and closes) it."""
     if isinstance(client_or_address, str):
-        connect = functools.partial(Client, client_or_address, set_as_default=False)
-        return await trio.to_thread.run_sync(connect), True
+        return await _connect_to(client_or_address, connect_timeout), True
     if isinstance(client_or_address, Client):
         if client_or_address.asynchronous:
             raise TypeError(
@@ -429,6 +489,7 @@ async def open_dask_context(
     *,
     preload: Iterable[str] = (),
     refresh_interval: float = 1.0,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> AsyncIterator[DaskContext]:
     """Open a `DaskContext` that runs jobs on a Dask cluster.
 
@@ -443,6 +504,10 @@ async def open_dask_context(
             worker there now raises here.
         refresh_interval: Seconds between looks at the cluster's workers,
             which resize the default limiter.
+        connect_timeout: Seconds to wait for the scheduler at an address to
+            answer (default 10). It is also the timeout of the context's own
+            client for its later connections (``Client(timeout=...)``). Not
+            used with a client passed in.
 
     On exit the context waits for jobs still running in it (not cancellable,
     so hand the context only to tasks inside the block), then removes its
@@ -451,13 +516,17 @@ async def open_dask_context(
     Raises:
         TypeError: ``client_or_address`` is neither a synchronous Client nor
             a string, or ``preload`` is not a list of module names.
+        ValueError: the address is not one Dask can read (``"127.0.0.1:8786x"``).
         ImportError: a preload failed on a worker; its exception is the cause.
-        OSError: the scheduler at the address could not be reached.
+        OSError: the scheduler at the address did not answer within
+            ``connect_timeout``.
     """
     modules = _check_preload(preload)
     if not refresh_interval > 0:
         raise ValueError(f"refresh_interval must be a positive number of seconds, not {refresh_interval!r}")
-    client, owned = await _connect(client_or_address)
+    if not (isinstance(connect_timeout, (int, float)) and connect_timeout > 0):
+        raise ValueError(f"connect_timeout must be a positive number of seconds, not {connect_timeout!r}")
+    client, owned = await _connect(client_or_address, connect_timeout)
     try:
         context = DaskContext(client, modules, _private=True)
         await context._start()
