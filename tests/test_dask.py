@@ -518,6 +518,28 @@ def test_the_demo_runs_its_jobs_on_a_local_cluster():
     assert "\nbatch of 4 numpy/scipy jobs, wall time " in out.stdout
 
 
+def test_the_dask_extra_is_named_with_an_install_line_that_works_from_a_checkout():
+    """``pip install 'trio_parallel_fs[dask]'`` works only once the package is
+    on an index; from a checkout it is ``pip install '.[dask]'``. Both are
+    given: in the demo's help, its error without Dask, and the scale-out page."""
+    checkout = "pip install '.[dask]'"
+    index = "pip install 'trio_parallel_fs[dask]'"
+    helped = subprocess.run([sys.executable, "-m", "trio_parallel_fs", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0
+    assert checkout in " ".join(helped.stdout.split())
+    # As if distributed were not installed.
+    code = (
+        "import sys; sys.modules['distributed'] = None\n"
+        "from trio_parallel_fs._demo import main\n"
+        "sys.exit(main(['--dask']))\n"
+    )
+    refused = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert checkout in refused.stderr and index in refused.stderr
+    page = (Path(__file__).parent.parent / "docs" / "scaleout.rst").read_text()
+    assert checkout in page and index in page
+
+
 def test_the_demo_table_says_how_many_jobs_and_that_spawn_starts_nothing():
     from trio_parallel_fs._demo import table
 

@@ -109,7 +109,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dask",
         action="store_true",
-        help="run the jobs on a Dask LocalCluster instead (needs: pip install 'trio_parallel_fs[dask]')",
+        help=(
+            "run the jobs on a Dask LocalCluster instead (needs the dask extra: pip install '.[dask]' "
+            "from a checkout, pip install 'trio_parallel_fs[dask]' from a package index)"
+        ),
     )
     args = parser.parse_args(argv)
     if args.warm_calls is None:
@@ -173,7 +176,12 @@ def run_dask(workers: int, warm_calls: int, batch: int) -> int:
     try:
         import distributed
     except ImportError:
-        print("--dask needs Dask's distributed: pip install 'trio_parallel_fs[dask]'", file=sys.stderr)
+        print(
+            "--dask needs Dask's distributed package, which is not installed here. Install the dask extra: "
+            "pip install '.[dask]' from a checkout of trio_parallel_fs, or pip install "
+            "'trio_parallel_fs[dask]' where it comes from a package index.",
+            file=sys.stderr,
+        )
         return 2
     progress(f"dask: starting a LocalCluster of {workers} worker processes")
     start = time.perf_counter()

@@ -283,7 +283,6 @@ def _hand_clock(node: pytest.Item) -> AwaitedTime:
     return clock
 
 
-
 class AwaitedTime:
     """A clock for pytest-benchmark that advances only while a timed call is
     awaited (measured in Trio, with ``trio.current_time()``).

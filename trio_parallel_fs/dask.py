@@ -1,6 +1,7 @@
 """Run synchronous functions from Trio on a Dask cluster: ``run_sync``, scaled out.
 
-Needs the ``dask`` extra (``pip install 'trio_parallel_fs[dask]'``). Importing
+Needs the ``dask`` extra (``pip install '.[dask]'`` from a checkout,
+``pip install 'trio_parallel_fs[dask]'`` from a package index). Importing
 ``trio_parallel_fs`` alone never imports Dask; importing this module does.
 
 .. code-block:: python
@@ -43,7 +44,9 @@ try:
     from distributed import Client
 except ImportError as exc:  # pragma: no cover - the dask extra is installed for the tests
     raise ImportError(
-        "trio_parallel_fs.dask needs Dask's distributed package: pip install 'trio_parallel_fs[dask]'"
+        "trio_parallel_fs.dask needs Dask's distributed package, which is not installed here. Install "
+        "the dask extra: pip install '.[dask]' from a checkout of trio_parallel_fs, or pip install "
+        "'trio_parallel_fs[dask]' where it comes from a package index."
     ) from exc
 
 # BrokenWorkerError by its public name: the private modules behind it may move.
