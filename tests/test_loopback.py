@@ -22,6 +22,7 @@ import workerfns
 from conftest import is_dead
 
 import _trio_parallel_fs_worker
+import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import _loopback as child_loopback
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._pickling import dumps_job
@@ -215,6 +216,111 @@ async def test_connections_without_the_secret_are_refused_and_the_worker_still_s
             popen.kill()
             channel = socket.socket()
         await finish(popen, channel)
+
+
+def open_strangers(port: int, silent: int) -> list[socket.socket]:
+    """Connections to ``port`` that never present the secret: ``silent`` ones
+    that send nothing, one that sends a wrong secret, and one that sends the
+    first bytes of one and then nothing more (a slow dribble, stopped)."""
+    # With a timeout: a listener whose queue is full leaves a connect waiting.
+    strangers = [socket.create_connection(("127.0.0.1", port), timeout=HANG) for _ in range(silent)]
+    wrong = socket.create_connection(("127.0.0.1", port), timeout=HANG)
+    wrong.sendall(bytes(loopback.SECRET_SIZE))
+    dribbling = socket.create_connection(("127.0.0.1", port), timeout=HANG)
+    dribbling.sendall(b"\x01\x02")
+    return [*strangers, wrong, dribbling]
+
+
+def assert_dropped(strangers: list[socket.socket]) -> None:
+    """Each stranger reads EOF (or a reset): the parent closed its end, and sent nothing."""
+    for stranger in strangers:
+        stranger.settimeout(HANG)
+        try:
+            assert stranger.recv(1) == b""
+        except ConnectionResetError:
+            pass
+
+
+async def accept_among(listener: loopback.LoopbackListener, popen, strangers: list[socket.socket]) -> socket.socket:
+    """``listener.accept(popen)`` in a thread, with a hang guard that can end it:
+    if it is not back within HANG seconds, the strangers are closed and the
+    worker killed (so that accept returns, whatever it waits for), and the test fails."""
+    gave_up = False
+
+    async def give_up_after_hang() -> None:
+        nonlocal gave_up
+        await trio.sleep(HANG)
+        gave_up = True
+        popen.kill()
+        for stranger in strangers:
+            stranger.close()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(give_up_after_hang)
+        try:
+            channel = await trio.to_thread.run_sync(listener.accept, popen)
+        finally:
+            nursery.cancel_scope.cancel()
+    if gave_up:
+        channel.close()
+        pytest.fail(f"the worker was not let in within {HANG} s while strangers held connections")
+    return channel
+
+
+@pytest.mark.parametrize("max_pending", [loopback.MAX_PENDING, 4])
+async def test_silent_strangers_cannot_hold_the_door(max_pending):
+    # Strangers would have far longer than the test's hang guard to present a
+    # secret: if the worker gets in, it is not because they timed out first.
+    listener = loopback.LoopbackListener(secret_timeout=10 * HANG, max_pending=max_pending)
+    # More strangers than one check at a time could get through before the
+    # 60 s start limit (12, with 5 s each), and, with max_pending=4, more than
+    # are checked at once: the oldest make room for newer ones.
+    strangers = open_strangers(listener.port, silent=20)
+    popen = launch_worker(listener)
+    channel = None
+    try:
+        channel = await accept_among(listener, popen, strangers)
+        worker_ends = {c.laddr for c in psutil.Process(popen.pid).net_connections("tcp")}
+        assert channel.getpeername() in worker_ends
+        # Still connected and silent when the worker got in; dropped by now.
+        assert_dropped(strangers)
+        worker = JobDriver(channel)
+        assert await run_job(worker, workerfns.add, 20, 22) == 42
+    finally:
+        for stranger in strangers:
+            stranger.close()
+        if channel is None:
+            popen.kill()
+            channel = socket.socket()
+        await finish(popen, channel)
+
+
+async def test_a_spawned_worker_starts_while_strangers_hold_its_port(monkeypatch):
+    """The spawn backend on the loopback channel, end to end: strangers connect
+    to the port the moment it exists, before the worker starts, and stay."""
+    from trio_parallel_fs import _spawn
+
+    monkeypatch.setenv("TRIO_PARALLEL_FS_CHANNEL", "loopback")
+    strangers: list[socket.socket] = []
+
+    def start_among_strangers(command, *args, **kwargs):
+        def command_after_strangers(port):
+            strangers.extend(open_strangers(port, silent=20))
+            return command(port)
+
+        return loopback.start_loopback_worker(command_after_strangers, *args, **kwargs)
+
+    monkeypatch.setattr(_spawn, "start_loopback_worker", start_among_strangers)
+    monkeypatch.setattr(loopback, "SECRET_TIMEOUT", 10 * HANG)
+    try:
+        with trio.fail_after(HANG):  # a hang guard only
+            async with tpf.open_worker_context(worker_type="spawn") as ctx:
+                assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+        assert len(strangers) == 22
+        assert_dropped(strangers)
+    finally:
+        for stranger in strangers:
+            stranger.close()
 
 
 async def test_a_worker_that_exits_before_connecting_is_reported_and_reaped():

@@ -12,7 +12,16 @@ inherit its end of a socket pair. Instead, theory of operation:
    ``hmac.compare_digest`` and drops any connection that does not present it
    in time (another local process found the port), then keeps waiting for the
    right one until an overall timeout. Once it has it, the listener is closed
-   at once: nothing else can ever connect.
+   at once, and so is every other connection: nothing else can ever connect.
+
+   Another local process can connect too and then stay silent, send a byte a
+   second, or send a wrong secret. So connections are checked side by side,
+   never one after another: the listener is accepted from all the while, each
+   connection keeps its own deadline, and at most ``MAX_PENDING`` wait at once
+   (the oldest is dropped for a newer one). Our worker sends its secret in the
+   same breath as it connects, so it is let in as soon as it arrives, however
+   many strangers are waiting. (Checked one at a time, with 5 s each, three
+   silent strangers used to delay a worker's start by 15 s.)
 4. The parent keeps the stdin pipe open for as long as the worker lives. That
    pipe is the lifeline: when the parent dies, however it dies, the OS closes
    it, and a thread in the worker that reads stdin sees end-of-file and ends
@@ -32,6 +41,7 @@ from __future__ import annotations
 import hmac
 import math
 import secrets
+import selectors
 import socket
 import subprocess
 import sys
@@ -48,6 +58,13 @@ SECRET_SIZE = 32
 # Generous anyway: on a loaded machine the worker may be descheduled between
 # the two calls, and dropping it would cost a full START_TIMEOUT.
 SECRET_TIMEOUT = 5.0
+
+# Connections checked at once, at most. Each costs one fd while it waits; a
+# newer one pushes the oldest out, so a flood of strangers can only drop
+# strangers, or our worker if it connected and then stayed silent for as long
+# as MAX_PENDING newer connections took to arrive. (Below 512, the most that
+# select() watches on Windows.)
+MAX_PENDING = 64
 
 # An interpreter start plus the child package's imports. Windows runners with
 # an antivirus scanning python.exe can take several seconds.
@@ -88,6 +105,17 @@ def new_process_options() -> dict[str, Any]:
     return {"start_new_session": True}
 
 
+class _Candidate:
+    """An accepted connection that has not presented a whole secret yet."""
+
+    __slots__ = ("conn", "deadline", "presented")
+
+    def __init__(self, conn: socket.socket, deadline: float) -> None:
+        self.conn = conn
+        self.deadline = deadline
+        self.presented = b""
+
+
 class LoopbackListener:
     """Waits for exactly one worker to connect back with the secret it was given.
 
@@ -96,11 +124,15 @@ class LoopbackListener:
 
     Args:
         secret_timeout: Seconds a connection has to present the secret before
-            it is dropped.
+            it is dropped; None: ``SECRET_TIMEOUT``.
+        max_pending: Connections checked at once, at most (see ``MAX_PENDING``).
     """
 
-    def __init__(self, secret_timeout: float = SECRET_TIMEOUT) -> None:
-        self.secret_timeout = secret_timeout
+    def __init__(self, secret_timeout: float | None = None, max_pending: int = MAX_PENDING) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, not {max_pending!r}")
+        self.secret_timeout = SECRET_TIMEOUT if secret_timeout is None else secret_timeout
+        self.max_pending = max_pending
         self.secret = secrets.token_bytes(SECRET_SIZE)
         self._listener: socket.socket | None = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -109,9 +141,11 @@ class LoopbackListener:
                 # SO_REUSEADDR and steal our connections, unless we forbid it.
                 self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
             self._listener.bind(("127.0.0.1", 0))
-            # A small backlog: strangers' connections queue beside our worker's
-            # and are dropped one by one.
-            self._listener.listen(8)
+            # The kernel's largest queue: strangers that connect before accept()
+            # runs, or faster than it takes them, must not fill it and keep our
+            # worker's connection out (a full queue drops its SYN; the retry
+            # comes a second or more later).
+            self._listener.listen(socket.SOMAXCONN)
             self.port: int = self._listener.getsockname()[1]
         except BaseException:
             self.close()
@@ -122,10 +156,12 @@ class LoopbackListener:
         return self._listener is None
 
     def accept(self, popen: subprocess.Popen[bytes], timeout: float = START_TIMEOUT) -> socket.socket:
-        """Return the connection that presents the secret; close the listener.
+        """Return the connection that presents the secret; close the listener
+        and every other connection.
 
-        Connections that do not present the secret within ``SECRET_TIMEOUT``
-        are dropped, and waiting goes on.
+        Connections that do not present the secret within ``secret_timeout``
+        are dropped; they are checked side by side (see the module's theory of
+        operation), so none of them delays the worker's.
 
         Raises:
             BrokenWorkerError: ``popen`` exited before connecting, or nothing
@@ -136,7 +172,11 @@ class LoopbackListener:
         if listener is None:
             raise ValueError("this listener is closed: it accepts one worker only")
         deadline = time.monotonic() + timeout
+        pending: dict[socket.socket, _Candidate] = {}  # oldest first
+        selector = selectors.DefaultSelector()
         try:
+            listener.setblocking(False)
+            selector.register(listener, selectors.EVENT_READ)
             while True:
                 if popen.poll() is not None:
                     raise BrokenWorkerError(
@@ -145,7 +185,10 @@ class LoopbackListener:
                         pid=popen.pid,
                         exitcode=popen.returncode,
                     )
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                for candidate in [c for c in pending.values() if c.deadline <= now]:
+                    self._drop(candidate, pending, selector)
+                remaining = deadline - now
                 if remaining <= 0:
                     raise BrokenWorkerError(
                         f"spawned worker process {popen.pid} did not connect back to 127.0.0.1:{self.port} "
@@ -153,32 +196,88 @@ class LoopbackListener:
                         "or is the machine overloaded?",
                         pid=popen.pid,
                     )
-                listener.settimeout(min(remaining, _EXIT_CHECK_INTERVAL))
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                if self._authenticate(conn, min(self.secret_timeout, max(remaining, 0.001))):
-                    conn.settimeout(None)
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    return conn
-                conn.close()
+                wait = min([remaining, _EXIT_CHECK_INTERVAL, *(c.deadline - now for c in pending.values())])
+                for key, _ in selector.select(max(wait, 0.0)):
+                    if key.fileobj is listener:
+                        accepted = self._accept_waiting(listener, pending, selector)
+                    else:
+                        accepted = self._check(pending[key.fileobj], pending, selector)  # type: ignore[index]
+                    if accepted is not None:
+                        accepted.setblocking(True)
+                        accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        return accepted
         finally:
+            selector.close()
+            for candidate in pending.values():
+                candidate.conn.close()
             self.close()
 
-    def _authenticate(self, conn: socket.socket, timeout: float) -> bool:
-        """True if ``conn`` sends our secret, whole, within ``timeout``."""
-        conn.settimeout(timeout)
-        presented = b""
+    def _accept_waiting(
+        self, listener: socket.socket, pending: dict[socket.socket, _Candidate], selector: selectors.BaseSelector
+    ) -> socket.socket | None:
+        """Take every connection waiting in the listener's queue; return the
+        first that presents the secret at once (our worker's, as a rule)."""
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return None
+            except ConnectionAbortedError:  # the stranger left before we took it
+                continue
+            except OSError as exc:
+                # Out of fds, most likely (EMFILE): drop the oldest stranger to
+                # make room, or give up if there is none to drop.
+                if not pending:
+                    raise BrokenWorkerError(
+                        f"could not accept the spawned worker's connection on 127.0.0.1:{self.port}: "
+                        f"{type(exc).__name__}: {exc}. Is this process out of file descriptors?"
+                    ) from exc
+                self._drop(next(iter(pending.values())), pending, selector)
+                continue
+            conn.setblocking(False)
+            if len(pending) >= self.max_pending:
+                self._drop(next(iter(pending.values())), pending, selector)
+            candidate = _Candidate(conn, time.monotonic() + self.secret_timeout)
+            pending[conn] = candidate
+            selector.register(conn, selectors.EVENT_READ)
+            # Our worker's secret is usually here already: let it in without
+            # waiting for the next select().
+            accepted = self._check(candidate, pending, selector)
+            if accepted is not None:
+                return accepted
+
+    def _check(
+        self, candidate: _Candidate, pending: dict[socket.socket, _Candidate], selector: selectors.BaseSelector
+    ) -> socket.socket | None:
+        """Read what ``candidate`` sent so far; return its connection if that
+        is the whole secret, drop it if it is wrong or it closed."""
+        conn = candidate.conn
         try:
-            while len(presented) < SECRET_SIZE:
-                chunk = conn.recv(SECRET_SIZE - len(presented))
-                if not chunk:
-                    return False
-                presented += chunk
-        except OSError:  # TimeoutError among them: a stranger that stays silent
-            return False
-        return hmac.compare_digest(presented, self.secret)
+            chunk = conn.recv(SECRET_SIZE - len(candidate.presented))
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:  # reset by the stranger
+            chunk = b""
+        if not chunk:
+            self._drop(candidate, pending, selector)
+            return None
+        candidate.presented += chunk
+        if len(candidate.presented) < SECRET_SIZE:
+            return None  # a part of it: wait for the rest, within its deadline
+        selector.unregister(conn)
+        del pending[conn]
+        if hmac.compare_digest(candidate.presented, self.secret):
+            return conn
+        conn.close()
+        return None
+
+    @staticmethod
+    def _drop(
+        candidate: _Candidate, pending: dict[socket.socket, _Candidate], selector: selectors.BaseSelector
+    ) -> None:
+        selector.unregister(candidate.conn)
+        del pending[candidate.conn]
+        candidate.conn.close()
 
     def close(self) -> None:
         if self._listener is not None:
