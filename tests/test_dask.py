@@ -308,6 +308,47 @@ async def test_a_worker_dying_mid_job_is_a_broken_worker_error(client):
     assert (stats.broken_jobs, stats.completed_jobs) == (1, 1)
 
 
+async def test_statistics_after_a_recovered_call_show_the_cluster_as_it_is(client, tmp_path):
+    """After a worker died under a job (or was killed for kill_on_cancel), the
+    calls look at the cluster themselves until it is whole again: the
+    periodic look may have caught the nanny's restart halfway (it reported
+    workers=0, total_threads=0 on a one-worker cluster), and may not come
+    again for ``refresh_interval``. Here it never comes after the open
+    (refresh_interval=3600), and the view it left is put back to that
+    halfway one (no worker) before each fault."""
+
+    async def wait_for_two_workers() -> None:
+        await trio.to_thread.run_sync(lambda: client.wait_for_workers(2, timeout=60))
+
+    with trio.fail_after(150):
+        async with open_dask_context(client, refresh_interval=3600) as ctx:
+            ctx._set_workers({})  # what a look during a restart saw
+            with pytest.raises(trio_parallel_fs.BrokenWorkerError):
+                await ctx.run_sync(die, 3)
+            await wait_for_two_workers()  # the nanny's new worker
+            assert await ctx.run_sync(pow, 2, 3) == 8
+            stats = ctx.statistics()
+            assert (stats.workers, stats.total_threads, ctx.limiter.total_tokens) == (2, 2, 2)
+
+            # The same after a restart of ours.
+            ctx._set_workers({})
+            pid_file = tmp_path / "pid"
+            with trio.CancelScope() as scope:
+
+                async def cancel_once_spinning() -> None:
+                    while not pid_file.exists() or not pid_file.read_text():  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+                    scope.cancel()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cancel_once_spinning)
+                    await ctx.run_sync(spin, str(pid_file), 600, kill_on_cancel=True)
+            await wait_for_two_workers()
+            assert await ctx.run_sync(pow, 2, 3) == 8
+            stats = ctx.statistics()
+            assert (stats.workers, stats.total_threads, stats.restarted_workers) == (2, 2, 1)
+
+
 async def test_preload_reaches_current_and_future_workers(client):
     with trio.fail_after(120):
         await restart_all_workers(client)

@@ -70,6 +70,12 @@ KILL_TIMEOUT = 60.0
 KILL_GRACE = 0.5
 #: Default seconds to wait for a scheduler to answer (Dask's own default is 30).
 CONNECT_TIMEOUT = 10.0
+#: After a worker died under a job of the context (or was killed for
+#: ``kill_on_cancel``), each call ends by looking at the cluster again, until
+#: it has as many threads as before or this many seconds have passed.
+SETTLE_TIMEOUT = 60.0
+#: Longest wait for the scheduler's answer to one of those looks.
+LOOK_TIMEOUT = 5.0
 
 
 @attrs.frozen
@@ -78,8 +84,10 @@ class DaskContextStatistics:
 
     Attributes:
         scheduler_address: The scheduler the context's client talks to.
-        workers: Dask workers in the cluster at the last look (see
-            ``refresh_interval`` of `open_dask_context`).
+        workers: Dask workers in the cluster at the last look: every
+            ``refresh_interval`` (see `open_dask_context`), and at the end of
+            each call while a worker lost under one of the context's jobs (or
+            killed for ``kill_on_cancel``) is being replaced.
         total_threads: Their threads, which is the default limiter's size.
         running_jobs: Jobs of this context submitted and not yet ended.
         submitted_jobs: Calls handed to the client so far (past the limiter).
@@ -178,6 +186,11 @@ class DaskContext:
         self._token = trio.lowlevel.current_trio_token()
         self._limiter = trio.CapacityLimiter(1)
         self._nthreads: dict[str, int] = {}
+        # While a lost worker is being replaced: until when, and how many
+        # threads the cluster had before (see _worker_lost).
+        self._settle_until: float | None = None
+        self._settle_threads = 0
+        self._most_threads = 0
         self._plugin_name: str | None = None
         self._closed = False
         self._running = 0
@@ -274,6 +287,7 @@ class DaskContext:
                 except trio.Cancelled:
                     with trio.CancelScope(shield=True):
                         await self._kill(job)
+                        await self._look_while_settling()
                     self._counts["killed"] += 1
                     raise
             else:
@@ -285,10 +299,13 @@ class DaskContext:
             value = unwrap(settled, fn, args)
         except BrokenWorkerError:
             self._counts["broken"] += 1
+            self._worker_lost()
             raise
         except BaseException:
             self._counts["failed"] += 1
             raise
+        finally:
+            await self._look_while_settling()
         self._counts["completed"] += 1
         return value
 
@@ -339,6 +356,7 @@ class DaskContext:
             )
         workers = [addr for addr in workers if nannies.get(addr)]
         if workers:
+            self._worker_lost()
             outcome = await self._bridge.run(_kill_through_nannies, self.client, workers)
             self._counts["restarted"] += sum(status == _dask_worker.KILLED for status in outcome.values())
 
@@ -358,8 +376,37 @@ class DaskContext:
             preload=self.preload,
         )
 
+    def _worker_lost(self) -> None:
+        """A worker died under a job of ours, or we kill one: its nanny starts
+        a new one, which the periodic look may miss for ``refresh_interval``
+        (or catch halfway: no worker at all in a one-worker cluster). Until the
+        cluster is back to its threads, each call ends with a look of its own,
+        so that `statistics` and the limiter show the cluster as it is."""
+        # The mark is the most threads any look saw: the last look may have
+        # been a halfway one. A cluster that shrank for good (adaptive
+        # scaling) ends the looks at the deadline instead.
+        self._settle_threads = self._most_threads
+        self._settle_until = trio.current_time() + SETTLE_TIMEOUT
+
+    async def _look_while_settling(self) -> None:
+        if self._settle_until is None:
+            return
+        if trio.current_time() > self._settle_until:
+            self._settle_until = None  # it did not come back: the periodic look carries on
+            return
+        # Shielded: the call has its outcome, which a cancellation here would lose.
+        with trio.CancelScope(shield=True), trio.move_on_after(LOOK_TIMEOUT):
+            try:
+                nthreads = await self._bridge.run(_nthreads, self.client)
+            except Exception:  # noqa: BLE001 - the scheduler is away; keep the last view
+                return
+            self._set_workers(nthreads)
+
     def _set_workers(self, nthreads: dict[str, int]) -> None:
         self._nthreads = dict(nthreads)
+        self._most_threads = max(self._most_threads, sum(nthreads.values()))
+        if self._settle_until is not None and sum(nthreads.values()) >= self._settle_threads:
+            self._settle_until = None
         # At least one token, so that calls queue here (not on the scheduler)
         # while an adaptive cluster has no worker yet.
         self._limiter.total_tokens = max(1, sum(nthreads.values()))
