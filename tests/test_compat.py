@@ -47,7 +47,7 @@ async def main():
                                                  trio_parallel.WorkerType.SPAWN) as ctx:
         assert isinstance(ctx, trio_parallel.WorkerContext)
         print("ctx", await ctx.run_sync(work, 4), ctx.statistics().idle_workers)
-    async with trio_parallel.cache_scope(idle_timeout=10, worker_type=trio_parallel.WorkerType.FORKSERVER):
+    async with trio_parallel.cache_scope(idle_timeout=10, worker_type=trio_parallel.WorkerType.{forkserver}):
         print("scope", await trio_parallel.run_sync(work, 5))
     with trio.move_on_after(0.2):
         await trio_parallel.run_sync(time.sleep, 30, kill_on_cancel=True)
@@ -57,14 +57,17 @@ async def main():
         print("broken", isinstance(exc, RuntimeError))
 
 if __name__ == "__main__":
-    trio_parallel.configure_default_context(600, bool, bool, 30, trio_parallel.WorkerType.FORK)
+    trio_parallel.configure_default_context(600, bool, bool, 30, trio_parallel.WorkerType.{fork})
     trio.run(main)
 """
 
 
 def test_trio_parallel_program_runs_with_the_import_changed(tmp_path):
+    # trio-parallel has no FORK or FORKSERVER member on Windows (no such start
+    # method there), so its programs for Windows name SPAWN.
+    fork, forkserver = ("SPAWN", "SPAWN") if sys.platform == "win32" else ("FORK", "FORKSERVER")
     script = tmp_path / "program.py"
-    script.write_text(textwrap.dedent(PROGRAM))
+    script.write_text(textwrap.dedent(PROGRAM).format(fork=fork, forkserver=forkserver))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:-1] == [

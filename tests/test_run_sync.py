@@ -7,8 +7,10 @@ import math
 import os
 import pickle
 import signal
+import sys
 import threading
 
+import psutil
 import pytest
 import trio
 import workerfns
@@ -179,7 +181,8 @@ def test_worker_context_is_not_constructed_directly():
 async def test_default_limiter_is_sized_to_usable_cpus():
     limiter = tpf.current_default_worker_limiter()
     assert limiter is tpf.current_default_process_limiter()
-    assert 1 <= limiter.total_tokens <= len(os.sched_getaffinity(0))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert 1 <= limiter.total_tokens <= cpus
     assert limiter.total_tokens == max(1, math.ceil(usable_cpus()))
 
 
@@ -275,26 +278,25 @@ async def test_statistics_snapshot(worker_type):
         after = ctx.statistics()
         assert (after.idle_workers, after.running_workers, after.started_workers) == (1, 0, 1)
         if worker_type == "forkserver":
-            assert after.template_pid is not None and psutil_pid_alive(after.template_pid)
+            assert after.template_pid is not None and psutil.pid_exists(after.template_pid)
         else:
             assert after.template_pid is None
-
-
-def psutil_pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def test_kill_signal_is_reported(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
         with pytest.raises(tpf.BrokenWorkerError) as info:
-            await ctx.run_sync(workerfns.kill_self, signal.SIGKILL)
+            # Windows has no SIGKILL: os.kill with SIGTERM is TerminateProcess there.
+            await ctx.run_sync(workerfns.kill_self, getattr(signal, "SIGKILL", signal.SIGTERM))
         error = info.value
-        assert error.signal_name == "SIGKILL" and error.exitcode == -signal.SIGKILL
-        assert "died with signal SIGKILL while running workerfns.kill_self" in str(error)
+        if sys.platform == "win32":
+            # A terminated process has an exit code (the one TerminateProcess
+            # was given), never a signal.
+            assert error.signal_name is None and error.exitcode > 0
+            assert f"died with exit code {error.exitcode} while running workerfns.kill_self" in str(error)
+        else:
+            assert error.signal_name == "SIGKILL" and error.exitcode == -signal.SIGKILL
+            assert "died with signal SIGKILL while running workerfns.kill_self" in str(error)
         assert error.pid is not None and error.function == "workerfns.kill_self"
         assert error.template_died is False
         assert await ctx.run_sync(workerfns.add, 1, 2) == 3

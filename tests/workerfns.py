@@ -264,3 +264,13 @@ def recurse_forever(n=0):
 def read_text(path: str) -> str:
     with open(path) as file:
         return file.read()
+
+
+def platform_as_seen():
+    """What this worker's code sees of its platform (under a platform view, the
+    view's: see tests/platform_view): the platform, and whether fcntl imports."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        return sys.platform, False
+    return sys.platform, True
