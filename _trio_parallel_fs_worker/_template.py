@@ -71,7 +71,7 @@ from ._lifeline import (
 )
 from ._memory import exceeds
 from ._pickling import dumps_job
-from ._prefault import open_book
+from ._prefault import PlanOwner, open_book
 from ._spin import busy_waits_pay
 from ._worker import dump_error, recv_frame, run_job, send_frame, serve_then_leave
 
@@ -185,8 +185,9 @@ def kill_with_group(pid: int) -> None:
 
 
 class Template:
-    def __init__(self, control: socket.socket, setup: dict[str, Any]) -> None:
+    def __init__(self, control: socket.socket, setup: dict[str, Any], book: PlanOwner | None = None) -> None:
         self.control = control
+        self.book = book  # the page plan's owner (see _prefault), where plans work
         self.pid = os.getpid()
         self.pending_fds: deque[int] = deque()
         self.next_seq = 0
@@ -224,17 +225,32 @@ class Template:
         pid = self.hand_to_spare(channel_fd)
         if pid is None:
             try:
-                pid = os.fork()
+                pid, lesson = self.fork_child()
             except OSError as exc:  # EAGAIN, ENOMEM: this request fails, nothing else
                 self.fail_request(channel_fd, status_fd, exc.errno or 0)
                 return
             if pid == 0:
-                self.become_worker(channel_fd, status_fd)
+                self.become_worker(channel_fd, status_fd, lesson=lesson)
             lead_own_group(pid)
         os.close(channel_fd)
         self.workers[seq] = (pid, status_fd)
         self.seq_of_pid[pid] = seq
         self.report(status_fd, p.PID, pid)
+
+    def fork_child(self) -> tuple[int, socket.socket | None]:
+        """``os.fork()``, telling the page plan's owner, which may ask the
+        child to learn: then the child gets (and only it keeps) the sending end
+        of a lesson socket, returned with the pid."""
+        lesson = self.book.before_fork() if self.book is not None else None
+        try:
+            pid = os.fork()
+        except OSError:
+            if self.book is not None:
+                self.book.forked(None, lesson)
+            raise
+        if pid != 0 and self.book is not None:
+            self.book.forked(pid, lesson)
+        return pid, lesson
 
     def fail_request(self, channel_fd: int | None, status_fd: int | None, errno: int) -> None:
         """A fork request that cannot be met: say why on its status pipe (if
@@ -269,7 +285,7 @@ class Template:
             self.retry_spare_later()
             return
         try:
-            pid = os.fork()
+            pid, lesson = self.fork_child()
         except OSError:  # EAGAIN, ENOMEM
             ours.close()
             theirs.close()
@@ -277,7 +293,7 @@ class Template:
             return
         if pid == 0:
             ours.close()
-            self.become_worker(None, None, handoff=theirs)
+            self.become_worker(None, None, handoff=theirs, lesson=lesson)
         lead_own_group(pid)
         theirs.close()
         self.spare = (pid, ours)
@@ -290,7 +306,11 @@ class Template:
         self.refill_retry = min(self.refill_retry * 2, _SPARE_RETRY_CAP)
 
     def become_worker(
-        self, channel_fd: int | None, own_status_fd: int | None, handoff: socket.socket | None = None
+        self,
+        channel_fd: int | None,
+        own_status_fd: int | None,
+        handoff: socket.socket | None = None,
+        lesson: socket.socket | None = None,
     ) -> None:
         code = 1
         try:
@@ -313,6 +333,8 @@ class Template:
                 os.close(status_fd)
             if self.spare is not None:
                 self.spare[1].close()
+            if self.book is not None:  # keeps the plan's fd, and ``lesson`` if any
+                self.book.in_child(lesson)
             die_with_parent(self.pid)
             atexit._clear()
             reseed_numpy()
@@ -347,6 +369,8 @@ class Template:
             self.forget(pid, status)
 
     def forget(self, pid: int, status: int) -> None:
+        if self.book is not None:
+            self.book.exited(pid)
         if self.spare is not None and self.spare[0] == pid:
             # The spare died before it was used (killed from outside).
             self.spare[1].close()
@@ -451,6 +475,8 @@ class Template:
         self.selector = selector = selectors.DefaultSelector()
         selector.register(self.control, selectors.EVENT_READ, "control")
         selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        if self.book is not None:
+            self.book.watch(selector)  # registers its lesson socket, when it has one
         next_check = time.monotonic()
         try:
             while True:
@@ -464,6 +490,9 @@ class Template:
                     if key.data == "control":
                         if not self.read_control():
                             return
+                    elif key.data == "lesson":
+                        assert self.book is not None
+                        self.book.read_lessons()
                     else:
                         try:
                             os.read(self.wake_r, 4096)
@@ -493,7 +522,7 @@ def main(control_fd: int) -> int:
         busy_waits_pay()  # asked here once, for every worker forked from now on
         become_subreaper()
         preload(setup["preload"], setup["template_init"])
-        open_book()  # after preloading: the plans name the mappings the template has now
+        book = open_book()  # after preloading: the plans name the mappings the template has now
         gc.collect()
         gc.freeze()
     except BaseException as exc:  # noqa: BLE001 - the parent shows it at context start
@@ -501,5 +530,5 @@ def main(control_fd: int) -> int:
         return 1
     set_process_name(b"tpf-template")
     send_frame(control, p.VALUE, pickle.dumps({"pid": os.getpid()}))
-    Template(control, setup).run()
+    Template(control, setup, book).run()
     return 0

@@ -40,6 +40,7 @@ def test_a_plan_names_the_pages_a_worker_copied_and_another_worker_copies_them_a
     found = run_script("apply")
     first_page = found["first_page"]
     written = set(range(first_page, first_page + 16 * _prefault.PAGE, _prefault.PAGE))
+    assert found["learned"]["asked"]  # the first child, with no plan yet
     learned = {
         address + offset
         for address, length in found["learned"]["writes"]
@@ -47,14 +48,23 @@ def test_a_plan_names_the_pages_a_worker_copied_and_another_worker_copies_them_a
     }
     assert written <= learned
     assert found["learned"]["reads"] > 0  # the interpreter's code pages, at least
-    applied = found["applied"]
+    applied = found["applied"]  # the plan the owner published from the lesson
     assert applied["before"] == [False] * 16  # shared with the "template" after the fork
     assert applied["after"] == [True] * 16  # copied by the plan, without a write
     assert applied["same_data"]  # and still the template's bytes
     assert applied["applied"] >= 16 * _prefault.PAGE
     # The run inside a shared mapping was left alone (and the unmapped one did no harm).
     assert not applied["shared_exclusive"]
-    assert applied["uses"] == 0
+    assert not applied["asked"]  # the plan is fresh: nobody learns it again yet
+
+
+def test_a_published_plan_cannot_be_changed_by_anyone():
+    assert run_script("apply")["sealed"] == [
+        "write: Operation not permitted",
+        "shrink: Operation not permitted",
+        "grow: Operation not permitted",
+        "map: Operation not permitted",  # a shared writable mapping
+    ]
 
 
 def test_applying_stops_when_a_message_waits():
@@ -65,19 +75,22 @@ def test_applying_stops_when_a_message_waits():
 
 def test_a_worker_applies_the_plan_only_after_waiting_a_moment_for_no_message():
     found = run_script("apply")
-    assert found["busy_worker"] == {"applied": 0, "waits": [_prefault.IDLE_FIRST_MS]}
+    assert found["busy_worker"] == {"applied": 0, "waits": [_prefault.IDLE_FIRST_MS], "closed": True}
     assert found["idle_worker"]["applied"] >= 16 * _prefault.PAGE
     assert found["idle_worker"]["waits"] == [_prefault.IDLE_FIRST_MS, 0]
+    assert found["idle_worker"]["closed"]  # no job sees the plan's file
 
 
-def test_a_plan_is_learned_again_after_enough_workers_used_it_by_one_worker_at_a_time():
+def test_a_plan_is_learned_again_after_enough_forks_by_one_child_at_a_time():
     found = run_script("apply")
-    # Three workers applied it in the script (no lesson), then RELEARN_AFTER
-    # more: one leaving worker learns, another leaving with it does not.
-    assert found["claims"] == [False, True, False]
-    assert found["kept_writes"]
-    assert found["first_claims"] == [True, False]
-    assert found["meanwhile"] == [[[], []], 0]
+    # One child asked once RELEARN_AFTER were forked with the plan, none after
+    # it (one at a time); the old plan stays meanwhile.
+    assert found["asked"].count(True) == 1
+    assert found["kept_plan"]
+    assert found["asked_again"]  # that learner left without a lesson
+    # With no plan: the first child is asked; one that never reports is given
+    # up after RELEARN_AFTER more forks.
+    assert found["fresh_asks"] == [True] + [False] * _prefault.RELEARN_AFTER + [True]
 
 
 def test_the_private_pages_a_plan_copies_are_capped():
