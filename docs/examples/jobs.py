@@ -83,8 +83,9 @@ def connect_to_database():
 
 
 def memory_figures():
-    """This worker's memory in MiB: (USS, PSS, RSS)."""
+    """This worker's memory in MiB: (USS, PSS, RSS); PSS is None off Linux."""
     import psutil
 
     info = psutil.Process().memory_full_info()
-    return tuple(round(figure / 2**20) for figure in (info.uss, info.pss, info.rss))
+    pss = getattr(info, "pss", None)  # Linux only
+    return round(info.uss / 2**20), None if pss is None else round(pss / 2**20), round(info.rss / 2**20)

@@ -46,7 +46,8 @@ async def rss_counts_shared_pages():
                 for _ in range(4):
                     uss, pss, rss = await ctx.run_sync(jobs.memory_figures)
                 stats = ctx.statistics()
-        print(f"memory_metric={metric!r}: USS {uss} MiB, PSS {pss} MiB, RSS {rss} MiB")
+        pss_text = "n/a (Linux only)" if pss is None else f"{pss} MiB"
+        print(f"memory_metric={metric!r}: USS {uss} MiB, PSS {pss_text}, RSS {rss} MiB")
         started, retired = stats.started_workers, stats.retired
         print(f"  4 jobs: workers started {started}, retired {retired}")
         for warning in warned:

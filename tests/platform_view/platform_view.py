@@ -159,9 +159,10 @@ class View:
     def covers(self, name: str, origin: str | None) -> bool:
         if name.partition(".")[0] in _SCOPED_PACKAGES:
             return True
-        if not origin or origin.startswith(_THIS_FOLDER):
+        # Only a file's origin is a path ("frozen" and "built-in" are not).
+        if not origin or not os.path.isabs(origin) or origin.startswith(_THIS_FOLDER):
             return False
-        return os.path.abspath(origin).startswith(_SCOPED_FOLDERS)
+        return origin.startswith(_SCOPED_FOLDERS)
 
     def install(self) -> None:
         """Every scoped module imported from now on gets the view's builtins
