@@ -36,6 +36,18 @@ smaller maps the area again at that size. The file never shrinks (on Linux a
 seal forbids it), so a mapping never reaches past the end of the file, which
 would be SIGBUS.
 
+When the area cannot grow or be mapped: an address-space limit (``RLIMIT_AS``,
+set by an init hook, a job, or the shell) makes ``mmap`` fail with ENOMEM, and
+a file-size limit (``RLIMIT_FSIZE``; a memfd is a file to the kernel) makes
+``ftruncate`` fail with EFBIG. Neither may fail a call that the socket could
+carry. So ``write`` raises OSError and leaves the area as it was, and the
+writer sends those buffers over the socket instead; a reader that cannot map
+the size the writer announced copies the buffers out of the file with plain
+reads instead (``_read_from_file``), after unmapping what it had if nothing
+uses it: the same private memory the socket would have cost. Only if that
+copy does not fit either does the reader raise `AreaMemoryError`, which says
+what was asked for and the limit.
+
 Memory accounting: a page mapped by both processes shows in /proc's smaps as
 ``Shared_*``, so not in USS; a page only one end has mapped yet (the worker
 just grew the area for a result) is ``Private_*`` and counted in that
@@ -126,6 +138,11 @@ else:
 
 class SharedAreaUnsupported(OSError):
     """This platform has no anonymous shared memory that we can pass by fd."""
+
+
+class AreaMemoryError(MemoryError):
+    """The buffers in a shared memory area did not fit in this process's memory,
+    neither as a mapping of the area nor as a private copy."""
 
 
 class DescriptorError(ValueError):
@@ -427,6 +444,9 @@ class SharedArea:
         Raises:
             BufferError: A buffer is not contiguous (``fits`` says so first).
             ValueError: They do not fit below the cap (``fits`` says so first).
+            OSError: The area could not grow to hold them (EFBIG under
+                RLIMIT_FSIZE, ENOMEM under RLIMIT_AS); it is as it was: send
+                them over the socket.
         """
         self._check_open()
         views = [as_raw(buffer) for buffer in buffers]
@@ -458,7 +478,11 @@ class SharedArea:
                 "read() again while the views of the last message are still out: call release() after each "
                 "job, and stop using an area whose release() returned False"
             )
-        found = self._locate(descriptor)
+        try:
+            found = self._locate(descriptor)
+        except OSError as exc:  # it could not be mapped at the size the writer announced
+            self._unmap_if_unused()
+            return self._read_from_file(decode_descriptor(descriptor), exc, "arguments")
         if not found.extents:
             return []
         if self._map is None:  # an empty area: only zero-length buffers fit in it
@@ -513,7 +537,10 @@ class SharedArea:
         arrays rebuilt on them are writable and aligned, and belong to the
         caller, whatever the area holds next.
         """
-        found = self._locate(descriptor)
+        try:
+            found = self._locate(descriptor)
+        except OSError as exc:  # it could not be mapped at the size the writer announced
+            return self._read_from_file(decode_descriptor(descriptor), exc, "result")
         if self._map is None:  # an empty area: only zero-length buffers fit in it
             return [memoryview(bytearray()) for _ in found.extents]
         if not found.extents:
@@ -523,6 +550,53 @@ class SharedArea:
         with memoryview(self._map) as area:
             target = memoryview(_copy_of(area[start:end], self._keeper)).cast("B")
         return [target[offset - start : offset - start + length] for offset, length in found.extents]
+
+    def _read_from_file(self, found: Descriptor, map_error: OSError, what: str) -> list[memoryview]:
+        """Copies of the buffers ``found`` names, read from the area's file
+        without mapping it (see "When the area cannot grow or be mapped").
+
+        They share one new writable block, at offsets as in the area.
+        ``what`` they are, for the error: "arguments" or "result".
+
+        Raises:
+            AreaMemoryError: Not even the copy fits in this process's memory.
+        """
+        if not found.extents:
+            return []
+        start = found.extents[0][0]
+        end = found.extents[-1][0] + found.extents[-1][1]
+        try:
+            block = bytearray(end - start)
+        except MemoryError:
+            raise AreaMemoryError(
+                f"the {what} ({end - start} bytes in {len(found.extents)} buffers) in the shared memory area "
+                f"did not fit in process {os.getpid()}'s memory: mapping the area ({found.area_size} bytes) "
+                f"failed ({map_error}), and so did a private copy of them. {_address_space_limit(what)}"
+            ) from map_error
+        target = memoryview(block)
+        done = 0
+        while done < len(target):
+            # pread, not a mapping: it needs no address space beyond the block.
+            read = _pread_into(self._fd, target[done:], start + done)
+            if read == 0:
+                raise DescriptorError(
+                    f"the other end says the area has {found.area_size} bytes, but reading it ended at "
+                    f"{start + done}; was it given another area's descriptor?"
+                )
+            done += read
+        return [target[offset - start : offset - start + length] for offset, length in found.extents]
+
+    def _unmap_if_unused(self) -> None:
+        """Give the current mapping back if no view uses it: the memory it
+        holds may be what a copy needs."""
+        if self._map is None or self._handed:
+            return
+        try:
+            self._map.close()
+        except BufferError:  # views a job kept from earlier still use it
+            return
+        self._map = None
+        self._size = 0
 
     def _locate(self, descriptor: bytes | memoryview) -> Descriptor:
         self._check_open()
@@ -643,6 +717,33 @@ def _released(view: memoryview) -> bool:
     except BufferError:
         return False
     return True
+
+
+def _pread_into(fd: int, target: memoryview, offset: int) -> int:
+    """Read from ``fd`` at ``offset`` into ``target``; the count read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [target], offset)
+    # macOS before 11: pread returns new bytes; 16 MiB at a time bounds them.
+    data = os.pread(fd, min(len(target), 16 << 20), offset)
+    target[: len(data)] = data
+    return len(data)
+
+
+def _address_space_limit(what: str) -> str:
+    """What to tell someone whose process ran out of memory for ``what``
+    ("arguments" or "result"): its RLIMIT_AS, if one is set."""
+    smaller = "pass smaller arguments" if what == "arguments" else "return a smaller result"
+    try:
+        import resource  # POSIX only; so is the shared memory area
+    except ImportError:
+        return f"Free some memory, or {smaller}."
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return f"Free some memory, or {smaller}."
+    return (
+        f"Its address-space limit (RLIMIT_AS, set by an init hook, a job, or the shell: ulimit -v) is "
+        f"{soft} bytes: raise it, or {smaller}."
+    )
 
 
 def _touch(area: mmap.mmap) -> None:

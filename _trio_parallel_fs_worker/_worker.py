@@ -37,7 +37,7 @@ from ._memory import MemoryWatch, memory_usage
 from ._pickling import dumps_value, loads
 from ._prefault import learn_before_leaving, prefault_while_idle
 from ._settings import WorkerHooks, WorkerSettings
-from ._shm import SharedArea, total_bytes
+from ._shm import AreaMemoryError, SharedArea, total_bytes
 from ._spin import WaitPlan, input_poller, sleep_for_input, yield_cpu
 
 _RECV_SIZE = 1 << 16
@@ -268,14 +268,23 @@ class AreaUse:
         self.threshold = event.threshold
         self.wrote_result = False  # the last reply's buffers are in the area
 
-    def job_arrived(self, job: p.Job) -> None:
+    def job_arrived(self, job: p.Job) -> p.Error | None:
         """The parent answered our last reply with this job: it has read the
-        area up to its end. Resolve the job's buffers, if they are in the area."""
+        area up to its end. Resolve the job's buffers, if they are in the area.
+
+        Returns the job's outcome if it cannot run: its arguments did not fit
+        in this worker's memory (see ``_shm``'s "When the area cannot grow or
+        be mapped"). The caller gets that error, and the worker lives on.
+        """
         if self.wrote_result:
             self.area.peer_caught_up()
             self.wrote_result = False
         if job.area is not None:
-            job.buffers = self.area.read(job.area)
+            try:
+                job.buffers = self.area.read(job.area)
+            except AreaMemoryError as exc:
+                return p.Error(encode_error(exc))
+        return None
 
     def place(self, value: p.Value) -> None:
         """Put the result's buffers into the area if they are large enough and fit.
@@ -288,10 +297,17 @@ class AreaUse:
         if not buffers:
             return
         if total_bytes(buffers) >= self.threshold and self.area.fits(buffers):
-            value.area = self.area.write(buffers)
-            value.buffers = []
-            self.wrote_result = True
-        elif self.area.holds_views:
+            try:
+                value.area = self.area.write(buffers)
+            except OSError:
+                # The area could not grow (RLIMIT_AS, RLIMIT_FSIZE): the socket
+                # carries the buffers as they are, with no copy.
+                pass
+            else:
+                value.buffers = []
+                self.wrote_result = True
+                return
+        if self.area.holds_views:
             value.buffers = [memoryview(bytes(buffer)) for buffer in buffers]
 
     def release(self) -> bool:
@@ -428,11 +444,12 @@ def serve(sock: socket.socket) -> int:
                 continue
             if not isinstance(event, p.Job):  # Closed
                 return 0
+            unable: p.Error | None = None
             if area is not None:
-                area.job_arrived(event)
+                unable = area.job_arrived(event)
             elif event.area is not None:  # the Connection refuses a JOB_AREA before an AREA
                 raise p.ProtocolError("a job in a shared memory area this worker was never given")
-            outcome = execute(event)
+            outcome = execute(event) if unable is None else unable
             del event
             held = False
             if area is not None:

@@ -165,7 +165,15 @@ class Worker:
             first = bytes(self.connection.send(p.Area(cap, threshold))[0])
         self._area_wanted = False
         if buffers and area.fits(buffers):
-            job_parts = self.connection.send(p.Job(pickled, area=area.write(buffers)))
+            try:
+                descriptor = area.write(buffers)
+            except OSError:
+                # The area could not grow: this process has a file-size limit
+                # (RLIMIT_FSIZE: EFBIG; a memfd is a file) or an address-space
+                # limit (RLIMIT_AS: ENOMEM). The socket carries this job as it is.
+                pass
+            else:
+                job_parts = self.connection.send(p.Job(pickled, area=descriptor))
         if fd >= 0:
             job_parts = [first + bytes(job_parts[0]), *job_parts[1:]]
         return job_parts, fd
