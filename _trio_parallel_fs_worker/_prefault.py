@@ -44,12 +44,13 @@ run and grow them, or hold the lock and stall them). So:
   can send a lesson at all. As it leaves, that worker sends its plan as one
   datagram without waiting (``MSG_DONTWAIT``: with nobody reading, the
   lesson is lost, never waited for). The template reads lessons in its loop
-  (and when it reaps the learner) without blocking, checks everything (the
-  size, the counts, each run page-aligned and inside a mapping of its own of
-  the right kind, the totals within ``MAX_WRITE_BYTES`` / ``MAX_READ_BYTES``),
-  and publishes a lesson only if all of it holds: anything else is not ours.
-  A learner that leaves without a lesson (idle timeout, killed, rejected) is
-  replaced by the next fork; one that has not reported after
+  (and when it reaps the learner) without blocking, takes one datagram per
+  learner, checks everything (the size, the counts, each run page-aligned
+  and inside a mapping of its own of the right kind, the totals within
+  ``MAX_WRITE_BYTES`` / ``MAX_READ_BYTES``), and publishes it only if all of
+  it holds: anything else is not ours. A learner that leaves without a lesson
+  (idle timeout, killed) or whose lesson was dropped is replaced by the next
+  fork; one that has not reported after
   ``RELEARN_AFTER`` more forks (stopped, or serving for ever) is given up.
 - **Checked where applied.** A worker reads its plan only if its file is
   sealed as the owner seals it, no larger than a plan can be, and well-formed;
@@ -114,9 +115,6 @@ _RUNS_PER_LOOK = 32
 # message: one prepared just before a call would only delay it (a call
 # waiting for a worker sends its job right after the settings).
 IDLE_FIRST_MS = 2
-# Lessons the template reads per wake-up: a learner sends one; a job in it
-# that sends more only spends its own turn (the kernel queues ten at most).
-_LESSONS_PER_READ = 16
 
 # A plan's bytes, in a published file and in a lesson alike: magic, version,
 # write runs, read runs; then the runs, writes first.
@@ -375,17 +373,22 @@ class PlanOwner:
             self._forget_learner()
 
     def read_lessons(self) -> None:
-        """Read what the learner sent, never waiting; publish the first lesson that holds."""
-        for _ in range(_LESSONS_PER_READ):
-            if self.lessons is None:
-                return
-            try:
-                data = self.lessons.recv(MAX_PLAN_BYTES + 1, socket.MSG_DONTWAIT)
-            except OSError:  # nothing more (EAGAIN), or the learner's end is gone
-                return
-            plan = check_lesson(data, self.mappings)
-            if plan is not None and self.publish(plan):
-                self._forget_learner()
+        """Read the learner's lesson, never waiting; publish it if it holds.
+        One datagram per learner, whatever it says: a job in the learner that
+        sends more costs the template one check (a few ms at most), not one
+        per datagram, and the next child is asked instead."""
+        if self.lessons is None:
+            return
+        try:
+            data = self.lessons.recv(MAX_PLAN_BYTES + 1, socket.MSG_DONTWAIT)
+        except BlockingIOError:  # nothing yet
+            return
+        except OSError:  # a socket we can no longer read: ask another child
+            data = b""
+        plan = check_lesson(data, self.mappings)
+        if plan is not None:
+            self.publish(plan)
+        self._forget_learner()
 
     def publish(self, plan: Plan) -> bool:
         """Make ``plan`` the one children inherit from now on: a fresh memfd,

@@ -39,6 +39,12 @@ other local user can ask the template for anything.
    pipe (or, when even its fds could not be received, loses its status pipe,
    which the parent sees close without a PID), and a spare that cannot be
    made is tried again later, backing off.
+8. The page plan (``_prefault``, Linux): the template owns it. Every child
+   inherits the published plan's sealed memfd; the one child the owner asks
+   to learn (decided at its fork) also gets the sending end of a datagram
+   socket, whose other end the loop watches; every other child closes it.
+   Lessons are read without waiting, when they arrive or when the learner is
+   reaped, and checked before they are published.
 """
 
 from __future__ import annotations

@@ -330,27 +330,40 @@ def test_a_learner_never_waits_to_send_its_lesson(monkeypatch):
     assert theirs.fileno() == -1
 
 
-@needs_prefault
-def test_the_owner_publishes_only_a_lesson_that_holds_from_its_learner():
-    owner = _prefault.PlanOwner(MAPPINGS)
-    sender = owner.before_fork()  # no plan yet: this child learns
+def learner_of(owner: _prefault.PlanOwner) -> socket.socket:
+    """Ask ``owner`` for a learner as the template does at a fork; the
+    child's end of its lesson socket."""
+    sender = owner.before_fork()
     assert sender is not None
-    # (what the template does after the fork, keeping a copy as the child would)
-    child = sender.dup()
+    child = sender.dup()  # what the child keeps; the template closes its copy
     owner.forked(12345, sender)
+    return child
+
+
+@needs_prefault
+@pytest.mark.parametrize(
+    "bad", [lesson([(WRITABLE.start, 512 * MiB)], []), b"garbage", b""], ids=["512MiB_run", "garbage", "empty"]
+)
+def test_the_owner_publishes_a_learners_lesson_only_if_it_holds_and_reads_one_per_learner(bad):
+    owner = _prefault.PlanOwner(MAPPINGS)
+    good = _prefault.Plan([(WRITABLE.start, PAGE)], [(FILE.start, PAGE)])
+    child = learner_of(owner)  # no plan yet: the first child learns
     try:
-        child.send(lesson([(WRITABLE.start, 512 * MiB)], []))
-        child.send(b"garbage")
+        child.send(bad)
+        child.send(_prefault.encode_plan(good))
         owner.read_lessons()
-        assert owner.plan_fd is None  # neither held
-        good = _prefault.Plan([(WRITABLE.start, PAGE)], [(FILE.start, PAGE)])
+        assert owner.plan_fd is None  # the first did not hold
+        assert owner.lessons is None  # and the second is not read: one per learner
+        with pytest.raises(OSError):
+            child.send(_prefault.encode_plan(good))
+    finally:
+        child.close()
+    child = learner_of(owner)  # so the next child is asked
+    try:
         child.send(_prefault.encode_plan(good))
         owner.read_lessons()
         assert owner.plan_fd is not None
         assert _prefault.read_plan(owner.plan_fd) == good
-        assert owner.lessons is None  # one lesson per learner: later ones are not read
-        with pytest.raises(OSError):
-            child.send(lesson([(WRITABLE.start, 8 * MiB)], []))
         with pytest.raises(PermissionError):
             os.pwrite(owner.plan_fd, b"x", 0)  # sealed
     finally:
