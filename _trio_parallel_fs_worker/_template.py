@@ -91,10 +91,18 @@ _FDS_PER_FORK = 2
 
 
 def count_threads() -> int:
-    """OS threads in this process; on Linux native threads count too."""
+    """OS threads in this process, native ones included (a BLAS pool started
+    at import has no Python thread): /proc on Linux, psutil elsewhere (macOS
+    asks the kernel); Python's own count only if neither answers."""
     try:
         return len(os.listdir("/proc/self/task"))
     except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.Process().num_threads())
+    except Exception:  # noqa: BLE001 - psutil missing or refusing: the weaker count
         return threading.active_count()
 
 

@@ -17,8 +17,8 @@ import pytest
 VIEW_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "platform_view")
 
 
-def run_under(view: str, program: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, TPF_PLATFORM_VIEW=view)
+def run_under(view: str, program: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, TPF_PLATFORM_VIEW=view, **variables)
     paths = [VIEW_FOLDER, os.path.dirname(VIEW_FOLDER), env.get("PYTHONPATH")]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     # The program itself is not covered by the view (a -c program is not one
@@ -104,3 +104,23 @@ def test_the_macos_view_limits_shm_names_and_areas_fit_in_them():
     done = run_under("macos", textwrap.dedent(SHM))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["32 bytes refused: True", f"area of {1 << 20}"]
+
+
+THREADS = """
+import threading
+import numpy  # OpenBLAS starts its thread pool as it loads: threads Python does not know
+from _trio_parallel_fs_worker import _template
+print(_template.count_threads(), threading.active_count())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the views run on Linux")
+def test_without_proc_the_template_still_counts_native_threads():
+    """Off Linux there is no /proc/self/task; Python's own thread count would
+    miss a BLAS pool, and the template would fork a multi-threaded process."""
+    pytest.importorskip("numpy")
+    env_threads = {"OPENBLAS_NUM_THREADS": "2"}
+    done = run_under("macos", textwrap.dedent(THREADS), **env_threads)
+    assert done.returncode == 0, done.stderr
+    native, python = map(int, done.stdout.split())
+    assert (native, python) == (2, 1)
