@@ -309,6 +309,8 @@ def _check_settings(cap: int, prefault: str) -> None:
         raise ValueError(f"the shared memory cap must be >= 0 bytes, not {cap}")
     if prefault not in PREFAULT_METHODS:
         raise ValueError(f"prefault must be one of {PREFAULT_METHODS}, not {prefault!r}")
+    if prefault == "map_populate" and not hasattr(mmap, "MAP_POPULATE"):
+        raise ValueError(f"prefault='map_populate' needs Linux's MAP_POPULATE, which {sys.platform} lacks; use 'touch'")
 
 
 class SharedArea:
@@ -760,19 +762,21 @@ def _copy_of(source: memoryview, keeper: BlockKeeper) -> Any:
     Else, below ``_HUGE_COPY_MIN``, a bytearray made from ``source``: allocated
     and copied in one pass over the memory, where a zeroed ``bytearray(size)``
     filled afterwards takes two (1 MiB right after the process idled: 105 µs
-    against 225 µs). From there on a private mapping with transparent huge pages.
+    against 225 µs). From there on a private mapping (with transparent huge pages on Linux).
     """
     size = source.nbytes
     block = keeper.take(size)
     if block is None:
-        huge = getattr(mmap, "MADV_HUGEPAGE", None)
-        if size < _HUGE_COPY_MIN or huge is None or not hasattr(mmap, "MAP_PRIVATE"):
+        if size < _HUGE_COPY_MIN or not hasattr(mmap, "MAP_PRIVATE"):
             return keeper.lend(bytearray(source), size)
+        # Page-aligned on every POSIX system (a bytearray is only 16-byte aligned).
         block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        try:
-            block.madvise(huge)
-        except OSError:
-            pass  # transparent huge pages disabled: 4 KiB pages then
+        huge = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+        if huge is not None:
+            try:
+                block.madvise(huge)
+            except OSError:
+                pass  # transparent huge pages disabled: 4 KiB pages then
     with memoryview(block) as target:
         target[:size] = source
     return keeper.lend(block, size)

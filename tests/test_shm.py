@@ -4,6 +4,7 @@ both ends in one process, and the two ends in two processes."""
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import pickle
 import socket
@@ -405,7 +406,18 @@ def test_the_memfd_cannot_shrink():
             os.ftruncate(area.fileno(), 0)
 
 
-@pytest.mark.parametrize("prefault", _shm.PREFAULT_METHODS)
+@pytest.mark.parametrize(
+    "prefault",
+    [
+        pytest.param(
+            method,
+            marks=pytest.mark.skipif(
+                method == "map_populate" and not hasattr(mmap, "MAP_POPULATE"), reason="MAP_POPULATE is Linux's"
+            ),
+        )
+        for method in _shm.PREFAULT_METHODS
+    ],
+)
 def test_every_prefault_method_keeps_the_bytes(prefault: str):
     with _shm.SharedArea.create(128 * MiB, prefault=prefault) as parent:
         with _shm.SharedArea.attach(os.dup(parent.fileno()), 128 * MiB, prefault=prefault) as worker:
@@ -622,3 +634,9 @@ def test_a_result_block_outlives_its_area_while_the_caller_holds_it(pair):
     worker.close()
     gc.collect()
     assert result[-1] == MiB - 1
+
+
+@pytest.mark.skipif(hasattr(mmap, "MAP_POPULATE"), reason="this system has MAP_POPULATE")
+def test_map_populate_is_refused_where_there_is_none():
+    with pytest.raises(ValueError, match="MAP_POPULATE"):
+        _shm.SharedArea.create(MiB, prefault="map_populate")
