@@ -31,7 +31,9 @@ other local user can ask the template for anything.
    lives exactly as long as the template).
 6. A job's own processes: each worker leads its own process group, which the
    processes its jobs start inherit, and a worker is always killed with its
-   group. The template is a child subreaper (Linux), so a job's process
+   group, also when it exits on its own (where ``waitid`` can see the exit
+   before the reaping: a process its job forked at C level would otherwise
+   keep its channel open). The template is a child subreaper (Linux), so a job's process
    orphaned by its worker's exit comes to the template instead of init; it is
    reaped like any child, and killed at shutdown at the latest.
 7. Running out of resources (fds, processes) never ends the template: a fork
@@ -83,6 +85,8 @@ from ._worker import dump_error, recv_frame, run_job, send_frame, serve_then_lea
 
 _MAX_FDS_PER_READ = 64
 _SPARE_REFILL_DELAY = 0.005
+# waitid(WNOWAIT) sees an exit without reaping it (Linux; macOS from Python 3.13).
+_HAS_WAITID = hasattr(os, "waitid") and hasattr(os, "WNOWAIT")
 # After a failed refill (out of fds or processes): try again after this, doubling up to the cap.
 _SPARE_RETRY_FIRST = 0.05
 _SPARE_RETRY_CAP = 2.0
@@ -375,7 +379,20 @@ class Template:
     def reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                if _HAS_WAITID:
+                    # See the exit before reaping, and kill the group the worker
+                    # led while its pid (the group's id) cannot be reused: a
+                    # process its job forked at C level (no at-fork hook ran
+                    # there) may hold its channel, and the parent would get no
+                    # end-of-file.
+                    seen = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                    if seen is None:
+                        return
+                    if seen.si_pid in self.seq_of_pid:
+                        kill_with_group(seen.si_pid)
+                    pid, status = os.waitpid(seen.si_pid, 0)
+                else:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:

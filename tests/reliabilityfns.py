@@ -132,3 +132,22 @@ def rebuild_or_exit(origin: int) -> ExitsInTheParent:
 
 def raise_exits_in_the_parent() -> None:
     raise ExitsInTheParent(os.getpid())
+
+
+def c_fork_helper_then_exit(pid_file, helper_seconds: float, own_session: bool) -> None:
+    """Fork a helper with libc's fork(), which runs no at-fork hook: the helper
+    keeps the worker's channel (as a C extension's fork would), then exit(3).
+    ``own_session``: the helper leaves the worker's process group too."""
+    import ctypes
+
+    helper = ctypes.CDLL(None, use_errno=True).fork()
+    if helper == 0:
+        try:
+            if own_session:
+                os.setsid()
+            write_pid(pid_file, os.getpid())
+            time.sleep(helper_seconds)
+        finally:
+            os._exit(0)
+    wait_for_file(pid_file)
+    os._exit(3)

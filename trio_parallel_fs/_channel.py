@@ -6,10 +6,11 @@ objects, no extra buffering layer.
 
 A worker's death is seen as end-of-file on its channel. Processes a job
 forks (a multiprocessing helper, ``os.fork``) drop their copy of the channel
-at once (an at-fork hook in the worker), and ``exec`` closes it, so nothing a
-job starts can keep the channel open after the worker died. (Waiting on the
-channel and the exit report together, through an epoll fd, cost a fifth more
-per warm call; the hook costs nothing on the warm path.)
+at once (an at-fork hook in the worker), and ``exec`` closes it. A fork at C
+level runs no hook: its process may keep the channel open after the worker
+died, so a reply not there after half a second is waited for together with
+the worker's exit report. (Waiting on both from the start, through an epoll
+fd, cost a fifth more per warm call; the hook costs nothing on the warm path.)
 
 Large buffers may go through a shared memory area instead of the socket (see
 ``_trio_parallel_fs_worker._shm``). The worker's end of it is made lazily
@@ -25,8 +26,10 @@ The area is closed with the worker (``close``).
 from __future__ import annotations
 
 import array
+import functools
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -38,6 +41,9 @@ from ._backend import WorkerProcess
 from ._lifecycle import WorkerEvent, WorkerState, next_worker_state
 
 _RECV_SIZE = 1 << 16
+# A reply slower than this (seconds) is waited for together with the worker's
+# exit report (see Worker._wait_channel).
+_WATCH_EXIT_AFTER = 0.5
 
 
 class AnswerTimeout(Exception):
@@ -253,18 +259,39 @@ class Worker:
         """
         spin = self._spin
         if not spin.limit_ns:
-            await trio.lowlevel.wait_readable(self.channel)
+            await self._wait_channel()
             return
         start = time.perf_counter_ns()
         end = start + spin.window_ns()  # while replies come slowly: now, one look only
         readable = self._readable
         while not readable(0):
             if time.perf_counter_ns() >= end:
-                await trio.lowlevel.wait_readable(self.channel)
+                await self._wait_channel()
                 break
             yield_cpu()
             await trio.lowlevel.checkpoint()
         spin.waited(time.perf_counter_ns() - start)
+
+    async def _wait_channel(self) -> None:
+        """Block until the channel is readable or, after `_WATCH_EXIT_AFTER`,
+        until the worker has exited, whichever comes first.
+
+        A process the job forked at C level ran no at-fork hook and may hold a
+        copy of the channel, so the worker's death brings no end-of-file (its
+        template kills its process group, but a process that left the group
+        escapes that). The exit report says it all the same. Watching it costs
+        a task, so only slow replies pay for it."""
+        with trio.move_on_after(_WATCH_EXIT_AFTER):
+            await trio.lowlevel.wait_readable(self.channel)
+            return
+        async with trio.open_nursery() as nursery:
+
+            async def first_of(wait: Callable[[], Awaitable[object]]) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(first_of, functools.partial(trio.lowlevel.wait_readable, self.channel))
+            nursery.start_soon(first_of, self.process.wait)
 
     def _take_result_buffers(self, value: p.Value) -> None:
         """Copy a result's buffers out of the area; or, if large ones came over
