@@ -533,6 +533,13 @@ async def test_cancel_while_sending_a_large_argument(worker_type, kill_on_cancel
 
 # --- Ctrl-C ----------------------------------------------------------------------------------
 
+def default_sigint() -> None:
+    """In a test's child, before it runs Python: SIGINT as a terminal's shell
+    leaves it. A suite started in the background (``cmd &`` in a script)
+    inherits SIGINT ignored, and Python then installs no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 CTRL_C_PARENT = """
 import os, sys, time
 sys.path.insert(0, {here!r})
@@ -596,6 +603,7 @@ def test_ctrl_c_interrupts_the_parent_once_and_leaves_nothing(worker_type, conte
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a shell would make
+        preexec_fn=default_sigint,
     )
     descendants: set[int] = set()
     try:
@@ -677,6 +685,7 @@ def test_ctrl_c_while_a_child_interpreter_starts(worker_type, tmp_path):
         text=True,
         env={**os.environ, "PYTHONPATH": str(site)},
         start_new_session=True,
+        preexec_fn=default_sigint,
     )
     descendants: set[int] = set()
     try:
