@@ -106,29 +106,3 @@ def connect_to_parent(port: int) -> socket.socket:
         raise
     return sock
 
-
-# How long a leaving worker waits for the parent to close its end (see below).
-LINGER_SECONDS = 5.0
-
-
-def close_without_reset(sock: socket.socket, linger: float = LINGER_SECONDS) -> None:
-    """Close a TCP channel after our last message so that the message arrives.
-
-    Closing a TCP socket that has unread data sends a reset, and on Windows
-    the reset makes the peer drop what it received but has not read yet: a
-    worker whose idle timeout fired as a job was on its way would lose its
-    Bye, and the parent would take the clean exit for a crash. So we shut
-    down our sending side (the parent reads our last message, then the end
-    of the stream) and read, discarding, until the parent closes its end,
-    for ``linger`` seconds at most. The parent closes a worker's channel as
-    soon as it knows the worker is leaving, so the wait is that short.
-    """
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(linger)
-        while sock.recv(65536):
-            pass
-    except OSError:  # a reset, or the linger ran out: nothing more to save
-        pass
-    finally:
-        sock.close()

@@ -33,7 +33,6 @@ from . import _protocol as p
 from ._describe import describe
 from ._errorcodec import encode_error
 from ._lifeline import flush_std_streams, keep_out_of_forks, step_aside, tighten_timers
-from ._loopback import close_without_reset
 from ._memory import MemoryWatch, memory_usage
 from ._pickling import dumps_value, loads
 from ._prefault import learn_before_leaving, prefault_while_idle
@@ -489,10 +488,7 @@ def serve_then_leave(fd: int) -> NoReturn:
     code = 1
     keep_out_of_forks(fd)
     try:
-        sock = socket.socket(fileno=fd)
-        code = serve(sock)
-        if sock.family != getattr(socket, "AF_UNIX", None):
-            close_without_reset(sock)  # the loopback channel: see there
+        code = serve(socket.socket(fileno=fd))
     except ConnectionError:  # reset, broken pipe; aborted on Windows
         # The parent closed the channel while we wrote to it (a BYE racing the
         # context's close, or the parent died): it wants nothing more.

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import os
 import pickle
-import select
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 
 import cloudpickle
 import psutil
@@ -442,40 +440,3 @@ async def test_a_busy_worker_dies_within_two_seconds_of_its_parents_sigkill(tmp_
             except psutil.Error:
                 pass
 
-
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        parent = socket.create_connection(listener.getsockname()[:2])
-        worker, _ = listener.accept()
-    return parent, worker
-
-
-@pytest.mark.parametrize("closes", ["plainly", "without a reset"])
-def test_a_leaving_worker_closes_its_tcp_channel_without_a_reset(closes: str) -> None:
-    """A TCP socket closed with unread data sends a reset, and on Windows the
-    reset drops what the peer received but had not read: a worker's Bye, when
-    a job was on its way. The worker shuts down its side and waits for the
-    parent's close instead, so the parent reads the Bye and then the end of
-    the stream. (Linux keeps the received bytes, but shows the reset after them.)"""
-    parent, worker = _tcp_pair()
-    try:
-        parent.sendall(b"a job the worker never reads")
-        readable, _, _ = select.select([worker], [], [], 30)
-        assert readable  # it waits, unread, in the worker's buffer
-        worker.sendall(b"bye")
-        if closes == "plainly":
-            worker.close()
-            with pytest.raises(ConnectionResetError):
-                assert parent.recv(3) == b"bye"  # Linux: the Bye, then the reset
-                parent.recv(16)  # (Windows: the reset at once, the Bye dropped)
-            return
-        closer = threading.Thread(target=child_loopback.close_without_reset, args=(worker, 30.0))
-        closer.start()
-        assert parent.recv(3) == b"bye"
-        assert parent.recv(16) == b""  # the end of the stream, no reset
-        parent.close()
-        closer.join(30)
-        assert not closer.is_alive() and worker.fileno() == -1
-    finally:
-        parent.close()
-        worker.close()
