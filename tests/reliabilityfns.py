@@ -37,14 +37,8 @@ def fork_helper_then_die(how: str, pid_file, helper_seconds: float) -> None:
     in a session of its own (out of reach of a kill of the worker's process
     group), then die: ``exit`` (os._exit(3)), ``SIGKILL``, or ``ceiling``
     (allocate until the memory ceiling kills us)."""
-    helper = os.fork()
-    if helper == 0:
-        try:
-            os.setsid()
-            write_pid(pid_file, os.getpid())
-            time.sleep(helper_seconds)
-        finally:
-            os._exit(0)
+    if os.fork() == 0:
+        _be_a_helper(pid_file, helper_seconds, own_session=True)
     wait_for_file(pid_file)
     if how == "exit":
         os._exit(3)
@@ -140,14 +134,19 @@ def c_fork_helper_then_exit(pid_file, helper_seconds: float, own_session: bool) 
     ``own_session``: the helper leaves the worker's process group too."""
     import ctypes
 
-    helper = ctypes.CDLL(None, use_errno=True).fork()
-    if helper == 0:
-        try:
-            if own_session:
-                os.setsid()
-            write_pid(pid_file, os.getpid())
-            time.sleep(helper_seconds)
-        finally:
-            os._exit(0)
+    if ctypes.CDLL(None, use_errno=True).fork() == 0:
+        _be_a_helper(pid_file, helper_seconds, own_session)
     wait_for_file(pid_file)
     os._exit(3)
+
+
+def _be_a_helper(pid_file, seconds: float, own_session: bool) -> None:
+    """In a job's forked child: say who we are, hold every inherited fd for
+    ``seconds``, then leave."""
+    try:
+        if own_session:
+            os.setsid()
+        write_pid(pid_file, os.getpid())
+        time.sleep(seconds)
+    finally:
+        os._exit(0)
