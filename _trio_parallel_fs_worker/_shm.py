@@ -21,14 +21,42 @@ Lifetime of the bytes:
 * Parent -> worker (arguments): the parent copies the buffers in with
   ``write``; the worker gets views with ``read`` and unpickles the job straight
   from them, no copy. Those views stay valid while the job runs.
-* Worker -> parent (results): the worker ``write``\\s them *after* the region
-  its arguments occupy (a result may be an argument, or a view of one); the
-  parent copies them out once with ``read_copy``, because the next job reuses
-  the area and the caller must own what it gets.
+* Worker -> parent (results): the worker writes them (``write``) into its *window*
+  (below), or, if they all lie in its arguments already (a job that returns
+  its argument or a slice of it), names them where they are
+  (``describe_in_place``): no copy. The parent *lends* them to the caller
+  (``lend``), straight from the area.
 * After the job the worker calls ``release``. If it returns False, the job
   kept a reference to an argument (in a global, say): the parent's next
   ``write`` would change that object's bytes under it, so the caller must stop
   reusing this area (retire the worker, or fall back to the socket).
+
+Results lent from the area: ``lend`` gives the caller views over a ctypes
+array on the area's mapping; a weak reference tells the parent when the last
+view of it (an array rebuilt on it, or any slice of that) has gone, and until
+then its region is *lent*. The mapping, and the memfd's pages, live as long as
+the array does, after the area is closed and its worker gone. Nothing may be
+written over a lent region, and only the parent knows which regions are, so:
+
+* The parent places each job's arguments in a gap between lent regions: the
+  lowest one with room for them and, after them, for as much as the last
+  result took; else the top one, up to the cap. The rest of that gap is the
+  worker's *window* for results, and the job's descriptor says so.
+* The worker writes results in its window and moves the window's start past
+  them, because the parent may lend them. Both ends apply that rule, so the
+  parent knows the worker's window without being told: it is always free of
+  lent regions. A job with no buffers in the area changes nothing, unless the
+  window has become too small for a result like the last, or regions it lost
+  are free again (``wants_window``): then its small buffers, or none, go
+  through the area to carry a new window.
+* A result outside the window or the arguments (a worker that broke the
+  rule) is copied out (``read_copy``), and the next job sets a new window.
+
+The area grows while the caller keeps results (a loop that holds each
+result until the next call returns uses two regions in turn). An area that
+no job uses for a while is *trimmed* by the parent (``trim``): on Linux,
+MADV_REMOVE gives the pages outside lent regions back to the kernel, for both
+ends at once; the next transfer allocates them again.
 
 Growth: the writer grows the area (``ftruncate``, then a new mapping, up to
 ``cap``) and says the new size in the descriptor; a reader whose mapping is
@@ -80,6 +108,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import math
 import mmap
 import os
 import pickle
@@ -156,15 +185,20 @@ class Descriptor(NamedTuple):
         area_size: The bytes the writer had mapped: a reader with a smaller
             mapping maps the area again at this size before reading.
         extents: ``(offset, length)`` of each buffer, in order.
+        window: For a job: ``(start, end)`` of the part of the area where the
+            worker may write its results from now on (see "Results lent from
+            the area"); ``(0, 0)``: the worker keeps the window it had.
     """
 
     area_size: int
     extents: tuple[tuple[int, int], ...]
+    window: tuple[int, int] = (0, 0)
 
 
 # Descriptor layout, network byte order: area size (u64), buffer count (u32),
-# then (offset u64, length u64) per buffer. Three buffers: 60 bytes.
-_HEAD = struct.Struct("!QI")
+# window start and end (u64 each), then (offset u64, length u64) per buffer.
+# Three buffers: 76 bytes.
+_HEAD = struct.Struct("!QIQQ")
 _EXTENT = struct.Struct("!QQ")
 
 
@@ -189,7 +223,8 @@ def layout(lengths: Iterable[int], start: int = 0) -> tuple[tuple[tuple[int, int
 def encode_descriptor(descriptor: Descriptor) -> bytes:
     extents = descriptor.extents
     flat = [number for extent in extents for number in extent]
-    return _HEAD.pack(descriptor.area_size, len(extents)) + struct.pack(f"!{2 * len(extents)}Q", *flat)
+    start, end = descriptor.window
+    return _HEAD.pack(descriptor.area_size, len(extents), start, end) + struct.pack(f"!{2 * len(extents)}Q", *flat)
 
 
 def descriptor_length(data: bytes | memoryview) -> int:
@@ -197,7 +232,7 @@ def descriptor_length(data: bytes | memoryview) -> int:
     rest of a message follows it)."""
     if len(data) < _HEAD.size:
         raise DescriptorError(f"a shared memory descriptor has at least {_HEAD.size} bytes, this one {len(data)}")
-    _, count = _HEAD.unpack_from(data)
+    count = _HEAD.unpack_from(data)[1]
     length: int = _HEAD.size + count * _EXTENT.size
     if length > len(data):
         raise DescriptorError(
@@ -211,7 +246,11 @@ def decode_descriptor(data: bytes | memoryview) -> Descriptor:
     aligned offset, in order, none overlapping."""
     if len(data) < _HEAD.size:
         raise DescriptorError(f"a shared memory descriptor has at least {_HEAD.size} bytes, this one {len(data)}")
-    area_size, count = _HEAD.unpack_from(data)
+    area_size, count, window_start, window_end = _HEAD.unpack_from(data)
+    if window_start > window_end:
+        raise DescriptorError(
+            f"a shared memory descriptor's window starts at {window_start}, after it ends ({window_end})"
+        )
     expected = _HEAD.size + count * _EXTENT.size
     if len(data) != expected:
         raise DescriptorError(
@@ -227,7 +266,7 @@ def decode_descriptor(data: bytes | memoryview) -> Descriptor:
                 f"previous buffer (which ends at {end}), or passes the area's end ({area_size})"
             )
         end = offset + length
-    return Descriptor(area_size, extents)
+    return Descriptor(area_size, extents, (window_start, window_end))
 
 
 def as_raw(buffer: Any) -> memoryview:
@@ -332,6 +371,7 @@ class SharedArea:
         _check_settings(cap, prefault)
         self._fd = fd
         self.cap = cap
+        self._creator = False  # the parent's end (create), which places arguments and lends results
         self._prefault = prefault
         self._map: mmap.mmap | None = None
         self._size = 0  # bytes mapped here
@@ -340,8 +380,27 @@ class SharedArea:
         self._handed: list[memoryview] = []
         self._pieces: list[memoryview] = []
         self._reserved = 0  # end of the region read() handed out views into
-        self._keeper = BlockKeeper()  # for the parent's large results (read_copy)
+        self._args = (0, 0)  # the region of the last arguments read(): results may lie in it
+        self._keeper = BlockKeeper()  # for copies out (read_copy)
         self._closed = False
+        # Where the worker may write results (see "Results lent from the area"):
+        # the worker's own window there, the parent's mirror of it here (None:
+        # not known, the next job must say it).
+        self._window: tuple[int, int] | None = (0, cap)
+        # The parent's results lent to the caller: token -> (start, end). Changed
+        # from any thread (a lent array may go anywhere), so under a lock.
+        self._lock = threading.Lock()
+        self._lent: dict[int, tuple[int, int]] = {}
+        self._tokens = 0
+        self._written = (0, 0)  # the parent's last arguments, where a result may lie
+        self._last_result = 0  # bytes the last result took beyond its arguments
+        # For the idle trim (parent): whether a job may be using the area, and
+        # since when nothing has.
+        self.busy = False
+        self.idle_since = 0.0
+        self.idle_timeout = math.inf
+        self.trimmed = False
+        self.trim_lock = threading.Lock()
 
     @classmethod
     def create(cls, cap: int, *, backend: str = "auto", prefault: str = DEFAULT_PREFAULT) -> SharedArea:
@@ -370,7 +429,9 @@ class SharedArea:
             fd = _create_posix_shm(cap)
         else:
             raise ValueError(f"backend must be 'auto', 'memfd' or 'posix_shm', not {backend!r}")
-        return cls(fd, cap, prefault)
+        area = cls(fd, cap, prefault)
+        area._creator = True
+        return area
 
     @classmethod
     def attach(cls, fd: int, cap: int, *, prefault: str = DEFAULT_PREFAULT) -> SharedArea:
@@ -430,41 +491,112 @@ class SharedArea:
 
     def fits(self, buffers: Sequence[Any]) -> bool:
         """True if ``write(buffers)`` would work: every buffer is one contiguous
-        block, and together they fit below the cap. Otherwise send them over the socket."""
+        block, and together they fit below the cap (the parent: around the
+        results it lends; the worker: in its window). Otherwise send them over
+        the socket."""
         if self._closed:
             return False
         try:
             lengths = [as_raw(buffer).nbytes for buffer in buffers]
         except BufferError:
             return False
-        return layout(lengths, self._reserved)[1] <= self.cap
+        return self._place(lengths) is not None
+
+    def _place(self, lengths: list[int]) -> tuple[tuple[tuple[int, int], ...], int, tuple[int, int]] | None:
+        """Where buffers of these lengths go: their extents, their end, and the
+        window for the reply; None if they do not fit.
+
+        The worker writes in its window. The parent picks the lowest gap between
+        the results it lends that holds the arguments and, after them, as much
+        as the last result took (its reply goes there); else the top gap."""
+        window = self._window
+        if not self._creator:
+            if window is None:
+                return None
+            extents, end = layout(lengths, max(self._reserved, window[0]))
+            return (extents, end, window) if end <= window[1] else None
+        with self._lock:
+            lent = sorted(self._lent.values())
+        gaps = []
+        position = 0
+        for start, end in lent:
+            if start > position:
+                gaps.append((position, start))
+            position = max(position, end)
+        if position < self.cap:
+            gaps.append((position, self.cap))
+        for index, (start, gap_end) in enumerate(gaps):
+            extents, end = layout(lengths, start)
+            room = gap_end - aligned(end)
+            if room >= self._last_result or (index == len(gaps) - 1 and end <= gap_end):
+                return extents, end, (aligned(end), gap_end)
+        return None
 
     def write(self, buffers: Sequence[Any]) -> bytes:
         """Copy ``buffers`` into the area (growing it if need be); return the
         encoded descriptor to send in their place.
 
+        The parent's descriptor also tells the worker its new window; the
+        worker's window then starts after what it wrote (the parent may lend it).
+
         Raises:
             BufferError: A buffer is not contiguous (``fits`` says so first).
-            ValueError: They do not fit below the cap (``fits`` says so first).
+            ValueError: They do not fit (``fits`` says so first).
             OSError: The area could not grow to hold them (EFBIG under
                 RLIMIT_FSIZE, ENOMEM under RLIMIT_AS); it is as it was: send
                 them over the socket.
         """
         self._check_open()
         views = [as_raw(buffer) for buffer in buffers]
-        extents, end = layout((view.nbytes for view in views), self._reserved)
-        if end > self.cap:
+        placed = self._place([view.nbytes for view in views])
+        if placed is None:
             raise ValueError(
-                f"{len(views)} buffers need {end} bytes of shared memory, above its cap of {self.cap}; "
-                "check fits() first and send them over the socket"
+                f"{len(views)} buffers ({sum(view.nbytes for view in views)} bytes) do not fit in the shared "
+                f"memory area (cap {self.cap}); check fits() first and send them over the socket"
             )
+        extents, end, window = placed
         self._grow_to(end, writer=True)
         assert self._map is not None or end == 0
         if self._map is not None:
             with memoryview(self._map) as area:
                 for view, (offset, length) in zip(views, extents, strict=True):
                     area[offset : offset + length] = view
+        if self._creator:
+            self._window = window
+            self._written = (extents[0][0], end) if extents else (window[0], window[0])
+            return encode_descriptor(Descriptor(self._size, extents, window))
+        if extents:
+            self._window = (aligned(end), window[1])
         return encode_descriptor(Descriptor(self._size, extents))
+
+    def describe_in_place(self, buffers: Sequence[Any]) -> bytes | None:
+        """The worker's descriptor for result buffers that all lie in its last
+        arguments (a job that returns its argument, or a slice of it): nothing
+        to copy. None if any does not, or cannot be located."""
+        if self._creator or not self._handed or self._map is None:
+            return None
+        start, end = self._args
+        try:
+            import ctypes
+
+            with memoryview(self._map) as whole:
+                base = ctypes.addressof(ctypes.c_char.from_buffer(whole))
+            extents = []
+            for buffer in buffers:
+                view = as_raw(buffer)
+                if view.readonly or not view.nbytes:
+                    return None
+                offset = ctypes.addressof(ctypes.c_char.from_buffer(view)) - base
+                extents.append((offset, view.nbytes))
+                del view
+        except (BufferError, TypeError, ValueError):
+            return None
+        previous = start
+        for offset, length in extents:
+            if offset % ALIGN or offset < previous or offset + length > end:
+                return None
+            previous = offset + length
+        return encode_descriptor(Descriptor(self._size, tuple(extents)))
 
     # --- reading --------------------------------------------------------------
 
@@ -484,7 +616,10 @@ class SharedArea:
             found = self._locate(descriptor)
         except OSError as exc:  # it could not be mapped at the size the writer announced
             self._unmap_if_unused()
-            return self._read_from_file(decode_descriptor(descriptor), exc, "arguments")
+            found = decode_descriptor(descriptor)
+            self._take_window(found)
+            return self._read_from_file(found, exc, "arguments")
+        self._take_window(found)
         if not found.extents:
             return []
         if self._map is None:  # an empty area: only zero-length buffers fit in it
@@ -502,7 +637,16 @@ class SharedArea:
             self._handed.append(handed)
         self._pieces.append(base)
         self._reserved = found.extents[-1][0] + found.extents[-1][1]
+        self._args = (found.extents[0][0], self._reserved)
         return list(self._handed)
+
+    def _take_window(self, found: Descriptor) -> None:
+        """The worker's window from now on, as the parent's descriptor says."""
+        start, end = found.window
+        if end:
+            if end > self.cap:
+                raise DescriptorError(f"the other end says results may go up to {end}, above the cap of {self.cap}")
+            self._window = (start, end)
 
     def release(self) -> bool:
         """Let go of the views ``read`` handed out; True if nothing holds them now.
@@ -521,6 +665,7 @@ class SharedArea:
         self._handed.clear()
         self._pieces.clear()
         self._reserved = 0
+        self._args = (0, 0)
         return True
 
     def _try_release(self) -> bool:
@@ -542,8 +687,50 @@ class SharedArea:
         try:
             found = self._locate(descriptor)
         except OSError as exc:  # it could not be mapped at the size the writer announced
-            return self._read_from_file(decode_descriptor(descriptor), exc, "result")
-        if self._map is None:  # an empty area: only zero-length buffers fit in it
+            found = decode_descriptor(descriptor)
+            self._follow_result(found)
+            return self._read_from_file(found, exc, "result")
+        self._follow_result(found)
+        return self._copy_found(found)
+
+    def lend(self, descriptor: bytes | memoryview) -> list[memoryview]:
+        """The buffers a descriptor names, for the parent's results, straight
+        from the area: no copy.
+
+        They share one writable ctypes array over the area's bytes. While it
+        (or any view of it, such as an array rebuilt on it) lives, its region is
+        *lent*: no argument and no result is placed over it (see "Results lent
+        from the area"); it stays mapped after the area is closed and the
+        worker gone. A result the worker put outside the window it was given is
+        copied out instead (``read_copy``).
+        """
+        try:
+            found = self._locate(descriptor)
+        except OSError as exc:  # it could not be mapped at the size the writer announced
+            found = decode_descriptor(descriptor)
+            self._follow_result(found)
+            return self._read_from_file(found, exc, "result")
+        if not self._follow_result(found) or self._map is None or not found.extents:
+            # Outside its window (the next job tells the worker a new one), or
+            # nothing to lend.
+            return self._copy_found(found)
+        start = found.extents[0][0]
+        end = found.extents[-1][0] + found.extents[-1][1]
+        if end == start:
+            return [memoryview(bytearray()) for _ in found.extents]
+        import ctypes
+
+        lent = (ctypes.c_char * (end - start)).from_buffer(self._map, start)
+        with self._lock:
+            self._tokens += 1
+            token = self._tokens
+            self._lent[token] = (start, end)
+        weakref.finalize(lent, self._returned, token)
+        target = memoryview(lent).cast("B")
+        return [target[offset - start : offset - start + length] for offset, length in found.extents]
+
+    def _copy_found(self, found: Descriptor) -> list[memoryview]:
+        if self._map is None:
             return [memoryview(bytearray()) for _ in found.extents]
         if not found.extents:
             return []
@@ -552,6 +739,94 @@ class SharedArea:
         with memoryview(self._map) as area:
             target = memoryview(_copy_of(area[start:end], self._keeper)).cast("B")
         return [target[offset - start : offset - start + length] for offset, length in found.extents]
+
+    def _follow_result(self, found: Descriptor) -> bool:
+        """Mirror what the worker did to its window by writing this result;
+        True if the result lies where it could (then it is safe to lend)."""
+        if not found.extents:
+            return True
+        start = found.extents[0][0]
+        end = found.extents[-1][0] + found.extents[-1][1]
+        written, self._written = self._written, (0, 0)  # this job's arguments, once
+        if written[0] <= start and end <= written[1]:
+            self._last_result = 0  # in the arguments: the window is as it was
+            return True
+        window = self._window
+        if window is not None and window[0] <= start and end <= window[1]:
+            self._window = (aligned(end), window[1])
+            self._last_result = end - window[0]
+            return True
+        self._window = None
+        return False
+
+    def _returned(self, token: int) -> None:
+        # The lent array is going (any thread): its region is free again.
+        with self._lock:
+            self._lent.pop(token, None)
+
+    @property
+    def lent_bytes(self) -> int:
+        """Bytes of results lent to the caller that are still alive."""
+        with self._lock:
+            return sum(end - start for start, end in self._lent.values())
+
+    def wants_window(self) -> bool:
+        """Whether the next job should tell the worker a new window even if it
+        has no arguments in the area: the worker's is unknown, or too small for
+        a result like the last one while a larger one is free."""
+        window = self._window
+        if window is None:
+            return True
+        if window == (0, self.cap):
+            return False
+        if window[1] - window[0] < self._last_result + ALIGN:
+            return True
+        # A lower gap (results held earlier have gone) keeps the area from
+        # growing while each result is held until the next one comes; a larger
+        # one lets larger results in.
+        placed = self._place([])
+        return placed is not None and (placed[2][0] < window[0] or placed[2][1] > window[1])
+
+    def missed(self, size: int) -> None:
+        """A result of ``size`` bytes came over the socket (it did not fit in
+        the worker's window): the next job gives it room for one like it."""
+        self._last_result = max(self._last_result, size)
+
+    def trim(self) -> int:
+        """Give back the pages of the area that no lent result uses (Linux:
+        MADV_REMOVE frees them from the file, for both ends), and the kept copy
+        block. The parent calls it when no job uses the area. Returns the bytes
+        of mapping it covered; 0 where there is no MADV_REMOVE."""
+        remove = getattr(mmap, "MADV_REMOVE", None)
+        self._keeper.drop()
+        if remove is None or self._closed or self._map is None:
+            return 0
+        with self._lock:
+            lent = sorted(self._lent.values())
+        freed = 0
+        position = 0
+        for start, end in (*lent, (self._size, self._size)):
+            # Whole pages only: a page a lent result shares keeps its bytes.
+            low = -(-position // PAGE) * PAGE
+            high = min(start, self._size) // PAGE * PAGE
+            if high > low:
+                try:
+                    self._map.madvise(remove, low, high - low)
+                except (OSError, ValueError):  # no MADV_REMOVE for this file; or closed
+                    return freed
+                freed += high - low
+            position = max(position, end)
+        return freed
+
+    def resident_bytes(self) -> int:
+        """Bytes of memory the area's file holds now (its pages allocated)."""
+        if self._closed:
+            return 0
+        try:
+            blocks = os.fstat(self._fd).st_blocks
+        except (OSError, AttributeError):
+            return self._size
+        return int(blocks) * 512
 
     def _read_from_file(self, found: Descriptor, map_error: OSError, what: str) -> list[memoryview]:
         """Copies of the buffers ``found`` names, read from the area's file
@@ -658,6 +933,10 @@ class SharedArea:
     def close(self) -> None:
         """Unmap the area and close its fd. Views still held elsewhere keep
         their mapping (and the memory) until they go."""
+        with self.trim_lock:  # not while the parent's trimmer uses the mapping
+            self._close()
+
+    def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
@@ -834,6 +1113,13 @@ class BlockKeeper:
     def kept_bytes(self) -> int:
         block = self._block
         return 0 if block is None else len(block)
+
+    def drop(self) -> None:
+        """Let the kept block go (the area has been idle)."""
+        with self._lock:
+            block, self._block = self._block, None
+        if isinstance(block, mmap.mmap):
+            block.close()
 
     def close(self) -> None:
         with self._lock:

@@ -296,7 +296,16 @@ class AreaUse:
         buffers = value.buffers
         if not buffers:
             return
-        if total_bytes(buffers) >= self.threshold and self.area.fits(buffers):
+        if total_bytes(buffers) < self.threshold:
+            pass
+        elif (in_place := self.area.describe_in_place(buffers)) is not None:
+            # The result is (part of) an argument, in the area already: the
+            # parent lends it from there, and nothing is copied.
+            value.area = in_place
+            value.buffers = []
+            self.wrote_result = True
+            return
+        elif self.area.fits(buffers):
             try:
                 value.area = self.area.write(buffers)
             except OSError:

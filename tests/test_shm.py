@@ -69,7 +69,7 @@ def test_descriptor_round_trip(area_size: int, lengths: list[int]):
     extents, end = _shm.layout(lengths)
     descriptor = _shm.Descriptor(max(area_size, end), extents)
     encoded = _shm.encode_descriptor(descriptor)
-    assert len(encoded) == 12 + 16 * len(lengths)
+    assert len(encoded) == 28 + 16 * len(lengths)
     assert _shm.decode_descriptor(encoded) == descriptor
     assert _shm.decode_descriptor(memoryview(encoded)) == descriptor
 
@@ -77,12 +77,13 @@ def test_descriptor_round_trip(area_size: int, lengths: list[int]):
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"\0" * 11, "at least 12 bytes, this one 11"),
-        (struct.pack("!QI", 4096, 2) + struct.pack("!QQ", 0, 8), "of 2 buffers has 44 bytes, this one 28"),
-        (struct.pack("!QI", 4096, 1) + struct.pack("!QQ", 8, 8), r"offset 8, length 8\) is not aligned"),
-        (struct.pack("!QI", 4096, 1) + struct.pack("!QQ", 4032, 128), r"passes the area's end \(4096\)"),
+        (b"\0" * 27, "at least 28 bytes, this one 27"),
+        (struct.pack("!QIQQ", 4096, 2, 0, 0) + struct.pack("!QQ", 0, 8), "of 2 buffers has 60 bytes, this one 44"),
+        (struct.pack("!QIQQ", 4096, 1, 0, 0) + struct.pack("!QQ", 8, 8), r"offset 8, length 8\) is not aligned"),
+        (struct.pack("!QIQQ", 4096, 1, 0, 0) + struct.pack("!QQ", 4032, 128), r"passes the area's end \(4096\)"),
+        (struct.pack("!QIQQ", 4096, 0, 128, 64), r"window starts at 128, after it ends \(64\)"),
         (
-            struct.pack("!QI", 4096, 2) + struct.pack("!QQQQ", 0, 100, 64, 8),
+            struct.pack("!QIQQ", 4096, 2, 0, 0) + struct.pack("!QQQQ", 0, 100, 64, 8),
             r"overlaps the previous buffer \(which ends at 100\)",
         ),
     ],
@@ -217,7 +218,7 @@ def test_above_the_cap_the_caller_falls_back():
         assert area.fits([bytes(2 * MiB)])
         assert area.fits([bytes(MiB), bytes(MiB)])
         assert not area.fits([bytes(MiB + 1), bytes(MiB - 1)])  # alignment padding pushes it over
-        with pytest.raises(ValueError, match=r"need 2097215 bytes of shared memory, above its cap of 2097152"):
+        with pytest.raises(ValueError, match=r"2 buffers \(2097152 bytes\) do not fit in the shared memory area"):
             area.write([bytes(MiB + 1), bytes(MiB - 1)])
         area.write([bytes(2 * MiB)])
         assert area.size == 2 * MiB
@@ -563,10 +564,10 @@ def test_memory_the_area_counts_for_in_each_process(peer):
 
 def test_descriptor_length_finds_where_the_pickle_starts():
     encoded = _shm.encode_descriptor(_shm.Descriptor(4096, ((0, 10), (64, 5))))
-    assert _shm.descriptor_length(encoded + b"pickle") == len(encoded) == 12 + 2 * 16
-    with pytest.raises(_shm.DescriptorError, match="has 44 bytes, but only 43 arrived"):
+    assert _shm.descriptor_length(encoded + b"pickle") == len(encoded) == 28 + 2 * 16
+    with pytest.raises(_shm.DescriptorError, match="has 60 bytes, but only 59 arrived"):
         _shm.descriptor_length(encoded[:-1])
-    with pytest.raises(_shm.DescriptorError, match="at least 12 bytes"):
+    with pytest.raises(_shm.DescriptorError, match="at least 28 bytes"):
         _shm.descriptor_length(b"short")
 
 
@@ -640,3 +641,96 @@ def test_a_result_block_outlives_its_area_while_the_caller_holds_it(pair):
 def test_map_populate_is_refused_where_there_is_none():
     with pytest.raises(ValueError, match="MAP_POPULATE"):
         _shm.SharedArea.create(MiB, prefault="map_populate")
+
+
+# --- results lent from the area ------------------------------------------------------
+
+
+def job(parent, worker, arguments, result):
+    """One job: the parent writes ``arguments``, the worker reads them and
+    writes ``result`` (a callable of the argument views, giving buffers), and
+    the parent lends the result back."""
+    views = worker.read(parent.write(arguments))
+    buffers = result(views)
+    in_place = worker.describe_in_place(buffers)
+    descriptor = in_place if in_place is not None else worker.write(buffers)
+    del views, buffers
+    assert worker.release()
+    return parent.lend(descriptor), in_place is not None
+
+
+def test_lent_results_are_placed_around_and_survive_the_area(pair):
+    parent, worker = pair
+    first, _ = job(parent, worker, [], lambda views: [np.full(4 * MiB, 1, np.uint8)])
+    held = np.frombuffer(first[0], np.uint8)
+    del first
+    assert parent.lent_bytes == 4 * MiB
+    for n in range(2, 6):  # each later job goes around the held result
+        got, _ = job(parent, worker, [np.full(MiB, n, np.uint8)], lambda views: [np.full(4 * MiB, 7, np.uint8)])
+        assert (np.frombuffer(got[0], np.uint8) == 7).all()
+        assert (held == 1).all()
+        del got
+    assert parent.lent_bytes == 4 * MiB  # the others went as their arrays did
+    held[:] = 9  # writable, and ours
+    worker.close()
+    parent.close()
+    assert (held == 9).all()  # valid after both ends closed
+
+
+def test_a_result_that_is_its_argument_is_lent_where_it_lies(pair):
+    parent, worker = pair
+    argument = np.arange(MiB, dtype=np.int64)
+    got, in_place = job(parent, worker, [argument], lambda views: views)
+    assert in_place
+    result = np.frombuffer(got[0], np.int64)
+    np.testing.assert_array_equal(result, argument)
+    # The next job's arguments go around it.
+    again, _ = job(parent, worker, [np.zeros(MiB, np.int64)], lambda views: views)
+    np.testing.assert_array_equal(result, argument)
+    assert not np.frombuffer(again[0], np.int64).any()
+
+
+def test_a_held_result_loop_uses_two_regions_not_ever_more(pair):
+    """``r = await run_sync(f)`` holds each result until the next one comes:
+    the worker is sent back to a freed region rather than up the area."""
+    parent, worker = pair
+    held = None
+    for n in range(8):
+        if parent.wants_window():
+            views = worker.read(parent.write([]))
+            assert views == [] and worker.release()
+        got = parent.lend(worker.write([np.full(8 * MiB, n, np.uint8)]))
+        held = np.frombuffer(got[0], np.uint8)
+        del got
+        assert (held == n).all()
+    assert parent.size <= 20 * MiB
+
+
+def test_a_result_outside_its_window_is_copied_not_lent(pair):
+    parent, worker = pair
+    held, _ = job(parent, worker, [], lambda views: [np.full(MiB, 1, np.uint8)])
+    worker._window = (0, worker.cap)  # a worker that ignores the rule writes over it
+    copied = parent.lend(worker.write([np.full(MiB, 2, np.uint8)]))
+    assert parent.lent_bytes == MiB  # the first only
+    assert (np.frombuffer(copied[0], np.uint8) == 2).all()
+    assert parent.wants_window()  # the next job sets the worker's window again
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_REMOVE"), reason="MADV_REMOVE is Linux's")
+def test_trim_gives_back_every_page_but_the_lent_ones():
+    with _shm.SharedArea.create(64 * MiB, backend="memfd") as parent:
+        worker = _shm.SharedArea.attach(os.dup(parent.fileno()), 64 * MiB)
+        try:
+            held, _ = job(parent, worker, [np.ones(8 * MiB, np.uint8)], lambda views: [np.full(4 * MiB, 3, np.uint8)])
+            assert parent.resident_bytes() >= 12 * MiB
+            parent.trim()
+            assert parent.resident_bytes() <= 4 * MiB + 2 * _shm.PAGE
+            assert (np.frombuffer(held[0], np.uint8) == 3).all()
+            del held
+            parent.trim()
+            assert parent.resident_bytes() == 0
+            # Both ends go on using it: the pages come back as they are touched.
+            got, _ = job(parent, worker, [np.full(8 * MiB, 5, np.uint8)], lambda views: [np.array(views[0])])
+            assert (np.frombuffer(got[0], np.uint8) == 5).all()
+        finally:
+            worker.close()

@@ -18,6 +18,7 @@ import pytest
 if not sys.platform.startswith("linux"):
     pytest.skip("needs Linux: memfd_create, /proc and signals", allow_module_level=True)
 
+import mmap
 import os
 import pickle
 import signal
@@ -191,11 +192,14 @@ async def test_non_contiguous_and_object_arrays_fall_back_to_the_socket(worker_t
     strided = base[::2, ::3]
     objects = np.array([{"i": i} for i in range(200_000)] + [b"x" * (2 * MiB)], dtype=object)
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        with trio.fail_after(HANG):
+            assert await ctx.run_sync(check_and_fill, strided, float(strided.sum()), -1)
+            assert await ctx.run_sync(summary, objects)
+        assert area_bytes(ctx) == 0  # neither had a contiguous buffer to send out of band
         np.testing.assert_array_equal(await round_trip(ctx, strided), strided)
         result = await round_trip(ctx, objects)
         assert result.dtype == object and list(result[:3]) == [{"i": 0}, {"i": 1}, {"i": 2}]
         assert result[-1] == b"x" * (2 * MiB)
-        assert area_bytes(ctx) == 0  # neither had a contiguous buffer to send out of band
 
 
 async def test_bytes_bytearray_and_raw_buffers(worker_type):
@@ -277,37 +281,40 @@ async def test_the_loopback_channel_falls_back_to_the_socket(monkeypatch):
         assert area_bytes(ctx) == 0
 
 
-async def test_a_large_result_first_over_the_socket_then_through_the_area(worker_type):
+async def test_the_first_large_result_goes_through_the_area(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
         with trio.fail_after(HANG):
             first = await ctx.run_sync(make, (4 * MiB,), np.uint8, "C", 3)
-            assert area_bytes(ctx) == 0  # no area yet: the socket
-            second = await ctx.run_sync(make, (4 * MiB,), np.uint8, "C", 4)
-            assert area_bytes(ctx) >= 4 * MiB  # the area went out with this job
-        assert (first == 3).all() and (second == 4).all()
+        assert area_bytes(ctx) >= 4 * MiB  # the area went out with the first job
+        assert ctx.statistics().lent_result_bytes == 4 * MiB
+        assert (first == 3).all()
 
 
-async def test_statistics_count_the_block_kept_for_the_next_large_result(worker_type):
-    """A result that came through the area lives in the caller's memory; once
-    the caller lets go of it, that block is kept for the next one, and
-    statistics say how much. The next result takes it (nothing kept while it
-    lives), and the block goes with the worker's area."""
+async def test_results_are_lent_from_the_area_and_stay_valid_after_the_worker(worker_type):
+    """A result lives in the area while the caller holds it (or any view of
+    it): later arguments and results go around it; statistics count it while
+    it lives; it outlives the worker that wrote it and the context."""
+    array = np.arange(MiB, dtype=np.float64)
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
         with trio.fail_after(HANG):
-            await ctx.run_sync(make, (4 * MiB,), np.uint8, "C", 3)  # over the socket: the area goes out next
+            first = await ctx.run_sync(make, (4 * MiB,), np.uint8, "C", 3)
+            echoed = await round_trip(ctx, array)  # an argument returned: no copy in the worker
+            view = first[MiB:]
+            del first
             second = await ctx.run_sync(make, (4 * MiB,), np.uint8, "C", 4)
-            assert ctx.statistics().kept_result_bytes == 0  # the caller holds it
+            assert await ctx.run_sync(check_and_fill, array, float(array.sum()), -1.0)
+            stats = ctx.statistics()
+            assert stats.lent_result_bytes == 8 * MiB + array.nbytes
+            assert stats.kept_result_bytes == 0
             del second
-            kept = ctx.statistics().kept_result_bytes
-            assert 4 * MiB <= kept <= area_bytes(ctx)
-            third = await ctx.run_sync(make, (4 * MiB,), np.uint8, "C", 5)
-            assert ctx.statistics().kept_result_bytes == 0  # the third result lives in it
-            assert (third == 5).all()
-            del third
-            assert ctx.statistics().kept_result_bytes == kept
+            assert ctx.statistics().lent_result_bytes == 4 * MiB + array.nbytes
             with pytest.raises(tpf.BrokenWorkerError):
                 await ctx.run_sync(kill_self)
-            assert ctx.statistics().kept_result_bytes == 0  # gone with the worker's area
+            assert ctx.statistics().lent_result_bytes == 0  # the worker's area is gone
+    assert (view == 3).all() and view.flags.writeable
+    np.testing.assert_array_equal(echoed, array)
+    echoed[0] = -1.0  # writable, and ours
+    assert array[0] == 0.0
 
 
 async def test_a_job_that_keeps_its_argument_retires_its_worker(worker_type):
@@ -434,3 +441,24 @@ def test_the_parent_killed_mid_transfer_leaves_nothing(worker_type, tmp_path):
                     process.kill()
             except psutil.Error:
                 pass
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_REMOVE"), reason="areas are trimmed on Linux only")
+async def test_an_idle_area_gives_its_memory_back_but_not_what_the_caller_holds(worker_type, monkeypatch):
+    monkeypatch.setenv("TRIO_PARALLEL_FS_SHM_IDLE", "0.2")
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        with trio.fail_after(HANG):
+            held = await ctx.run_sync(make, (8 * MiB,), np.uint8, "C", 3)
+            dropped = await ctx.run_sync(make, (32 * MiB,), np.uint8, "C", 4)
+            del dropped
+            assert area_bytes(ctx) >= 40 * MiB
+            for _ in range(200):  # trimmed by a thread of this process  # noqa: ASYNC110
+                if area_bytes(ctx) <= 9 * MiB:
+                    break
+                await trio.sleep(0.05)
+        assert (held == 3).all()
+        assert ctx.statistics().lent_result_bytes == 8 * MiB
+        with trio.fail_after(HANG):
+            again = await ctx.run_sync(make, (32 * MiB,), np.uint8, "C", 5)  # the pages come back
+        assert (again == 5).all() and (held == 3).all()
+        assert ctx.statistics().started_workers == 1

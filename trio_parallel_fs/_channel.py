@@ -13,22 +13,33 @@ the worker's exit report. (Waiting on both from the start, through an epoll
 fd, cost a fifth more per warm call; the hook costs nothing on the warm path.)
 
 Large buffers may go through a shared memory area instead of the socket (see
-``_trio_parallel_fs_worker._shm``). The worker's end of it is made lazily
-here, on a Unix socket channel only: when a job's buffers reach the
-threshold, or after a result's buffers reached it over the socket (so that
-the next large result uses the area). Its ``Area`` frame and fd (SCM_RIGHTS,
-on the same ``sendmsg``) go right before the job frame that first needs it.
-Arguments are copied in once; results are copied out once (``read_copy``), so
-that the caller never holds a view into the area that the next job reuses.
-The area is closed with the worker (``close``).
+``_trio_parallel_fs_worker._shm``). On a Unix socket channel each worker gets
+one with its first job: an empty memfd costs a few microseconds, and a first
+large result then goes through it instead of the socket. Its ``Area`` frame
+and fd (SCM_RIGHTS, on the same ``sendmsg``) go right before that job's frame.
+Arguments are copied in once; results are lent to the caller straight from the
+area (``SharedArea.lend``): no copy out. The area places later arguments and
+results around what is lent, and a job tells the worker a new window for its
+results when the one it has is too small (see ``_shm``, "Results lent from
+the area"). The area is closed with the worker (``close``); lent results stay
+mapped until they go.
+
+Idle areas give their memory back: a thread of this process (`_Trimmer`) trims
+an area that no job has used for ``TRIO_PARALLEL_FS_SHM_IDLE`` seconds
+(default `AREA_IDLE_SECONDS`), keeping only the pages of lent results. The
+next large transfer allocates pages again, as the first one did.
 """
 
 from __future__ import annotations
 
 import array
 import functools
+import math
+import os
 import socket
+import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -44,6 +55,91 @@ _RECV_SIZE = 1 << 16
 # A reply slower than this (seconds) is waited for together with the worker's
 # exit report (see Worker._wait_channel).
 _WATCH_EXIT_AFTER = 0.5
+
+# Seconds an area may go unused before its memory is given back (see _Trimmer).
+AREA_IDLE_SECONDS = 5.0
+
+
+def area_idle_seconds() -> float:
+    """The idle period of areas: ``TRIO_PARALLEL_FS_SHM_IDLE`` (seconds; "inf"
+    never trims), else `AREA_IDLE_SECONDS`."""
+    text = os.environ.get("TRIO_PARALLEL_FS_SHM_IDLE")
+    if text is None:
+        return AREA_IDLE_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"TRIO_PARALLEL_FS_SHM_IDLE must be a number of seconds, not {text!r}") from None
+    if not seconds >= 0:
+        raise ValueError(f"TRIO_PARALLEL_FS_SHM_IDLE must be >= 0 seconds, not {text!r}")
+    return seconds
+
+
+class _Trimmer:
+    """Gives back the memory of areas idle for their idle period.
+
+    One daemon thread per process, started with the first area. It sleeps
+    until the earliest moment an area may be due, or until an area goes idle
+    while it has nothing to wait for. An area is trimmed under its
+    ``trim_lock`` and only while not ``busy``: the job path sets ``busy`` under
+    the same lock before it writes arguments, so a trim never races a job.
+    """
+
+    def __init__(self) -> None:
+        self._areas: weakref.WeakSet[SharedArea] = weakref.WeakSet()
+        self._wake = threading.Condition()
+        self._pid = -1
+        self.waiting_forever = False
+
+    def forked(self) -> None:
+        # A child forked while the thread held the lock would wait on it
+        # forever; the child's pool drops its parent's workers and areas anyway.
+        self.__init__()  # type: ignore[misc]
+
+    def watch(self, area: SharedArea) -> None:
+        with self._wake:
+            self._areas.add(area)
+            if self._pid != os.getpid():  # first area, or a forked child: no thread yet
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="trio_parallel_fs area trimmer", daemon=True).start()
+            # No wake-up: a new area is busy; it nudges the thread when it goes idle.
+
+    def nudge(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                areas = list(self._areas)
+            now = time.monotonic()
+            due = math.inf
+            for area in areas:
+                if area.closed:
+                    self._areas.discard(area)
+                    continue
+                with area.trim_lock:
+                    if area.trimmed or area.closed:
+                        continue
+                    if area.busy:
+                        due = min(due, now + area.idle_timeout)
+                    elif now >= area.idle_since + area.idle_timeout:
+                        try:
+                            area.trim()
+                        except Exception:  # noqa: BLE001 - one area's trouble must not stop the others'
+                            pass
+                        area.trimmed = True
+                    else:
+                        due = min(due, area.idle_since + area.idle_timeout)
+            with self._wake:
+                self.waiting_forever = math.isinf(due)
+                self._wake.wait(None if math.isinf(due) else max(0.01, due - time.monotonic()))
+                self.waiting_forever = False
+
+
+_trimmer = _Trimmer()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_trimmer.forked)
 
 
 class AnswerTimeout(Exception):
@@ -96,7 +192,9 @@ class Worker:
         if area_settings is not None and channel.family != getattr(socket, "AF_UNIX", None):
             area_settings = None  # the loopback TCP channel cannot carry an fd
         self._area_settings = area_settings
-        self._area_wanted = False  # a large result came over the socket: send the area
+        # Made with the first job (an empty memfd is cheap), so that a first
+        # large result goes through it rather than the socket.
+        self._area_wanted = area_settings is not None
         self._spin = SpinPolicy(busy_wait)
         self._readable = input_poller(channel)
 
@@ -121,7 +219,14 @@ class Worker:
     async def send_job(self, job_parts: list[bytes | memoryview]) -> bool:
         """Send a job (its frame, in parts); False if the worker closed its end."""
         fd = -1
-        if self._area_settings is not None and (len(job_parts) > 1 or self._area_wanted):
+        area = self.area
+        if area is not None:
+            with area.trim_lock:  # see _Trimmer
+                area.busy = True
+                area.trimmed = False
+        if self._area_settings is not None and (
+            len(job_parts) > 1 or self._area_wanted or (area is not None and area.wants_window())
+        ):
             job_parts, fd = self._through_area(job_parts)
         if self._first_frames:
             job_parts = [self._first_frames + job_parts[0], *job_parts[1:]]
@@ -149,13 +254,7 @@ class Worker:
         first (else -1)."""
         assert self._area_settings is not None
         threshold, cap = self._area_settings
-        buffers: list[memoryview] = []
-        if len(job_parts) > 1:
-            pickled, buffers = p.job_from_parts(job_parts)
-            if total_bytes(buffers) < threshold:
-                buffers = []
-        if not buffers and not self._area_wanted:
-            return job_parts, -1
+        pickled, buffers = p.job_from_parts(job_parts)
         fd = -1
         area = self.area
         if area is None:
@@ -167,10 +266,16 @@ class Worker:
                 self._area_settings = None
                 return job_parts, -1
             self.area = area
+            area.idle_timeout = area_idle_seconds()
+            area.busy = True
+            _trimmer.watch(area)
             fd = area.fileno()
             first = bytes(self.connection.send(p.Area(cap, threshold))[0])
         self._area_wanted = False
-        if buffers and area.fits(buffers):
+        # Small buffers go into the area only to carry a new window for the
+        # results (see SharedArea.wants_window); else the socket is as fast.
+        large = bool(buffers) and total_bytes(buffers) >= threshold
+        if (large or area.wants_window()) and area.fits(buffers):
             try:
                 descriptor = area.write(buffers)
             except OSError:
@@ -246,6 +351,14 @@ class Worker:
                 event = connection.next_event()
         if type(event) is p.Value and (event.area is not None or event.buffers):
             self._take_result_buffers(event)
+        area = self.area
+        if area is not None and (type(event) is p.Value or type(event) is p.Error):
+            # The job is over (not so after Started: it runs on): the worker
+            # touches the area no more until the next job.
+            area.idle_since = time.monotonic()
+            area.busy = False
+            if _trimmer.waiting_forever:
+                _trimmer.nudge()
         return event  # type: ignore[return-value]
 
     async def _wait_readable(self) -> None:
@@ -294,25 +407,29 @@ class Worker:
             nursery.start_soon(first_of, self.process.wait)
 
     def _take_result_buffers(self, value: p.Value) -> None:
-        """Copy a result's buffers out of the area; or, if large ones came over
-        the socket, have the area ready for the next large result."""
+        """Borrow a result's buffers from the area; or, if large ones came over
+        the socket, have the worker's window ready for the next large result."""
         if value.area is not None:
             if self.area is None:  # the Connection refuses a VALUE_AREA before an AREA
                 raise p.ProtocolError("a result in a shared memory area this worker was never given")
-            value.buffers = self.area.read_copy(value.area)
+            value.buffers = self.area.lend(value.area)
             value.area = None
-        elif (
-            self._area_settings is not None
-            and self.area is None
-            and total_bytes(value.buffers) >= self._area_settings[0]
-        ):
-            self._area_wanted = True
+        elif self.area is not None and self._area_settings is not None:
+            size = total_bytes(value.buffers)
+            if size >= self._area_settings[0]:
+                self.area.missed(size)
 
     @property
     def area_size(self) -> int:
-        """Bytes of this worker's shared memory area (0 without one)."""
+        """Bytes of memory this worker's shared memory area holds (0 without one)."""
         area = self.area
-        return 0 if area is None or area.closed else area.size
+        return 0 if area is None or area.closed else area.resident_bytes()
+
+    @property
+    def lent_result_bytes(self) -> int:
+        """Bytes of results lent to the caller from this worker's area, alive now."""
+        area = self.area
+        return 0 if area is None else area.lent_bytes
 
     @property
     def kept_result_bytes(self) -> int:

@@ -128,12 +128,15 @@ class WorkerContextStatistics:
             the shared memory area, which the next job would overwrite).
         template_pid: The template's pid, or None (not started, or SPAWN).
         preload: The modules the template preloads.
-        shared_memory_bytes: The total size of the live workers' shared memory
-            areas (see ``shm_threshold``). Not counted against ``max_memory``.
+        shared_memory_bytes: The memory the live workers' shared memory areas
+            hold now (see ``shm_threshold``): it drops when an idle area is
+            trimmed (docs/bigdata.rst). Not counted against ``max_memory``.
+        lent_result_bytes: Bytes of results lent to the caller from the live
+            workers' areas and still alive (part of ``shared_memory_bytes``).
         kept_result_bytes: Memory of this process kept for the live workers'
-            next large results (at most one block per area, once the caller
-            let go of a result that came through it), so that those results
-            land in pages already allocated; released with the area.
+            next large results copied out of an area (results are lent, not
+            copied, unless a worker put one outside the place it was given):
+            usually 0; released with the area, or when it is trimmed.
         prepared_workers: Workers started ahead of demand, in place of one
             that retired after its job (``max_jobs``, ``max_memory``, the
             retire hook), which the next call will use; not counted in
@@ -149,6 +152,7 @@ class WorkerContextStatistics:
     shared_memory_bytes: int = 0
     prepared_workers: int = 0
     kept_result_bytes: int = 0
+    lent_result_bytes: int = 0
 
 
 class WorkerPool:
@@ -191,6 +195,7 @@ class WorkerPool:
                 preload=self.config.preload,
                 shared_memory_bytes=sum(worker.area_size for worker in self._live),
                 kept_result_bytes=sum(worker.kept_result_bytes for worker in self._live),
+                lent_result_bytes=sum(worker.lent_result_bytes for worker in self._live),
                 prepared_workers=sum(1 for worker in self._idle if worker.state is _STARTING),
             )
 
