@@ -228,11 +228,13 @@ def unpicklable_result_error(function: str, exc: BaseException) -> TypeError:
     return error
 
 
-def unpicklable_job_error(function: str, culprit: str, exc: BaseException) -> Exception:
+def unpicklable_job_error(function: str, culprit: str, exc: BaseException, where: str = "a worker") -> Exception:
+    """``culprit``: which part would not pickle (`_calls.find_unpicklable`);
+    ``exc``: its error; ``where``: where it was to go."""
     import pickle
 
     return pickle.PicklingError(
-        f"cannot send {function} to a worker: {culprit} could not be pickled ({type(exc).__name__}: {exc})"
+        f"cannot send {function} to {where}: {culprit} could not be pickled ({type(exc).__name__}: {exc})"
     )
 
 
@@ -256,6 +258,14 @@ def baseline_above_max_memory_message(pid: int | None, used: int, limit: int, me
     )
 
 
-CONTEXT_CLOSED = "this worker context is closed"
-CONTEXT_CLOSED_WHILE_WAITING = "this worker context closed while the call waited"
+def context_closed(kind: str) -> str:
+    """``kind``: "worker context", "Dask context"."""
+    return f"this {kind} is closed"
+
+
+def closed_while_waiting(kind: str) -> str:
+    return f"this {kind} closed while the call waited"
+
+
+CONTEXT_CLOSED = context_closed("worker context")
 PREPARE_FAILED = "trio_parallel_fs could not prepare a worker ahead of demand (the next call starts one itself)"

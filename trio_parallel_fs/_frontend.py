@@ -1,21 +1,23 @@
-"""run_sync, worker contexts, the default context and the default limiter."""
+"""run_sync, worker contexts, the default context and the default limiter.
+
+A call's checks, limiter and cancellation rules are the front end's that
+every worker type shares (``_calls``); a `WorkerContext` is the local worker
+types' `_calls.Runner`.
+"""
 
 from __future__ import annotations
 
 import atexit
 import contextvars
 import functools
-import inspect
 import math
 import os
 import threading
-import types
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import attrs
-import cloudpickle
 import trio
 
 from _trio_parallel_fs_worker import _protocol as p
@@ -23,10 +25,12 @@ from _trio_parallel_fs_worker._pickling import dumps_job
 from _trio_parallel_fs_worker._spin import usable_cpus
 
 from ._backend import Backend
+from ._calls import RESUBMIT, RunnerClosed, call, find_unpicklable, wait_for_running_calls
 from ._config import WorkerConfig, WorkerType, make_config
 from ._describe import describe
-from ._errors import CONTEXT_CLOSED, CONTEXT_CLOSED_WHILE_WAITING, not_sync_error, unpicklable_job_error
-from ._pool import RESUBMIT, PoolClosed, WorkerContextStatistics, WorkerPool
+from ._errors import context_closed, unpicklable_job_error
+from ._pool import RESUBMIT as POOL_RESUBMIT
+from ._pool import PoolClosed, WorkerContextStatistics, WorkerPool
 
 T = TypeVar("T")
 
@@ -65,48 +69,12 @@ def current_default_worker_limiter() -> trio.CapacityLimiter:
 current_default_process_limiter = current_default_worker_limiter
 
 
-_SYNC_FLAGS_MASK = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_GENERATOR
-
-
-def _check_sync(fn: Callable[..., Any]) -> None:
-    # The common cases are decided without inspect: a plain function from its
-    # code flags, a builtin (never async or a generator) from its type.
-    if type(fn) is types.FunctionType and not fn.__code__.co_flags & _SYNC_FLAGS_MASK:
-        return
-    if type(fn) is types.BuiltinFunctionType:
-        return
-    if not callable(fn):
-        raise TypeError(f"run_sync needs a callable, not {type(fn).__name__} {fn!r}")
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        raise not_sync_error(describe(fn), "async")
-    if inspect.isgeneratorfunction(fn):
-        raise not_sync_error(describe(fn), "generator")
-
-
-def _refuse_keywords(fn: Callable[..., Any], keywords: dict[str, Any]) -> None:
-    names = ", ".join(f"{name}=" for name in keywords)
-    example = ", ".join(f"{name}={name}" for name in keywords)
-    raise TypeError(
-        f"run_sync passes positional arguments only, and got keyword arguments for the job ({names}). "
-        f"Bind them first: run_sync(functools.partial({describe(fn)}, {example}), *args)"
-    )
-
-
 def _encode_job(fn: Callable[..., Any], args: tuple[Any, ...]) -> list[bytes | memoryview]:
     try:
         pickled, buffers = dumps_job(fn, args)
     except Exception as exc:
-        raise unpicklable_job_error(describe(fn), _find_unpicklable(fn, args), exc) from exc
+        raise unpicklable_job_error(describe(fn), find_unpicklable(fn, args)[0], exc) from exc
     return p.frame_parts(p.JOB, pickled, buffers)
-
-
-def _find_unpicklable(fn: object, args: tuple[Any, ...]) -> str:
-    for label, value in [("the function", fn)] + [(f"argument {i}", a) for i, a in enumerate(args)]:
-        try:
-            cloudpickle.dumps(value)
-        except Exception:  # noqa: BLE001 - any failure to pickle names the culprit
-            return f"{label} ({type(value).__name__})"
-    return "the job"
 
 
 def make_backend(config: WorkerConfig) -> Backend:
@@ -120,69 +88,6 @@ def make_backend(config: WorkerConfig) -> Backend:
     return TemplateBackend(config.template_settings(), config.blas_threads)
 
 
-def _check_limiter(limiter: Any) -> None:
-    if not (hasattr(limiter, "__aenter__") and hasattr(limiter, "__aexit__")):
-        raise TypeError(
-            f"limiter must be a trio.CapacityLimiter or another async context manager, "
-            f"not {type(limiter).__name__} {limiter!r}"
-        )
-
-
-async def _call(
-    get_context: Callable[[], WorkerContext],
-    sync_fn: Callable[..., T],
-    args: tuple[Any, ...],
-    keywords: dict[str, Any],
-    kill: bool,
-    limiter: Any,
-) -> T:
-    """The body of every run_sync: check, encode, take a token, then run on the
-    context ``get_context`` gives *once the token is held* (the default context
-    may have been reconfigured while the call waited for it)."""
-    if keywords:
-        _refuse_keywords(sync_fn, keywords)
-    _check_sync(sync_fn)
-    if limiter is None:
-        limiter = current_default_worker_limiter()
-    job = _encode_job(sync_fn, args)
-    if type(limiter) is trio.CapacityLimiter:
-        # ``async with limiter``, minus a trip through the scheduler when a
-        # token is free: CapacityLimiter.acquire always yields, which costs a
-        # whole event-loop pass on the warm path. The call stays a full
-        # checkpoint: it checks for cancellation here and yields while waiting
-        # for the reply.
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            limiter.acquire_nowait()
-        except trio.WouldBlock:
-            await limiter.acquire()
-        try:
-            return await _run_on(get_context, sync_fn, job, kill)
-        finally:
-            limiter.release()
-    _check_limiter(limiter)
-    async with limiter:
-        return await _run_on(get_context, sync_fn, job, kill)
-
-
-async def _run_on(
-    get_context: Callable[[], WorkerContext], sync_fn: Callable[..., T], job: list[bytes | memoryview], kill: bool
-) -> T:
-    while True:
-        context = get_context()
-        try:
-            with trio.CancelScope(shield=not kill):
-                result = await context._pool.run(job, sync_fn)
-        except PoolClosed:
-            if get_context() is context:
-                raise trio.ClosedResourceError(CONTEXT_CLOSED_WHILE_WAITING) from None
-            continue  # reconfigured meanwhile: run on the new default context
-        if result is not RESUBMIT:
-            return result.unwrap()  # type: ignore[no-any-return]
-        # The shield hides cancellation; look for it between tries.
-        await trio.lowlevel.checkpoint_if_cancelled()
-
-
 class WorkerContext:
     """Workers with one configuration, and the jobs they run.
 
@@ -190,6 +95,8 @@ class WorkerContext:
     default context), not directly. Its configuration is readable as attributes
     (``ctx.idle_timeout`` and so on; see `WorkerConfig`) and as ``ctx.config``.
     """
+
+    _kind = "worker context"  # in messages (see _calls.Runner)
 
     def __init__(self, config: WorkerConfig, *, _private: bool = False, _backend: Backend | None = None) -> None:
         if not _private:
@@ -222,8 +129,27 @@ class WorkerContext:
             trio.ClosedResourceError: if the context is closed.
         """
         if self._pool.closed:
-            raise trio.ClosedResourceError(CONTEXT_CLOSED)
-        return await _call(lambda: self, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)
+            raise trio.ClosedResourceError(context_closed(self._kind))
+        return await call(lambda: self, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)
+
+    # --- the Runner of _calls ---------------------------------------------
+
+    def _default_limiter(self) -> trio.CapacityLimiter:
+        return current_default_worker_limiter()
+
+    def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> list[bytes | memoryview]:
+        return _encode_job(fn, args)
+
+    async def _run_job(self, fn: Callable[..., Any], job: list[bytes | memoryview], kill_on_cancel: bool) -> Any:
+        # kill_on_cancel needs nothing here: unshielded, the pool kills the
+        # worker of a cancelled call.
+        try:
+            result = await self._pool.run(job, fn)
+        except PoolClosed:
+            raise RunnerClosed from None
+        if result is POOL_RESUBMIT:
+            return RESUBMIT
+        return result.unwrap()
 
     def statistics(self) -> WorkerContextStatistics:
         """A `WorkerContextStatistics` snapshot; eventually consistent when
@@ -234,13 +160,8 @@ class WorkerContext:
         await self._pool.start()
 
     async def _aclose(self) -> None:
+        await wait_for_running_calls(lambda: self._pool.running)
         with trio.CancelScope(shield=True):
-            # Jobs still running belong to tasks outside the context's block;
-            # wait for them (they cannot be killed on their callers' behalf).
-            # Polled: those jobs may run in other threads' trio.run, which a
-            # trio.Event of this run could not be set from.
-            while self._pool.running:  # noqa: ASYNC110
-                await trio.sleep(0.01)
             await trio.to_thread.run_sync(self._pool.close_blocking, self.config.grace_period)
 
     def _close_blocking(self) -> None:
@@ -433,4 +354,4 @@ async def run_sync(
         (SIGKILL), its exit is awaited, and `trio.Cancelled` propagates; the
         job's side effects may be partly done. No worker is leaked either way.
     """
-    return await _call(_get_default_context, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)
+    return await call(_get_default_context, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)
