@@ -7,6 +7,7 @@ to run them, as they would the user's code.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import subprocess
@@ -20,6 +21,7 @@ import distributed
 import psutil
 import pytest
 import trio
+import trio.testing
 from conftest import descendants, open_fds, wait_until_gone
 
 import trio_parallel_fs
@@ -200,9 +202,52 @@ async def test_async_and_generator_functions_are_refused(client):
         assert ctx.statistics().submitted_jobs == 0
 
 
+async def test_the_checks_and_messages_are_the_local_run_syncs(client):
+    """One front end for every worker type: the same refusals, word for word,
+    and trio-parallel's older name for kill_on_cancel."""
+    async with open_dask_context(client) as ctx:
+        with pytest.raises(TypeError) as dask_error:
+            await ctx.run_sync(pow, 2, exp=3)
+        with pytest.raises(TypeError) as local_error:
+            await trio_parallel_fs.run_sync(pow, 2, exp=3)
+        assert str(dask_error.value) == str(local_error.value)
+        assert "Bind them first: run_sync(functools.partial(pow, exp=exp), *args)" in str(dask_error.value)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await ctx.run_sync(nap, 600, cancellable=True)
+        assert scope.cancelled_caught
+        assert ctx.statistics().submitted_jobs == 0
+
+
+async def test_a_call_waiting_for_its_limiter_when_the_context_closes_is_refused(client):
+    """As locally: the call never reaches a closed context's cluster."""
+    limiter = trio.CapacityLimiter(1)
+    holder = object()
+    errors = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as outer:
+            async with open_dask_context(client) as ctx:
+                await limiter.acquire_on_behalf_of(holder)
+
+                async def waiting_call() -> None:
+                    try:
+                        await ctx.run_sync(pow, 2, 2, limiter=limiter)
+                    except trio.ClosedResourceError as exc:
+                        errors.append(exc)
+
+                outer.start_soon(waiting_call)
+                await trio.testing.wait_all_tasks_blocked()
+            limiter.release_on_behalf_of(holder)
+    assert [str(error) for error in errors] == ["this Dask context closed while the call waited"]
+    assert ctx.statistics().submitted_jobs == 0
+
+
 async def test_an_unpicklable_argument_is_named(client):
     async with open_dask_context(client) as ctx:
-        with pytest.raises(pickle.PicklingError, match=r"^cannot send len to the Dask cluster: argument 0 \(lock: "):
+        with pytest.raises(
+            pickle.PicklingError,
+            match=r"^cannot send len to the Dask cluster: argument 0 \(lock\) could not be pickled \(TypeError: ",
+        ):
             with trio.fail_after(30):
                 await ctx.run_sync(len, threading.Lock())
         assert ctx.statistics().failed_jobs == 1
@@ -469,7 +514,9 @@ async def test_an_unreachable_scheduler_fails_within_connect_timeout_and_leaves_
         "connect_timeout=1.5 s (OSError: Timed out trying to connect"
     )
     if "the last attempt:" in message:  # none when the timeout ran out during the first (a busy machine)
-        assert "ConnectionRefusedError" in message.partition("the last attempt:")[2]
+        # A refusal; or, on a busy machine, an attempt the timeout cut short.
+        last = message.partition("the last attempt:")[2]
+        assert "ConnectionRefusedError" in last or "TimeoutError" in last, last
     assert "Is the scheduler running" in message and "longer connect_timeout" in message
     # The client Dask closed after its failed connect kept its loop thread.
     deadline = time.monotonic() + 10
@@ -588,3 +635,163 @@ def test_the_demo_table_says_how_many_jobs_and_that_spawn_starts_nothing():
     start_line = next(line for line in text.splitlines() if line.startswith("context start"))
     assert start_line.split()[-2:] == ["(none)", "*"]
     assert "* spawn has no template: opening its context starts no process" in text
+
+
+# --- Dask's logs about our jobs (issue 22, item 9) ----------------------------
+
+QUIET_PROGRAM = r"""
+import logging, os, sys, time
+import distributed, trio
+import trio_parallel_fs
+from trio_parallel_fs.dask import open_dask_context
+
+def fail(x):
+    raise ValueError(f"failed on {x}")
+
+def die(code):
+    os._exit(code)
+
+def spin(path):
+    with open(path, "w") as file:
+        file.write(str(os.getpid()))
+    while True:
+        pass
+
+def log_from_the_job():
+    logging.getLogger("userjob").warning("the job's own warning")
+    return os.getpid()
+
+def say(text):
+    print(f"--- {text}", file=sys.stderr, flush=True)
+
+async def main(cluster, client, pid_file):
+    logging.basicConfig(format="%(name)s %(levelname)s %(message)s")
+    async with open_dask_context(client) as ctx:
+        say("a job that raises")
+        try:
+            await ctx.run_sync(fail, 1)
+        except ValueError:
+            pass
+        say("a job that kills its worker")
+        try:
+            await ctx.run_sync(die, 3)
+        except trio_parallel_fs.BrokenWorkerError:
+            pass
+        await trio.to_thread.run_sync(lambda: client.wait_for_workers(2, timeout=60))
+        say("kill_on_cancel")
+        with trio.CancelScope() as scope:
+            async def cancel_once_spinning():
+                while not os.path.exists(pid_file) or not open(pid_file).read():
+                    await trio.sleep(0.02)
+                scope.cancel()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_once_spinning)
+                await ctx.run_sync(spin, pid_file, kill_on_cancel=True)
+        await trio.to_thread.run_sync(lambda: client.wait_for_workers(2, timeout=60))
+        say("the user's own records")
+        logging.getLogger("userapp").warning("the user's own warning")
+        await ctx.run_sync(log_from_the_job)
+        say("Dask's records about a task not ours")
+        await trio.to_thread.run_sync(lambda: client.submit(fail, 2).exception())
+        await trio.to_thread.run_sync(lambda: client.submit(die, 4).exception())
+        await trio.to_thread.run_sync(lambda: client.wait_for_workers(2, timeout=60))
+        say("done")
+    print(" ".join(str(pid) for pid in client.run(os.getpid).values()), flush=True)
+
+if __name__ == "__main__":  # the nannies spawn the workers, which import this file
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=None, scheduler_kwargs={"allowed_failures": 0}
+    ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
+        trio.run(main, cluster, client, sys.argv[1])
+"""
+
+
+def test_dask_logs_nothing_about_our_jobs_but_keeps_other_records(tmp_path):
+    """A LocalCluster's scheduler and nannies log in this process, its workers
+    on our stderr. What they said about our jobs (a job that raises, one that
+    kills its worker, a kill for kill_on_cancel) is gone; the user's own
+    records, and Dask's about a task of someone else's, stay."""
+    program = tmp_path / "quiet.py"
+    program.write_text(QUIET_PROGRAM)
+    out = subprocess.run(
+        [sys.executable, str(program), str(tmp_path / "pid")],
+        capture_output=True,
+        text=True,
+        timeout=300,  # a hang guard
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    ours, _, others = out.stderr.partition("--- Dask's records about a task not ours")
+    assert "--- done" in others, out.stderr
+    # Our jobs: none of Dask's words about them, nor their keys.
+    for noise in ("Compute Failed", "marked as failed", "Restarting worker", "still alive", "Async instruction"):
+        assert noise not in ours, out.stderr
+    assert "trio_parallel_fs-" not in out.stderr, out.stderr
+    # The user's own records, in this process and in a job.
+    assert "userapp WARNING the user's own warning" in ours, out.stderr
+    assert "the job's own warning" in ours, out.stderr
+    # Someone else's task: Dask says what it says.
+    assert others.count("Compute Failed") == 1, out.stderr
+    assert others.count("Task die-") == 1 and "marked as failed because 1 workers died" in others, out.stderr
+    assert others.count("Restarting worker") == 1, out.stderr
+    # The cluster's worker processes are gone with the program.
+    workers = {int(pid) for pid in out.stdout.split()}
+    assert len(workers) == 2
+    assert not wait_until_gone(workers, 10.0)
+
+
+def log_record(name: str, msg: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, args, None)
+
+
+FAILED_TASK = "Task %s marked as failed because %d workers died while trying to run it"
+
+
+def test_the_log_filter_drops_only_announced_nanny_lines_and_our_tasks(monkeypatch):
+    """The rules of _dask_logs without a cluster: a clock of our own."""
+    from trio_parallel_fs import _dask_logs
+
+    now = [1000.0]
+    monkeypatch.setattr(_dask_logs.time, "monotonic", lambda: now[0])
+    logs = _dask_logs.DaskLogFilter()
+    logs.active = True
+    restarting = log_record("distributed.nanny", "Restarting worker (status=%s)", "Status.running")
+    alive = log_record("distributed.nanny", "Worker process still alive after 0.4 seconds, killing")
+    # Nothing announced: the nanny's lines stay.
+    assert logs.filter(restarting) and logs.filter(alive)
+    # Someone else's task stays; ours goes, and announces one restart, once
+    # for the tasks one death failed together.
+    assert logs.filter(log_record("distributed.scheduler", FAILED_TASK, "fail-1234", 1))
+    assert not logs.filter(log_record("distributed.scheduler", FAILED_TASK, "trio_parallel_fs-f-1", 1))
+    assert not logs.filter(log_record("distributed.scheduler", FAILED_TASK, "trio_parallel_fs-f-2", 1))
+    assert logs.pending() == 1
+    assert not logs.filter(restarting)
+    assert logs.filter(restarting)
+    # A kill of ours: each line once; a withdrawn or lapsed one drops nothing.
+    [still] = logs.expect(_dask_logs.STILL_ALIVE)
+    logs.expect(_dask_logs.RESTARTING)
+    logs.withdraw([still])
+    assert logs.filter(alive)
+    now[0] += _dask_logs.EXPECT_FOR + 1
+    assert logs.filter(restarting) and logs.pending() == 0
+    # Other records of these loggers, and records with other names, stay.
+    assert logs.filter(log_record("distributed.nanny", "Nanny asking worker to close. Reason: %s", "ours"))
+    assert logs.filter(log_record("userapp", "Restarting worker (status=%s)", "mine"))
+    # With no context open, the scheduler's lines about our tasks stay too.
+    logs.active = False
+    assert logs.filter(log_record("distributed.scheduler", FAILED_TASK, "trio_parallel_fs-f-3", 1))
+
+
+def test_the_worker_log_filter_drops_only_lines_about_our_tasks():
+    from trio_parallel_fs._dask_worker import WorkerLogFilter
+
+    worker_filter = WorkerLogFilter()
+    compute_failed = "Compute Failed\nKey:       %s\nState:     %s\n"
+    ours = log_record("distributed.worker", compute_failed, "trio_parallel_fs-f-1", "executing")
+    assert not worker_filter.filter(ours)
+    assert worker_filter.filter(log_record("distributed.worker", compute_failed, "f-1", "executing"))
+    assert worker_filter.filter(log_record("distributed.worker", compute_failed, ("f", 0), "executing"))
+    cancelled = "Async instruction for <Task cancelled name=\"execute('{}')\" coro=<...>> ended with CancelledError"
+    name = "distributed.worker.state_machine"
+    assert not worker_filter.filter(log_record(name, cancelled.format("trio_parallel_fs-f-1")))
+    assert worker_filter.filter(log_record(name, cancelled.format("f-1")))

@@ -13,19 +13,22 @@ LocalCluster), and leaves the Trio thread free while Dask pickles arguments.
 
 from __future__ import annotations
 
-import pickle
 import traceback
+import uuid
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import attrs
-import cloudpickle
+from dask.utils import funcname
 from distributed.scheduler import KilledWorker
 
 # The public names: the private modules behind them may move.
 from . import BrokenWorkerError, RemoteTraceback
+from ._calls import find_unpicklable
+from ._dask_worker import JOB_KEY_PREFIX
 from ._describe import describe
+from ._errors import unpicklable_job_error
 
 VALUE = "value"
 ERROR = "error"
@@ -33,12 +36,19 @@ CANCELLED = "cancelled"
 UNPICKLABLE = "unpicklable"
 
 
+def job_key(fn: Callable[..., Any]) -> str:
+    """A new task key for a job of ``fn``: Dask's own form for ``pure=False``
+    (the function's name, a random part), after `JOB_KEY_PREFIX`."""
+    return f"{JOB_KEY_PREFIX}{funcname(fn)}-{uuid.uuid4().hex}"
+
+
 @attrs.define
 class Job:
-    """A job and, once submitted, its Dask future."""
+    """A job, its task key and, once submitted, its Dask future."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
+    key: str = attrs.field(default=attrs.Factory(lambda self: job_key(self.fn), takes_self=True))
     future: Any = None
 
 
@@ -59,9 +69,9 @@ async def run_job(client: Any, job: Job) -> Settled:
     on the loop after this one (a cancellation) finds ``job.future`` set.
     """
     try:
-        # pure=False: every call is a task of its own, run once, even if its
-        # arguments repeat (jobs may have side effects).
-        job.future = future = client.submit(job.fn, *job.args, pure=False)
+        # A key of its own: every call is a task of its own, run once, even if
+        # its arguments repeat (jobs may have side effects).
+        job.future = future = client.submit(job.fn, *job.args, key=job.key, pure=False)
     except TypeError as exc:
         if "serialize" not in str(exc):
             raise
@@ -93,9 +103,12 @@ def unwrap(settled: Settled, fn: Callable[..., Any], args: tuple[Any, ...]) -> A
         return settled.value
     error = settled.error
     if settled.kind == UNPICKLABLE:
-        raise pickle.PicklingError(
-            f"cannot send {describe(fn)} to the Dask cluster: {unpicklable_part(fn, args)} could not be pickled"
-        ) from error
+        # Dask's own error says only "Could not serialize object of type ...":
+        # name the culprit, with the error that pickling it alone raises.
+        culprit, culprit_error = find_unpicklable(fn, args)
+        shown = culprit_error if culprit_error is not None else error
+        assert shown is not None  # run_job's UNPICKLABLE carries Dask's error
+        raise unpicklable_job_error(describe(fn), culprit, shown, "the Dask cluster") from error
     if settled.kind == CANCELLED:
         reason = getattr(error, "reason", None) or "no reason given"
         raise BrokenWorkerError(
@@ -140,13 +153,3 @@ def killed_worker_error(error: KilledWorker, fn: object) -> BrokenWorkerError:
         pid=pid if isinstance(pid, int) else None,
         function=describe(fn),
     )
-
-
-def unpicklable_part(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
-    """Name the first of the function and its arguments that will not pickle."""
-    for what, obj in [("the function", fn), *((f"argument {i}", arg) for i, arg in enumerate(args))]:
-        try:
-            cloudpickle.dumps(obj)
-        except Exception as exc:  # noqa: BLE001 - any failure names the culprit
-            return f"{what} ({type(obj).__name__}: {type(exc).__name__}: {exc})"
-    return "the job"

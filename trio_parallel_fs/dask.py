@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
-import types
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -51,9 +49,11 @@ except ImportError as exc:  # pragma: no cover - the dask extra is installed for
 
 # BrokenWorkerError by its public name: the private modules behind it may move.
 from . import BrokenWorkerError, _dask_worker
+from ._calls import RunnerClosed, call, wait_for_running_calls
 from ._dask_bridge import LoopBridge
 from ._dask_job import Job, cancel_job, run_job, unwrap
-from ._describe import describe
+from ._dask_logs import RESTARTING, STILL_ALIVE, DaskLogFilter, quieted
+from ._errors import context_closed
 
 # The worker-side code travels by value: Dask workers need ``distributed``,
 # not trio_parallel_fs (nor trio, which importing it would bring).
@@ -110,28 +110,6 @@ class DaskContextStatistics:
     killed_jobs: int
     restarted_workers: int
     preload: tuple[str, ...]
-
-
-_SYNC_FLAGS_MASK = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_GENERATOR
-
-
-def _check_sync(fn: Callable[..., Any]) -> None:
-    # The same rule as the local run_sync: a plain function is decided from its
-    # code flags alone.
-    if type(fn) is types.FunctionType and not fn.__code__.co_flags & _SYNC_FLAGS_MASK:
-        return
-    if not callable(fn):
-        raise TypeError(f"run_sync needs a callable, not {type(fn).__name__} {fn!r}")
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        raise TypeError(
-            f"{describe(fn)} is an async function; run_sync runs synchronous functions "
-            "on Dask workers. Await it directly, or pass a sync function that runs it."
-        )
-    if inspect.isgeneratorfunction(fn):
-        raise TypeError(
-            f"{describe(fn)} is a generator function; its generator cannot leave the "
-            "worker. Pass a function that returns a list (or another picklable value)."
-        )
 
 
 def _check_preload(preload: Iterable[str]) -> tuple[str, ...]:
@@ -192,6 +170,7 @@ class DaskContext:
         self._settle_threads = 0
         self._most_threads = 0
         self._plugin_name: str | None = None
+        self._logs: DaskLogFilter | None = None  # while open (see _dask_logs)
         self._closed = False
         self._running = 0
         self._counts = dict.fromkeys(["submitted", "completed", "failed", "broken", "killed", "restarted"], 0)
@@ -211,22 +190,17 @@ class DaskContext:
         sync_fn: Callable[..., T],
         *args: Any,
         kill_on_cancel: bool = False,
+        cancellable: bool = False,
         limiter: trio.CapacityLimiter | None = None,
+        **keywords: Any,
     ) -> T:
         """Run ``sync_fn(*args)`` on a Dask worker and return or raise its outcome.
 
-        The same contract as `trio_parallel_fs.run_sync`, on the cluster: the
-        function and arguments travel by Dask's pickling (cloudpickle for
-        functions defined in ``__main__``), and each call is a new Dask task
-        (``pure=False``), run once even if its arguments repeat.
-
-        Args:
-            sync_fn: A synchronous callable. Async and generator functions are refused.
-            *args: Its positional arguments; use `functools.partial` for keywords.
-            kill_on_cancel: Let cancellation stop the job; see below.
-            limiter: The `trio.CapacityLimiter` (or any async context manager)
-                bounding how many jobs this call shares the cluster with.
-                Default: the context's `limiter`.
+        The contract and the arguments of `trio_parallel_fs.run_sync`, on the
+        cluster: the function and arguments travel by Dask's pickling
+        (cloudpickle for functions defined in ``__main__``), and each call is
+        a new Dask task of its own key, run once even if its arguments repeat.
+        The default ``limiter`` is the context's `limiter`.
 
         Returns:
             Whatever ``sync_fn(*args)`` returns.
@@ -239,16 +213,15 @@ class DaskContext:
                 address), or the cluster dropped the job (the client lost its
                 scheduler).
             pickle.PicklingError: the function or an argument cannot be pickled.
-            TypeError: ``sync_fn`` is async, a generator function, or not callable.
+            TypeError: ``sync_fn`` is async, a generator function, or not
+                callable; or keyword arguments were given for it.
             trio.ClosedResourceError: the context is closed.
 
         Cancellation handling:
-            Entering ``run_sync`` is a checkpoint: a call made in an
-            already-cancelled scope raises `trio.Cancelled` and submits
-            nothing. Waiting for the limiter is cancellable. Once the job is
-            submitted, by default the wait is shielded: the call returns the
-            result, and cancellation takes effect at your next checkpoint.
-            With ``kill_on_cancel=True`` the Dask future is cancelled; if a
+            As for `trio_parallel_fs.run_sync`: entering is a checkpoint,
+            waiting for the limiter is cancellable, and once the job is
+            submitted the wait is shielded unless ``kill_on_cancel``. With
+            ``kill_on_cancel=True`` the Dask future is cancelled; if a
             worker already runs the job, that worker process is restarted
             through its nanny (Dask cannot stop a running thread), which stops
             the job and frees its CPU, and any other job running on that
@@ -256,47 +229,45 @@ class DaskContext:
             `trio.Cancelled` propagates. A worker without a nanny cannot be
             restarted: the job is abandoned there and a `RuntimeWarning` says so.
         """
-        _check_sync(sync_fn)
         if self._closed:
-            raise trio.ClosedResourceError("this Dask context is closed")
+            raise trio.ClosedResourceError(context_closed(self._kind))
         if trio.lowlevel.current_trio_token() is not self._token:
             raise RuntimeError(
                 "this Dask context belongs to the trio.run that opened it; open another "
                 "context (sharing the same Client) in this run"
             )
-        if limiter is None:
-            limiter = self._limiter
-        elif not (hasattr(limiter, "__aenter__") and hasattr(limiter, "__aexit__")):
-            raise TypeError(
-                f"limiter must be a trio.CapacityLimiter or another async context manager, "
-                f"not {type(limiter).__name__} {limiter!r}"
-            )
-        await trio.lowlevel.checkpoint_if_cancelled()
-        async with limiter:
-            return await self._run(sync_fn, args, kill_on_cancel)  # type: ignore[no-any-return]
+        return await call(lambda: self, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)
 
-    async def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], kill_on_cancel: bool) -> Any:
-        job = Job(fn, args)
+    # --- the Runner of _calls ---------------------------------------------
+
+    _kind = "Dask context"  # in messages
+
+    def _default_limiter(self) -> trio.CapacityLimiter:
+        return self._limiter
+
+    def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Job:
+        # Dask pickles the job as it submits it, on the client's loop.
+        return Job(fn, args)
+
+    async def _run_job(self, fn: Callable[..., Any], job: Job, kill_on_cancel: bool) -> Any:
+        if self._closed:
+            raise RunnerClosed  # it closed while the call waited for its limiter
         self._counts["submitted"] += 1
         self._running += 1
         try:
             pending = self._bridge.start(run_job, self.client, job)
-            if kill_on_cancel:
-                try:
-                    settled = await pending.wait()
-                except trio.Cancelled:
-                    with trio.CancelScope(shield=True):
-                        await self._kill(job)
-                        await self._look_while_settling()
-                    self._counts["killed"] += 1
-                    raise
-            else:
+            try:
+                settled = await pending.wait()  # shielded unless kill_on_cancel
+            except trio.Cancelled:
                 with trio.CancelScope(shield=True):
-                    settled = await pending.wait()
+                    await self._kill(job)
+                    await self._look_while_settling()
+                self._counts["killed"] += 1
+                raise
         finally:
             self._running -= 1
         try:
-            value = unwrap(settled, fn, args)
+            value = unwrap(settled, job.fn, job.args)
         except BrokenWorkerError:
             self._counts["broken"] += 1
             self._worker_lost()
@@ -357,8 +328,22 @@ class DaskContext:
         workers = [addr for addr in workers if nannies.get(addr)]
         if workers:
             self._worker_lost()
-            outcome = await self._bridge.run(_kill_through_nannies, self.client, workers)
-            self._counts["restarted"] += sum(status == _dask_worker.KILLED for status in outcome.values())
+            # The nannies say so on this process's stderr when they run here
+            # (a LocalCluster): announce what they will say, to drop it.
+            logs = self._logs
+            alive = logs.expect(STILL_ALIVE, len(workers)) if logs else []
+            restarting = logs.expect(RESTARTING, len(workers)) if logs else []
+            try:
+                outcome = await self._bridge.run(_kill_through_nannies, self.client, workers)
+            finally:
+                if logs:
+                    # A nanny says "still alive" before its kill returns, or
+                    # never (its worker closed in time).
+                    logs.withdraw(alive)
+            killed = sum(status == _dask_worker.KILLED for status in outcome.values())
+            if logs:
+                logs.withdraw(restarting[killed:])
+            self._counts["restarted"] += killed
 
     def statistics(self) -> DaskContextStatistics:
         """A `DaskContextStatistics` snapshot."""
@@ -423,16 +408,16 @@ class DaskContext:
 
     async def _start(self) -> None:
         self._set_workers(await self._bridge.run(_nthreads, self.client))
-        if not self.preload:
-            return
-        name = f"trio_parallel_fs-preload-{uuid.uuid4().hex}"
-        plugin = _dask_worker.PreloadPlugin(self.preload)
+        name = f"trio_parallel_fs-context-{uuid.uuid4().hex}"
+        plugin = _dask_worker.ContextPlugin(self.preload)
         register = functools.partial(self.client.register_plugin, plugin, name=name)
         try:
             # Registered once: the scheduler hands it to every worker that joins later.
             await trio.to_thread.run_sync(register)
         except Exception as exc:  # noqa: BLE001 - whatever the import raised on a worker
             await trio.to_thread.run_sync(self.client.unregister_worker_plugin, name)
+            if not self.preload:
+                raise
             raise ImportError(
                 f"could not preload {list(self.preload)} on the Dask workers: {type(exc).__name__}: {exc}. "
                 "The workers import these modules, not this process: install them in the workers' "
@@ -441,11 +426,9 @@ class DaskContext:
         self._plugin_name = name
 
     async def _aclose(self) -> None:
+        self._closed = True
+        await wait_for_running_calls(lambda: self._running)
         with trio.CancelScope(shield=True):
-            self._closed = True
-            # Jobs still running belong to tasks outside the context's block.
-            while self._running:  # noqa: ASYNC110 - counted, not an event, like the local context
-                await trio.sleep(0.01)
             if self._plugin_name is not None:
                 try:
                     await trio.to_thread.run_sync(self.client.unregister_worker_plugin, self._plugin_name)
@@ -579,16 +562,19 @@ async def open_dask_context(
     client, owned = await _connect(client_or_address, connect_timeout)
     try:
         context = DaskContext(client, modules, _private=True)
-        await context._start()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(context._follow_workers, refresh_interval)
-                try:
-                    yield context
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            await context._aclose()
+        # Dask's records about our jobs in this process are dropped while the
+        # context is open (see _dask_logs); the workers' by the context's plugin.
+        with quieted() as context._logs:
+            await context._start()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(context._follow_workers, refresh_interval)
+                    try:
+                        yield context
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                await context._aclose()
     finally:
         if owned:
             with trio.CancelScope(shield=True):
