@@ -6,6 +6,7 @@ import functools
 import math
 import os
 import pickle
+import re
 import signal
 import sys
 import threading
@@ -401,3 +402,18 @@ async def test_numpy_arrays_of_every_size_arrive_writable_and_equal(worker_type)
             assert several.dtype == array.dtype and (several == array * 2).all()
             pair = await ctx.run_sync(tuple, [array, array[::2]])  # a strided view travels in band
             assert (pair[0] == array).all() and (pair[1] == array[::2]).all()
+
+
+def test_the_configuration_is_documented_in_tiers():
+    """WorkerConfig's reference puts first what most users set (trio-parallel's
+    five, in their positional order, then preload and the three limits), then
+    the tuning knobs; each keyword once (issue 23, item 6)."""
+    import attrs
+
+    from trio_parallel_fs._config import POSITIONAL
+
+    # Each attribute's entry starts at the Attributes sections' indent.
+    documented = re.findall(r"^ {8}(\w+): ", tpf.WorkerConfig.__doc__ or "", re.MULTILINE)
+    first_tier = [*POSITIONAL, "preload", "max_jobs", "max_memory", "memory_ceiling"]
+    assert documented[: len(first_tier)] == first_tier
+    assert sorted(documented) == sorted(field.name for field in attrs.fields(tpf.WorkerConfig))

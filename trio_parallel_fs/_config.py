@@ -134,6 +134,11 @@ def _metric(instance: object, attribute: attrs.Attribute[Any], value: object) ->
 class WorkerConfig:
     """How a worker context makes, runs and retires its workers.
 
+    Most users set at most the first nine: trio-parallel's five (which keep
+    their meaning and order, so they may also be given positionally), then
+    what to preload and when to retire a worker. The others tune one concern
+    each and are grouped after them; their defaults suit most programs.
+
     Attributes:
         idle_timeout: Seconds an idle worker waits for a job before it exits and
             frees its memory. ``math.inf`` waits forever. Default 600.
@@ -152,28 +157,46 @@ class WorkerConfig:
             ``SPAWN`` each worker imports them when it starts. A module that
             fails to import, or starts threads, fails the context's start with
             `TemplateStartError`. Default: none.
+        max_jobs: Retire a worker after this many jobs. Default: no limit.
+        max_memory: Retire a worker after a job that leaves it using more than
+            this many bytes (by ``memory_metric``). Default: no limit.
+        memory_ceiling: Kill a worker *while its job runs* once it uses more than
+            this many bytes; the caller gets `MemoryCeilingError`. Checked every
+            20 ms, by the template (``FORKSERVER``) or by a thread of this
+            process (``SPAWN``). Default: no ceiling.
+
+    Tuning: the template. ``template_init`` goes with ``preload`` (one
+    decision: what workers share, and how warm); ``blas_threads`` matters
+    once a preloaded module has a BLAS or OpenMP pool.
+
+    Attributes:
         template_init: Called without arguments in the template after the
             preload and before ``gc.freeze()``, to warm up what workers will
             share: e.g. run a tiny BLAS operation so that every worker inherits
             an initialized BLAS instead of initializing its own copy. Like the
             preload, it must not leave threads running. With ``SPAWN`` it runs
             in each worker as it starts. Default: none.
-        max_jobs: Retire a worker after this many jobs. Default: no limit.
-        max_jobs_jitter: Add a random 0..max_jobs_jitter jobs to each worker's
-            ``max_jobs``, so that workers started together do not all retire
-            (and restart) together. Default 0.
-        max_memory: Retire a worker after a job that leaves it using more than
-            this many bytes (by ``memory_metric``). Default: no limit.
-        memory_metric: ``"uss"`` (private memory, the default: pages shared with
-            the template are not counted), ``"pss"`` or ``"rss"``.
-        memory_ceiling: Kill a worker *while its job runs* once it uses more than
-            this many bytes; the caller gets `MemoryCeilingError`. Checked every
-            20 ms, by the template (``FORKSERVER``) or by a thread of this
-            process (``SPAWN``). Default: no ceiling.
         blas_threads: Thread count for BLAS/OpenMP pools (OPENBLAS_NUM_THREADS
             and friends), set in the workers' environment unless you set those
             variables yourself. 1 keeps the template single-threaded and stops
             N workers from running N x cores threads. None leaves them alone.
+
+    Tuning: recycling. ``max_jobs_jitter`` is part of the ``max_jobs``
+    decision (it needs ``max_jobs``), and ``memory_metric`` of the memory
+    one: it says how both ``max_memory`` and ``memory_ceiling`` measure.
+
+    Attributes:
+        max_jobs_jitter: Add a random 0..max_jobs_jitter jobs to each worker's
+            ``max_jobs``, so that workers started together do not all retire
+            (and restart) together. Default 0.
+        memory_metric: ``"uss"`` (private memory, the default: pages shared with
+            the template are not counted), ``"pss"`` or ``"rss"``.
+
+    Tuning: large arguments and results. ``shm_threshold`` and ``shm_max``
+    are one decision, whether and for what sizes to use the shared memory
+    area: ``shm_max=0`` turns it off.
+
+    Attributes:
         shm_threshold: Bytes. When the large buffers of a job's arguments (numpy
             arrays, bytes, bytearrays: pickle protocol 5 out-of-band buffers of
             64 KiB or more) total at least this, they travel through the
@@ -187,6 +210,10 @@ class WorkerConfig:
         shm_max: Bytes: the most one worker's shared memory area may grow to.
             Buffers that would not fit go over the socket instead. 0 turns the
             area off. Default 2 GiB.
+
+    Tuning: latency of quick calls.
+
+    Attributes:
         busy_wait: Seconds. While jobs and replies follow each other quickly,
             a worker waiting for its next job, and a call waiting for its
             reply, first look for it in a loop for up to this long instead of
