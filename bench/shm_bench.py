@@ -11,7 +11,7 @@ interleaved rep by rep so that a noisy neighbour hits them all alike:
 
 * area: the reused, pre-touched shared memory area (``SharedArea``). Argument:
   copy in, send the descriptor, the peer makes views (no copy). Result: the
-  peer copies in, this side copies out once into memory it owns.
+  peer copies in, this side gets it lent from the area (``lend``: no copy out).
 * fresh memfd: a new memfd per message, its fd sent by SCM_RIGHTS. Argument:
   create, copy in, send. Result: the peer creates and fills it, this side maps
   it (MAP_POPULATE) and keeps it: no copy out, but every page is new.
@@ -114,6 +114,8 @@ def peer(area_fd: int, sock_fd: int, cap: int, largest: int) -> None:
             area.release()
             send(sock, b"k")
         elif command == AREA_RESULT:
+            area.read(payload)  # no buffers: where this end may write its result
+            area.release()
             send(sock, b"k", payload=area.write([source[:size]]))
         elif command == FRESH_ARG:
             assert fd is not None
@@ -169,8 +171,8 @@ class Bench:
         return self.ack()
 
     def area_result(self, size: int) -> object:
-        send(self.sock, AREA_RESULT, size)
-        return self.area.read_copy(self.ack())
+        send(self.sock, AREA_RESULT, size, self.area.write([]))
+        return self.area.lend(self.ack())
 
     def fresh_arg(self, size: int) -> object:
         fd, segment = fresh_memfd(size)
