@@ -16,7 +16,8 @@ Cases (each one side by side in this run; absolute times drift between runs):
   run_sync(f, r)`` does). GB/s counts the array both ways. ``memcpy`` is one
   copy of 128 MB into memory already touched, in this process: the floor of
   one copy.
-* ``idle``: a call returning 512 MB, the result dropped, then 15 s idle:
+* ``idle``: in a context in use (two 2 MiB results first), a call returning
+  512 MiB, the result dropped, then 15 s idle:
   the memory the context still holds, as ``statistics()`` reports it
   (``shared_memory_bytes`` + ``kept_result_bytes``), for the default idle
   trim and for ``TRIO_PARALLEL_FS_SHM_IDLE=inf`` (never trimmed), both
@@ -128,6 +129,11 @@ async def idle_memory(seconds: float) -> list[str]:
         async with tpf.open_worker_context() as trimmed_ctx, tpf.open_worker_context() as never_ctx:
             for ctx, value in ((never_ctx, "inf"), (trimmed_ctx, previous)):
                 set_idle(value)
+                # A context in use: its worker has an area already (before
+                # issue 26 the first large result did not go through one).
+                for _ in range(2):
+                    result = await ctx.run_sync(make, 2 * MiB, 1)
+                    del result
                 result = await ctx.run_sync(make, 512 * MiB, 1)
                 del result
             after = {"default": held(trimmed_ctx), "never": held(never_ctx)}
