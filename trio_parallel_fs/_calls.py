@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import cloudpickle
@@ -34,13 +34,13 @@ from ._errors import closed_while_waiting, not_sync_error
 
 T = TypeVar("T")
 
-#: What `Runner._run_job` returns for a job that never ran (its worker left
-#: without reading it): `call` sends it again.
+#: What a `Runner` may return for a job that never ran (its `Runner._resubmit`).
 RESUBMIT: Any = object()
 
 
 class RunnerClosed(Exception):
-    """Raised by `Runner._run_job`: the runner closed before the job started."""
+    """What a `Runner` may raise when it closed before the job started (its
+    `Runner._closed_error`)."""
 
 
 class Runner(Protocol):
@@ -48,6 +48,12 @@ class Runner(Protocol):
 
     #: Names the runner in messages: "worker context", "Dask context".
     _kind: str
+    #: What `_run_job` raises when the runner closed before the job started,
+    #: and what it returns for a job that never ran. Attributes rather than
+    #: fixed names, so that a runner's `_run_job` can be its pool's own
+    #: coroutine: one frame less on the warm path, where each costs.
+    _closed_error: type[Exception]
+    _resubmit: object
 
     def _default_limiter(self) -> Any:
         """The limiter of a call given none."""
@@ -56,9 +62,9 @@ class Runner(Protocol):
         """The job, as this runner sends it. May raise `pickle.PicklingError`
         (`unpicklable_job_error`), before the call waits for anything."""
 
-    async def _run_job(self, fn: Callable[..., Any], job: Any, kill_on_cancel: bool) -> Any:
-        """Run a prepared job and return its value, or raise its exception;
-        or return `RESUBMIT`, or raise `RunnerClosed`.
+    def _run_job(self, fn: Callable[..., Any], job: Any, kill_on_cancel: bool) -> Awaitable[Any]:
+        """Run a prepared job and return its outcome (``.unwrap()`` gives the
+        value or raises), or ``_resubmit``; or raise ``_closed_error``.
 
         Called shielded from cancellation, unless ``kill_on_cancel``: then a
         cancellation stops the job (its worker is killed), is waited for, and
@@ -158,12 +164,12 @@ async def _run(get_runner: Callable[[], Runner], sync_fn: Callable[..., T], job:
         try:
             with trio.CancelScope(shield=not kill_on_cancel):
                 result = await runner._run_job(sync_fn, job, kill_on_cancel)
-        except RunnerClosed:
+        except runner._closed_error:
             if get_runner() is runner:
                 raise trio.ClosedResourceError(closed_while_waiting(runner._kind)) from None
             continue  # reconfigured meanwhile: run on the new default context
-        if result is not RESUBMIT:
-            return result  # type: ignore[no-any-return]
+        if result is not runner._resubmit:
+            return result.unwrap()  # type: ignore[no-any-return]
         # The shield hides cancellation; look for it between tries.
         await trio.lowlevel.checkpoint_if_cancelled()
 

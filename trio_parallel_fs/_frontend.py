@@ -13,7 +13,7 @@ import functools
 import math
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -25,12 +25,11 @@ from _trio_parallel_fs_worker._pickling import dumps_job
 from _trio_parallel_fs_worker._spin import usable_cpus
 
 from ._backend import Backend
-from ._calls import RESUBMIT, RunnerClosed, call, find_unpicklable, wait_for_running_calls
+from ._calls import call, find_unpicklable, wait_for_running_calls
 from ._config import WorkerConfig, WorkerType, make_config
 from ._describe import describe
 from ._errors import context_closed, unpicklable_job_error
-from ._pool import RESUBMIT as POOL_RESUBMIT
-from ._pool import PoolClosed, WorkerContextStatistics, WorkerPool
+from ._pool import RESUBMIT, PoolClosed, WorkerContextStatistics, WorkerPool
 
 T = TypeVar("T")
 
@@ -140,16 +139,13 @@ class WorkerContext:
     def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> list[bytes | memoryview]:
         return _encode_job(fn, args)
 
-    async def _run_job(self, fn: Callable[..., Any], job: list[bytes | memoryview], kill_on_cancel: bool) -> Any:
-        # kill_on_cancel needs nothing here: unshielded, the pool kills the
-        # worker of a cancelled call.
-        try:
-            result = await self._pool.run(job, fn)
-        except PoolClosed:
-            raise RunnerClosed from None
-        if result is POOL_RESUBMIT:
-            return RESUBMIT
-        return result.unwrap()
+    _closed_error: type[Exception] = PoolClosed
+    _resubmit = RESUBMIT
+
+    def _run_job(self, fn: Callable[..., Any], job: list[bytes | memoryview], kill_on_cancel: bool) -> Awaitable[Any]:
+        # The pool's own coroutine (see _calls.Runner). kill_on_cancel needs
+        # nothing here: unshielded, the pool kills the worker of a cancelled call.
+        return self._pool.run(job, fn)
 
     def statistics(self) -> WorkerContextStatistics:
         """A `WorkerContextStatistics` snapshot; eventually consistent when

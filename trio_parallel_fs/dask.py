@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 import attrs
 import cloudpickle
+import outcome
 import trio
 
 try:
@@ -49,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - the dask extra is installed for
 
 # BrokenWorkerError by its public name: the private modules behind it may move.
 from . import BrokenWorkerError, _dask_worker
-from ._calls import RunnerClosed, call, wait_for_running_calls
+from ._calls import RESUBMIT, RunnerClosed, call, wait_for_running_calls
 from ._dask_bridge import LoopBridge
 from ._dask_job import Job, cancel_job, run_job, unwrap
 from ._dask_logs import RESTARTING, STILL_ALIVE, DaskLogFilter, quieted
@@ -249,7 +250,10 @@ class DaskContext:
         # Dask pickles the job as it submits it, on the client's loop.
         return Job(fn, args)
 
-    async def _run_job(self, fn: Callable[..., Any], job: Job, kill_on_cancel: bool) -> Any:
+    _closed_error: type[Exception] = RunnerClosed
+    _resubmit = RESUBMIT  # never returned: Dask runs a task again itself
+
+    async def _run_job(self, fn: Callable[..., Any], job: Job, kill_on_cancel: bool) -> outcome.Value[Any]:
         if self._closed:
             raise RunnerClosed  # it closed while the call waited for its limiter
         self._counts["submitted"] += 1
@@ -278,7 +282,7 @@ class DaskContext:
         finally:
             await self._look_while_settling()
         self._counts["completed"] += 1
-        return value
+        return outcome.Value(value)
 
     async def _kill(self, job: Job) -> None:
         """Stop a job for ``kill_on_cancel``: cancel its future, and restart the
