@@ -759,8 +759,8 @@ def test_the_log_filter_drops_only_announced_nanny_lines_and_our_tasks(monkeypat
     alive = log_record("distributed.nanny", "Worker process still alive after 0.4 seconds, killing")
     # Nothing announced: the nanny's lines stay.
     assert logs.filter(restarting) and logs.filter(alive)
-    # Someone else's task stays; ours goes, and announces one restart, once
-    # for the tasks one death failed together.
+    # Someone else's task stays; ours goes, and announces one restart, unless
+    # one is announced already (the tasks one death failed together).
     assert logs.filter(log_record("distributed.scheduler", FAILED_TASK, "fail-1234", 1))
     assert not logs.filter(log_record("distributed.scheduler", FAILED_TASK, "trio_parallel_fs-f-1", 1))
     assert not logs.filter(log_record("distributed.scheduler", FAILED_TASK, "trio_parallel_fs-f-2", 1))
@@ -768,8 +768,12 @@ def test_the_log_filter_drops_only_announced_nanny_lines_and_our_tasks(monkeypat
     assert not logs.filter(restarting)
     assert logs.filter(restarting)
     # A kill of ours: each line once; a withdrawn or lapsed one drops nothing.
+    # Another job of ours that the killed worker ran fails with it, and
+    # announces no second restart.
     [still] = logs.expect(_dask_logs.STILL_ALIVE)
     logs.expect(_dask_logs.RESTARTING)
+    assert not logs.filter(log_record("distributed.scheduler", FAILED_TASK, "trio_parallel_fs-g-1", 1))
+    assert logs.pending(_dask_logs.RESTARTING) == 1
     logs.withdraw([still])
     assert logs.filter(alive)
     now[0] += _dask_logs.EXPECT_FOR + 1

@@ -15,18 +15,20 @@ on their two loggers drops those records, and only those:
   (`expect`), each announcement lapsing after `EXPECT_FOR` seconds.
 
 A restart is announced by the context before it kills a worker, and by the
-filter itself when it drops the scheduler's record: the nanny logs its restart
+filter itself when it drops the scheduler's record (unless one is announced
+already: a line too many shown, rather than someone else's hidden): the nanny logs its restart
 only after the scheduler has removed the worker (it waits for the scheduler's
 answer to "unregister" first, and the scheduler logs the failure while
 removing the worker), so the announcement comes first. Where the nannies run
 elsewhere (a real cluster), their records never reach this process, and an
 announcement lapses unused.
 
-The filter drops records only while at least one context is open in this
-process (`quieted`), and announced restarts that have not come yet when the
-last context closes (a worker killed just before the close). It leaves the
-loggers at the last close with nothing announced. Workers' own records about
-our jobs are filtered on the workers (``_dask_worker.WorkerLogFilter``).
+The filter is on while at least one context is open in this process
+(`quieted`). At the last close it leaves the loggers, unless an announced
+restart has not been logged yet (a worker killed just before the close): it
+then stays, dropping nothing but announced records, until those come or
+lapse and a later close finds none. Workers' own records about our jobs are
+filtered on the workers (``_dask_worker.WorkerLogFilter``).
 """
 
 from __future__ import annotations
@@ -41,10 +43,6 @@ from ._dask_worker import is_our_job
 
 #: Seconds an announced nanny record is waited for before it lapses.
 EXPECT_FOR = 60.0
-#: A worker that dies fails all the jobs it ran in one go: the scheduler's
-#: records about them come together, within this many seconds, and announce
-#: one restart between them.
-ONE_DEATH = 0.05
 
 RESTARTING = "Restarting worker"
 STILL_ALIVE = "Worker process still alive after"
@@ -75,7 +73,6 @@ class DaskLogFilter(logging.Filter):
         super().__init__()
         self._lock = threading.Lock()
         self._expected: list[Expected] = []
-        self._last_failure = -ONE_DEATH
         #: Whether a context is open: the scheduler's records are dropped only then.
         self.active = False
 
@@ -93,12 +90,12 @@ class DaskLogFilter(logging.Filter):
         with self._lock:
             self._expected = [e for e in self._expected if all(e is not w for w in expected)]
 
-    def pending(self) -> int:
-        """Announcements not come true and not lapsed."""
+    def pending(self, kind: str | None = None) -> int:
+        """Announcements (of ``kind``, or all) not come true and not lapsed."""
         now = time.monotonic()
         with self._lock:
             self._expected = [e for e in self._expected if e.deadline > now]
-            return len(self._expected)
+            return sum(kind is None or e.kind == kind for e in self._expected)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.msg
@@ -111,11 +108,13 @@ class DaskLogFilter(logging.Filter):
             if not (isinstance(args, tuple) and args and is_our_job(args[0])):
                 return True
             # The caller gets BrokenWorkerError naming the worker. Its nanny,
-            # if it runs here, logs the restart next.
-            now = time.monotonic()
-            if now - self._last_failure > ONE_DEATH:
+            # if it runs here, logs the restart next, unless a restart is
+            # announced already: one death fails every job its worker ran in
+            # one go, and a worker we kill may have run another of our jobs.
+            # Two deaths at once then announce one restart: a line too many
+            # is shown, never one of someone else's hidden.
+            if not self.pending(RESTARTING):
                 self.expect(RESTARTING)
-            self._last_failure = now
             return False
         if record.name == NANNY_LOGGER:
             for kind in (RESTARTING, STILL_ALIVE):
