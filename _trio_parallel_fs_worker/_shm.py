@@ -911,7 +911,10 @@ class SharedArea:
         flags = mmap.MAP_SHARED
         if self._prefault == "map_populate":
             flags |= mmap.MAP_POPULATE
-        new_map = mmap.mmap(self._fd, size, flags=flags)
+        # A mapping keeps a duplicate of the fd open for as long as it lives,
+        # and a lent result keeps its mapping: from Python 3.13 on it need not.
+        extra = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+        new_map = mmap.mmap(self._fd, size, flags=flags, **extra)
         if self._prefault == "madvise":
             try:
                 new_map.madvise(_MADV_POPULATE_WRITE)
@@ -939,6 +942,10 @@ class SharedArea:
     def _close(self) -> None:
         if self._closed:
             return
+        if self._creator and self._lent:
+            # Lent results keep the file alive, and with it every page of it:
+            # give back all but theirs now, not when the last of them goes.
+            self.trim()
         self._closed = True
         self._let_go_of_views()
         self._keeper.close()

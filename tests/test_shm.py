@@ -734,3 +734,19 @@ def test_trim_gives_back_every_page_but_the_lent_ones():
             assert (np.frombuffer(got[0], np.uint8) == 5).all()
         finally:
             worker.close()
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_REMOVE"), reason="MADV_REMOVE is Linux's")
+def test_a_result_held_after_its_area_closes_keeps_only_its_own_pages():
+    """The worker is gone and the caller holds one small result: the rest of
+    the area's memory is given back with the area, not with that result."""
+    parent = _shm.SharedArea.create(64 * MiB, backend="memfd")
+    worker = _shm.SharedArea.attach(os.dup(parent.fileno()), 64 * MiB)
+    try:
+        held, _ = job(parent, worker, [np.ones(16 * MiB, np.uint8)], lambda views: [np.full(2 * MiB, 3, np.uint8)])
+        assert worker.resident_bytes() >= 18 * MiB
+        parent.close()
+        assert worker.resident_bytes() <= 2 * MiB + 2 * _shm.PAGE  # the same file, seen from the other end
+        assert (np.frombuffer(held[0], np.uint8) == 3).all()
+    finally:
+        worker.close()
