@@ -158,6 +158,10 @@ async def _serve(sock: socket.socket, process: FakeProcess, script: list[Any]) -
             actions = iter(script)
             while True:
                 job = await next_event()
+                while isinstance(job, p.Area):
+                    # Every worker gets its shared memory area with its first job;
+                    # a fake one serves small buffers only (its fd went unread).
+                    job = await next_event()
                 if not isinstance(job, p.Job):
                     process.exit(0)  # EOF: the pool closed our channel
                     return
