@@ -395,7 +395,7 @@ AREA = frame(p.CONFIG) + frame(p.AREA, (1 << 20).to_bytes(8, "big") + (5).to_byt
             p.WORKER,
             # says 3 buffers, holds one
             AREA + frame(p.JOB_AREA, (64).to_bytes(8, "big") + (3).to_bytes(4, "big") + bytes(16)),
-            "malformed shared memory descriptor: a shared memory descriptor of 3 buffers has 60 bytes",
+            "malformed shared memory descriptor: a shared memory descriptor of 3 buffers has 76 bytes",
         ),
         (
             p.WORKER,
