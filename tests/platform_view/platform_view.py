@@ -315,44 +315,19 @@ class View:
 
             return ViewModule(real, {"socketpair": socketpair}, linux_only)
 
-        exclusive = -5  # Windows' SO_EXCLUSIVEADDRUSE (~SO_REUSEADDR): Linux has no such option
-
-        class socket(real.socket):  # type: ignore[name-defined,misc]
-            """A socket as Windows has it: no sendmsg/recvmsg, no AF_UNIX."""
-
-            sendmsg = _hidden_property("sendmsg")
-            recvmsg = _hidden_property("recvmsg")
-            recvmsg_into = _hidden_property("recvmsg_into")
-            sendmsg_afalg = _hidden_property("sendmsg_afalg")
-
-            def __init__(self, family: int = -1, *args: Any, **kwargs: Any) -> None:
-                if family == real.AF_UNIX:
-                    raise OSError(errno.EAFNOSUPPORT, "AF_UNIX is not available on Windows")
-                super().__init__(family, *args, **kwargs)
-
-            def setsockopt(self, level: int, option: int, *value: Any) -> None:
-                if level == real.SOL_SOCKET and option == exclusive:
-                    return  # Linux refuses another bind of a bound port anyway
-                super().setsockopt(level, option, *value)
-
-            def accept(self) -> tuple[Any, Any]:
-                conn, address = super().accept()
-                return adopt(conn), address
-
-        def adopt(sock: Any) -> Any:
-            timeout = sock.gettimeout()
-            view_sock = socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-            view_sock.settimeout(timeout)
-            return view_sock
+        # Sockets stay the real class: trio takes only that (from_stdlib_socket),
+        # so the view cannot take sendmsg/recvmsg off them; without AF_UNIX,
+        # SCM_RIGHTS and CMSG_SPACE no path that needs them can be reached.
+        # SO_EXCLUSIVEADDRUSE is Windows' alone, and Linux would refuse it.
 
         def socketpair(family: int = real.AF_INET, type: int = real.SOCK_STREAM, proto: int = 0) -> tuple[Any, Any]:
             # What Python does on Windows: a loopback TCP connection.
             if family not in (real.AF_INET, real.AF_INET6):
                 raise OSError(errno.EAFNOSUPPORT, "Only AF_INET and AF_INET6 socket address families are supported")
-            with socket(family, type, proto) as listener:
+            with real.socket(family, type, proto) as listener:
                 listener.bind(("127.0.0.1" if family == real.AF_INET else "::1", 0))
                 listener.listen()
-                one = socket(family, type, proto)
+                one = real.socket(family, type, proto)
                 try:
                     one.connect(listener.getsockname()[:2])
                     two, _ = listener.accept()
@@ -361,18 +336,7 @@ class View:
                     raise
             return one, two
 
-        def wrapped(function: Any) -> Any:
-            return lambda *args, **kwargs: adopt(function(*args, **kwargs))
-
-        replaced = {
-            "socket": socket,
-            "SocketType": socket,
-            "socketpair": socketpair,
-            "SO_EXCLUSIVEADDRUSE": exclusive,
-            "create_connection": wrapped(real.create_connection),
-            "create_server": wrapped(real.create_server),
-            "fromfd": wrapped(real.fromfd),
-        }
+        replaced = {"socketpair": socketpair}
         hidden = linux_only | {
             "AF_UNIX", "SCM_RIGHTS", "CMSG_LEN", "CMSG_SPACE", "send_fds", "recv_fds", "MSG_DONTWAIT", "SO_REUSEPORT",
             "sethostname", "MSG_EOR", "MSG_NOSIGNAL", "MSG_TRUNC", "MSG_CTRUNC", "SOCK_SEQPACKET",
