@@ -8,6 +8,8 @@ is a list of actions, one per job:
 * ``"value"``: run the job here and send its result back;
 * ``("retire", Retire.X)``: send the result saying the worker leaves, and exit 0;
 * ``"bye"``: the idle timeout fired: send Bye without running the job, exit 0;
+* ``"bye-lost"`` (first only): the same on Windows, where the worker's exit
+  with the job unread resets the connection and the reset drops the Bye;
 * ``"bye-after"``: send the result, then at once a Bye, and exit 0;
 * ``("die", code)``: close the channel and exit with ``code`` mid-job;
 * ``"hang"``: never answer (until killed);
@@ -131,6 +133,13 @@ class FakeBackend:
         pass
 
 
+def _taking(upcoming: list[Any]) -> Any:
+    """Hand out ``upcoming``'s actions from the front, so that it always
+    holds those not taken yet."""
+    while upcoming:
+        yield upcoming.pop(0)
+
+
 async def _serve(sock: socket.socket, process: FakeProcess, script: list[Any]) -> None:
     if process.exitcode is not None:
         return  # killed before it got going
@@ -155,8 +164,16 @@ async def _serve(sock: socket.socket, process: FakeProcess, script: list[Any]) -
         process.cancel_scope = scope
         try:
             await next_event()  # Config
-            actions = iter(script)
+            upcoming = list(script)  # the actions not taken yet
+            actions = _taking(upcoming)
             while True:
+                if upcoming[:1] == ["bye-lost"]:
+                    # Windows: the idle timeout fired as the job came; the worker
+                    # exits with the job unread, and the reset drops its Bye.
+                    await trio.lowlevel.wait_readable(sock)
+                    await trio.sleep(0.01)  # the whole job, not its first bytes
+                    process.exit(0)
+                    return
                 job = await next_event()
                 while isinstance(job, p.Area):
                     # Every worker gets its shared memory area with its first job;

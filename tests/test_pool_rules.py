@@ -48,6 +48,23 @@ async def test_bye_resubmits_the_job_to_another_worker():
         assert ctx.statistics().retired == {"idle": 1}
 
 
+async def test_a_bye_lost_to_a_reset_resubmits_the_job_too():
+    """Windows: the worker's exit with the job unread resets the connection,
+    and the reset drops its Bye; a reset and a clean exit say the same."""
+    async with fake_context(["value", "bye-lost"], ["value"]) as (ctx, backend):
+        assert await ctx.run_sync(operator.add, 1, 1) == 2
+        assert await ctx.run_sync(operator.add, 2, 2) == 4
+        assert len(backend.processes) == 2
+        assert ctx.statistics().retired == {"idle": 1}
+
+
+async def test_a_reset_with_a_failing_exit_is_still_a_death():
+    async with fake_context(["value", ("die", 3)], ["value"]) as (ctx, backend):
+        assert await ctx.run_sync(operator.add, 1, 1) == 2
+        with pytest.raises(tpf.BrokenWorkerError, match="exit code 3"):
+            await ctx.run_sync(operator.add, 2, 2)
+
+
 async def test_a_bye_right_after_a_reply_retires_the_worker_without_error():
     async with fake_context(["bye-after"], ["value"]) as (ctx, backend):
         assert await ctx.run_sync(operator.add, 1, 1) == 2

@@ -157,6 +157,7 @@ class Worker:
         "_first_frames",
         "idle_since",
         "init_done",
+        "reset_seen",
         "cwd",
         "announced",
         "area",
@@ -186,6 +187,7 @@ class Worker:
         self._first_frames = config_frame
         self.idle_since = time.monotonic()
         self.init_done = False  # past its init hook (a reply or Started came)
+        self.reset_seen = False  # a read ended in a connection reset
         self.cwd = ""  # the working directory its start-up message gave it, if sent ahead
         self.announced = False  # its pid was given to the pool's observers
         self.area: SharedArea | None = None
@@ -335,6 +337,9 @@ class Worker:
             except BlockingIOError:
                 pass
             except ConnectionError:
+                # A reset: the worker closed with data of ours unread (see
+                # WorkerPool._died for what that says on Windows).
+                self.reset_seen = True
                 connection.receive_data(b"")
                 event = connection.next_event()
                 continue

@@ -16,7 +16,9 @@ back until one settles the call (see `_channel.Worker.receive`):
 * Bye: the worker's idle timeout fired as the job was being sent. It left
   without reading the job, so the job is resubmitted: a clean idle exit is
   never reported as a crash. (A send that fails because the worker closed
-  its end is followed by a read too: the Bye is there.)
+  its end is followed by a read too: the Bye is there. On Windows the Bye
+  can be lost to the reset the worker's exit with our job unread causes: a
+  reset and a clean exit count as that Bye.)
 * InitFailed: ``init`` raised; the call fails with WorkerHookError.
 * Closed: the worker died (its channel reached end-of-file; processes its job
   forked dropped their copies, see ``_channel``). The call fails with
@@ -468,9 +470,19 @@ class WorkerPool:
                 info = await worker.process.wait()
             if not worker.process.has_exited():
                 info = worker.process.give_up()
+        # A worker that exits while data of ours waits unread in its socket
+        # resets the connection, and on Windows the reset drops what it sent
+        # last and we had not read yet: the Bye of a worker whose idle timeout
+        # fired as the job arrived. A reset and a clean exit say the same as
+        # that Bye: the job was never read (a job that ends its worker with
+        # exit code 0 has read everything we sent, so its exit brings no reset).
+        left_unread = worker.reset_seen and worker.init_done and info.exitcode == 0
         with self._lock:
-            self._end(worker, WorkerEvent.DIED, "ceiling" if info.ceiling_used is not None else "died")
-        if fail_call:
+            if left_unread:
+                self._end(worker, WorkerEvent.LEFT, "idle")
+            else:
+                self._end(worker, WorkerEvent.DIED, "ceiling" if info.ceiling_used is not None else "died")
+        if fail_call and not left_unread:
             raise self._broken(info, fn, worker)
 
     def _settle(self, worker: Worker, event: p.Event, fn: object) -> Any:
