@@ -578,14 +578,12 @@ def test_a_program_given_a_wrong_address_fails_clearly_and_exits_at_once(tmp_pat
     hang it at exit, closing itself from ``__del__``)."""
     program = tmp_path / "wrong_address.py"
     program.write_text(WRONG_ADDRESS_PROGRAM)
-    start = time.monotonic()
-    # The hang guard: a generous limit, far above the 2 s connect_timeout.
-    out = subprocess.run([sys.executable, str(program), address], capture_output=True, text=True, timeout=90)
-    elapsed = time.monotonic() - start
+    # The hang guard, and what this test is about: the old hang at exit lasted
+    # beyond 60 s; 30 s is far above the program's 2 s connect_timeout.
+    out = subprocess.run([sys.executable, str(program), address], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1, out.stderr
     assert out.stderr.rstrip().splitlines()[-1].startswith(last_line), out.stderr
     assert f"{os.sep}distributed{os.sep}" not in out.stderr, out.stderr
-    assert elapsed < 20, elapsed
 
 
 # --- the demonstration (python -m trio_parallel_fs) ---------------------------
