@@ -490,12 +490,10 @@ class View:
     def _make_psutil(self, real: types.ModuleType) -> types.ModuleType:
         fields = [*real.Process().memory_info()._fields, "uss"]
         fullmem = collections.namedtuple("pfullmem", fields)  # type: ignore[misc]
-        hidden_methods = {"rlimit"} | ({"num_fds"} if self.windows else {"cpu_affinity"})
+        hidden_methods = {"rlimit"} | ({"num_fds"} if self.windows else {"cpu_affinity"})  # not there
 
         class Process(real.Process):  # type: ignore[name-defined,misc]
             """psutil's Process as it is off Linux: memory_full_info has USS but no PSS."""
-
-            locals().update({name: _hidden_property(name) for name in hidden_methods})
 
             def memory_full_info(self) -> Any:
                 full = super().memory_full_info()
@@ -510,6 +508,8 @@ class View:
                         pass
                 return found
 
+        for name in hidden_methods:
+            setattr(Process, name, _hidden_property(name))
         return ViewModule(real, {"Process": Process}, set())
 
     def _make_ctypes(self, real: types.ModuleType) -> types.ModuleType:
