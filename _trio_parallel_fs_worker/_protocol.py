@@ -247,6 +247,10 @@ _WORKER_RECEIVES = {Kind.CONFIG, Kind.AREA, Kind.JOB, Kind.JOB_BUFFERS, Kind.JOB
 _WITH_RETIRE = {Kind.VALUE, Kind.VALUE_BUFFERS, Kind.VALUE_AREA, Kind.ERROR}
 _KIND_VALUES = {int(kind) for kind in Kind}
 
+# How much either end asks of its socket per read: a small frame, or the head
+# of a large one (whose payload then goes into a buffer of its own size).
+RECV_SIZE = 1 << 16
+
 # Payloads from this size on are received into a buffer of their own size.
 LARGE_PAYLOAD = 1 << 16
 

@@ -40,7 +40,6 @@ from ._settings import WorkerHooks, WorkerSettings
 from ._shm import AreaMemoryError, SharedArea, total_bytes
 from ._spin import WaitPlan, input_poller, sleep_for_input, yield_cpu
 
-_RECV_SIZE = 1 << 16
 # Room for the fds one recvmsg may bring: one area, and then some, so that a
 # misbehaving sender's extra fds are received (and closed), not truncated.
 _FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize) if hasattr(socket, "CMSG_SPACE") else 0
@@ -153,11 +152,11 @@ class Inbox:
         """What one read brings (b"" at the end); None if nothing came after all."""
         try:
             if self.takes_fds:
-                data, ancillary, flags, _ = self.sock.recvmsg(_RECV_SIZE, _FD_SPACE, _RECV_FLAGS)
+                data, ancillary, flags, _ = self.sock.recvmsg(p.RECV_SIZE, _FD_SPACE, _RECV_FLAGS)
                 if ancillary:
                     self._keep_fds(ancillary, flags)
                 return data
-            return self.sock.recv(_RECV_SIZE)
+            return self.sock.recv(p.RECV_SIZE)
         except BlockingIOError:  # a spurious readiness
             return None
         except ConnectionError:
@@ -207,7 +206,7 @@ def recv_frame(sock: socket.socket) -> tuple[int, int, bytes]:
     """Receive one frame, blocking (the template's handshake)."""
     reader = p.FrameReader()
     while (frame := reader.next_frame()) is None:
-        data = sock.recv(_RECV_SIZE)
+        data = sock.recv(p.RECV_SIZE)
         if not data:
             raise EOFError("the parent closed the channel during the handshake")
         reader.feed(data)

@@ -13,6 +13,12 @@ from typing import Protocol
 
 import attrs
 
+# How long a backend may take to answer about a worker: a template's answer to
+# a fork request or a kill (microseconds when it runs at all), or an exit
+# report after a worker's channel closed or it was killed (milliseconds).
+# Past this it is declared unresponsive.
+ANSWER_TIMEOUT = 2.0
+
 
 @attrs.frozen
 class ExitInfo:

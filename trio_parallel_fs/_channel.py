@@ -51,7 +51,6 @@ from _trio_parallel_fs_worker._spin import SpinPolicy, input_poller, yield_cpu
 from ._backend import WorkerProcess
 from ._lifecycle import WorkerEvent, WorkerState, next_worker_state
 
-_RECV_SIZE = 1 << 16
 # A reply slower than this (seconds) is waited for together with the worker's
 # exit report (see Worker._wait_channel).
 _WATCH_EXIT_AFTER = 0.5
@@ -240,12 +239,12 @@ class Worker:
                 job_parts = job_parts[1:]
             for part in job_parts:
                 view = memoryview(part)
-                sent = 0
-                while sent < len(view):
-                    try:
-                        sent += sock.send(view[sent:])
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(sock)
+                try:
+                    sent = sock.send(view)  # a small job goes whole: no extra await
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(view):
+                    await self._send_rest(view, sent)
         except ConnectionError:  # reset, broken pipe; aborted on Windows
             return False
         return True
@@ -302,6 +301,11 @@ class Worker:
                 break
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
+        await self._send_rest(view, sent)
+
+    async def _send_rest(self, view: memoryview, sent: int) -> None:
+        """Send ``view`` from byte ``sent`` on, as the socket takes it."""
+        sock = self.channel
         while sent < len(view):
             try:
                 sent += sock.send(view[sent:])
@@ -332,7 +336,7 @@ class Worker:
                     event = connection.next_event()
                 else:
                     # A small reply arrives whole: its event straight from the bytes.
-                    event = connection.next_event_from(sock.recv(_RECV_SIZE))
+                    event = connection.next_event_from(sock.recv(p.RECV_SIZE))
                 continue
             except BlockingIOError:
                 pass
@@ -347,7 +351,7 @@ class Worker:
                 # Dead: what it sent is here already, and more never comes.
                 while True:
                     try:
-                        data = sock.recv(_RECV_SIZE)
+                        data = sock.recv(p.RECV_SIZE)
                     except (BlockingIOError, ConnectionError):
                         data = b""
                     connection.receive_data(data)

@@ -9,7 +9,8 @@ BUSY (a job is out) and IDLE (on the pool's idle stack). It ends GONE (it left
 by itself: idle timeout, or after a reply that said it retires) or DEAD
 (crashed, killed, or its template died). RETIRING is the wait in between: it
 said it is leaving, or its context closed its channel, and its exit has not
-been seen yet. The pool applies events through `transition`, under its lock;
+been seen yet. The pool applies events through `next_worker_state` (and a
+context's through `next_context_state`), under its lock;
 an event that the table does not list for the current state is a bug, and
 raises `LifecycleError` instead of silently corrupting the pool.
 

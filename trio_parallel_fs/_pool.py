@@ -61,7 +61,7 @@ from _trio_parallel_fs_worker._errorcodec import decode_error
 from _trio_parallel_fs_worker._settings import WorkerSettings
 from _trio_parallel_fs_worker._shm import unsupported_reason
 
-from ._backend import Backend, ExitInfo, WorkerProcess
+from ._backend import ANSWER_TIMEOUT, Backend, ExitInfo, WorkerProcess
 from ._channel import AnswerTimeout, Worker
 from ._config import WorkerConfig
 from ._describe import describe
@@ -98,10 +98,6 @@ def _after_fork_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
-# How long to wait for the exit report of a worker whose channel closed, or
-# that was killed. The template reports within milliseconds; past this, it
-# is declared unresponsive.
-_EXIT_REPORT_TIMEOUT = 2.0
 
 
 def _config_frame(settings: WorkerSettings) -> bytes:
@@ -414,7 +410,7 @@ class WorkerPool:
         try:
             delivered = await worker.send_job(job_parts)  # if it closed its end, its Bye may be waiting
             while True:
-                event = await worker.receive(_EXIT_REPORT_TIMEOUT)
+                event = await worker.receive(ANSWER_TIMEOUT)
                 self._announce(worker)
                 if not isinstance(event, p.Started):
                     break
@@ -436,7 +432,7 @@ class WorkerPool:
 
     async def _kill(self, worker: Worker) -> None:
         worker.process.kill()
-        with trio.move_on_after(_EXIT_REPORT_TIMEOUT):
+        with trio.move_on_after(ANSWER_TIMEOUT):
             await worker.process.wait()
         if not worker.process.has_exited():
             worker.process.give_up()  # its template did not answer the kill
@@ -466,7 +462,7 @@ class WorkerPool:
         with ``fail_call``, raise the BrokenWorkerError that says how it died."""
         with trio.CancelScope(shield=True):
             info = ExitInfo(pid=worker.process.pid, exitcode=None)
-            with trio.move_on_after(_EXIT_REPORT_TIMEOUT):
+            with trio.move_on_after(ANSWER_TIMEOUT):
                 info = await worker.process.wait()
             if not worker.process.has_exited():
                 info = worker.process.give_up()
@@ -556,7 +552,7 @@ class WorkerPool:
                 process.kill()
                 stuck.append(process)
         for process in stuck:
-            if process.wait_blocking(_EXIT_REPORT_TIMEOUT) is None:
+            if process.wait_blocking(ANSWER_TIMEOUT) is None:
                 process.give_up()
         for process in processes:
             process.release()
@@ -564,7 +560,7 @@ class WorkerPool:
             for worker in closing:
                 worker.apply(WorkerEvent.KILL if worker.process in stuck else WorkerEvent.LEFT)
                 self._live.discard(worker)
-        self.backend.close(_EXIT_REPORT_TIMEOUT)
+        self.backend.close(ANSWER_TIMEOUT)
         with self._lock:
             self._state = next_context_state(self._state, ContextEvent.CLOSED)
         if stuck:

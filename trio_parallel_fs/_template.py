@@ -32,13 +32,9 @@ from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._errorcodec import decode_error
 from _trio_parallel_fs_worker._settings import TemplateSettings
 
-from ._backend import ExitInfo
+from ._backend import ANSWER_TIMEOUT, ExitInfo
 from ._errors import template_start_error
 from ._launch import child_command, child_environment
-
-# How long a running template may take to answer a fork request or a kill
-# (it answers in microseconds when it runs at all).
-ANSWER_TIMEOUT = 2.0
 
 
 def _handshake(sock: socket.socket, settings: TemplateSettings) -> p.Event:
