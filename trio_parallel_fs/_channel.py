@@ -7,10 +7,11 @@ objects, no extra buffering layer.
 A worker's death is seen as end-of-file on its channel. Processes a job
 forks (a multiprocessing helper, ``os.fork``) drop their copy of the channel
 at once (an at-fork hook in the worker), and ``exec`` closes it. A fork at C
-level runs no hook: its process may keep the channel open after the worker
-died, so a reply not there after half a second is waited for together with
-the worker's exit report. (Waiting on both from the start, through an epoll
-fd, cost a fifth more per warm call; the hook costs nothing on the warm path.)
+level runs no hook, but its process stays in the worker's process group,
+which the template kills when it reaps the worker. (Waiting on the channel and
+the exit report together, through an epoll fd, cost a fifth more per warm
+call, and a timed wait before it 9 us pinned to one CPU, a sixth; the hook
+costs nothing on the warm path.)
 
 Large buffers may go through a shared memory area instead of the socket (see
 ``_trio_parallel_fs_worker._shm``). On a Unix socket channel each worker gets
@@ -33,14 +34,12 @@ next large transfer allocates pages again, as the first one did.
 from __future__ import annotations
 
 import array
-import functools
 import math
 import os
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -50,10 +49,6 @@ from _trio_parallel_fs_worker._spin import SpinPolicy, input_poller, yield_cpu
 
 from ._backend import WorkerProcess
 from ._lifecycle import WorkerEvent, WorkerState, next_worker_state
-
-# A reply slower than this (seconds) is waited for together with the worker's
-# exit report (see Worker._wait_channel).
-_WATCH_EXIT_AFTER = 0.5
 
 # Seconds an area may go unused before its memory is given back (see _Trimmer).
 AREA_IDLE_SECONDS = 5.0
@@ -381,39 +376,18 @@ class Worker:
         """
         spin = self._spin
         if not spin.limit_ns:
-            await self._wait_channel()
+            await trio.lowlevel.wait_readable(self.channel)
             return
         start = time.perf_counter_ns()
         end = start + spin.window_ns()  # while replies come slowly: now, one look only
         readable = self._readable
         while not readable(0):
             if time.perf_counter_ns() >= end:
-                await self._wait_channel()
+                await trio.lowlevel.wait_readable(self.channel)
                 break
             yield_cpu()
             await trio.lowlevel.checkpoint()
         spin.waited(time.perf_counter_ns() - start)
-
-    async def _wait_channel(self) -> None:
-        """Block until the channel is readable or, after `_WATCH_EXIT_AFTER`,
-        until the worker has exited, whichever comes first.
-
-        A process the job forked at C level ran no at-fork hook and may hold a
-        copy of the channel, so the worker's death brings no end-of-file (its
-        template kills its process group, but a process that left the group
-        escapes that). The exit report says it all the same. Watching it costs
-        a task, so only slow replies pay for it."""
-        with trio.move_on_after(_WATCH_EXIT_AFTER):
-            await trio.lowlevel.wait_readable(self.channel)
-            return
-        async with trio.open_nursery() as nursery:
-
-            async def first_of(wait: Callable[[], Awaitable[object]]) -> None:
-                await wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(first_of, functools.partial(trio.lowlevel.wait_readable, self.channel))
-            nursery.start_soon(first_of, self.process.wait)
 
     def _take_result_buffers(self, value: p.Value) -> None:
         """Borrow a result's buffers from the area; or, if large ones came over
