@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 import pickle
@@ -416,8 +417,10 @@ def test_the_configuration_is_documented_in_tiers():
 
     from trio_parallel_fs._config import POSITIONAL
 
-    # Each attribute's entry starts at the Attributes sections' indent.
-    documented = re.findall(r"^ {8}(\w+): ", tpf.WorkerConfig.__doc__ or "", re.MULTILINE)
+    # Each attribute's entry starts at the Attributes sections' indent (once
+    # the docstring is dedented: Python 3.13 does that itself, 3.10-3.12 not).
+    doc = inspect.cleandoc(tpf.WorkerConfig.__doc__ or "")
+    documented = re.findall(r"^ {4}(\w+): ", doc, re.MULTILINE)
     first_tier = [*POSITIONAL, "preload", "max_jobs", "max_memory", "memory_ceiling"]
     assert documented[: len(first_tier)] == first_tier
     assert sorted(documented) == sorted(field.name for field in attrs.fields(tpf.WorkerConfig))
