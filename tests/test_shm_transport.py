@@ -57,7 +57,10 @@ def worker_type(request):
 
 
 def dev_shm() -> set[str]:
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    """The library's shared memory objects in /dev/shm (other programs' come
+    and go there: multiprocessing's semaphores, another test run's)."""
+    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    return {name for name in names if name.startswith(_shm._SHM_PREFIX.lstrip("/"))}
 
 
 @pytest.fixture(autouse=True)
