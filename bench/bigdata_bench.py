@@ -20,13 +20,14 @@ Cases (each one side by side in this run; absolute times drift between runs):
   512 MiB, the result dropped, then 15 s idle:
   the memory the context still holds, as ``statistics()`` reports it
   (``shared_memory_bytes`` + ``kept_result_bytes``), for the default idle
-  trim and for ``TRIO_PARALLEL_FS_SHM_IDLE=inf`` (never trimmed), both
+  trim and for ``shm_idle=math.inf`` (never trimmed), both
   contexts idle at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -115,32 +116,20 @@ async def idle_memory(seconds: float) -> list[str]:
         return (stats.shared_memory_bytes + stats.kept_result_bytes) / MiB
 
     lines = []
-    previous = os.environ.get("TRIO_PARALLEL_FS_SHM_IDLE")
-
-    def set_idle(value: str | None) -> None:
-        # An area takes its idle period from the environment when its
-        # worker's first job makes it.
-        if value is None:
-            os.environ.pop("TRIO_PARALLEL_FS_SHM_IDLE", None)
-        else:
-            os.environ["TRIO_PARALLEL_FS_SHM_IDLE"] = value
-
-    try:
-        async with tpf.open_worker_context() as trimmed_ctx, tpf.open_worker_context() as never_ctx:
-            for ctx, value in ((never_ctx, "inf"), (trimmed_ctx, previous)):
-                set_idle(value)
-                # A context in use: its worker has an area already (before
-                # issue 26 the first large result did not go through one).
-                for _ in range(2):
-                    result = await ctx.run_sync(make, 2 * MiB, 1)
-                    del result
-                result = await ctx.run_sync(make, 512 * MiB, 1)
+    # Commits before shm_idle (issue 26) had no trimming: their "never" is the default.
+    never = {"shm_idle": math.inf} if "shm_idle" in tpf.WorkerConfig.__annotations__ else {}
+    async with tpf.open_worker_context() as trimmed_ctx, tpf.open_worker_context(**never) as never_ctx:
+        for ctx in (never_ctx, trimmed_ctx):
+            # A context in use: its worker has an area already (before
+            # issue 26 the first large result did not go through one).
+            for _ in range(2):
+                result = await ctx.run_sync(make, 2 * MiB, 1)
                 del result
-            after = {"default": held(trimmed_ctx), "never": held(never_ctx)}
-            await trio.sleep(seconds)
-            idle = {"default": held(trimmed_ctx), "never": held(never_ctx)}
-    finally:
-        set_idle(previous)
+            result = await ctx.run_sync(make, 512 * MiB, 1)
+            del result
+        after = {"default": held(trimmed_ctx), "never": held(never_ctx)}
+        await trio.sleep(seconds)
+        idle = {"default": held(trimmed_ctx), "never": held(never_ctx)}
     lines.append(
         f"held after a 512 MiB result (dropped): default {after['default']:.0f} MiB, never trimmed "
         f"{after['never']:.0f} MiB; after {seconds:.0f} s idle: default {idle['default']:.0f} MiB "

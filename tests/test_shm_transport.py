@@ -447,9 +447,8 @@ def test_the_parent_killed_mid_transfer_leaves_nothing(worker_type, tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(mmap, "MADV_REMOVE"), reason="areas are trimmed on Linux only")
-async def test_an_idle_area_gives_its_memory_back_but_not_what_the_caller_holds(worker_type, monkeypatch):
-    monkeypatch.setenv("TRIO_PARALLEL_FS_SHM_IDLE", "0.2")
-    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+async def test_an_idle_area_gives_its_memory_back_but_not_what_the_caller_holds(worker_type):
+    async with tpf.open_worker_context(worker_type=worker_type, shm_idle=0.2) as ctx:
         with trio.fail_after(HANG):
             held = await ctx.run_sync(make, (8 * MiB,), np.uint8, "C", 3)
             dropped = await ctx.run_sync(make, (32 * MiB,), np.uint8, "C", 4)

@@ -26,8 +26,8 @@ the area"). The area is closed with the worker (``close``); lent results stay
 mapped until they go.
 
 Idle areas give their memory back: a thread of this process (`_Trimmer`) trims
-an area that no job has used for ``TRIO_PARALLEL_FS_SHM_IDLE`` seconds
-(default `AREA_IDLE_SECONDS`), keeping only the pages of lent results. The
+an area that no job has used for its context's ``shm_idle`` seconds
+(default 5), keeping only the pages of lent results. The
 next large transfer allocates pages again, as the first one did.
 """
 
@@ -49,24 +49,6 @@ from _trio_parallel_fs_worker._spin import SpinPolicy, input_poller, yield_cpu
 
 from ._backend import WorkerProcess
 from ._lifecycle import WorkerEvent, WorkerState, next_worker_state
-
-# Seconds an area may go unused before its memory is given back (see _Trimmer).
-AREA_IDLE_SECONDS = 5.0
-
-
-def area_idle_seconds() -> float:
-    """The idle period of areas: ``TRIO_PARALLEL_FS_SHM_IDLE`` (seconds; "inf"
-    never trims), else `AREA_IDLE_SECONDS`."""
-    text = os.environ.get("TRIO_PARALLEL_FS_SHM_IDLE")
-    if text is None:
-        return AREA_IDLE_SECONDS
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise ValueError(f"TRIO_PARALLEL_FS_SHM_IDLE must be a number of seconds, not {text!r}") from None
-    if not seconds >= 0:
-        raise ValueError(f"TRIO_PARALLEL_FS_SHM_IDLE must be >= 0 seconds, not {text!r}")
-    return seconds
 
 
 class _Trimmer:
@@ -166,7 +148,7 @@ class Worker:
         channel: socket.socket,
         process: WorkerProcess,
         config_frame: bytes,
-        area_settings: tuple[int, int] | None = None,
+        area_settings: tuple[int, int, float] | None = None,
         busy_wait: float = 0.0,
     ) -> None:
         """``area_settings``: ``(threshold, cap)`` of a shared memory area, or
@@ -249,7 +231,7 @@ class Worker:
         reach the threshold and fit; and the area's fd if its Area frame goes
         first (else -1)."""
         assert self._area_settings is not None
-        threshold, cap = self._area_settings
+        threshold, cap, idle = self._area_settings
         pickled, buffers = p.job_from_parts(job_parts)
         fd = -1
         area = self.area
@@ -262,7 +244,7 @@ class Worker:
                 self._area_settings = None
                 return job_parts, -1
             self.area = area
-            area.idle_timeout = area_idle_seconds()
+            area.idle_timeout = idle
             area.busy = True
             _trimmer.watch(area)
             fd = area.fileno()

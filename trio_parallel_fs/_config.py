@@ -194,7 +194,8 @@ class WorkerConfig:
 
     Tuning: large arguments and results. ``shm_threshold`` and ``shm_max``
     are one decision, whether and for what sizes to use the shared memory
-    area: ``shm_max=0`` turns it off.
+    area: ``shm_max=0`` turns it off; ``shm_idle`` says how long it keeps
+    its memory when unused.
 
     Attributes:
         shm_threshold: Bytes. When the large buffers of a job's arguments (numpy
@@ -202,14 +203,19 @@ class WorkerConfig:
             64 KiB or more) total at least this, they travel through the
             worker's shared memory area instead of its socket: copied in once by
             this process, read in place by the job. The same holds for a result,
-            which this process copies out once, so you own what you get. The
-            area is made when first needed, per worker, kept for its life and
-            reused (pre-touched, so copies run at memory speed); it needs a
-            Unix socket channel and ``memfd_create`` or ``shm_open``, and
-            elsewhere everything goes over the socket. Default 1 MiB.
+            which you get straight from the area, not copied (it stays valid
+            after the worker and the context are gone; ``np.array(result)``
+            copies it). Each worker gets its area with its first job; it is
+            reused and grows as needed; it needs a Unix socket channel and
+            ``memfd_create`` or ``shm_open``, and elsewhere everything goes over
+            the socket. Default 1 MiB.
         shm_max: Bytes: the most one worker's shared memory area may grow to.
             Buffers that would not fit go over the socket instead. 0 turns the
             area off. Default 2 GiB.
+        shm_idle: Seconds an area may go unused before this process gives its
+            memory back, all but the results you still hold (Linux; elsewhere
+            it goes with its worker); the next large transfer allocates pages
+            again. ``math.inf`` keeps it. Default 5.
 
     Tuning: latency of quick calls.
 
@@ -244,6 +250,7 @@ class WorkerConfig:
     blas_threads: int | None = attrs.field(default=1, validator=_optional_count)
     shm_threshold: int = attrs.field(default=1 << 20, validator=_count_or_zero)
     shm_max: int = attrs.field(default=2 << 30, validator=_count_or_zero)
+    shm_idle: float = attrs.field(default=5.0, validator=_seconds)
     busy_wait: float = attrs.field(default=0.0002, validator=_busy_wait)
 
     def __attrs_post_init__(self) -> None:

@@ -169,9 +169,11 @@ class WorkerPool:
         self._warned_baseline = False
         self._generation = _fork_generation
         self.observers: list[Callable[[int], None]] = []  # see _introspect.watch_workers
-        # (threshold, cap) of each worker's shared memory area, or None for none.
+        # (threshold, cap, idle period) of each worker's shared memory area, or None for none.
         self._area_settings = (
-            (config.shm_threshold, config.shm_max) if config.shm_max and unsupported_reason() is None else None
+            (config.shm_threshold, config.shm_max, config.shm_idle)
+            if config.shm_max and unsupported_reason() is None
+            else None
         )
 
     @property
