@@ -103,6 +103,27 @@ def no_leftovers():
     assert not leaked, f"file descriptors left open: {sorted(leaked)}"
 
 
+@pytest.fixture(params=["forkserver", "spawn"])
+def area_worker_type(request):
+    """Both backends where workers get a shared memory area: spawned ones only
+    where their channel is a Unix socket that can carry the area's fd (the
+    loopback channel cannot: its workers use the socket)."""
+    from trio_parallel_fs._spawn import channel_kind
+
+    if request.param == "spawn" and channel_kind() == "loopback":
+        pytest.skip("spawned workers on the loopback channel have no area (TCP cannot carry an fd)")
+    return request.param
+
+
+def dev_shm() -> set[str]:
+    """The library's shared memory objects in /dev/shm (other programs' come
+    and go there: multiprocessing's semaphores, another test run's)."""
+    from _trio_parallel_fs_worker import _shm
+
+    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    return {name for name in names if name.startswith(_shm._SHM_PREFIX.lstrip("/"))}
+
+
 @pytest.fixture(
     params=[
         pytest.param(

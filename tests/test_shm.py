@@ -15,6 +15,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import dev_shm
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,13 +34,6 @@ def dumps(obj: object) -> tuple[bytes, list[pickle.PickleBuffer]]:
 
 def address(array: np.ndarray) -> int:
     return int(array.__array_interface__["data"][0])
-
-
-def dev_shm() -> set[str]:
-    """The library's shared memory objects in /dev/shm (other programs' come
-    and go there: multiprocessing's semaphores, another test run's)."""
-    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
-    return {name for name in names if name.startswith(_shm._SHM_PREFIX.lstrip("/"))}
 
 
 @pytest.fixture(params=BACKENDS)

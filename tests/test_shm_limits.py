@@ -28,7 +28,6 @@ import trio
 
 import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import _shm
-from trio_parallel_fs._spawn import channel_kind
 
 pytestmark = pytest.mark.skipif(_shm.unsupported_reason() is not None, reason="no shared memory area here")
 
@@ -39,11 +38,9 @@ MiB = 1 << 20
 HANG = 30  # seconds: a bound for "does not hang", never a speed assertion
 
 
-@pytest.fixture(params=["forkserver", "spawn"])
-def worker_type(request):
-    if request.param == "spawn" and channel_kind() == "loopback":
-        pytest.skip("spawned workers on the loopback channel have no area (TCP cannot carry an fd)")
-    return request.param
+@pytest.fixture
+def worker_type(area_worker_type):
+    return area_worker_type
 
 
 # --- run in the workers -------------------------------------------------------------

@@ -30,11 +30,10 @@ import cloudpickle
 import numpy as np
 import psutil
 import trio
-from conftest import wait_dead, wait_until_gone
+from conftest import dev_shm, wait_dead, wait_until_gone
 
 import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import _shm
-from trio_parallel_fs._spawn import channel_kind
 
 pytestmark = pytest.mark.skipif(_shm.unsupported_reason() is not None, reason="no shared memory area here")
 
@@ -46,21 +45,9 @@ MiB = 1 << 20
 HANG = 30  # seconds: a bound for "does not hang", never a speed assertion
 
 
-@pytest.fixture(params=["forkserver", "spawn"])
-def worker_type(request):
-    """Both backends; spawned workers only where their channel is a Unix socket
-    that can carry the area's fd (the loopback channel cannot: its workers use
-    the socket, see test_the_loopback_channel_falls_back_to_the_socket)."""
-    if request.param == "spawn" and channel_kind() == "loopback":
-        pytest.skip("spawned workers on the loopback channel have no area (TCP cannot carry an fd)")
-    return request.param
-
-
-def dev_shm() -> set[str]:
-    """The library's shared memory objects in /dev/shm (other programs' come
-    and go there: multiprocessing's semaphores, another test run's)."""
-    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
-    return {name for name in names if name.startswith(_shm._SHM_PREFIX.lstrip("/"))}
+@pytest.fixture
+def worker_type(area_worker_type):
+    return area_worker_type
 
 
 @pytest.fixture(autouse=True)
