@@ -133,13 +133,6 @@ class FakeBackend:
         pass
 
 
-def _taking(upcoming: list[Any]) -> Any:
-    """Hand out ``upcoming``'s actions from the front, so that it always
-    holds those not taken yet."""
-    while upcoming:
-        yield upcoming.pop(0)
-
-
 async def _serve(sock: socket.socket, process: FakeProcess, script: list[Any]) -> None:
     if process.exitcode is not None:
         return  # killed before it got going
@@ -164,10 +157,9 @@ async def _serve(sock: socket.socket, process: FakeProcess, script: list[Any]) -
         process.cancel_scope = scope
         try:
             await next_event()  # Config
-            upcoming = list(script)  # the actions not taken yet
-            actions = _taking(upcoming)
+            actions = list(script)  # those not taken yet, taken from the front
             while True:
-                if upcoming[:1] == ["bye-lost"]:
+                if actions[:1] == ["bye-lost"]:
                     # Windows: the idle timeout fired as the job came; the worker
                     # exits with the job unread, and the reset drops its Bye.
                     await trio.lowlevel.wait_readable(sock)
@@ -182,10 +174,10 @@ async def _serve(sock: socket.socket, process: FakeProcess, script: list[Any]) -
                 if not isinstance(job, p.Job):
                     process.exit(0)  # EOF: the pool closed our channel
                     return
-                action = next(actions, "value")
+                action = actions.pop(0) if actions else "value"
                 while isinstance(action, tuple) and action[0] == "started":
                     await send(p.Started(action[1]))
-                    action = next(actions, "value")
+                    action = actions.pop(0) if actions else "value"
                 if action == "hang":
                     await trio.sleep_forever()
                 if isinstance(action, tuple) and action[0] == "slow":
