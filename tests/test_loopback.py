@@ -197,9 +197,7 @@ async def test_connections_without_the_secret_are_refused_and_the_worker_still_s
     try:
         with trio.fail_after(HANG):
             channel = await trio.to_thread.run_sync(listener.accept, popen)
-        # The accepted connection is the worker's own.
-        worker_ends = {c.laddr for c in psutil.Process(popen.pid).net_connections("tcp")}
-        assert channel.getpeername() in worker_ends
+        assert_the_workers_own(channel, popen)
         # Each stranger was dropped: it reads EOF (or a reset), never a frame.
         for stranger in strangers:
             stranger.settimeout(HANG)
@@ -210,12 +208,22 @@ async def test_connections_without_the_secret_are_refused_and_the_worker_still_s
         worker = JobDriver(channel)
         assert await run_job(worker, workerfns.add, 20, 22) == 42
     finally:
-        for stranger in strangers:
-            stranger.close()
-        if channel is None:
-            popen.kill()
-            channel = socket.socket()
-        await finish(popen, channel)
+        await close_strangers_and_finish(strangers, popen, channel)
+
+
+def assert_the_workers_own(channel: socket.socket, popen: subprocess.Popen[bytes]) -> None:
+    """The accepted connection is the worker's own."""
+    worker_ends = {c.laddr for c in psutil.Process(popen.pid).net_connections("tcp")}
+    assert channel.getpeername() in worker_ends
+
+
+async def close_strangers_and_finish(strangers, popen, channel) -> None:
+    for stranger in strangers:
+        stranger.close()
+    if channel is None:  # the worker never got in
+        popen.kill()
+        channel = socket.socket()
+    await finish(popen, channel)
 
 
 def open_strangers(port: int, silent: int) -> list[socket.socket]:
@@ -280,19 +288,13 @@ async def test_silent_strangers_cannot_hold_the_door(max_pending):
     channel = None
     try:
         channel = await accept_among(listener, popen, strangers)
-        worker_ends = {c.laddr for c in psutil.Process(popen.pid).net_connections("tcp")}
-        assert channel.getpeername() in worker_ends
+        assert_the_workers_own(channel, popen)
         # Still connected and silent when the worker got in; dropped by now.
         assert_dropped(strangers)
         worker = JobDriver(channel)
         assert await run_job(worker, workerfns.add, 20, 22) == 42
     finally:
-        for stranger in strangers:
-            stranger.close()
-        if channel is None:
-            popen.kill()
-            channel = socket.socket()
-        await finish(popen, channel)
+        await close_strangers_and_finish(strangers, popen, channel)
 
 
 async def test_a_spawned_worker_starts_while_strangers_hold_its_port(monkeypatch):
