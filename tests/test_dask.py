@@ -277,21 +277,27 @@ async def test_without_kill_on_cancel_the_call_is_shielded(client):
     assert (stats.completed_jobs, stats.killed_jobs) == (1, 0)
 
 
+async def spin_then_cancel(ctx, pid_file) -> bool:
+    """Run ``spin`` with kill_on_cancel and cancel the call once the job has
+    written its pid; whether the cancellation was caught."""
+    with trio.CancelScope() as scope:
+
+        async def cancel_once_spinning() -> None:
+            while not pid_file.exists() or not pid_file.read_text():  # noqa: ASYNC110
+                await trio.sleep(0.02)
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel_once_spinning)
+            await ctx.run_sync(spin, str(pid_file), 600, kill_on_cancel=True)
+    return scope.cancelled_caught
+
+
 async def test_kill_on_cancel_kills_the_worker_process_and_frees_its_slot(client, tmp_path):
     pid_file = tmp_path / "pid"
     with trio.fail_after(90):
         async with open_dask_context(client) as ctx:
-            with trio.CancelScope() as scope:
-
-                async def cancel_once_spinning() -> None:
-                    while not pid_file.exists() or not pid_file.read_text():  # noqa: ASYNC110
-                        await trio.sleep(0.02)
-                    scope.cancel()
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(cancel_once_spinning)
-                    await ctx.run_sync(spin, str(pid_file), 600, kill_on_cancel=True)
-            assert scope.cancelled_caught
+            assert await spin_then_cancel(ctx, pid_file)
             spinner = int(pid_file.read_text())
             # run_sync returned once the process was gone (a zombie at most).
             try:
@@ -378,16 +384,7 @@ async def test_statistics_after_a_recovered_call_show_the_cluster_as_it_is(clien
             # The same after a restart of ours.
             ctx._set_workers({})
             pid_file = tmp_path / "pid"
-            with trio.CancelScope() as scope:
-
-                async def cancel_once_spinning() -> None:
-                    while not pid_file.exists() or not pid_file.read_text():  # noqa: ASYNC110
-                        await trio.sleep(0.02)
-                    scope.cancel()
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(cancel_once_spinning)
-                    await ctx.run_sync(spin, str(pid_file), 600, kill_on_cancel=True)
+            await spin_then_cancel(ctx, pid_file)
             await wait_for_two_workers()
             assert await ctx.run_sync(pow, 2, 3) == 8
             stats = ctx.statistics()
