@@ -8,8 +8,8 @@ is a list of actions, one per job:
 * ``"value"``: run the job here and send its result back;
 * ``("retire", Retire.X)``: send the result saying the worker leaves, and exit 0;
 * ``"bye"``: the idle timeout fired: send Bye without running the job, exit 0;
-* ``"bye-lost"`` (first only): the same on Windows, where the worker's exit
-  with the job unread resets the connection and the reset drops the Bye;
+* ``"bye-lost"``: the same on Windows, where the worker's exit with the job
+  unread resets the connection and the reset drops the Bye;
 * ``"bye-after"``: send the result, then at once a Bye, and exit 0;
 * ``("die", code)``: close the channel and exit with ``code`` mid-job;
 * ``"hang"``: never answer (until killed);
