@@ -1,6 +1,6 @@
 """The worker's end of the portable channel: connect back, prove who we are, watch stdin.
 
-The parent (``trio_parallel_fs._loopback``) listens on 127.0.0.1 and puts a
+The parent (``trio_parallel_fs._backends.spawn.loopback``) listens on 127.0.0.1 and puts a
 one-time secret on this process's stdin. Here the worker reads the secret,
 connects to the port it was given on its command line and sends the secret
 first, so the parent can tell it from any other local process.
@@ -27,7 +27,7 @@ import os
 import socket
 import threading
 
-SECRET_SIZE = 32  # trio_parallel_fs._loopback.SECRET_SIZE; the child package never imports the parent's
+SECRET_SIZE = 32  # trio_parallel_fs._backends.spawn.loopback.SECRET_SIZE; the child package never imports the parent's
 
 # The exit code of a worker whose parent is gone. Nobody waits for it (the
 # parent is dead); it differs from 0 so that a worker ended this way by a

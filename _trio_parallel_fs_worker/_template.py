@@ -41,7 +41,7 @@ other local user can ask the template for anything.
    pipe (or, when even its fds could not be received, loses its status pipe,
    which the parent sees close without a PID), and a spare that cannot be
    made is tried again later, backing off.
-8. The page plan (``_prefault``, Linux): the template owns it. Every child
+8. The page plan (``_page_plan``, Linux): the template owns it. Every child
    inherits the published plan's sealed memfd; the one child the owner asks
    to learn (decided at its fork) also gets the sending end of a datagram
    socket, whose other end the loop watches; every other child closes it.
@@ -78,8 +78,8 @@ from ._lifeline import (
     set_process_name,
 )
 from ._memory import exceeds
+from ._page_plan import PlanOwner, open_book
 from ._pickling import dumps_job
-from ._prefault import PlanOwner, open_book
 from ._spin import busy_waits_pay
 from ._worker import dump_error, recv_frame, run_job, send_frame, serve_then_leave
 
@@ -205,7 +205,7 @@ def kill_with_group(pid: int) -> None:
 class Template:
     def __init__(self, control: socket.socket, setup: dict[str, Any], book: PlanOwner | None = None) -> None:
         self.control = control
-        self.book = book  # the page plan's owner (see _prefault), where plans work
+        self.book = book  # the page plan's owner (see _page_plan), where plans work
         self.pid = os.getpid()
         self.pending_fds: deque[int] = deque()
         self.next_seq = 0

@@ -34,8 +34,8 @@ from ._describe import describe
 from ._errorcodec import encode_error
 from ._lifeline import flush_std_streams, keep_out_of_forks, step_aside, tighten_timers
 from ._memory import MemoryWatch, memory_usage
+from ._page_plan import apply_plan_while_idle, learn_before_leaving
 from ._pickling import dumps_value, loads
-from ._prefault import learn_before_leaving, prefault_while_idle
 from ._settings import WorkerHooks, WorkerSettings
 from ._shm import AreaMemoryError, SharedArea, total_bytes
 from ._spin import WaitPlan, input_poller, sleep_for_input, yield_cpu
@@ -433,8 +433,8 @@ def serve(sock: socket.socket) -> int:
     if (hooks.init is not bool or baseline >= 0) and not send(p.Started(baseline)):
         return 0
     # A worker prepared ahead may have time before its first job: it takes
-    # the faults that job would take (see _prefault) while no message waits.
-    prefault_while_idle(inbox.input_within)
+    # the faults that job would take (see _page_plan) while no message waits.
+    apply_plan_while_idle(inbox.input_within)
     inbox.start_serving(hooks)
     area: AreaUse | None = None
     try:

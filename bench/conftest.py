@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 
-import trio_parallel_fs._pytest_plugin as tpf_plugin
+import trio_parallel_fs._extras.pytest_plugin as tpf_plugin
 from bench import systems
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from bench import jobs
-from trio_parallel_fs._launch import THREAD_LIMIT_VARIABLES
+from trio_parallel_fs._backends.launch import THREAD_LIMIT_VARIABLES
 
 # What every system that can preload gets preloaded: the job module too, as a
 # user would preload their own (see README: otherwise each fresh worker imports it).

@@ -108,7 +108,7 @@ def area_worker_type(request):
     """Both backends where workers get a shared memory area: spawned ones only
     where their channel is a Unix socket that can carry the area's fd (the
     loopback channel cannot: its workers use the socket)."""
-    from trio_parallel_fs._spawn import channel_kind
+    from trio_parallel_fs._backends.spawn.backend import channel_kind
 
     if request.param == "spawn" and channel_kind() == "loopback":
         pytest.skip("spawned workers on the loopback channel have no area (TCP cannot carry an fd)")

@@ -32,7 +32,7 @@ import trio
 
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._errorcodec import encode_error
-from trio_parallel_fs._backend import ExitInfo
+from trio_parallel_fs._backends.seam import ExitInfo
 
 _pids = itertools.count(900_001)
 

@@ -1,5 +1,5 @@
 """Hostile jobs for tests/test_isolation.py: each attacks the page plan its
-worker and its template share (see _trio_parallel_fs_worker/_prefault.py)
+worker and its template share (see _trio_parallel_fs_worker/_page_plan.py)
 with whatever a job can reach, and says what it managed. They find the plan
 as any job could: by the name of its memory file among this worker's fds and
 its template's (/proc/<ppid>/fd reopens the template's file)."""
@@ -61,10 +61,10 @@ def _attempt(results: list[str], what: str, action) -> None:
 
 def _send_lesson(results: list[str], plan_bytes: bytes) -> None:
     """As the worker asked to learn, if this is it: send our own lesson."""
-    from _trio_parallel_fs_worker import _prefault
+    from _trio_parallel_fs_worker import _page_plan
 
     # (Before issue 22 there was no such socket: every worker wrote the plan.)
-    lesson = getattr(getattr(_prefault, "_inherited", None), "lesson", None)
+    lesson = getattr(getattr(_page_plan, "_inherited", None), "lesson", None)
     if lesson is not None:
         _attempt(results, "lesson", lambda: lesson.send(plan_bytes))
 
@@ -107,11 +107,11 @@ def enlarge_plan() -> list[str]:
         _attempt(results, "grow", functools.partial(os.ftruncate, fd, 1 << 30))
         _attempt(results, "write", functools.partial(os.pwrite, fd, plan, 0))
         os.close(fd)
-    from _trio_parallel_fs_worker import _prefault
+    from _trio_parallel_fs_worker import _page_plan
 
-    encode = getattr(_prefault, "encode_plan", None)
+    encode = getattr(_page_plan, "encode_plan", None)
     if encode is not None:
-        _send_lesson(results, encode(_prefault.Plan([(address, size)], [])))
+        _send_lesson(results, encode(_page_plan.Plan([(address, size)], [])))
     return results
 
 

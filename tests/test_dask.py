@@ -611,7 +611,7 @@ def test_the_dask_extra_is_named_with_an_install_line_that_works_from_a_checkout
     # As if distributed were not installed.
     code = (
         "import sys; sys.modules['distributed'] = None\n"
-        "from trio_parallel_fs._demo import main\n"
+        "from trio_parallel_fs._extras.demo import main\n"
         "sys.exit(main(['--dask']))\n"
     )
     refused = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -622,7 +622,7 @@ def test_the_dask_extra_is_named_with_an_install_line_that_works_from_a_checkout
 
 
 def test_the_demo_table_says_how_many_jobs_and_that_spawn_starts_nothing():
-    from trio_parallel_fs._demo import table
+    from trio_parallel_fs._extras.demo import table
 
     row = {"start": 400.0, "warm": 0.1, "fresh": 5.0, "batch": 100.0}
     text = table({"forkserver": row, "spawn": dict(row, fresh=400.0)}, batch=16)
@@ -744,7 +744,7 @@ FAILED_TASK = "Task %s marked as failed because %d workers died while trying to 
 
 def test_the_log_filter_drops_only_announced_nanny_lines_and_our_tasks(monkeypatch):
     """The rules of _dask_logs without a cluster: a clock of our own."""
-    from trio_parallel_fs import _dask_logs
+    from trio_parallel_fs._backends.dask import logs as _dask_logs
 
     now = [1000.0]
     monkeypatch.setattr(_dask_logs.time, "monotonic", lambda: now[0])
@@ -782,7 +782,7 @@ def test_the_log_filter_drops_only_announced_nanny_lines_and_our_tasks(monkeypat
 
 
 def test_the_worker_log_filter_drops_only_lines_about_our_tasks():
-    from trio_parallel_fs._dask_worker import WorkerLogFilter
+    from trio_parallel_fs._backends.dask.worker import WorkerLogFilter
 
     worker_filter = WorkerLogFilter()
     compute_failed = "Compute Failed\nKey:       %s\nState:     %s\n"

@@ -305,7 +305,7 @@ def test_testing_page_set_up_runs(tmp_path: Path) -> None:
     assert set(blocks) == {"pyproject.toml", "test_jobs.py"}
     for name, code in blocks.items():
         (tmp_path / name).write_text(code)
-    plugin = "trio_parallel_fs._pytest_plugin"
+    plugin = "trio_parallel_fs._extras.pytest_plugin"
     loaded_by_entry_point = any(
         entry.value.split(":")[0] == plugin for entry in importlib.metadata.entry_points(group="pytest11")
     )

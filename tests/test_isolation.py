@@ -1,5 +1,5 @@
 """Isolation: nothing one worker or its job does to the page plan the
-workers of a template share (see _trio_parallel_fs_worker/_prefault.py) makes
+workers of a template share (see _trio_parallel_fs_worker/_page_plan.py) makes
 another worker's call fail, wait or grow (issue 22, items 1-3).
 
 Each hostile job attacks the plan with whatever a job can reach, in a real
@@ -32,7 +32,7 @@ import trio
 import trio.testing
 
 import trio_parallel_fs as tpf
-from _trio_parallel_fs_worker import _prefault
+from _trio_parallel_fs_worker import _page_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
@@ -43,7 +43,7 @@ CALLS = 6
 USS_BOUND = 128 * MiB
 HANG_GUARD = 60
 
-needs_prefault = pytest.mark.skipif(not _prefault.supported(), reason="needs Linux 5.14+ (MADV_POPULATE_WRITE)")
+needs_page_plan = pytest.mark.skipif(not _page_plan.supported(), reason="needs Linux 5.14+ (MADV_POPULATE_WRITE)")
 
 
 def hostile_context() -> tpf.WorkerContext:
@@ -83,7 +83,7 @@ async def wait_stopped_or_gone(pid: int) -> str:
     return state
 
 
-@needs_prefault
+@needs_page_plan
 async def test_a_job_that_truncates_the_plan_fails_no_other_call(capfd):
     with trio.fail_after(HANG_GUARD):
         async with hostile_context() as ctx:
@@ -94,7 +94,7 @@ async def test_a_job_that_truncates_the_plan_fails_no_other_call(capfd):
     assert_unharmed(ctx, sizes, capfd.readouterr().err)
 
 
-@needs_prefault
+@needs_page_plan
 async def test_a_job_that_overwrites_the_plan_with_garbage_fails_no_other_call(capfd):
     with trio.fail_after(HANG_GUARD):
         async with hostile_context() as ctx:
@@ -105,7 +105,7 @@ async def test_a_job_that_overwrites_the_plan_with_garbage_fails_no_other_call(c
     assert_unharmed(ctx, sizes, capfd.readouterr().err)
 
 
-@needs_prefault
+@needs_page_plan
 @pytest.mark.parametrize("plans_first", [True, False], ids=["plan_exists", "no_plan_yet"])
 async def test_a_job_that_enlarges_the_plan_grows_no_other_worker(capfd, plans_first):
     """A 512 MiB run inside a mapping the template has (hostile_preload),
@@ -121,7 +121,7 @@ async def test_a_job_that_enlarges_the_plan_grows_no_other_worker(capfd, plans_f
     assert_unharmed(ctx, sizes, capfd.readouterr().err)
 
 
-@needs_prefault
+@needs_page_plan
 async def test_a_stopped_job_holding_locks_on_the_plan_delays_no_other_call(capfd, tmp_path):
     marker = trio.Path(tmp_path / "locked")
     with trio.fail_after(HANG_GUARD):
@@ -145,13 +145,13 @@ async def test_a_stopped_job_holding_locks_on_the_plan_delays_no_other_call(capf
     assert_unharmed(ctx, sizes, capfd.readouterr().err)
 
 
-@needs_prefault
+@needs_page_plan
 async def test_a_worker_stopped_while_learning_the_plan_delays_no_other_call(capfd):
     with trio.fail_after(HANG_GUARD):
         async with hostile_context() as ctx:
             # The first worker to leave learns (there is no plan yet); a worker
             # not asked to learn leaves without stopping: try the next.
-            for _ in range(2 * _prefault.RELEARN_AFTER):
+            for _ in range(2 * _page_plan.RELEARN_AFTER):
                 pid = await ctx.run_sync(hostilefns.stop_while_learning)
                 if await wait_stopped_or_gone(pid) == psutil.STATUS_STOPPED:
                     break
@@ -167,21 +167,21 @@ async def test_a_worker_stopped_while_learning_the_plan_delays_no_other_call(cap
 
 # --- the checks themselves, without processes ------------------------------------
 
-PAGE = _prefault.PAGE
+PAGE = _page_plan.PAGE
 GiB = 1 << 30
-WRITABLE = _prefault.Mapping(1 << 40, (1 << 40) + GiB, True)
-FILE = _prefault.Mapping(1 << 41, (1 << 41) + GiB, False)
+WRITABLE = _page_plan.Mapping(1 << 40, (1 << 40) + GiB, True)
+FILE = _page_plan.Mapping(1 << 41, (1 << 41) + GiB, False)
 MAPPINGS = [WRITABLE, FILE]
 
 
 def lesson(writes: list, reads: list) -> bytes:
-    return _prefault.encode_plan(_prefault.Plan(writes, reads))
+    return _page_plan.encode_plan(_page_plan.Plan(writes, reads))
 
 
 def test_the_template_takes_a_lesson_that_holds():
     writes, reads = [(WRITABLE.start, 4 * PAGE)], [(FILE.start + PAGE, PAGE), (FILE.start + 8 * PAGE, 2 * PAGE)]
-    assert _prefault.check_lesson(lesson(writes, reads), MAPPINGS) == (writes, reads)
-    assert _prefault.check_lesson(lesson([], []), MAPPINGS) == ([], [])
+    assert _page_plan.check_lesson(lesson(writes, reads), MAPPINGS) == (writes, reads)
+    assert _page_plan.check_lesson(lesson([], []), MAPPINGS) == ([], [])
 
 
 @pytest.mark.parametrize(
@@ -193,11 +193,11 @@ def test_the_template_takes_a_lesson_that_holds():
         pytest.param(b"\0" * 16 + lesson([], [])[16:], id="wrong_magic"),
         pytest.param(lesson([], [])[:4] + b"\x01\0\0\0" + lesson([], [])[8:], id="old_version"),
         pytest.param(
-            _prefault._HEAD.pack(_prefault._MAGIC, _prefault._VERSION, _prefault.MAX_RUNS + 1, 0)
-            + _prefault._RUN.pack(WRITABLE.start, PAGE) * (_prefault.MAX_RUNS + 1),
+            _page_plan._HEAD.pack(_page_plan._MAGIC, _page_plan._VERSION, _page_plan.MAX_RUNS + 1, 0)
+            + _page_plan._RUN.pack(WRITABLE.start, PAGE) * (_page_plan.MAX_RUNS + 1),
             id="too_many_runs",
         ),
-        pytest.param(b"\0" * (_prefault.MAX_PLAN_BYTES + 1), id="too_large"),
+        pytest.param(b"\0" * (_page_plan.MAX_PLAN_BYTES + 1), id="too_large"),
         pytest.param(lesson([(WRITABLE.start + 1, PAGE)], []), id="unaligned_address"),
         pytest.param(lesson([(WRITABLE.start, PAGE + 1)], []), id="unaligned_length"),
         pytest.param(lesson([(WRITABLE.start, 0)], []), id="empty_run"),
@@ -211,48 +211,48 @@ def test_the_template_takes_a_lesson_that_holds():
     ],
 )
 def test_the_template_drops_a_lesson_that_does_not_hold_whole(data):
-    assert _prefault.check_lesson(data, MAPPINGS) is None
+    assert _page_plan.check_lesson(data, MAPPINGS) is None
 
 
-def steps(plan: _prefault.Plan, *mappings: list) -> tuple[int, int, int]:
+def steps(plan: _page_plan.Plan, *mappings: list) -> tuple[int, int, int]:
     """Bytes written, bytes read and madvise calls applying ``plan`` would take."""
-    found = _prefault.plan_steps(plan, *(mappings or (MAPPINGS, MAPPINGS)))
-    written = sum(length for (_, length), advice in found if advice == _prefault.MADV_POPULATE_WRITE)
+    found = _page_plan.plan_steps(plan, *(mappings or (MAPPINGS, MAPPINGS)))
+    written = sum(length for (_, length), advice in found if advice == _page_plan.MADV_POPULATE_WRITE)
     return written, sum(length for (_, length), _ in found) - written, len(found)
 
 
 def test_a_worker_applies_at_most_the_caps_whatever_the_plan_says():
-    one_big = _prefault.Plan([(WRITABLE.start, 512 * MiB)], [(FILE.start, 512 * MiB)])
-    assert steps(one_big) == (_prefault.MAX_WRITE_BYTES, _prefault.MAX_READ_BYTES, 2)
-    repeated = _prefault.Plan([(WRITABLE.start, 4 * MiB)] * 100, [])
-    assert steps(repeated) == (_prefault.MAX_WRITE_BYTES, 0, 4)
-    many = _prefault.Plan([(WRITABLE.start + n * PAGE, PAGE) for n in range(4 * _prefault.MAX_RUNS)], [])
-    assert steps(many)[2] <= _prefault.MAX_RUNS
+    one_big = _page_plan.Plan([(WRITABLE.start, 512 * MiB)], [(FILE.start, 512 * MiB)])
+    assert steps(one_big) == (_page_plan.MAX_WRITE_BYTES, _page_plan.MAX_READ_BYTES, 2)
+    repeated = _page_plan.Plan([(WRITABLE.start, 4 * MiB)] * 100, [])
+    assert steps(repeated) == (_page_plan.MAX_WRITE_BYTES, 0, 4)
+    many = _page_plan.Plan([(WRITABLE.start + n * PAGE, PAGE) for n in range(4 * _page_plan.MAX_RUNS)], [])
+    assert steps(many)[2] <= _page_plan.MAX_RUNS
 
 
 def test_a_worker_applies_only_aligned_runs_inside_mappings_the_template_had_and_it_has():
-    plan = _prefault.Plan(
+    plan = _page_plan.Plan(
         [(WRITABLE.start + 1, PAGE), (WRITABLE.start, PAGE + 1), (WRITABLE.start, 0), (FILE.start, PAGE), (PAGE, PAGE)],
         [(WRITABLE.start, PAGE), (FILE.end - PAGE, 2 * PAGE)],
     )
     assert steps(plan) == (0, 0, 0)
-    fine = _prefault.Plan([(WRITABLE.start, PAGE)], [(FILE.start, PAGE)])
+    fine = _page_plan.Plan([(WRITABLE.start, PAGE)], [(FILE.start, PAGE)])
     assert steps(fine) == (PAGE, PAGE, 2)
     assert steps(fine, MAPPINGS, [FILE]) == (0, PAGE, 1)  # gone from this process since
     assert steps(fine, [WRITABLE], MAPPINGS) == (PAGE, 0, 1)  # not the template's
 
 
-@needs_prefault
+@needs_page_plan
 def test_apply_asks_the_kernel_for_no_more_than_the_caps():
     area = mmap.mmap(-1, 64 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # never touched
     try:
         address = ctypes.addressof(ctypes.c_char.from_buffer(area))
         asked: list[tuple[int, int, int]] = []
-        mappings = _prefault.read_mappings()
-        plan = _prefault.Plan([(address, 64 * MiB)], [])
-        done = _prefault.apply(plan, mappings, lambda: False, lambda *call: asked.append(call) or 0)
-        assert asked == [(address, _prefault.MAX_WRITE_BYTES, _prefault.MADV_POPULATE_WRITE)]
-        assert done == _prefault.MAX_WRITE_BYTES
+        mappings = _page_plan.read_mappings()
+        plan = _page_plan.Plan([(address, 64 * MiB)], [])
+        done = _page_plan.apply(plan, mappings, lambda: False, lambda *call: asked.append(call) or 0)
+        assert asked == [(address, _page_plan.MAX_WRITE_BYTES, _page_plan.MADV_POPULATE_WRITE)]
+        assert done == _page_plan.MAX_WRITE_BYTES
     finally:
         gc.collect()
         area.close()
@@ -266,13 +266,13 @@ def sealed_file(data: bytes, seal: bool = True) -> int:
     return fd
 
 
-@needs_prefault
+@needs_page_plan
 @pytest.mark.parametrize(
     ("data", "seal", "readable"),
     [
         (lesson([(WRITABLE.start, PAGE)], []), True, True),
         (lesson([(WRITABLE.start, PAGE)], []), False, False),  # anyone could change it while we read
-        (lesson([(WRITABLE.start, PAGE)], []) + b"\0" * _prefault.MAX_PLAN_BYTES, True, False),
+        (lesson([(WRITABLE.start, PAGE)], []) + b"\0" * _page_plan.MAX_PLAN_BYTES, True, False),
         (b"", True, False),
     ],
     ids=["sealed", "unsealed", "too_large", "empty"],
@@ -280,12 +280,12 @@ def sealed_file(data: bytes, seal: bool = True) -> int:
 def test_a_worker_reads_only_a_sealed_well_formed_plan(data, seal, readable):
     fd = sealed_file(data, seal)
     try:
-        assert (_prefault.read_plan(fd) is not None) == readable
+        assert (_page_plan.read_plan(fd) is not None) == readable
     finally:
         os.close(fd)
 
 
-@needs_prefault
+@needs_page_plan
 @pytest.mark.parametrize("kind", ["garbage", "unsealed", "not_a_file", "closed"])
 def test_prefaulting_from_a_bad_plan_file_is_no_prefault_never_an_error(monkeypatch, kind):
     read, write = os.pipe()
@@ -298,10 +298,10 @@ def test_prefaulting_from_a_bad_plan_file_is_no_prefault_never_an_error(monkeypa
     fd = fds[kind]()
     if kind == "closed":
         os.close(fd)
-    monkeypatch.setattr(_prefault, "_inherited", _prefault.Inherited(fd, None, _prefault.read_mappings()))
+    monkeypatch.setattr(_page_plan, "_inherited", _page_plan.Inherited(fd, None, _page_plan.read_mappings()))
     try:
-        assert _prefault.prefault_while_idle(lambda ms: False) == 0
-        assert _prefault._inherited.plan_fd is None
+        assert _page_plan.apply_plan_while_idle(lambda ms: False) == 0
+        assert _page_plan._inherited.plan_fd is None
         if kind != "closed":
             with pytest.raises(OSError):
                 os.fstat(fd)  # closed by it
@@ -310,7 +310,7 @@ def test_prefaulting_from_a_bad_plan_file_is_no_prefault_never_an_error(monkeypa
         os.close(write)
 
 
-@needs_prefault
+@needs_page_plan
 def test_a_learner_never_waits_to_send_its_lesson(monkeypatch):
     """A full queue (nobody reads) or a template gone: no lesson, at once."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -318,19 +318,19 @@ def test_a_learner_never_waits_to_send_its_lesson(monkeypatch):
     with contextlib.suppress(BlockingIOError):
         while True:
             theirs.send(b"x" * 1000, socket.MSG_DONTWAIT)
-    mappings = _prefault.read_mappings()
-    monkeypatch.setattr(_prefault, "_inherited", _prefault.Inherited(None, theirs, mappings))
-    _prefault.learn_before_leaving()
+    mappings = _page_plan.read_mappings()
+    monkeypatch.setattr(_page_plan, "_inherited", _page_plan.Inherited(None, theirs, mappings))
+    _page_plan.learn_before_leaving()
     assert theirs.fileno() == -1  # closed: it sends once
     ours.close()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     ours.close()
-    monkeypatch.setattr(_prefault, "_inherited", _prefault.Inherited(None, theirs, mappings))
-    _prefault.learn_before_leaving()
+    monkeypatch.setattr(_page_plan, "_inherited", _page_plan.Inherited(None, theirs, mappings))
+    _page_plan.learn_before_leaving()
     assert theirs.fileno() == -1
 
 
-def learner_of(owner: _prefault.PlanOwner) -> socket.socket:
+def learner_of(owner: _page_plan.PlanOwner) -> socket.socket:
     """Ask ``owner`` for a learner as the template does at a fork; the
     child's end of its lesson socket."""
     sender = owner.before_fork()
@@ -340,30 +340,30 @@ def learner_of(owner: _prefault.PlanOwner) -> socket.socket:
     return child
 
 
-@needs_prefault
+@needs_page_plan
 @pytest.mark.parametrize(
     "bad", [lesson([(WRITABLE.start, 512 * MiB)], []), b"garbage", b""], ids=["512MiB_run", "garbage", "empty"]
 )
 def test_the_owner_publishes_a_learners_lesson_only_if_it_holds_and_reads_one_per_learner(bad):
-    owner = _prefault.PlanOwner(MAPPINGS)
-    good = _prefault.Plan([(WRITABLE.start, PAGE)], [(FILE.start, PAGE)])
+    owner = _page_plan.PlanOwner(MAPPINGS)
+    good = _page_plan.Plan([(WRITABLE.start, PAGE)], [(FILE.start, PAGE)])
     child = learner_of(owner)  # no plan yet: the first child learns
     try:
         child.send(bad)
-        child.send(_prefault.encode_plan(good))
+        child.send(_page_plan.encode_plan(good))
         owner.read_lessons()
         assert owner.plan_fd is None  # the first did not hold
         assert owner.lessons is None  # and the second is not read: one per learner
         with pytest.raises(OSError):
-            child.send(_prefault.encode_plan(good))
+            child.send(_page_plan.encode_plan(good))
     finally:
         child.close()
     child = learner_of(owner)  # so the next child is asked
     try:
-        child.send(_prefault.encode_plan(good))
+        child.send(_page_plan.encode_plan(good))
         owner.read_lessons()
         assert owner.plan_fd is not None
-        assert _prefault.read_plan(owner.plan_fd) == good
+        assert _page_plan.read_plan(owner.plan_fd) == good
         with pytest.raises(PermissionError):
             os.pwrite(owner.plan_fd, b"x", 0)  # sealed
     finally:
@@ -378,9 +378,9 @@ def test_the_module_imports_and_does_nothing_without_fcntl_resource_or_memfd():
         "import sys, os\n"
         "sys.modules['fcntl'] = None; sys.modules['resource'] = None\n"
         "del os.memfd_create\n"
-        "from _trio_parallel_fs_worker import _prefault as pf\n"
+        "from _trio_parallel_fs_worker import _page_plan as pf\n"
         "assert not pf.supported() and pf.open_book() is None\n"
-        "assert pf.prefault_while_idle(lambda ms: False) == 0\n"
+        "assert pf.apply_plan_while_idle(lambda ms: False) == 0\n"
         "pf.learn_before_leaving()\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)

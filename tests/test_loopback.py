@@ -28,7 +28,7 @@ from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._pickling import dumps_job
 from _trio_parallel_fs_worker._settings import WorkerSettings
 from trio_parallel_fs import BrokenWorkerError
-from trio_parallel_fs import _loopback as loopback
+from trio_parallel_fs._backends.spawn import loopback
 from trio_parallel_fs._config import WorkerConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -294,7 +294,7 @@ async def test_silent_strangers_cannot_hold_the_door(max_pending):
 async def test_a_spawned_worker_starts_while_strangers_hold_its_port(monkeypatch):
     """The spawn backend on the loopback channel, end to end: strangers connect
     to the port the moment it exists, before the worker starts, and stay."""
-    from trio_parallel_fs import _spawn
+    from trio_parallel_fs._backends.spawn import backend as _spawn
 
     monkeypatch.setenv("TRIO_PARALLEL_FS_CHANNEL", "loopback")
     strangers: list[socket.socket] = []
@@ -384,7 +384,7 @@ import pickle, sys, time
 sys.path[:0] = [{here!r}, {root!r}]
 import test_loopback as t
 import workerfns
-from trio_parallel_fs._loopback import start_loopback_worker
+from trio_parallel_fs._backends.spawn.loopback import start_loopback_worker
 
 started = start_loopback_worker(t.worker_command)
 t.JobDriver(started.channel).send_job(workerfns.record_pid_and_sleep, {marker!r}, 60)

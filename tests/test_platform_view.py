@@ -31,8 +31,8 @@ def run_under(view: str, program: str, **variables: str) -> subprocess.Completed
 LOOK = """
 import json, sys
 import trio
-from _trio_parallel_fs_worker import _prefault, _shm
-import trio_parallel_fs._launch as launch
+from _trio_parallel_fs_worker import _page_plan, _shm
+import trio_parallel_fs._backends.launch as launch
 print(json.dumps({
     "real": sys.platform,
     "trio sees": trio._core._run.sys.platform,
@@ -40,7 +40,7 @@ print(json.dumps({
     "os.name": launch.os.name,
     "fork": hasattr(launch.os, "fork"),
     "fcntl": _shm.fcntl is not None,
-    "prefault": _prefault.supported(),
+    "page_plan": _page_plan.supported(),
 }))
 """
 
@@ -61,7 +61,7 @@ def test_the_library_sees_the_view_and_trio_does_not(view, platform, os_name, fo
         "os.name": os_name,
         "fork": fork,
         "fcntl": fcntl,
-        "prefault": False,  # Linux only
+        "page_plan": False,  # Linux only
     }
 
 
@@ -79,8 +79,8 @@ trio.run(main)
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the views run on Linux")
 def test_a_spawned_worker_starts_where_there_is_no_fcntl():
-    """The regression: _prefault imported fcntl at its top, every worker
-    imports _prefault, so no spawned worker started on Windows."""
+    """The regression: _page_plan imported fcntl at its top, every worker
+    imports _page_plan, so no spawned worker started on Windows."""
     done = run_under("windows", textwrap.dedent(SPAWN))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["('win32', False)", "3"]

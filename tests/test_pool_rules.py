@@ -16,7 +16,7 @@ import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker._protocol import Retire
 from trio_parallel_fs._config import WorkerConfig
 from trio_parallel_fs._frontend import WorkerContext
-from trio_parallel_fs._pool import PoolClosed
+from trio_parallel_fs._pool.pool import PoolClosed
 
 
 @asynccontextmanager

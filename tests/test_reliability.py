@@ -38,12 +38,12 @@ import workerfns
 from conftest import is_dead, wait_dead
 
 import trio_parallel_fs as tpf
-from _trio_parallel_fs_worker import _prefault
+from _trio_parallel_fs_worker import _page_plan
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._pickling import dumps_job
 from _trio_parallel_fs_worker._worker import recv_frame
+from trio_parallel_fs._backends.spawn.backend import channel_kind
 from trio_parallel_fs._config import WorkerConfig
-from trio_parallel_fs._spawn import channel_kind
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -539,7 +539,7 @@ async def test_a_worker_holds_only_its_channel_and_standard_streams(worker_type)
     assert len({pid for pid, _ in seen}) == 2
     # On the loopback channel a spawned worker also holds its lifeline (its
     # stdin pipe, moved out of fd 0); a forked one, where page plans work and
-    # the template asked it to learn the plan (_prefault), the socket it will
+    # the template asked it to learn the plan (_page_plan), the socket it will
     # send its lesson on (the plan's own file is closed before the first job).
     # On a Unix socket channel every worker holds its shared memory area
     # (given with its first job, empty until a large buffer needs it).
@@ -548,7 +548,7 @@ async def test_a_worker_holds_only_its_channel_and_standard_streams(worker_type)
     learners = set()
     for pid, fds in seen:
         extra = sorted(target.split(":")[0] for fd, target in fds.items() if fd > 2)
-        if worker_type == "forkserver" and _prefault.supported() and extra == sorted(["socket", *expected]):
+        if worker_type == "forkserver" and _page_plan.supported() and extra == sorted(["socket", *expected]):
             learners.add(pid)
             continue
         assert extra == expected, fds

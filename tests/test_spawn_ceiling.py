@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import trio
 
-from trio_parallel_fs._spawn_ceiling import CeilingWatcher, Watched
+from trio_parallel_fs._backends.spawn.ceiling import CeilingWatcher, Watched
 
 HANG = 30
 MiB = 2**20
@@ -174,7 +174,7 @@ def test_pss_is_refused_where_psutil_cannot_measure_it(monkeypatch):
 FORK_CHILD = textwrap.dedent(
     """
     import os, subprocess, sys, time
-    from trio_parallel_fs._spawn_ceiling import CeilingWatcher
+    from trio_parallel_fs._backends.spawn.ceiling import CeilingWatcher
 
     watcher = CeilingWatcher(2**40)
     sleeper = subprocess.Popen([sys.executable, "-c", {small!r}], stdin=subprocess.PIPE)

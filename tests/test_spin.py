@@ -23,7 +23,7 @@ from _trio_parallel_fs_worker._spin import (
     sleep_for_input,
     usable_cpus,
 )
-from trio_parallel_fs._channel import Worker
+from trio_parallel_fs._pool.channel import Worker
 
 needs_two_cpus = pytest.mark.skipif(not busy_waits_pay(), reason="busy-waits are off where only one CPU is usable")
 

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from trio_parallel_fs._lifecycle import (
+from trio_parallel_fs._pool.lifecycle import (
     CONTEXT_TRANSITIONS,
     FINAL_WORKER_STATES,
     WORKER_TRANSITIONS,

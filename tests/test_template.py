@@ -316,7 +316,7 @@ async def test_a_dead_spare_is_replaced_not_used():
 async def test_ps_ef_says_what_each_process_is(worker_type):
     """The command line names the child package and the role, not ``python -c
     import sys; sys.path.insert(...)``."""
-    from trio_parallel_fs._launch import CHILD_PACKAGE
+    from trio_parallel_fs._backends.launch import CHILD_PACKAGE
 
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
         worker = psutil.Process(await ctx.run_sync(workerfns.pid))

@@ -33,7 +33,7 @@ _EXPORTS = {
     "default_context_statistics": "._frontend",
     "open_worker_context": "._frontend",
     "run_sync": "._frontend",
-    "WorkerContextStatistics": "._pool",
+    "WorkerContextStatistics": "._pool.pool",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from ._frontend import default_context_statistics as default_context_statistics
     from ._frontend import open_worker_context as open_worker_context
     from ._frontend import run_sync as run_sync
-    from ._pool import WorkerContextStatistics as WorkerContextStatistics
+    from ._pool.pool import WorkerContextStatistics as WorkerContextStatistics
 
 
 def _load_all() -> None:

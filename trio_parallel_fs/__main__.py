@@ -1,7 +1,7 @@
-"""``python -m trio_parallel_fs``: see ``_demo``."""
+"""``python -m trio_parallel_fs``: see ``_extras.demo``."""
 
 import sys
 
-from ._demo import main
+from ._extras.demo import main
 
 sys.exit(main())

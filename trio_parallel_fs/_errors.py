@@ -15,7 +15,7 @@ from _trio_parallel_fs_worker._errorcodec import RemoteTraceback as RemoteTraceb
 from _trio_parallel_fs_worker._errorcodec import decode_error
 
 if TYPE_CHECKING:
-    from ._backend import ExitInfo
+    from ._backends.seam import ExitInfo
 
 
 def signal_name(exitcode: int | None) -> str | None:

@@ -24,12 +24,12 @@ from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._pickling import dumps_job
 from _trio_parallel_fs_worker._spin import usable_cpus
 
-from ._backend import Backend
+from ._backends.seam import Backend
 from ._calls import call, find_unpicklable, wait_for_running_calls
 from ._config import WorkerConfig, WorkerType, make_config
 from ._describe import describe
 from ._errors import context_closed, unpicklable_job_error
-from ._pool import RESUBMIT, PoolClosed, WorkerContextStatistics, WorkerPool
+from ._pool.pool import RESUBMIT, PoolClosed, WorkerContextStatistics, WorkerPool
 
 T = TypeVar("T")
 
@@ -79,10 +79,10 @@ def _encode_job(fn: Callable[..., Any], args: tuple[Any, ...]) -> list[bytes | m
 def make_backend(config: WorkerConfig) -> Backend:
     """The backend a context of this configuration is handed."""
     if config.worker_type is WorkerType.SPAWN:
-        from ._spawn import SpawnBackend
+        from ._backends.spawn.backend import SpawnBackend
 
         return SpawnBackend(config.blas_threads, config.memory_ceiling, config.memory_metric)
-    from ._template import TemplateBackend
+    from ._backends.template import TemplateBackend
 
     return TemplateBackend(config.template_settings(), config.blas_threads)
 

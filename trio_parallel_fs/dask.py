@@ -12,10 +12,10 @@ Needs the ``dask`` extra (``pip install '.[dask]'`` from a checkout,
         result = await ctx.run_sync(fn, *args)
 
 Theory of operation: a synchronous ``distributed.Client`` runs its own asyncio
-event loop in a thread. Each call hands that loop one coroutine (``_dask_job``)
+event loop in a thread. Each call hands that loop one coroutine (``_backends.dask.job``)
 that submits ``fn(*args)``, waits for the task and fetches the result; when it
 ends, its done-callback wakes the Trio task through the run's
-`trio.lowlevel.TrioToken` (``_dask_bridge``). No thread is blocked per call,
+`trio.lowlevel.TrioToken` (``_backends.dask.bridge``). No thread is blocked per call,
 and no asyncio runs in Trio's thread. A `trio.CapacityLimiter` sized to the
 cluster's threads keeps at most one job per Dask thread in flight; a
 background task polls the scheduler and resizes it as workers come and go.
@@ -49,11 +49,12 @@ except ImportError as exc:  # pragma: no cover - the dask extra is installed for
     ) from exc
 
 # BrokenWorkerError by its public name: the private modules behind it may move.
-from . import BrokenWorkerError, _dask_worker
+from . import BrokenWorkerError
+from ._backends.dask import worker as _dask_worker
+from ._backends.dask.bridge import LoopBridge
+from ._backends.dask.job import Job, cancel_job, run_job, unwrap
+from ._backends.dask.logs import RESTARTING, STILL_ALIVE, DaskLogFilter, quieted
 from ._calls import RESUBMIT, RunnerClosed, call, wait_for_running_calls
-from ._dask_bridge import LoopBridge
-from ._dask_job import Job, cancel_job, run_job, unwrap
-from ._dask_logs import RESTARTING, STILL_ALIVE, DaskLogFilter, quieted
 from ._errors import context_closed
 
 # The worker-side code travels by value: Dask workers need ``distributed``,

@@ -47,8 +47,8 @@ from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._shm import SharedArea, total_bytes
 from _trio_parallel_fs_worker._spin import SpinPolicy, input_poller, yield_cpu
 
-from ._backend import WorkerProcess
-from ._lifecycle import WorkerEvent, WorkerState, next_worker_state
+from .._backends.seam import WorkerProcess
+from .lifecycle import WorkerEvent, WorkerState, next_worker_state
 
 
 class _Trimmer:

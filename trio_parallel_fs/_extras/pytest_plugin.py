@@ -48,7 +48,7 @@ import pytest
 if TYPE_CHECKING:
     import psutil
 
-    from ._frontend import WorkerContext
+    from .._frontend import WorkerContext
 
 MARKER = "worker_context"
 DEFAULT_LEAK_TIMEOUT = 5.0
@@ -108,7 +108,7 @@ class _ProcessTracker:
         return self.processes.setdefault(key, proc)
 
     def watch(self, context: WorkerContext) -> None:
-        from ._introspect import watch_workers
+        from .._introspect import watch_workers
 
         def add_worker(pid: int) -> None:
             self.add(pid)
@@ -121,7 +121,7 @@ class _ProcessTracker:
         is a leftover of the test too."""
         import psutil
 
-        from ._introspect import context_processes
+        from .._introspect import context_processes
 
         for record in context_processes(context):
             proc = self.add(record.pid)
@@ -209,8 +209,8 @@ def worker_context(request: pytest.FixtureRequest, worker_context_leak_timeout: 
     """
     import trio
 
-    from ._config import WorkerConfig
-    from ._frontend import WorkerContext
+    from .._config import WorkerConfig
+    from .._frontend import WorkerContext
 
     config = WorkerConfig(**_requested_config(request))
     context = WorkerContext(config, _private=True)

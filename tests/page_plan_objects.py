@@ -1,4 +1,4 @@
-"""Preloaded by a template in tests/test_prefault.py: objects whose refcounts a
+"""Preloaded by a template in tests/test_page_plan.py: objects whose refcounts a
 job writes to (copy-on-write in a forked worker), and the job."""
 
 from __future__ import annotations

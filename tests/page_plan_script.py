@@ -1,4 +1,4 @@
-"""Run by tests/test_prefault.py in a fresh interpreter (it forks, which a
+"""Run by tests/test_page_plan.py in a fresh interpreter (it forks, which a
 pytest process with threads must not): this process plays the template (the
 plan's owner); one forked child learns and sends its lesson, the owner
 publishes it, others apply it. Prints one JSON object."""
@@ -11,7 +11,7 @@ import mmap
 import os
 import sys
 
-from _trio_parallel_fs_worker import _prefault as pf
+from _trio_parallel_fs_worker import _page_plan as pf
 
 PAGES = 64
 # Allocated before the owner: a mapping the "template" had.
@@ -132,7 +132,7 @@ if mode == "apply":
 
     def entry(input_within) -> dict:
         fd = pf._inherited.plan_fd
-        applied = pf.prefault_while_idle(input_within)
+        applied = pf.apply_plan_while_idle(input_within)
         return {"applied": applied, "waits": waits[:2], "closed": not os.path.exists(f"/proc/self/fd/{fd}")}
 
     result["busy_worker"] = in_child(lambda: entry(message_waits))

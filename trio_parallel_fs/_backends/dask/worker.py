@@ -20,7 +20,7 @@ RUNNING = "running"
 QUEUED = "queued"
 
 #: Every job of ours is a Dask task whose key starts with this, so that the
-#: log filters (here and in ``_dask_logs``) know our jobs from anyone else's,
+#: log filters (here and in ``logs``) know our jobs from anyone else's,
 #: in any process, from the key alone. Dask's dashboard groups tasks by the
 #: words of the key before its random part: ours show as
 #: ``trio_parallel_fs-<function>``.

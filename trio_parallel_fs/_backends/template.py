@@ -32,9 +32,9 @@ from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._errorcodec import decode_error
 from _trio_parallel_fs_worker._settings import TemplateSettings
 
-from ._backend import ANSWER_TIMEOUT, ExitInfo
-from ._errors import template_start_error
-from ._launch import child_command, child_environment
+from .._errors import template_start_error
+from .launch import child_command, child_environment
+from .seam import ANSWER_TIMEOUT, ExitInfo
 
 
 def _handshake(sock: socket.socket, settings: TemplateSettings) -> p.Event:

@@ -503,7 +503,7 @@ def open_book() -> PlanOwner | None:
     return _owner
 
 
-def prefault_while_idle(input_within: Callable[[float], bool]) -> int:
+def apply_plan_while_idle(input_within: Callable[[float], bool]) -> int:
     """In a worker before its first job: if no message comes for
     ``IDLE_FIRST_MS``, apply the plan until one does. ``input_within(ms)``
     waits that long for a message and says whether one waits. Returns the

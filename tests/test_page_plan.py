@@ -1,5 +1,5 @@
 """A worker prepared ahead takes the page faults its first job would take
-(see _trio_parallel_fs_worker/_prefault.py). Counted in minor faults and by
+(see _trio_parallel_fs_worker/_page_plan.py). Counted in minor faults and by
 /proc/self/pagemap, never timed."""
 
 from __future__ import annotations
@@ -13,20 +13,20 @@ import pytest
 import trio
 
 import trio_parallel_fs as tpf
-from _trio_parallel_fs_worker import _prefault
+from _trio_parallel_fs_worker import _page_plan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 pytestmark = pytest.mark.skipif(
-    not _prefault.supported(),
+    not _page_plan.supported(),
     reason="needs Linux 5.14+ (MADV_POPULATE_WRITE)",
 )
 
 
 def run_script(mode: str) -> dict:
     done = subprocess.run(
-        [sys.executable, os.path.join(HERE, "prefault_script.py"), mode],
+        [sys.executable, os.path.join(HERE, "page_plan_script.py"), mode],
         capture_output=True,
         text=True,
         timeout=60,
@@ -39,12 +39,12 @@ def run_script(mode: str) -> dict:
 def test_a_plan_names_the_pages_a_worker_copied_and_another_worker_copies_them_ahead():
     found = run_script("apply")
     first_page = found["first_page"]
-    written = set(range(first_page, first_page + 16 * _prefault.PAGE, _prefault.PAGE))
+    written = set(range(first_page, first_page + 16 * _page_plan.PAGE, _page_plan.PAGE))
     assert found["learned"]["asked"]  # the first child, with no plan yet
     learned = {
         address + offset
         for address, length in found["learned"]["writes"]
-        for offset in range(0, length, _prefault.PAGE)
+        for offset in range(0, length, _page_plan.PAGE)
     }
     assert written <= learned
     assert found["learned"]["reads"] > 0  # the interpreter's code pages, at least
@@ -52,7 +52,7 @@ def test_a_plan_names_the_pages_a_worker_copied_and_another_worker_copies_them_a
     assert applied["before"] == [False] * 16  # shared with the "template" after the fork
     assert applied["after"] == [True] * 16  # copied by the plan, without a write
     assert applied["same_data"]  # and still the template's bytes
-    assert applied["applied"] >= 16 * _prefault.PAGE
+    assert applied["applied"] >= 16 * _page_plan.PAGE
     # The run inside a shared mapping was left alone (and the unmapped one did no harm).
     assert not applied["shared_exclusive"]
     assert not applied["asked"]  # the plan is fresh: nobody learns it again yet
@@ -75,9 +75,9 @@ def test_applying_stops_when_a_message_waits():
 
 def test_a_worker_applies_the_plan_only_after_waiting_a_moment_for_no_message():
     found = run_script("apply")
-    assert found["busy_worker"] == {"applied": 0, "waits": [_prefault.IDLE_FIRST_MS], "closed": True}
-    assert found["idle_worker"]["applied"] >= 16 * _prefault.PAGE
-    assert found["idle_worker"]["waits"] == [_prefault.IDLE_FIRST_MS, 0]
+    assert found["busy_worker"] == {"applied": 0, "waits": [_page_plan.IDLE_FIRST_MS], "closed": True}
+    assert found["idle_worker"]["applied"] >= 16 * _page_plan.PAGE
+    assert found["idle_worker"]["waits"] == [_page_plan.IDLE_FIRST_MS, 0]
     assert found["idle_worker"]["closed"]  # no job sees the plan's file
 
 
@@ -90,17 +90,17 @@ def test_a_plan_is_learned_again_after_enough_forks_by_one_child_at_a_time():
     assert found["asked_again"]  # that learner left without a lesson
     # With no plan: the first child is asked; one that never reports is given
     # up after RELEARN_AFTER more forks.
-    assert found["fresh_asks"] == [True] + [False] * _prefault.RELEARN_AFTER + [True]
+    assert found["fresh_asks"] == [True] + [False] * _page_plan.RELEARN_AFTER + [True]
 
 
 def test_the_private_pages_a_plan_copies_are_capped():
     writes = run_script("cap")["learned"]["writes"]
-    assert sum(length for _, length in writes) == 8 * _prefault.PAGE
+    assert sum(length for _, length in writes) == 8 * _page_plan.PAGE
 
 
 async def test_a_prepared_fresh_worker_takes_its_jobs_faults_before_the_job():
     faults = []
-    async with tpf.open_worker_context(preload=["prefault_objects"], max_jobs=1) as ctx:
+    async with tpf.open_worker_context(preload=["page_plan_objects"], max_jobs=1) as ctx:
         for _ in range(4):
             # Time for the retiring worker to learn and its successor to apply.
             await trio.sleep(0.3)
@@ -114,6 +114,6 @@ async def test_a_prepared_fresh_worker_takes_its_jobs_faults_before_the_job():
 
 
 def _walk() -> tuple[float, int]:
-    import prefault_objects
+    import page_plan_objects
 
-    return prefault_objects.walk_objects()
+    return page_plan_objects.walk_objects()

@@ -4,9 +4,9 @@ This is the only backend on Windows (no fork) and the slow path everywhere:
 every worker pays an interpreter start and its imports. It runs the same worker
 loop and wire protocol as the template's workers, and is tested on Linux too,
 over both channels: a socketpair passed with ``pass_fds`` (POSIX), and the
-portable loopback channel of ``_loopback`` (Windows; Linux CI runs it with
+portable loopback channel of ``loopback`` (Windows; Linux CI runs it with
 TRIO_PARALLEL_FS_CHANNEL=loopback). ``memory_ceiling`` is enforced by a
-watcher thread in the parent (``_spawn_ceiling``), since there is no template.
+watcher thread in the parent (``ceiling``), since there is no template.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 
 import trio
 
-from ._backend import ExitInfo
-from ._launch import child_command, child_environment
-from ._loopback import start_loopback_worker
-from ._spawn_ceiling import CeilingWatcher, Watched
+from ..launch import child_command, child_environment
+from ..seam import ExitInfo
+from .ceiling import CeilingWatcher, Watched
+from .loopback import start_loopback_worker
 
 _HAS_PIDFD = hasattr(os, "pidfd_open")
 

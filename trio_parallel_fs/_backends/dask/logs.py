@@ -28,7 +28,7 @@ The filter is on while at least one context is open in this process
 restart has not been logged yet (a worker killed just before the close): it
 then stays, dropping nothing but announced records, until those come or
 lapse and a later close finds none. Workers' own records about our jobs are
-filtered on the workers (``_dask_worker.WorkerLogFilter``).
+filtered on the workers (``worker.WorkerLogFilter``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ._dask_worker import is_our_job
+from .worker import is_our_job
 
 #: Seconds an announced nanny record is waited for before it lapses.
 EXPECT_FOR = 60.0

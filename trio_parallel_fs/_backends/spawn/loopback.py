@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from ._errors import BrokenWorkerError
+from ..._errors import BrokenWorkerError
 
 SECRET_SIZE = 32
 

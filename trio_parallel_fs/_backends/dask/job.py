@@ -1,6 +1,6 @@
 """One job's life on the Dask client's event loop, and how it ends in Trio.
 
-`run_job` runs on the client's loop (see ``_dask_bridge``): it submits the job,
+`run_job` runs on the client's loop (see ``bridge``): it submits the job,
 waits for it, fetches the result, and reduces it all to a `Settled` record.
 `unwrap` runs in Trio and turns the record into the value, the job's own
 exception with its remote traceback, or `BrokenWorkerError` when the worker
@@ -24,11 +24,11 @@ from dask.utils import funcname
 from distributed.scheduler import KilledWorker
 
 # The public names: the private modules behind them may move.
-from . import BrokenWorkerError, RemoteTraceback
-from ._calls import find_unpicklable
-from ._dask_worker import JOB_KEY_PREFIX
-from ._describe import describe
-from ._errors import unpicklable_job_error
+from ... import BrokenWorkerError, RemoteTraceback
+from ..._calls import find_unpicklable
+from ..._describe import describe
+from ..._errors import unpicklable_job_error
+from .worker import JOB_KEY_PREFIX
 
 VALUE = "value"
 ERROR = "error"

@@ -2,10 +2,10 @@
 
 Theory of operation
 -------------------
-The pool is handed a backend (`_backend.Backend`) and never asks what kind it
+The pool is handed a backend (`_backends.seam.Backend`) and never asks what kind it
 is. A worker is taken from the idle stack (LIFO: the most recently used worker
 is the warmest), or started by the backend. The job goes out; then events come
-back until one settles the call (see `_channel.Worker.receive`):
+back until one settles the call (see `channel.Worker.receive`):
 
 * Started: the worker's init hook returned (and, if it carries a figure, the
   worker already uses more than ``max_memory``: warn once). Keep reading.
@@ -21,11 +21,11 @@ back until one settles the call (see `_channel.Worker.receive`):
   reset and a clean exit count as that Bye.)
 * InitFailed: ``init`` raised; the call fails with WorkerHookError.
 * Closed: the worker died (its channel reached end-of-file; processes its job
-  forked dropped their copies, see ``_channel``). The call fails with
+  forked dropped their copies, see ``channel``). The call fails with
   BrokenWorkerError naming the exit code or signal, from the backend's exit
   report.
 
-Each worker's state follows the table in `_lifecycle`; states, the idle stack,
+Each worker's state follows the table in `lifecycle`; states, the idle stack,
 the counters and the context's own state change under one lock, because a
 context (the default one above all) is shared by every thread's ``trio.run``.
 The pool holds no Trio objects for the same reason.
@@ -61,11 +61,10 @@ from _trio_parallel_fs_worker._errorcodec import decode_error
 from _trio_parallel_fs_worker._settings import WorkerSettings
 from _trio_parallel_fs_worker._shm import unsupported_reason
 
-from ._backend import ANSWER_TIMEOUT, Backend, ExitInfo, WorkerProcess
-from ._channel import AnswerTimeout, Worker
-from ._config import WorkerConfig
-from ._describe import describe
-from ._errors import (
+from .._backends.seam import ANSWER_TIMEOUT, Backend, ExitInfo, WorkerProcess
+from .._config import WorkerConfig
+from .._describe import describe
+from .._errors import (
     PREPARE_FAILED,
     baseline_above_max_memory_message,
     broken_worker_error,
@@ -73,7 +72,8 @@ from ._errors import (
     stuck_at_close_error,
     unpicklable_result_error,
 )
-from ._lifecycle import ContextEvent, ContextState, WorkerEvent, WorkerState, next_context_state
+from .channel import AnswerTimeout, Worker
+from .lifecycle import ContextEvent, ContextState, WorkerEvent, WorkerState, next_context_state
 
 RESUBMIT = object()
 

@@ -1,0 +1,1 @@
+"""What ships beside the library: the pytest plugin and the demonstration."""
