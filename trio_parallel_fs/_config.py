@@ -113,7 +113,9 @@ def _optional_callable(instance: object, attribute: attrs.Attribute[Any], value:
         _callable(instance, attribute, value)
 
 
-def _to_preload(value: object) -> tuple[str, ...]:
+def preload_modules(value: object) -> tuple[str, ...]:
+    """``preload`` as a tuple of module names, checked: the one rule for every
+    worker type (the Dask context's too)."""
     if isinstance(value, str):
         raise TypeError(f"preload takes a list of module names, not a string; did you mean [{value!r}]?")
     if not isinstance(value, Iterable):
@@ -240,7 +242,7 @@ class WorkerConfig:
     retire: Callable[[], object] = attrs.field(default=bool, validator=_callable)
     grace_period: float = attrs.field(default=30.0, validator=_seconds)
     worker_type: WorkerType = attrs.field(default=DEFAULT_WORKER_TYPE, converter=_to_worker_type)
-    preload: tuple[str, ...] = attrs.field(default=(), converter=_to_preload)
+    preload: tuple[str, ...] = attrs.field(default=(), converter=preload_modules)
     template_init: Callable[[], object] | None = attrs.field(default=None, validator=_optional_callable)
     max_jobs: int | None = attrs.field(default=None, validator=_optional_count)
     max_jobs_jitter: int = attrs.field(default=0, validator=_count_or_zero)

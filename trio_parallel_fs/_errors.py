@@ -1,7 +1,13 @@
-"""Exceptions raised to callers, and every message they carry.
+"""The exceptions a call raises when its job could not run or its worker
+failed, and the messages they carry.
 
 Each message says what happened, the evidence, and a likely cause or fix.
 The functions below build them; the modules that raise them pass the facts.
+Messages about bad arguments stand beside the check that refuses them: a
+configuration's in `_config` (one rule per keyword, which the Dask context
+uses too), a call's in `_calls`. Errors of the wire (``ProtocolError``) and of
+the shared-memory transport are raised where they are found and reach a
+caller only as a broken worker.
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ from ._backends.dask.bridge import LoopBridge
 from ._backends.dask.job import Job, cancel_job, run_job, unwrap
 from ._backends.dask.logs import RESTARTING, STILL_ALIVE, DaskLogFilter, quieted
 from ._calls import RESUBMIT, RunnerClosed, call, wait_for_running_calls
+from ._config import preload_modules
 from ._errors import context_closed
 
 # The worker-side code travels by value: Dask workers need ``distributed``,
@@ -112,16 +113,6 @@ class DaskContextStatistics:
     killed_jobs: int
     restarted_workers: int
     preload: tuple[str, ...]
-
-
-def _check_preload(preload: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(preload, str):
-        raise TypeError(f"preload must be a list of module names, not the string {preload!r}; try [{preload!r}]")
-    modules = tuple(preload)
-    for name in modules:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"preload must hold module names (non-empty strings), not {name!r}")
-    return modules
 
 
 async def _nthreads(client: Any) -> dict[str, int]:
@@ -554,12 +545,13 @@ async def open_dask_context(
     Raises:
         TypeError: ``client_or_address`` is neither a synchronous Client nor
             a string, or ``preload`` is not a list of module names.
+        ValueError: a ``preload`` entry is not an absolute module name.
         ValueError: the address is not one Dask can read (``"127.0.0.1:8786x"``).
         ImportError: a preload failed on a worker; its exception is the cause.
         OSError: the scheduler at the address did not answer within
             ``connect_timeout``.
     """
-    modules = _check_preload(preload)
+    modules = preload_modules(preload)
     if not refresh_interval > 0:
         raise ValueError(f"refresh_interval must be a positive number of seconds, not {refresh_interval!r}")
     if not (isinstance(connect_timeout, (int, float)) and connect_timeout > 0):
