@@ -135,7 +135,7 @@ class ChunkSizer:
             if self.total is not None:
                 share = (self.total - taken) * per_item / (TAIL_SHARES * self.workers)
                 seconds = min(seconds, max(TAIL_FLOOR_SECONDS, share))
-            size = min(GROWTH * self._largest, max(1, int(seconds / per_item)) if per_item > 0 else sys.maxsize)
+            size = min(GROWTH * self._largest, max(1, round(seconds / per_item)) if per_item > 0 else sys.maxsize)
         if self._bytes_per_item > 0:
             size = min(size, max(1, int(TARGET_BYTES / self._bytes_per_item)))
         return size
@@ -185,16 +185,17 @@ def _open_inputs(name: str, iterables: tuple[Any, ...]) -> tuple[Iterator[Any], 
     total = min(known) if known and len(known) == len(lengths) else None
     if len(iterators) == 1:
         return iterators[0], False, total
-    return zip(*iterators), True, total
+    return zip(*iterators, strict=False), True, total  # the shortest ends the map, as in the builtin
 
 
-def _window_for(limiter: Any, runner: Runner) -> int:
+def _tokens(limiter: Any, runner: Runner) -> int:
+    """How many chunks may run at once: the limiter's tokens (the default
+    limiter's, for a limiter that does not say)."""
     tokens = getattr(limiter, "total_tokens", None)
     if not isinstance(tokens, (int, float)) or tokens < 1:
         tokens = getattr(runner._default_limiter(), "total_tokens", 1)
-    if tokens == math.inf:
-        tokens = 1024
-    return int(tokens)
+    assert isinstance(tokens, (int, float))
+    return 1024 if tokens == math.inf else int(tokens)
 
 
 class _Failure:
@@ -231,7 +232,7 @@ class _Mapping:
             limiter = runner._default_limiter()
         else:
             check_limiter(limiter)
-        tokens = _window_for(limiter, runner)
+        tokens = _tokens(limiter, runner)
         self.name = name
         self.get_runner = get_runner
         self.fn = fn
