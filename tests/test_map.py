@@ -21,7 +21,14 @@ import pytest
 import trio
 
 import trio_parallel_fs as tpf
-from trio_parallel_fs._map import GROWTH, TAIL_FLOOR_SECONDS, TARGET_BYTES, TARGET_SECONDS, ChunkSizer
+from trio_parallel_fs._map import (
+    GROWTH,
+    OVERHEAD_FACTOR,
+    TAIL_FLOOR_SECONDS,
+    TARGET_BYTES,
+    TARGET_SECONDS,
+    ChunkSizer,
+)
 
 HANG = 60  # seconds: a bound for "does not hang", never a speed assertion
 
@@ -401,3 +408,12 @@ def test_a_fixed_chunksize_is_kept():
     sizer = ChunkSizer(workers=2, total=100, fixed=7)
     sizer.measured(7, 1.0)
     assert [sizer.size(taken) for taken in (0, 50, 99)] == [7, 7, 7]
+
+
+def test_sizer_makes_chunks_longer_where_a_round_trip_costs_more():
+    """On a Dask cluster a task's round trip costs milliseconds: chunks aim at
+    OVERHEAD_FACTOR times it rather than the local target."""
+    sizer = ChunkSizer(workers=2, total=None, fixed=None)
+    for size in (1, 4, 16, 64, 256, 1024, 4096, 16384):
+        sizer.measured(size, size * 1e-5, overhead=0.005)
+    assert sizer.size(10**6) == pytest.approx(OVERHEAD_FACTOR * 0.005 / 1e-5, rel=0.01)

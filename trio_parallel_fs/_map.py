@@ -20,8 +20,9 @@ finish, not until they are read.
 
 Chunk sizes (`ChunkSizer`), when the caller gives none: one item per chunk
 until the first chunks come back, then as many items as take `TARGET_SECONDS`
-by the time per item the workers measured, growing at most `GROWTH` times the
-largest chunk measured so far. Where the input's length is known, a chunk
+by the time per item the workers measured (longer where a chunk's round trip
+costs more, as on a Dask cluster: `OVERHEAD_FACTOR`), growing at most
+`GROWTH` times the largest chunk measured so far. Where the input's length is known, a chunk
 also holds at most its share of the work left (guided scheduling: the last
 chunks shrink, so that no worker finishes long after the others).
 
@@ -44,6 +45,7 @@ import math
 import operator
 import pickle
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -69,6 +71,9 @@ TAIL_FLOOR_SECONDS = 0.001
 GROWTH = 4
 #: Each chunk holds its share of the work left split this many times per worker.
 TAIL_SHARES = 2
+#: A chunk also aims at this many times what one costs beyond its items'
+#: work (its round trip, measured): on a Dask cluster, milliseconds.
+OVERHEAD_FACTOR = 20
 #: Bytes of arrays (and other buffers) a chunk aims at, when items hold them.
 TARGET_BYTES = 16 << 20
 #: How much the time-per-item figures of older chunks count against newer
@@ -120,6 +125,7 @@ class ChunkSizer:
         self.fixed = fixed
         self._seconds = 0.0  # decayed sums of the measured chunks
         self._items = 0.0
+        self._overhead = 0.0  # decayed average of a chunk's cost beyond its items
         self._largest = 0  # the largest chunk measured so far
         self._bytes_per_item = 0.0
 
@@ -135,17 +141,21 @@ class ChunkSizer:
             size = 1  # nothing measured yet: slow items must spread too
         else:
             per_item = self._seconds / self._items
-            seconds = TARGET_SECONDS
+            seconds = max(TARGET_SECONDS, OVERHEAD_FACTOR * self._overhead)
             if self.total is not None:
                 share = (self.total - taken) * per_item / (TAIL_SHARES * self.workers)
-                seconds = min(seconds, max(TAIL_FLOOR_SECONDS, share))
+                floor = max(TAIL_FLOOR_SECONDS, OVERHEAD_FACTOR / 4 * self._overhead)
+                seconds = min(seconds, max(floor, share))
             size = min(GROWTH * self._largest, max(1, round(seconds / per_item)) if per_item > 0 else sys.maxsize)
         if self._bytes_per_item > 0:
             size = min(size, max(1, int(TARGET_BYTES / self._bytes_per_item)))
         return size
 
-    def measured(self, items: int, seconds: float) -> None:
-        """A chunk of ``items`` items took ``seconds`` in its worker."""
+    def measured(self, items: int, seconds: float, overhead: float = 0.0) -> None:
+        """A chunk of ``items`` items took ``seconds`` in its worker, and
+        ``overhead`` more from the caller's side."""
+        first = self._largest == 0
+        self._overhead = overhead if first else self._overhead * DECAY + overhead * (1 - DECAY)
         self._seconds = self._seconds * DECAY + seconds
         self._items = self._items * DECAY + items
         self._largest = max(self._largest, items)
@@ -331,14 +341,16 @@ class _Mapping:
         try:
             with scope:
                 async with self.limiter:
+                    began = time.perf_counter()
                     results, seconds = await _run(self.get_runner, self.fn, job, self.kill_on_cancel)
+                    overhead = max(0.0, time.perf_counter() - began - seconds)
         except (trio.Cancelled, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: BLE001 - the item's exception is the map's outcome
             self._failed(self._chunk_failure(exc, start, count))
         else:
             if not scope.cancel_called:
-                self.sizer.measured(count, seconds)
+                self.sizer.measured(count, seconds, overhead)
                 self.finished[start] = results
                 if not self.keep_all:
                     self.arrival.append(start)
