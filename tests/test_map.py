@@ -23,6 +23,7 @@ import trio
 import trio_parallel_fs as tpf
 from trio_parallel_fs._map import (
     GROWTH,
+    MAX_CHUNK_ITEMS,
     OVERHEAD_FACTOR,
     TAIL_FLOOR_SECONDS,
     TARGET_BYTES,
@@ -417,3 +418,22 @@ def test_sizer_makes_chunks_longer_where_a_round_trip_costs_more():
     for size in (1, 4, 16, 64, 256, 1024, 4096, 16384):
         sizer.measured(size, size * 1e-5, overhead=0.005)
     assert sizer.size(10**6) == pytest.approx(OVERHEAD_FACTOR * 0.005 / 1e-5, rel=0.01)
+
+
+def test_sizer_takes_the_least_round_trip_so_chunks_cannot_feed_their_own_growth():
+    """A chunk's cost beyond its items grows with its size (pickling): taken as
+    the target's measure, it would grow the chunks that grow it."""
+    sizer = ChunkSizer(workers=2, total=None, fixed=None)
+    sizes = [1]
+    for _ in range(12):
+        size = sizes[-1]
+        sizer.measured(size, size * 1e-6, overhead=1e-4 + size * 1e-6)
+        sizes.append(sizer.size(10**6))
+    assert sizes[-1] == sizes[-2] == round(max(TARGET_SECONDS, OVERHEAD_FACTOR * 1.01e-4) / 1e-6)
+
+
+def test_sizer_never_exceeds_the_most_items_a_chunk_holds():
+    sizer = ChunkSizer(workers=2, total=None, fixed=None)
+    for size in (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536):
+        sizer.measured(size, size * 1e-9)
+    assert sizer.size(10**7) == MAX_CHUNK_ITEMS

@@ -22,7 +22,8 @@ Chunk sizes (`ChunkSizer`), when the caller gives none: one item per chunk
 until the first chunks come back, then as many items as take `TARGET_SECONDS`
 by the time per item the workers measured (longer where a chunk's round trip
 costs more, as on a Dask cluster: `OVERHEAD_FACTOR`), growing at most
-`GROWTH` times the largest chunk measured so far. Where the input's length is known, a chunk
+`GROWTH` times the largest chunk measured so far, and never above
+`MAX_CHUNK_ITEMS`. Where the input's length is known, a chunk
 also holds at most its share of the work left (guided scheduling: the last
 chunks shrink, so that no worker finishes long after the others).
 
@@ -74,6 +75,10 @@ TAIL_SHARES = 2
 #: A chunk also aims at this many times what one costs beyond its items'
 #: work (its round trip, measured): on a Dask cluster, milliseconds.
 OVERHEAD_FACTOR = 20
+#: The most items a chunk holds: bounds what a map reads ahead of its caller
+#: (a window of chunks) when items take next to nothing, where a chunk of
+#: this many still holds milliseconds of work.
+MAX_CHUNK_ITEMS = 1 << 17
 #: Bytes of arrays (and other buffers) a chunk aims at, when items hold them.
 TARGET_BYTES = 16 << 20
 #: How much the time-per-item figures of older chunks count against newer
@@ -125,7 +130,7 @@ class ChunkSizer:
         self.fixed = fixed
         self._seconds = 0.0  # decayed sums of the measured chunks
         self._items = 0.0
-        self._overhead = 0.0  # decayed average of a chunk's cost beyond its items
+        self._overhead = math.inf  # the least a chunk has cost beyond its items
         self._largest = 0  # the largest chunk measured so far
         self._bytes_per_item = 0.0
 
@@ -146,7 +151,8 @@ class ChunkSizer:
                 share = (self.total - taken) * per_item / (TAIL_SHARES * self.workers)
                 floor = max(TAIL_FLOOR_SECONDS, OVERHEAD_FACTOR / 4 * self._overhead)
                 seconds = min(seconds, max(floor, share))
-            size = min(GROWTH * self._largest, max(1, round(seconds / per_item)) if per_item > 0 else sys.maxsize)
+            by_time = max(1, round(seconds / per_item)) if per_item > 0 else MAX_CHUNK_ITEMS
+            size = min(GROWTH * self._largest, by_time, MAX_CHUNK_ITEMS)
         if self._bytes_per_item > 0:
             size = min(size, max(1, int(TARGET_BYTES / self._bytes_per_item)))
         return size
@@ -154,8 +160,11 @@ class ChunkSizer:
     def measured(self, items: int, seconds: float, overhead: float = 0.0) -> None:
         """A chunk of ``items`` items took ``seconds`` in its worker, and
         ``overhead`` more from the caller's side."""
-        first = self._largest == 0
-        self._overhead = overhead if first else self._overhead * DECAY + overhead * (1 - DECAY)
+        # The least, not an average: a chunk's cost beyond its items grows with
+        # its size (pickling, copying), and an average would grow the chunks
+        # that grow it, without end. What a round trip costs at least is the
+        # fixed part.
+        self._overhead = min(self._overhead, overhead)
         self._seconds = self._seconds * DECAY + seconds
         self._items = self._items * DECAY + items
         self._largest = max(self._largest, items)
