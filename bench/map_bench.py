@@ -92,7 +92,7 @@ async def run_sync_per_item(ctx: Any, fn: Callable[..., Any], items: list[Any]) 
 async def measure(quick: bool, rng: random.Random, cpus: int, progress: Callable[[str], None]) -> dict[str, Any]:
     import trio_parallel_fs as tpf
 
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else 5
     result: dict[str, Any] = {"rows": {}, "cpus": cpus}
     mp = multiprocessing.get_context("forkserver")
     async with tpf.open_worker_context(preload=["numpy", "bench.jobs"]) as ctx:
