@@ -41,7 +41,7 @@ from typing import Any
 import psutil
 import trio
 
-from bench import jobs, systems
+from bench import jobs, map_bench, systems
 
 MB = 1 << 20
 GB = 1 << 30
@@ -189,7 +189,7 @@ def array_cases(settings: Settings) -> list[Case]:
     return found
 
 
-MEASUREMENTS = ["warm", "memcheck", "fresh", "concurrent", "throughput", "scaling", "uss", "arrays"]
+MEASUREMENTS = ["warm", "memcheck", "fresh", "concurrent", "throughput", "scaling", "uss", "arrays", "map"]
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -446,6 +446,9 @@ async def measure(settings: Settings, selected: list[str], seed: int) -> dict[st
 
             data["scaling"] = await interleave(callers, scaling_sample, settings.scale_rounds, rng, reps=1)
 
+        if "map" in selected:
+            data["map"] = await map_bench.measure(settings.quick, rng, cpus, progress)
+
         if "arrays" in selected:
             import numpy as np
 
@@ -578,6 +581,8 @@ def build_report(settings: Settings, measured: dict[str, Any]) -> dict[str, Any]
             }
         )
     report: dict[str, Any] = {"rows": rows}
+    if "map" in data:
+        report["map"] = map_bench.summarize(data["map"])
     if "memcheck" in data:
         without = statistic(data["memcheck"]["tpf-fs"], "median")
         assert without is not None
@@ -633,6 +638,8 @@ def render(settings: Settings, report: dict[str, Any], meta: dict[str, Any]) -> 
             f"{fmt_ratio(row['ours_spawn_vs_tp_spawn'], 12)}{fmt_ratio(row['ours_vs_anyio'], 12)}"
             f"{fmt_ratio(row['ours_vs_floor'], 9)}"
         )
+    if "map" in report:
+        lines += map_bench.render(report["map"])
     notes = meta.get("notes", {})
     if "memcheck" in report:
         m = report["memcheck"]
@@ -680,6 +687,8 @@ def plot(settings: Settings, report: dict[str, Any], path: str) -> str | None:
         return "matplotlib is not installed (pip install matplotlib); no plot written"
     rows = report["rows"]
     panels = len(rows) + (1 if "memcheck" in report else 0)
+    if not panels:
+        return "no case to plot (the map rows are in the table only)"
     ncols = 3
     nrows = math.ceil(panels / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(15, 3.2 * nrows), squeeze=False)

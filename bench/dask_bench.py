@@ -9,7 +9,10 @@ the two ways (each round takes them in a new random order):
   call Dask from Trio without this package;
 - a fan-out of N numpy/scipy jobs at once (default 100): N concurrent
   ``ctx.run_sync`` calls (default limiter) against ``client.map`` and
-  ``client.gather`` in one thread.
+  ``client.gather`` in one thread;
+- the same jobs over M items (default 2000) with ``ctx.map`` (chunks of
+  items as Dask tasks, at most one per Dask thread at once) against
+  ``client.map`` and ``client.gather`` (one task per item, all submitted at once).
 
 Prints the medians and the ratios. The job functions come from
 ``bench/jobs.py``, which the workers import (run this from the repository root).
@@ -85,7 +88,28 @@ async def fan_out(client: Any, ctx: Any, jobs_count: int, rounds: int) -> dict[s
     return samples
 
 
-async def measure(client: Any, calls: int, jobs_count: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+async def map_items(client: Any, ctx: Any, items: int, rounds: int) -> dict[str, list[float]]:
+    def raw() -> object:
+        return client.gather(client.map(jobs.numpy_scipy_job, range(items), pure=False))
+
+    ways: dict[str, Callable[[], Awaitable[object]]] = {
+        "raw map + gather in a thread": lambda: trio.to_thread.run_sync(raw),
+        "ctx.map": lambda: ctx.map(jobs.numpy_scipy_job, range(items)),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        order = list(ways)
+        random.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            await ways[name]()
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+async def measure(
+    client: Any, calls: int, jobs_count: int, rounds: int, items: int
+) -> dict[str, dict[str, list[float]]]:
     from trio_parallel_fs.dask import open_dask_context
 
     async with open_dask_context(client, preload=["numpy", "scipy.linalg", "bench.jobs"]) as ctx:
@@ -96,6 +120,7 @@ async def measure(client: Any, calls: int, jobs_count: int, rounds: int) -> dict
         return {
             "per call, trivial function": await per_call(client, ctx, calls),
             f"fan-out of {jobs_count} numpy/scipy jobs": await fan_out(client, ctx, jobs_count, rounds),
+            f"map over {items} items, a numpy/scipy job each": await map_items(client, ctx, items, rounds),
         }
 
 
@@ -118,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=usable_cpus(), help="worker processes (default: the CPUs)")
     parser.add_argument("--calls", type=int, default=200, help="per-call samples for each way (default 200)")
     parser.add_argument("--jobs", type=int, default=100, help="jobs in the fan-out (default 100)")
+    parser.add_argument("--items", type=int, default=2000, help="items in the map (default 2000)")
     parser.add_argument("--rounds", type=int, default=5, help="fan-outs timed for each way (default 5)")
     args = parser.parse_args(argv)
     try:
@@ -136,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         Client(cluster, set_as_default=False) as client,
     ):
         print(f"Dask LocalCluster: {args.workers} worker processes x 1 thread; Python {sys.version.split()[0]}")
-        results = trio.run(measure, client, args.calls, args.jobs, args.rounds)
+        results = trio.run(measure, client, args.calls, args.jobs, args.rounds, args.items)
     print(report(results))
     return 0
 

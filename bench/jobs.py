@@ -74,3 +74,23 @@ def cached_array(size: int) -> object:
         # np.ones touches every page, so the first transfer is not a page-fault benchmark.
         array = _arrays[size] = np.ones(size // 8, dtype=np.float64)
     return array
+
+
+# --- items for the map benchmarks (one call per item) -------------------------------
+
+
+def tiny_item(x: int) -> int:
+    return x + 1
+
+
+def busy_item(seconds: float) -> float:
+    """Keep the CPU busy for ``seconds`` (wall time) and return it: an item of
+    a parameter sweep whose cost is known."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return seconds
+
+
+def array_total(array: object) -> float:
+    return float(array.sum())  # type: ignore[attr-defined]

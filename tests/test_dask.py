@@ -797,3 +797,69 @@ def test_the_worker_log_filter_drops_only_lines_about_our_tasks():
     name = "distributed.worker.state_machine"
     assert not worker_filter.filter(log_record(name, cancelled.format("trio_parallel_fs-f-1")))
     assert worker_filter.filter(log_record(name, cancelled.format("f-1")))
+
+
+# --- map and imap ------------------------------------------------------------------
+
+
+async def test_map_runs_chunks_of_items_as_tasks_and_keeps_their_order(client):
+    import mapfns
+
+    with trio.fail_after(60):
+        async with open_dask_context(client) as ctx:
+            assert await ctx.map(mapfns.square, range(2000)) == [x * x for x in range(2000)]
+            assert await ctx.map(pow, [2, 3], [3, 2]) == [8, 9]
+            stats = ctx.statistics()
+            async with ctx.imap(mapfns.square, iter(range(300)), ordered=False) as results:
+                assert sorted([r async for r in results]) == [x * x for x in range(300)]
+    # Batched: far fewer tasks than items.
+    assert 2 <= stats.submitted_jobs < 200
+    assert stats.running_jobs == 0
+
+
+async def test_map_runs_no_more_tasks_at_once_than_the_cluster_has_threads(client):
+    import functools
+
+    import mapfns
+
+    most = 0
+
+    async def watch(ctx) -> None:
+        nonlocal most
+        while True:
+            most = max(most, ctx.statistics().running_jobs)
+            await trio.sleep(0.001)
+
+    with trio.fail_after(60):
+        async with open_dask_context(client) as ctx:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch, ctx)
+                got = await ctx.map(functools.partial(mapfns.sleep_then, 0.05), range(12), chunksize=1)
+                nursery.cancel_scope.cancel()
+    assert got == list(range(12))
+    assert most == 2  # both threads used, never more
+
+
+async def test_map_on_dask_raises_the_first_failing_item_with_its_index(client):
+    import functools
+
+    import mapfns
+
+    with trio.fail_after(60):
+        async with open_dask_context(client) as ctx:
+            fn = functools.partial(mapfns.fail_on, frozenset({777, 1500}))
+            with pytest.raises(ValueError, match=r"^item 777 is bad") as caught:
+                await ctx.map(fn, range(3000))
+            assert await ctx.map(mapfns.square, range(3)) == [0, 1, 4]
+            assert ctx.statistics().running_jobs == 0
+    assert caught.value.__notes__ == ["raised by mapfns.fail_on on item 777 of map (counting from 0)"]
+    assert isinstance(caught.value.__cause__, trio_parallel_fs.RemoteTraceback)
+
+
+async def test_map_on_a_closed_dask_context_is_refused(client):
+    async with open_dask_context(client) as ctx:
+        pass
+    with pytest.raises(trio.ClosedResourceError, match="this Dask context is closed"):
+        await ctx.map(pow, [1], [2])
+    with pytest.raises(trio.ClosedResourceError, match="this Dask context is closed"):
+        ctx.imap(pow, [1], [2])

@@ -238,6 +238,18 @@ def check_bigdata(out: str) -> None:
         assert float(uss) < 16 < 128 <= int(rss)
 
 
+def check_map(out: str) -> None:
+    assert out == (
+        "map: [3.934693, 6.321206, 8.646647]\n"
+        "evaluations: 100000 last: 9516.163034\n"
+        # In input order: the loop breaks at the first result above 10,000.
+        "imap stopped after 105085 results\n"
+        "running workers now: 0\n"
+        "error: no solution for x=1234\n"
+        "note: raised by __main__.checked on item 1234 of map (counting from 0)\n"
+    )
+
+
 CHECKS = {
     "quickstart.py": check_quickstart,
     "preload.py": check_preload,
@@ -249,6 +261,7 @@ CHECKS = {
     "spawn.py": check_spawn,
     "migrate.py": check_migrate,
     "bigdata.py": check_bigdata,
+    "map.py": check_map,
 }
 
 

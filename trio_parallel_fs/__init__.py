@@ -31,6 +31,8 @@ _EXPORTS = {
     "current_default_process_limiter": "._frontend",
     "current_default_worker_limiter": "._frontend",
     "default_context_statistics": "._frontend",
+    "imap": "._frontend",
+    "map": "._frontend",
     "open_worker_context": "._frontend",
     "run_sync": "._frontend",
     "WorkerContextStatistics": "._pool.pool",
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
     from ._frontend import current_default_process_limiter as current_default_process_limiter
     from ._frontend import current_default_worker_limiter as current_default_worker_limiter
     from ._frontend import default_context_statistics as default_context_statistics
+    from ._frontend import imap as imap
+    from ._frontend import map as map
     from ._frontend import open_worker_context as open_worker_context
     from ._frontend import run_sync as run_sync
     from ._pool.pool import WorkerContextStatistics as WorkerContextStatistics

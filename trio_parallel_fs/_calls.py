@@ -15,8 +15,9 @@ since the default context may have been replaced meanwhile).
 
 What a worker type plugs in is the `Runner`: a local worker context (its pool
 of processes) or a Dask context. What would plug in once for every worker
-type: another event loop library (the few Trio calls below, through anyio),
-and a ``map`` that prepares chunks of items and runs them by these rules.
+type: another event loop library (the few Trio calls below, through anyio).
+``map`` and ``imap`` (``_map``) prepare chunks of items and run each by these
+rules, through `_run`.
 """
 
 from __future__ import annotations

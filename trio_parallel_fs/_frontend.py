@@ -13,7 +13,7 @@ import functools
 import math
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -29,6 +29,7 @@ from ._calls import call, find_unpicklable, wait_for_running_calls
 from ._config import WorkerConfig, WorkerType, make_config
 from ._describe import describe
 from ._errors import context_closed, unpicklable_job_error
+from ._map import MapResults, open_map_results, run_map
 from ._pool.pool import RESUBMIT, PoolClosed, WorkerContextStatistics, WorkerPool
 
 T = TypeVar("T")
@@ -130,6 +131,33 @@ class WorkerContext:
         if self._pool.closed:
             raise trio.ClosedResourceError(context_closed(self._kind))
         return await call(lambda: self, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)
+
+    async def map(
+        self,
+        sync_fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        kill_on_cancel: bool = False,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> list[T]:
+        """`trio_parallel_fs.map` in this context's workers."""
+        if self._pool.closed:
+            raise trio.ClosedResourceError(context_closed(self._kind))
+        return await run_map(lambda: self, sync_fn, iterables, chunksize, kill_on_cancel, limiter)
+
+    def imap(
+        self,
+        sync_fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        ordered: bool = True,
+        chunksize: int | None = None,
+        kill_on_cancel: bool = False,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> MapResults:
+        """`trio_parallel_fs.imap` in this context's workers."""
+        if self._pool.closed:
+            raise trio.ClosedResourceError(context_closed(self._kind))
+        return open_map_results(lambda: self, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)
 
     # --- the Runner of _calls ---------------------------------------------
 
@@ -351,3 +379,92 @@ async def run_sync(
         job's side effects may be partly done. No worker is leaked either way.
     """
     return await call(_get_default_context, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)
+
+
+async def map(  # noqa: A001 - the name of the builtin it stands for
+    sync_fn: Callable[..., T],
+    *iterables: Iterable[Any],
+    chunksize: int | None = None,
+    kill_on_cancel: bool = False,
+    limiter: trio.CapacityLimiter | None = None,
+) -> list[T]:
+    """``sync_fn`` over every item in worker processes, as the builtin ``map``
+    does it: ``[sync_fn(x) for x in items]``, or ``sync_fn(a, b)`` for the
+    items ``a, b`` of several iterables zipped.
+
+    Items go to the workers in *chunks*, one job each, so that a tiny item does
+    not pay a round trip of its own. The input is read lazily, a bounded window
+    of chunks at a time. See :doc:`map`.
+
+    Args:
+        sync_fn: A synchronous callable, as for `run_sync`.
+        *iterables: One or more iterables; the shortest ends the map.
+        chunksize: Items per job. None (the default) sizes chunks from the
+            time the items take in the workers: as many as take some 10 ms,
+            smaller at the start and, when the input's length is known, at
+            the end, so that every worker ends close to the others.
+        kill_on_cancel: As for `run_sync`, for every chunk running when the
+            map is cancelled.
+        limiter: As for `run_sync`: at most its tokens' worth of chunks run at
+            once. Default: `current_default_worker_limiter`.
+
+    Returns:
+        The results, in input order.
+
+    Raises:
+        BaseException: The exception of the first failing item in input order,
+            with a note that names the item (``add_note``; on Python 3.10 in
+            ``__notes__``). Chunks of later items are cancelled.
+        BrokenWorkerError: a worker died; its note names the items of its chunk.
+        pickle.PicklingError: the function or an item cannot be pickled (the
+            message names which).
+        TypeError: ``sync_fn`` is async, a generator function, or not callable;
+            an argument after it is not iterable; ``chunksize`` is not an int.
+        ValueError: ``chunksize`` is below 1.
+
+    Cancellation handling:
+        As `run_sync`'s, chunk by chunk: entering is a checkpoint; chunks
+        waiting for the limiter are cancelled; running chunks finish,
+        shielded, unless ``kill_on_cancel``, which kills their workers. The
+        call returns only once no chunk of it runs or waits.
+    """
+    return await run_map(_get_default_context, sync_fn, iterables, chunksize, kill_on_cancel, limiter)
+
+
+def imap(
+    sync_fn: Callable[..., Any],
+    *iterables: Iterable[Any],
+    ordered: bool = True,
+    chunksize: int | None = None,
+    kill_on_cancel: bool = False,
+    limiter: trio.CapacityLimiter | None = None,
+) -> MapResults:
+    """`map`, streamed: results as they come, in an ``async with`` block.
+
+    .. code-block:: python
+
+        async with trio_parallel_fs.imap(fn, items) as results:
+            async for result in results:
+                ...
+
+    At most a bounded window of chunks is read ahead of the loop, so the
+    input and the results waiting for the loop stay bounded, whatever the
+    input's length. Leaving the block (at the end, with ``break``, or by an
+    exception) stops the map: chunks not started are dropped, running ones
+    finish (or are killed, with ``kill_on_cancel``), and the block's exit
+    waits for them.
+
+    Args:
+        ordered: True (the default): results in input order. False: in the
+            order their chunks finish (a slow item then holds back only the
+            results of its own chunk).
+        sync_fn, iterables, chunksize, kill_on_cancel, limiter: as for `map`.
+
+    Returns:
+        An async context manager whose value is an async iterator of the results.
+
+    Raises:
+        BaseException: as for `map`, from the loop, after the results of the
+            items before the failing item's chunk.
+    """
+    return open_map_results(_get_default_context, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)

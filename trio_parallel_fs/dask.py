@@ -48,6 +48,8 @@ except ImportError as exc:  # pragma: no cover - the dask extra is installed for
         "'trio_parallel_fs[dask]' where it comes from a package index."
     ) from exc
 
+from _trio_parallel_fs_worker import _chunks
+
 # BrokenWorkerError by its public name: the private modules behind it may move.
 from . import BrokenWorkerError
 from ._backends.dask import worker as _dask_worker
@@ -57,10 +59,15 @@ from ._backends.dask.logs import RESTARTING, STILL_ALIVE, DaskLogFilter, quieted
 from ._calls import RESUBMIT, RunnerClosed, call, wait_for_running_calls
 from ._config import preload_modules
 from ._errors import context_closed
+from ._map import MapResults, open_map_results, run_map
 
 # The worker-side code travels by value: Dask workers need ``distributed``,
 # not trio_parallel_fs (nor trio, which importing it would bring).
 cloudpickle.register_pickle_by_value(_dask_worker)
+# The same for map's chunk runner (standard library only). A side effect in
+# this process: local contexts' chunks then carry it by value too (some 20 us
+# a chunk, which holds about 10 ms of work).
+cloudpickle.register_pickle_by_value(_chunks)
 
 T = TypeVar("T")
 
@@ -230,6 +237,44 @@ class DaskContext:
                 "context (sharing the same Client) in this run"
             )
         return await call(lambda: self, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)
+
+    async def map(
+        self,
+        sync_fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        kill_on_cancel: bool = False,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> list[T]:
+        """`trio_parallel_fs.map` on the cluster: each chunk of items is one
+        Dask task, and at most the `limiter`'s tokens (the cluster's threads)
+        run at once. Chunks are sized as locally, from the items' measured
+        time and each task's round trip, so a task carries enough items to
+        make Dask's own cost per task small."""
+        self._check_usable()
+        return await run_map(lambda: self, sync_fn, iterables, chunksize, kill_on_cancel, limiter)
+
+    def imap(
+        self,
+        sync_fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        ordered: bool = True,
+        chunksize: int | None = None,
+        kill_on_cancel: bool = False,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> MapResults:
+        """`trio_parallel_fs.imap` on the cluster, in chunks as `map`."""
+        self._check_usable()
+        return open_map_results(lambda: self, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError(context_closed(self._kind))
+        if trio.lowlevel.current_trio_token() is not self._token:
+            raise RuntimeError(
+                "this Dask context belongs to the trio.run that opened it; open another "
+                "context (sharing the same Client) in this run"
+            )
 
     # --- the Runner of _calls ---------------------------------------------
 

@@ -1,0 +1,58 @@
+"""Functions that tests/test_map.py runs in workers, item by item. They live in
+a module (not in the test file) so that workers import them by reference."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def square(x):
+    return x * x
+
+
+def fail_on(bad, x):
+    """Raise for the items in ``bad``; the item otherwise."""
+    if x in bad:
+        raise ValueError(f"item {x} is bad")
+    return x
+
+
+def slow_fail_on(bad, slow, x):
+    """Like `fail_on`, after sleeping ``slow[x]`` seconds where ``slow`` says."""
+    time.sleep(slow.get(x, 0))
+    return fail_on(bad, x)
+
+
+def die_on(bad, x):
+    """End the worker at once (exit code 3) on item ``bad``."""
+    if x == bad:
+        os._exit(3)
+    return x
+
+
+def sleep_then(seconds, x):
+    time.sleep(seconds)
+    return x
+
+
+def pid_of(x):
+    return os.getpid()
+
+
+def total(array):
+    return float(array.sum())
+
+
+def double(array):
+    return array * 2
+
+
+def raise_unpicklable(x):
+    """An exception that cannot travel back (it holds a lock): the parent gets
+    a stand-in, without the item's index."""
+    import threading
+
+    error = ValueError(x)
+    error.lock = threading.Lock()
+    raise error

@@ -1,0 +1,439 @@
+"""map and imap on local worker contexts and the default context: results,
+laziness, errors, cancellation, argument checks; and the chunk sizer's rules,
+without processes.
+
+Every test's workers are gone afterwards (conftest); where a test stops a map
+early it also checks that nothing of the map still runs or holds a token.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import operator
+import pickle
+import sys
+import threading
+
+import mapfns
+import numpy as np
+import pytest
+import trio
+
+import trio_parallel_fs as tpf
+from trio_parallel_fs._map import (
+    GROWTH,
+    MAX_CHUNK_ITEMS,
+    OVERHEAD_FACTOR,
+    TAIL_FLOOR_SECONDS,
+    TARGET_BYTES,
+    TARGET_SECONDS,
+    ChunkSizer,
+)
+
+HANG = 60  # seconds: a bound for "does not hang", never a speed assertion
+
+
+class Counted:
+    """An iterator over ``range(n)`` (endless if n is None) that counts how far
+    it has been read."""
+
+    def __init__(self, n: int | None = None) -> None:
+        self.taken = 0
+        self.n = n
+
+    def __iter__(self) -> Counted:
+        return self
+
+    def __next__(self) -> int:
+        if self.n is not None and self.taken >= self.n:
+            raise StopIteration
+        self.taken += 1
+        return self.taken - 1
+
+
+def assert_quiet(ctx: tpf.WorkerContext, limiter: trio.CapacityLimiter) -> None:
+    """Nothing of a map runs or waits any more."""
+    assert ctx.statistics().running_workers == 0
+    assert limiter.borrowed_tokens == 0
+    assert limiter.statistics().tasks_waiting == 0
+
+
+# --- results ----------------------------------------------------------------------------
+
+
+async def test_map_returns_results_in_input_order(worker_type):
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        assert await ctx.map(mapfns.square, range(1000)) == [x * x for x in range(1000)]
+        assert await ctx.map(mapfns.square, range(10), chunksize=3) == [x * x for x in range(10)]
+
+
+async def test_map_zips_several_iterables_like_the_builtin():
+    async with tpf.open_worker_context() as ctx:
+        got = await ctx.map(operator.add, range(5), iter(range(10, 100)))
+        assert got == list(map(operator.add, range(5), range(10, 100)))
+        assert await ctx.map(pow, [2, 3], [3, 2], [5, 5]) == [3, 4]
+
+
+async def test_map_of_nothing_is_an_empty_list():
+    async with tpf.open_worker_context() as ctx:
+        assert await ctx.map(mapfns.square, []) == []
+        assert await ctx.map(mapfns.square, iter(())) == []
+        assert ctx.statistics().started_workers == 0
+
+
+async def test_lambdas_and_partials_travel_by_value():
+    async with tpf.open_worker_context() as ctx:
+        assert await ctx.map(lambda x: x + 1, range(3)) == [1, 2, 3]
+        assert await ctx.map(functools.partial(operator.mul, 10), range(3)) == [0, 10, 20]
+
+
+async def test_module_level_map_and_imap_use_the_default_context():
+    assert await tpf.map(mapfns.square, range(100)) == [x * x for x in range(100)]
+    async with tpf.imap(mapfns.square, range(100)) as results:
+        assert [r async for r in results] == [x * x for x in range(100)]
+    assert tpf.default_context_statistics().started_workers >= 1
+
+
+async def test_imap_streams_in_input_order_or_as_chunks_finish():
+    async with tpf.open_worker_context() as ctx:
+        async with ctx.imap(mapfns.square, range(500)) as results:
+            assert [r async for r in results] == [x * x for x in range(500)]
+        # Item 0 sleeps: unordered, the results of other chunks come first.
+        slow = functools.partial(mapfns.slow_fail_on, frozenset(), {0: 0.5})
+        async with ctx.imap(slow, range(20), ordered=False, chunksize=1) as results:
+            got = [r async for r in results]
+        assert sorted(got) == list(range(20))
+        assert got[0] != 0
+
+
+async def test_imap_reads_its_input_within_a_bounded_window():
+    """With chunks of 5 and 2 tokens, at most 2 * 2 + 1 chunks are read ahead of
+    the loop, plus the chunk the loop is in."""
+    limiter = trio.CapacityLimiter(2)
+    source = Counted(1000)
+    async with tpf.open_worker_context() as ctx:
+        async with ctx.imap(mapfns.square, source, chunksize=5, limiter=limiter) as results:
+            seen = 0
+            async for result in results:
+                assert result == seen * seen
+                seen += 1
+                assert source.taken - seen <= (2 * 2 + 1) * 5 + 5
+                if seen % 50 == 0:
+                    await trio.sleep(0.01)  # a slow consumer: the window must hold, not the input grow
+        assert seen == 1000
+
+
+async def test_an_endless_input_is_never_materialised():
+    """Automatic chunks on an endless generator: breaking out after some results
+    ends the map, having read a bounded number of items."""
+    limiter = trio.CapacityLimiter(2)
+    source = Counted()
+    async with tpf.open_worker_context() as ctx:
+        with trio.fail_after(HANG):
+            async with ctx.imap(mapfns.square, source, limiter=limiter) as results:
+                async for result in results:
+                    if result >= 10**6:
+                        break
+        assert_quiet(ctx, limiter)
+    assert 1000 < source.taken < 10**7
+
+
+async def test_breaking_out_stops_the_map_and_kills_with_kill_on_cancel():
+    limiter = trio.CapacityLimiter(2)
+    async with tpf.open_worker_context() as ctx:
+        fn = functools.partial(mapfns.sleep_then, 30)
+        with trio.fail_after(HANG):
+            async with ctx.imap(fn, range(100), chunksize=1, kill_on_cancel=True, limiter=limiter) as results:
+                # Nothing will come for 30 s: leave the block by an exception.
+                with trio.move_on_after(0.2):
+                    async for _ in results:
+                        pytest.fail("a 30 s item finished")
+        assert_quiet(ctx, limiter)
+        assert ctx.statistics().retired.get("killed") == 2
+
+
+async def test_leaving_the_block_early_waits_for_running_chunks_without_kill_on_cancel():
+    limiter = trio.CapacityLimiter(2)
+    async with tpf.open_worker_context() as ctx:
+        fn = functools.partial(mapfns.sleep_then, 0.2)
+        async with ctx.imap(fn, Counted(), chunksize=1, limiter=limiter) as results:
+            async for _ in results:
+                break
+        assert_quiet(ctx, limiter)
+        assert ctx.statistics().retired == {}
+
+
+async def test_imap_is_iterated_inside_its_block_and_entered_once():
+    async with tpf.open_worker_context() as ctx:
+        results = ctx.imap(mapfns.square, range(3))
+        with pytest.raises(RuntimeError, match=r"inside its block"):
+            await results.__anext__()
+        async with results:
+            assert [r async for r in results] == [0, 1, 4]
+        with pytest.raises(RuntimeError, match=r"entered once"):
+            async with results:
+                pass
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+def notes(exc: BaseException) -> list[str]:
+    return list(getattr(exc, "__notes__", []))
+
+
+async def test_the_failing_item_is_raised_with_its_index(worker_type):
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        fn = functools.partial(mapfns.fail_on, frozenset({777}))
+        with pytest.raises(ValueError, match=r"^item 777 is bad") as info:
+            await ctx.map(fn, range(2000))
+        assert str(info.value) == "item 777 is bad"
+        assert notes(info.value) == ["raised by mapfns.fail_on on item 777 of map (counting from 0)"]
+        assert isinstance(info.value.__cause__, tpf.RemoteTraceback)
+        assert not hasattr(info.value, "_trio_parallel_fs_map_item")
+        # The workers are fine: the next map runs.
+        assert await ctx.map(mapfns.square, range(3)) == [0, 1, 4]
+
+
+async def test_the_first_failing_item_in_input_order_wins():
+    """Item 1 fails late (it sleeps first), item 30 at once: map raises item 1's,
+    as the builtin map would."""
+    async with tpf.open_worker_context() as ctx:
+        fn = functools.partial(mapfns.slow_fail_on, frozenset({1, 30}), {1: 0.5})
+        with pytest.raises(ValueError, match=r"^item 1 is bad") as info:
+            await ctx.map(fn, range(60), chunksize=1)
+        assert notes(info.value) == ["raised by mapfns.slow_fail_on on item 1 of map (counting from 0)"]
+
+
+async def test_imap_gives_the_results_before_the_failing_chunk_then_raises():
+    async with tpf.open_worker_context() as ctx:
+        fn = functools.partial(mapfns.fail_on, frozenset({25}))
+        got = []
+        with pytest.raises(ValueError, match=r"^item 25 is bad"):
+            async with ctx.imap(fn, range(100), chunksize=5) as results:
+                async for result in results:
+                    got.append(result)
+        assert got == list(range(25))
+
+
+async def test_an_exception_that_cannot_carry_its_index_names_the_chunk():
+    async with tpf.open_worker_context() as ctx:
+        with pytest.raises(RuntimeError, match=r"could not travel back") as info:
+            await ctx.map(mapfns.raise_unpicklable, range(10, 20), chunksize=4)
+        assert notes(info.value) == ["while mapfns.raise_unpicklable ran on one of items 0 to 3 of map, a chunk"]
+
+
+async def test_a_worker_death_is_a_broken_worker_error_naming_the_item(worker_type):
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        fn = functools.partial(mapfns.die_on, 7)
+        with pytest.raises(tpf.BrokenWorkerError, match=r"died with exit code 3 while running mapfns.die_on") as info:
+            await ctx.map(fn, range(20), chunksize=1)
+        assert notes(info.value) == ["while mapfns.die_on ran on item 7 of map (counting from 0)"]
+        with pytest.raises(tpf.BrokenWorkerError) as info:
+            await ctx.map(fn, range(20), chunksize=5)
+        assert notes(info.value) == ["while mapfns.die_on ran on one of items 5 to 9 of map, a chunk"]
+
+
+async def test_an_input_that_raises_ends_the_map_after_the_items_before():
+    def source():
+        yield from range(12)
+        raise KeyError("the input broke")
+
+    async with tpf.open_worker_context() as ctx:
+        got = []
+        with pytest.raises(KeyError, match=r"the input broke") as info:
+            async with ctx.imap(mapfns.square, source(), chunksize=5) as results:
+                async for result in results:
+                    got.append(result)
+        assert got == [x * x for x in range(12)]
+        assert notes(info.value) == ["raised by the input of imap when asked for item 12"]
+
+
+async def test_an_unpicklable_item_is_named():
+    async with tpf.open_worker_context() as ctx:
+        items = [1, 2, threading.Lock(), 4]
+        with pytest.raises(pickle.PicklingError, match=r"map cannot send mapfns.square to a worker: item 2 \(lock\)"):
+            await ctx.map(mapfns.square, items, chunksize=10)
+
+
+@pytest.mark.parametrize(
+    ("chunksize", "error", "message"),
+    [
+        (0, ValueError, r"chunksize must be at least 1 \(or None: sized automatically\), not 0"),
+        (-3, ValueError, r"chunksize must be at least 1"),
+        (1.5, TypeError, r"chunksize must be a positive int or None \(sized automatically\), not 1.5"),
+        (True, TypeError, r"chunksize must be a positive int or None"),
+        ("3", TypeError, r"chunksize must be a positive int or None"),
+    ],
+)
+async def test_bad_chunksize_is_refused_before_anything_starts(chunksize, error, message):
+    async with tpf.open_worker_context() as ctx:
+        with pytest.raises(error, match=message):
+            await ctx.map(mapfns.square, range(3), chunksize=chunksize)
+        with pytest.raises(error, match=message):
+            ctx.imap(mapfns.square, range(3), chunksize=chunksize)
+        assert ctx.statistics().started_workers == 0
+
+
+async def test_bad_functions_and_inputs_are_refused():
+    async def coroutine_function(x):
+        return x
+
+    async def agen():
+        yield 1
+
+    async with tpf.open_worker_context() as ctx:
+        with pytest.raises(TypeError, match=r"is an async function"):
+            await ctx.map(coroutine_function, range(3))
+        with pytest.raises(TypeError, match=r"needs a callable, not int 5"):
+            await ctx.map(5, range(3))
+        with pytest.raises(TypeError, match=r"map needs at least one iterable after the function"):
+            await ctx.map(mapfns.square)
+        with pytest.raises(TypeError, match=r"argument 2 is int 7, which is not iterable$"):
+            await ctx.map(operator.add, range(3), 7)
+        with pytest.raises(TypeError, match=r"async iterable, which a worker cannot read"):
+            ctx.imap(mapfns.square, agen())
+        with pytest.raises(TypeError, match=r"limiter must be a trio.CapacityLimiter"):
+            await ctx.map(mapfns.square, range(3), limiter=3)
+        assert ctx.statistics().started_workers == 0
+
+
+async def test_a_closed_context_refuses_maps():
+    async with tpf.open_worker_context() as ctx:
+        pass
+    with pytest.raises(trio.ClosedResourceError):
+        await ctx.map(mapfns.square, range(3))
+    with pytest.raises(trio.ClosedResourceError):
+        ctx.imap(mapfns.square, range(3))
+
+
+# --- cancellation -----------------------------------------------------------------------
+
+
+async def test_a_map_in_a_cancelled_scope_starts_nothing():
+    async with tpf.open_worker_context() as ctx:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await ctx.map(mapfns.square, range(3))
+        assert scope.cancelled_caught
+        assert ctx.statistics().started_workers == 0
+
+
+async def test_cancelling_a_map_waits_for_running_chunks_or_kills_them():
+    limiter = trio.CapacityLimiter(2)
+    async with tpf.open_worker_context() as ctx:
+        fn = functools.partial(mapfns.sleep_then, 0.3)
+        with trio.move_on_after(0.1) as scope:
+            await ctx.map(fn, range(50), chunksize=1, limiter=limiter)
+        assert scope.cancelled_caught
+        assert_quiet(ctx, limiter)
+        assert ctx.statistics().retired == {}  # shielded: they finished
+        fn = functools.partial(mapfns.sleep_then, 30)
+        with trio.fail_after(HANG), trio.move_on_after(0.2) as scope:
+            await ctx.map(fn, range(50), chunksize=1, limiter=limiter, kill_on_cancel=True)
+        assert scope.cancelled_caught
+        assert_quiet(ctx, limiter)
+        assert ctx.statistics().retired == {"killed": 2}
+
+
+async def test_as_many_chunks_run_at_once_as_the_limiter_allows():
+    async with tpf.open_worker_context() as ctx:
+        fn = functools.partial(mapfns.sleep_then, 0.05)
+        pids = await ctx.map(mapfns.pid_of, range(1), chunksize=1)
+        assert len(pids) == 1
+        got = await ctx.map(fn, range(12), chunksize=1, limiter=trio.CapacityLimiter(3))
+        assert got == list(range(12))
+        assert ctx.statistics().started_workers == 3
+
+
+# --- large arrays ------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the shared memory area needs Linux here")
+async def test_chunks_of_large_arrays_go_through_the_shared_memory_area():
+    arrays = [np.full(1 << 17, float(i)) for i in range(12)]  # 1 MiB each
+    async with tpf.open_worker_context() as ctx:
+        assert await ctx.map(mapfns.total, arrays, chunksize=4) == [float(i) * (1 << 17) for i in range(12)]
+        assert ctx.statistics().shared_memory_bytes > 0
+        doubled = await ctx.map(mapfns.double, arrays)
+        assert all((d == 2 * a).all() for d, a in zip(doubled, arrays, strict=True))
+        assert ctx.statistics().lent_result_bytes > 0  # the results were lent from an area
+
+
+# --- the chunk sizer, without processes --------------------------------------------------
+
+
+def test_sizer_takes_one_item_until_a_chunk_is_measured():
+    sizer = ChunkSizer(workers=2, total=None, fixed=None)
+    assert [sizer.size(taken) for taken in range(5)] == [1] * 5
+
+
+def test_sizer_grows_at_most_growth_times_the_largest_measured_chunk():
+    sizer = ChunkSizer(workers=2, total=None, fixed=None)
+    sizer.measured(1, 1e-7)
+    assert sizer.size(1) == GROWTH
+    sizer.measured(GROWTH, GROWTH * 1e-7)
+    assert sizer.size(5) == GROWTH * GROWTH
+
+
+def test_sizer_aims_at_the_target_duration():
+    sizer = ChunkSizer(workers=2, total=None, fixed=None)
+    for size in itertools.islice(itertools.accumulate(itertools.repeat(GROWTH), operator.mul, initial=1), 12):
+        sizer.measured(size, size * 1e-5)
+    assert sizer.size(10**6) == pytest.approx(TARGET_SECONDS / 1e-5, rel=0.01)
+
+
+def test_sizer_shrinks_the_last_chunks_to_their_share_of_the_work_left():
+    sizer = ChunkSizer(workers=2, total=10_000, fixed=None)
+    for size in (1, 4, 16, 64, 256, 1024):
+        sizer.measured(size, size * 1e-4)
+    assert sizer.size(0) == pytest.approx(TARGET_SECONDS / 1e-4, rel=0.01)  # 100 items, 10 ms
+    # 2000 items left of 0.1 ms: 0.2 s, split 2 ways per worker: 50 ms each, above the target.
+    assert sizer.size(8000) == pytest.approx(100, rel=0.01)
+    # 100 items left: 10 ms, 2.5 ms per share: 25 items.
+    assert sizer.size(9900) == pytest.approx(25, rel=0.01)
+    # 4 items left: the floor holds chunks at 1 ms, 10 items.
+    assert sizer.size(9996) == pytest.approx(TAIL_FLOOR_SECONDS / 1e-4, rel=0.01)
+
+
+def test_sizer_bounds_the_bytes_of_a_chunk():
+    sizer = ChunkSizer(workers=2, total=None, fixed=None)
+    sizer.sampled_bytes(1 << 20)
+    for size in (1, 4, 16, 64, 256, 1024):
+        sizer.measured(size, size * 1e-7)
+    assert sizer.size(0) == TARGET_BYTES >> 20
+
+
+def test_a_fixed_chunksize_is_kept():
+    sizer = ChunkSizer(workers=2, total=100, fixed=7)
+    sizer.measured(7, 1.0)
+    assert [sizer.size(taken) for taken in (0, 50, 99)] == [7, 7, 7]
+
+
+def test_sizer_makes_chunks_longer_where_a_round_trip_costs_more():
+    """On a Dask cluster a task's round trip costs milliseconds: chunks aim at
+    OVERHEAD_FACTOR times it rather than the local target."""
+    sizer = ChunkSizer(workers=2, total=None, fixed=None)
+    for size in (1, 4, 16, 64, 256, 1024, 4096, 16384):
+        sizer.measured(size, size * 1e-5, overhead=0.005)
+    assert sizer.size(10**6) == pytest.approx(OVERHEAD_FACTOR * 0.005 / 1e-5, rel=0.01)
+
+
+def test_sizer_takes_the_least_round_trip_so_chunks_cannot_feed_their_own_growth():
+    """A chunk's cost beyond its items grows with its size (pickling): taken as
+    the target's measure, it would grow the chunks that grow it."""
+    sizer = ChunkSizer(workers=2, total=None, fixed=None)
+    sizes = [1]
+    for _ in range(12):
+        size = sizes[-1]
+        sizer.measured(size, size * 1e-6, overhead=1e-4 + size * 1e-6)
+        sizes.append(sizer.size(10**6))
+    assert sizes[-1] == sizes[-2] == round(max(TARGET_SECONDS, OVERHEAD_FACTOR * 1.01e-4) / 1e-6)
+
+
+def test_sizer_never_exceeds_the_most_items_a_chunk_holds():
+    sizer = ChunkSizer(workers=2, total=None, fixed=None)
+    for size in (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536):
+        sizer.measured(size, size * 1e-9)
+    assert sizer.size(10**7) == MAX_CHUNK_ITEMS
