@@ -1,0 +1,273 @@
+"""The primitives under asyncio (see the package's docstring).
+
+Theory of operation
+-------------------
+asyncio has no cancel scopes: ``task.cancel()`` throws one CancelledError
+into whatever the task awaits, shield or not (anyio's shielded scopes do not
+stop it either). Trio's contract needs two kinds of scope, so this module
+keeps its own, per task, in a context variable (each task runs in its own
+copy of the context): a *shield*, which holds off cancellation from outside
+it, and a *deadline* (``move_on_after``). They work because every await the
+library makes inside them is one of the waits below, which all go through
+`_park`:
+
+* It waits on a fresh future that the event (fd ready, thread done, timer)
+  completes, plus a timer for the nearest deadline in force: the innermost
+  scopes' deadlines, up to and including the innermost shield.
+* A CancelledError that arrives inside a shield is noted on that shield and
+  the wait goes on (the future is made again: the cancel consumed it). When
+  the shield is left without an exception, it raises CancelledError then:
+  the job ran to its end, and the cancellation takes effect as the call
+  returns, as asyncio's rules want it to (wait_for, asyncio.timeout and
+  TaskGroup all need to see it). We never call ``uncancel``: the count is the
+  canceller's.
+* A deadline that passes raises `_DeadlineExpired`, which its scope catches
+  (``cancelled_caught``).
+
+Readiness waits use ``loop.add_reader``/``add_writer``: no thread per call.
+A loop without them (Windows' proactor) falls back to anyio's waits, which
+carry a selector thread of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import weakref
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+name = "asyncio"
+
+CapacityLimiter = anyio.CapacityLimiter
+WouldBlock = anyio.WouldBlock
+ClosedResourceError = anyio.ClosedResourceError
+Cancelled = asyncio.CancelledError
+
+
+class _Scope:
+    """A shield or a deadline, innermost first through ``parent``."""
+
+    __slots__ = ("parent", "shield", "deadline", "cancelled_caught", "cancel_pending", "_token")
+
+    def __init__(self, shield: bool = False, deadline: float = math.inf) -> None:
+        self.shield = shield
+        self.deadline = deadline
+        self.cancelled_caught = False
+        self.cancel_pending = False
+        self.parent: _Scope | None = None
+
+    def __enter__(self) -> _Scope:
+        self.parent = _innermost.get()
+        self._token = _innermost.set(self)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        _innermost.reset(self._token)
+        if isinstance(exc, _DeadlineExpired) and exc.scope is self:
+            self.cancelled_caught = True
+            return True
+        if self.cancel_pending:
+            outer = _enclosing_shield(self.parent)
+            if outer is not None:
+                outer.cancel_pending = True  # still held off, by the next shield out
+            elif exc is None:
+                raise asyncio.CancelledError
+        return False
+
+
+class _DeadlineExpired(Exception):
+    def __init__(self, scope: _Scope) -> None:
+        self.scope = scope
+
+
+_innermost: ContextVar[_Scope | None] = ContextVar("trio_parallel_fs.asyncio_scope", default=None)
+
+
+def _enclosing_shield(scope: _Scope | None) -> _Scope | None:
+    while scope is not None:
+        if scope.shield:
+            return scope
+        scope = scope.parent
+    return None
+
+
+def CancelScope(*, shield: bool) -> _Scope:  # noqa: N802 - stands where trio.CancelScope stands
+    return _Scope(shield=shield)
+
+
+def move_on_after(seconds: float) -> _Scope:
+    return _Scope(deadline=asyncio.get_running_loop().time() + seconds)
+
+
+_WOKEN, _TIMER, _SLEPT = "woken", "timer", "slept"
+
+
+def _wake(future: asyncio.Future[str], why: str) -> None:
+    if not future.done():
+        future.set_result(why)
+
+
+async def _park(
+    arm: Callable[[asyncio.Future[str]], Callable[[], object]] | None, until: float = math.inf
+) -> None:
+    """Wait until ``arm``'s event completes the future it is given (``arm``
+    returns its disarming), or the loop's clock reaches ``until``; by the
+    rules of the scopes in force (see the module's docstring)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        deadline, expiring, shield = until, None, None
+        scope = _innermost.get()
+        while scope is not None:
+            if scope.deadline < deadline:
+                deadline, expiring = scope.deadline, scope
+            if scope.shield:
+                shield = scope
+                break
+            scope = scope.parent
+        if expiring is not None and deadline <= loop.time():
+            raise _DeadlineExpired(expiring)
+        future: asyncio.Future[str] = loop.create_future()
+        disarm = arm(future) if arm is not None else None
+        timer = loop.call_at(deadline, _wake, future, _TIMER) if deadline != math.inf else None
+        try:
+            why = await future
+        except asyncio.CancelledError:
+            if shield is None:
+                raise
+            shield.cancel_pending = True
+            continue
+        finally:
+            if disarm is not None:
+                disarm()
+            if timer is not None:
+                timer.cancel()
+        if why == _TIMER:
+            if expiring is None:
+                return  # the sleep's own end
+            raise _DeadlineExpired(expiring)
+        return
+
+
+def _fd(obj: Any) -> int:
+    return obj if isinstance(obj, int) else int(obj.fileno())
+
+
+async def wait_readable(obj: Any) -> None:
+    loop = asyncio.get_running_loop()
+    fd = _fd(obj)
+
+    def arm(future: asyncio.Future[str]) -> Callable[[], object]:
+        loop.add_reader(fd, _wake, future, _WOKEN)
+        return lambda: loop.remove_reader(fd)
+
+    try:
+        await _park(arm)
+    except NotImplementedError:  # no add_reader on this loop (Windows' proactor)
+        await _through_anyio(anyio.wait_readable, fd)
+
+
+async def wait_writable(obj: Any) -> None:
+    loop = asyncio.get_running_loop()
+    fd = _fd(obj)
+
+    def arm(future: asyncio.Future[str]) -> Callable[[], object]:
+        loop.add_writer(fd, _wake, future, _WOKEN)
+        return lambda: loop.remove_writer(fd)
+
+    try:
+        await _park(arm)
+    except NotImplementedError:
+        await _through_anyio(anyio.wait_writable, fd)
+
+
+async def _through_anyio(wait: Callable[[int], Awaitable[None]], fd: int) -> None:
+    """anyio's wait, in a task of its own, waited for by our rules."""
+    task = asyncio.ensure_future(wait(fd))
+    try:
+        await _park(_on_done(task))
+    finally:
+        task.cancel()
+
+
+def _on_done(awaited: asyncio.Future[Any]) -> Callable[[asyncio.Future[str]], Callable[[], object]]:
+    def arm(future: asyncio.Future[str]) -> Callable[[], object]:
+        def done(_: object) -> None:
+            _wake(future, _WOKEN)
+
+        awaited.add_done_callback(done)
+        return lambda: awaited.remove_done_callback(done)
+
+    return arm
+
+
+async def checkpoint() -> None:
+    """Let other tasks run (a cancellation may arrive here, by our rules)."""
+    loop = asyncio.get_running_loop()
+    await _park(lambda future: loop.call_soon(_wake, future, _WOKEN).cancel)
+
+
+async def checkpoint_if_cancelled() -> None:
+    # asyncio's own cancellation is delivered at the next await, not kept as
+    # a state to look at; anyio's cancel scopes are, and a cancelled one
+    # should start nothing (no yield when none is).
+    await anyio.lowlevel.checkpoint_if_cancelled()
+
+
+async def sleep(seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    await _park(None, until=loop.time() + seconds)
+
+
+async def to_thread_run_sync(fn: Callable[[], Any], *, abandon_on_cancel: bool = False) -> Any:
+    """``fn()`` in the loop's default executor. Not abandoned: the wait is
+    shielded (the thread cannot be stopped anyway)."""
+    done = asyncio.get_running_loop().run_in_executor(None, fn)
+    if abandon_on_cancel:
+        await _park(_on_done(done))
+    else:
+        with _Scope(shield=True):
+            await _park(_on_done(done))
+    return done.result()
+
+
+_system_tasks: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak references
+
+
+def spawn_system_task(async_fn: Callable[[], Awaitable[None]], *, name: str) -> None:
+    task: asyncio.Task[None] = asyncio.get_running_loop().create_task(async_fn(), name=name)  # type: ignore[arg-type]
+    _system_tasks.add(task)
+    task.add_done_callback(_system_tasks.discard)
+
+
+def is_limiter(limiter: object) -> bool:
+    return isinstance(limiter, anyio.CapacityLimiter)
+
+
+_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = weakref.WeakKeyDictionary()
+
+
+def default_limiter(total_tokens: Callable[[], int]) -> anyio.CapacityLimiter:
+    """This event loop's default limiter (an `anyio.CapacityLimiter`), made on first use."""
+    loop = asyncio.get_running_loop()
+    limiter = _limiters.get(loop)
+    if limiter is None:
+        limiter = _limiters[loop] = anyio.CapacityLimiter(total_tokens())
+    return limiter
+
+
+def foreign_limiter(limiter: object) -> str | None:
+    """Why ``limiter`` cannot serve under asyncio, or None."""
+    if type(limiter).__module__.split(".")[0] == "trio":
+        return (
+            "a Trio object works only inside trio.run; under asyncio use an "
+            "anyio.CapacityLimiter or an asyncio.Semaphore"
+        )
+    return None
