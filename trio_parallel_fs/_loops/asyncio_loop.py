@@ -209,9 +209,16 @@ def _on_done(awaited: asyncio.Future[Any]) -> Callable[[asyncio.Future[str]], Ca
 
 
 async def checkpoint() -> None:
-    """Let other tasks run (a cancellation may arrive here, by our rules)."""
-    loop = asyncio.get_running_loop()
-    await _park(lambda future: loop.call_soon(_wake, future, _WOKEN).cancel)
+    """Let other tasks run: one bare yield to the loop (the busy-wait's, so
+    no future and no timer). A cancellation that arrives here is held off by
+    a shield like any other; deadlines are looked at by the waits only."""
+    try:
+        await asyncio.sleep(0)
+    except asyncio.CancelledError:
+        shield = _enclosing_shield(_innermost.get())
+        if shield is None:
+            raise
+        shield.cancel_pending = True
 
 
 async def checkpoint_if_cancelled() -> None:

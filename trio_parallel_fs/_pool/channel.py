@@ -349,25 +349,26 @@ class Worker:
     async def _wait_readable(self) -> None:
         """Wait until the channel has something to read: busy at first while
         replies come quickly (see ``_spin``), letting other tasks run between
-        two looks; then through Trio.
+        two looks; then through the event loop.
 
         Also when the worker was asleep and the job wakes it: its wake-up is
         on the reply's path either way, and blocked we would add ours (the
         CPU we left halts, and waking it goes through the hypervisor).
         """
         spin = self._spin
+        loop = _loops.current()  # once: the busy-wait looks again and again
         if not spin.limit_ns:
-            await _loops.wait_readable(self.channel)
+            await loop.wait_readable(self.channel)
             return
         start = time.perf_counter_ns()
         end = start + spin.window_ns()  # while replies come slowly: now, one look only
         readable = self._readable
         while not readable(0):
             if time.perf_counter_ns() >= end:
-                await _loops.wait_readable(self.channel)
+                await loop.wait_readable(self.channel)
                 break
             yield_cpu()
-            await _loops.checkpoint()
+            await loop.checkpoint()
         spin.waited(time.perf_counter_ns() - start)
 
     def _take_result_buffers(self, value: p.Value) -> None:
