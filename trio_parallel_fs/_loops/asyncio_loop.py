@@ -15,7 +15,8 @@ library makes inside them is one of the waits below, which all go through
   completes, plus a timer for the nearest deadline in force: the innermost
   scopes' deadlines, up to and including the innermost shield.
 * A CancelledError that arrives inside a shield is noted on that shield and
-  the wait goes on (the future is made again: the cancel consumed it). When
+  the wait goes on, on the same future (``asyncio.shield`` keeps the cancel
+  off it). When
   the shield is left without an exception, it raises CancelledError then:
   the job ran to its end, and the cancellation takes effect as the call
   returns, as asyncio's rules want it to (wait_for, asyncio.timeout and
@@ -59,7 +60,9 @@ class _Scope:
         self.shield = shield
         self.deadline = deadline
         self.cancelled_caught = False
-        self.cancel_pending = False
+        # The CancelledError held off, if any: its message says who cancelled
+        # (anyio's scopes know theirs by it), so it is raised again as it came.
+        self.cancel_pending: asyncio.CancelledError | None = None
         self.parent: _Scope | None = None
 
     def __enter__(self) -> _Scope:
@@ -74,12 +77,13 @@ class _Scope:
         if isinstance(exc, _DeadlineExpired) and exc.scope is self:
             self.cancelled_caught = True
             return True
-        if self.cancel_pending:
+        pending = self.cancel_pending
+        if pending is not None:
             outer = _enclosing_shield(self.parent)
             if outer is not None:
-                outer.cancel_pending = True  # still held off, by the next shield out
+                outer.cancel_pending = pending  # still held off, by the next shield out
             elif exc is None:
-                raise asyncio.CancelledError
+                raise asyncio.CancelledError(*pending.args)
         return False
 
 
@@ -122,38 +126,45 @@ async def _park(
     returns its disarming), or the loop's clock reaches ``until``; by the
     rules of the scopes in force (see the module's docstring)."""
     loop = asyncio.get_running_loop()
-    while True:
-        deadline, expiring, shield = until, None, None
-        scope = _innermost.get()
-        while scope is not None:
-            if scope.deadline < deadline:
-                deadline, expiring = scope.deadline, scope
-            if scope.shield:
-                shield = scope
-                break
-            scope = scope.parent
-        if expiring is not None and deadline <= loop.time():
-            raise _DeadlineExpired(expiring)
-        future: asyncio.Future[str] = loop.create_future()
-        disarm = arm(future) if arm is not None else None
-        timer = loop.call_at(deadline, _wake, future, _TIMER) if deadline != math.inf else None
-        try:
+    deadline, expiring, shield = until, None, None
+    scope = _innermost.get()
+    while scope is not None:
+        if scope.deadline < deadline:
+            deadline, expiring = scope.deadline, scope
+        if scope.shield:
+            shield = scope
+            break
+        scope = scope.parent
+    if expiring is not None and deadline <= loop.time():
+        raise _DeadlineExpired(expiring)
+    future: asyncio.Future[str] = loop.create_future()
+    disarm = arm(future) if arm is not None else None
+    timer = loop.call_at(deadline, _wake, future, _TIMER) if deadline != math.inf else None
+    try:
+        if shield is None:
             why = await future
-        except asyncio.CancelledError:
-            if shield is None:
-                raise
-            shield.cancel_pending = True
-            continue
-        finally:
-            if disarm is not None:
-                disarm()
-            if timer is not None:
-                timer.cancel()
-        if why == _TIMER:
-            if expiring is None:
-                return  # the sleep's own end
-            raise _DeadlineExpired(expiring)
-        return
+        else:
+            # Shielded, the cancel takes asyncio.shield's outer future, never
+            # ours: the event stays armed. (Arming again after each cancel
+            # would never see it under anyio's cancel scopes, which cancel
+            # the task on every loop pass, ahead of the fd's callback.)
+            while True:
+                try:
+                    why = await asyncio.shield(future)
+                    break
+                except asyncio.CancelledError as cancel:
+                    shield.cancel_pending = cancel
+                    if future.done():
+                        why = future.result()
+                        break
+    finally:
+        if disarm is not None:
+            disarm()
+        if timer is not None:
+            timer.cancel()
+    if why == _TIMER and expiring is not None:
+        raise _DeadlineExpired(expiring)
+    # else the event, or the sleep's own end
 
 
 def _fd(obj: Any) -> int:
@@ -214,11 +225,11 @@ async def checkpoint() -> None:
     a shield like any other; deadlines are looked at by the waits only."""
     try:
         await asyncio.sleep(0)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as cancel:
         shield = _enclosing_shield(_innermost.get())
         if shield is None:
             raise
-        shield.cancel_pending = True
+        shield.cancel_pending = cancel
 
 
 async def checkpoint_if_cancelled() -> None:
