@@ -23,7 +23,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import anyio
 import psutil
@@ -251,16 +250,15 @@ def test_timeouts_with_kill_on_cancel_kill_the_worker(how, tmp_path):
 
     async def main():
         async with tpf.open_worker_context() as ctx:
-            marker = str(tmp_path / "pid")
-            call = ctx.run_sync(workerfns.record_pid_and_sleep, marker, 60, "late", kill_on_cancel=True)
+            marker = tmp_path / "pid"
+            call = ctx.run_sync(workerfns.record_pid_and_sleep, str(marker), 60, "late", kill_on_cancel=True)
             with pytest.raises(TimeoutError):
                 if how == "wait_for":
                     await asyncio.wait_for(call, 0.5)
                 else:
                     async with asyncio.timeout(0.5):
                         await call
-            with open(marker) as f:
-                assert not wait_until_gone({int(f.read())}, 5)
+            assert not wait_until_gone({int(marker.read_text())}, 5)
             assert ctx.statistics().retired == {"killed": 1}
             # Without kill_on_cancel the job ends first; the timeout still counts.
             with pytest.raises(TimeoutError):
@@ -283,8 +281,9 @@ def test_a_failing_task_group_kills_or_waits_by_kill_on_cancel(tmp_path):
 
             with pytest.raises(ExceptionGroup) as caught:  # noqa: F821 - Python 3.11+
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(ctx.run_sync(workerfns.record_pid_and_sleep, str(killed), 60, kill_on_cancel=True))
-                    group.create_task(ctx.run_sync(workerfns.record_pid_and_sleep, str(waited), 0.5))
+                    record = workerfns.record_pid_and_sleep
+                    group.create_task(ctx.run_sync(record, str(killed), 60, kill_on_cancel=True))
+                    group.create_task(ctx.run_sync(record, str(waited), 0.5))
                     group.create_task(fail_soon())
             assert [type(e) for e in caught.value.exceptions] == [LookupError]
             assert not wait_until_gone({int(killed.read_text())}, 5)
