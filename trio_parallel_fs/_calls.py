@@ -142,13 +142,14 @@ async def call(
     runner = get_runner()
     if limiter is None:
         limiter = runner._default_limiter()
-    elif not loop.is_limiter(limiter):
+    capacity_limiter = loop.is_limiter(limiter)
+    if not capacity_limiter:
         check_limiter(limiter, loop)
     job = runner._prepare(sync_fn, args)
     # Entering is a checkpoint, like trio.to_thread.run_sync's: a call in a
     # cancelled scope starts nothing. It yields later, waiting for the reply.
     await loop.checkpoint_if_cancelled()
-    if loop.is_limiter(limiter):
+    if capacity_limiter:
         # ``async with limiter``, minus a trip through the scheduler when a
         # token is free: CapacityLimiter.acquire always yields, which costs a
         # whole event-loop pass on the warm path.
