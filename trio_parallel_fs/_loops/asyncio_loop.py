@@ -48,7 +48,6 @@ name = "asyncio"
 CapacityLimiter = anyio.CapacityLimiter
 WouldBlock = anyio.WouldBlock
 ClosedResourceError = anyio.ClosedResourceError
-Cancelled = asyncio.CancelledError
 
 
 class _Scope:
@@ -91,6 +90,9 @@ class _DeadlineExpired(Exception):
     def __init__(self, scope: _Scope) -> None:
         self.scope = scope
 
+
+#: What a cancelled wait raises, for ``except`` (Trio's is trio.Cancelled for both).
+Cancelled = (asyncio.CancelledError, _DeadlineExpired)
 
 _innermost: ContextVar[_Scope | None] = ContextVar("trio_parallel_fs.asyncio_scope", default=None)
 
@@ -289,3 +291,35 @@ def foreign_limiter(limiter: object) -> str | None:
             "anyio.CapacityLimiter or an asyncio.Semaphore"
         )
     return None
+
+
+def current_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def open_nursery() -> Any:
+    """A task group with Trio's nursery's ``start_soon`` and ``cancel_scope``: anyio's."""
+    return anyio.create_task_group()
+
+
+def current_run() -> object:
+    """What identifies this run (objects bound to it work in it only): its loop."""
+    return asyncio.get_running_loop()
+
+
+async def wait_concurrent(future: Any) -> None:
+    """Wait until a `concurrent.futures.Future` completes in another thread,
+    blocking no thread, by our rules (cancelling the wait leaves it alone)."""
+    loop = asyncio.get_running_loop()
+
+    def arm(waiter: asyncio.Future[str]) -> Callable[[], object]:
+        def done(_future: object) -> None:
+            try:
+                loop.call_soon_threadsafe(_wake, waiter, _WOKEN)
+            except RuntimeError:
+                pass  # the loop is closed; nobody is waiting any more
+
+        future.add_done_callback(done)
+        return lambda: None  # a concurrent future's callbacks cannot be removed; a late one is harmless
+
+    await _park(arm)

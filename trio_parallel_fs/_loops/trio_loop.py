@@ -53,3 +53,29 @@ def default_limiter(total_tokens: Callable[[], int]) -> trio.CapacityLimiter:
 def foreign_limiter(limiter: object) -> str | None:
     """Why ``limiter`` cannot serve under Trio, or None."""
     return None  # an asyncio.Semaphore or anyio's limiter fails on first use, saying so
+
+
+current_time = trio.current_time
+open_nursery = trio.open_nursery
+
+
+def current_run() -> object:
+    """What identifies this run (objects bound to it work in it only): its token."""
+    return trio.lowlevel.current_trio_token()
+
+
+async def wait_concurrent(future: Any) -> None:
+    """Wait until a `concurrent.futures.Future` completes in another thread,
+    blocking no thread: its done-callback wakes us through the run's token."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_future: object) -> None:
+        # On the completing thread, or at once here if it had completed.
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass  # the run ended; nobody is waiting any more
+
+    future.add_done_callback(wake)
+    await done.wait()
