@@ -325,7 +325,10 @@ def test_configure_default_context_suggests_the_closest_keyword_too():
 
 async def test_a_limiter_that_is_not_one_is_refused():
     async with tpf.open_worker_context() as ctx:
-        expected = "limiter must be a trio.CapacityLimiter or another async context manager, not int 3"
+        expected = (
+            "limiter must be a trio.CapacityLimiter, an anyio.CapacityLimiter, an asyncio.Semaphore or "
+            "another async context manager, not int 3"
+        )
         with pytest.raises(TypeError, match=expected):
             await ctx.run_sync(workerfns.add, 1, 2, limiter=3)
         assert ctx.statistics().started_workers == 0

@@ -863,3 +863,35 @@ async def test_map_on_a_closed_dask_context_is_refused(client):
         await ctx.map(pow, [1], [2])
     with pytest.raises(trio.ClosedResourceError, match="this Dask context is closed"):
         ctx.imap(pow, [1], [2])
+
+
+# --- under asyncio ------------------------------------------------------------------------------
+
+
+def test_under_asyncio_results_errors_and_both_cancellations(client, tmp_path):
+    """The same context in a program started with asyncio.run: values, a job's
+    error, a shielded call that a timeout lets finish (the CancelledError
+    comes after it), and kill_on_cancel stopping the job's worker process."""
+    import asyncio
+
+    async def main():
+        async with open_dask_context(client) as ctx:
+            assert await ctx.run_sync(pow, 2, 10) == 1024
+            with pytest.raises(JobFailed, match="job failed on 3"):
+                await ctx.run_sync(fail, 3)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ctx.run_sync(nap, 1.0), 0.2)
+            pid_file = tmp_path / "pid"
+            call = asyncio.ensure_future(ctx.run_sync(spin, str(pid_file), 600, kill_on_cancel=True))
+            while not pid_file.exists() or not pid_file.read_text():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert not wait_until_gone({int(pid_file.read_text())}, 10)
+            stats = ctx.statistics()
+            assert (stats.completed_jobs, stats.failed_jobs, stats.killed_jobs) == (2, 1, 1)
+            assert stats.restarted_workers == 1
+            assert "trio" not in type(ctx.limiter).__module__
+
+    asyncio.run(asyncio.wait_for(main(), 90))

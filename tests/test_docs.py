@@ -228,6 +228,21 @@ def check_migrate(out: str) -> None:
     assert out == MIGRATE_OUTPUT
 
 
+def check_asyncio_server(out: str) -> None:
+    np = pytest.importorskip("numpy")
+    linalg = pytest.importorskip("scipy.linalg")
+    expected = []
+    for seed in range(4):  # what jobs.log_det computes, here
+        lu, _ = linalg.lu_factor(np.random.default_rng(seed).standard_normal((300, 300)))
+        expected.append(f"{float(np.sum(np.log(np.abs(np.diag(lu))))):.6f}")
+    assert out == (
+        f"answers: {expected}\n"
+        "a job past its time: timeout\n"
+        "retired: {'killed': 1}\n"
+        "trio imported: False\n"
+    )
+
+
 def check_bigdata(out: str) -> None:
     assert out.startswith("dataset: 128 MiB, loaded once in the template\nevery job saw the whole dataset: True\n")
     workers = re.findall(r"^a worker: USS ([\d.]+) MiB, RSS (\d+) MiB$", out, re.MULTILINE)
@@ -262,6 +277,7 @@ CHECKS = {
     "migrate.py": check_migrate,
     "bigdata.py": check_bigdata,
     "map.py": check_map,
+    "asyncio_server.py": check_asyncio_server,
 }
 
 
@@ -358,19 +374,22 @@ def test_every_example_is_shown_in_the_docs_and_exists() -> None:
 
 @pytest.mark.parametrize("name", scripts())
 def test_example_guards_trio_run(name: str) -> None:
-    """trio.run only under ``if __name__ == "__main__":``, so that importing a
-    script (as multiprocessing's spawn does with trio-parallel) runs nothing."""
+    """trio.run (asyncio.run for the asyncio page) only under ``if __name__ ==
+    "__main__":``, so that importing a script (as multiprocessing's spawn does
+    with trio-parallel) runs nothing."""
     tree = ast.parse((EXAMPLES / name).read_text())
     guarded = False
+    runs = ("trio.run(", "asyncio.run(")
     for node in tree.body:
+        code = ast.unparse(node)
         if isinstance(node, ast.If) and ast.unparse(node.test) in (
             "__name__ == '__main__'",
             '__name__ == "__main__"',
         ):
-            guarded = guarded or "trio.run(" in ast.unparse(node)
+            guarded = guarded or any(run in code for run in runs)
         else:
-            assert "trio.run(" not in ast.unparse(node), f"{name} calls trio.run outside the guard"
-    assert guarded, f"{name} has no trio.run under if __name__ == '__main__'"
+            assert not any(run in code for run in runs), f"{name} starts its event loop outside the guard"
+    assert guarded, f"{name} has no trio.run or asyncio.run under if __name__ == '__main__'"
 
 
 def test_reference_documents_every_public_name() -> None:

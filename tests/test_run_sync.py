@@ -168,11 +168,14 @@ async def test_closed_context_refuses_calls():
         await ctx.run_sync(workerfns.add, 1, 2)
 
 
-def test_outside_trio_is_a_clear_error():
-    import asyncio
-
-    with pytest.raises(RuntimeError, match="inside trio.run"):
-        asyncio.run(tpf.run_sync(workerfns.add, 1, 2))
+def test_outside_an_event_loop_is_a_clear_error():
+    # (asyncio is supported: tests/test_asyncio.py)
+    message = r"inside trio.run or a running asyncio event loop \(asyncio.run, anyio.run\); found no running"
+    with pytest.raises(RuntimeError, match=message):
+        tpf.current_default_worker_limiter()
+    call = tpf.run_sync(workerfns.add, 1, 2)
+    with pytest.raises(RuntimeError, match=message):
+        call.send(None)
 
 
 def test_worker_context_is_not_constructed_directly():

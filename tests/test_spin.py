@@ -23,6 +23,7 @@ from _trio_parallel_fs_worker._spin import (
     sleep_for_input,
     usable_cpus,
 )
+from trio_parallel_fs._loops import trio_loop
 from trio_parallel_fs._pool.channel import Worker
 
 needs_two_cpus = pytest.mark.skipif(not busy_waits_pay(), reason="busy-waits are off where only one CPU is usable")
@@ -257,7 +258,7 @@ async def test_the_caller_blocks_at_once_while_replies_come_slowly(monkeypatch):
     worker = Worker(ours, ScriptedProcess(), b"", busy_wait=0.001)  # type: ignore[arg-type]
     for _ in range(10):
         worker._spin.waited(50 * MS)
-    real_wait = trio.lowlevel.wait_readable
+    real_wait = trio_loop.wait_readable
     trio_waits = 0
 
     async def counting_wait(fd):
@@ -265,7 +266,7 @@ async def test_the_caller_blocks_at_once_while_replies_come_slowly(monkeypatch):
         trio_waits += 1
         await real_wait(fd)
 
-    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait)
+    monkeypatch.setattr(trio_loop, "wait_readable", counting_wait)
 
     async def five_ms():
         await trio.sleep(0.005)

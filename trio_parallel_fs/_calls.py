@@ -8,16 +8,17 @@ are not callable, a limiter that is not one), has the worker type prepare the
 job (pickling errors raise here, before any wait), takes a limiter token, and
 then hands the prepared job to a `Runner`: shielded from cancellation unless
 ``kill_on_cancel``, in which case the runner stops the job and lets
-``trio.Cancelled`` through. A runner may answer that the job never ran
-(`RESUBMIT`: it goes again, after a look for cancellation) or that it closed
-before the job started (`RunnerClosed`: the call asks for the runner again,
-since the default context may have been replaced meanwhile).
+the cancellation (``trio.Cancelled``, asyncio's CancelledError) through.
+A runner may answer that the job never ran (`RESUBMIT`: it goes again,
+after a look for cancellation) or that it closed before the job started
+(`RunnerClosed`: the call asks for the runner again, since the default
+context may have been replaced meanwhile).
 
 What a worker type plugs in is the `Runner`: a local worker context (its pool
-of processes) or a Dask context. What would plug in once for every worker
-type: another event loop library (the few Trio calls below, through anyio).
-``map`` and ``imap`` (``_map``) prepare chunks of items and run each by these
-rules, through `_run`.
+of processes) or a Dask context. The event loop library plugs in once for
+every worker type: the call looks it up once (`_loops.current`, Trio or
+asyncio) and uses its primitives. ``map`` and ``imap`` (``_map``) prepare
+chunks of items and run each by these rules, through `_run`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import cloudpickle
-import trio
 
+from . import _loops
 from ._describe import describe
 from ._errors import closed_while_waiting, not_sync_error
 
@@ -102,12 +103,15 @@ def refuse_keywords(fn: Callable[..., Any], keywords: dict[str, Any]) -> TypeErr
     )
 
 
-def check_limiter(limiter: Any) -> None:
+def check_limiter(limiter: Any, loop: Any) -> None:
     if not (hasattr(limiter, "__aenter__") and hasattr(limiter, "__aexit__")):
         raise TypeError(
-            f"limiter must be a trio.CapacityLimiter or another async context manager, "
-            f"not {type(limiter).__name__} {limiter!r}"
+            f"limiter must be a trio.CapacityLimiter, an anyio.CapacityLimiter, an asyncio.Semaphore or "
+            f"another async context manager, not {type(limiter).__name__} {limiter!r}"
         )
+    reason = loop.foreign_limiter(limiter)
+    if reason is not None:
+        raise TypeError(f"limiter {limiter!r} cannot serve here: {reason}")
 
 
 def find_unpicklable(fn: object, args: tuple[Any, ...]) -> tuple[str, BaseException | None]:
@@ -134,45 +138,49 @@ async def call(
     if keywords:
         raise refuse_keywords(sync_fn, keywords)
     check_sync(sync_fn)
+    loop = _loops.current()
     runner = get_runner()
     if limiter is None:
         limiter = runner._default_limiter()
-    elif type(limiter) is not trio.CapacityLimiter:
-        check_limiter(limiter)
+    capacity_limiter = loop.is_limiter(limiter)
+    if not capacity_limiter:
+        check_limiter(limiter, loop)
     job = runner._prepare(sync_fn, args)
     # Entering is a checkpoint, like trio.to_thread.run_sync's: a call in a
     # cancelled scope starts nothing. It yields later, waiting for the reply.
-    await trio.lowlevel.checkpoint_if_cancelled()
-    if type(limiter) is trio.CapacityLimiter:
+    await loop.checkpoint_if_cancelled()
+    if capacity_limiter:
         # ``async with limiter``, minus a trip through the scheduler when a
         # token is free: CapacityLimiter.acquire always yields, which costs a
         # whole event-loop pass on the warm path.
         try:
             limiter.acquire_nowait()
-        except trio.WouldBlock:
+        except loop.WouldBlock:
             await limiter.acquire()
         try:
-            return await _run(get_runner, sync_fn, job, kill_on_cancel)
+            return await _run(get_runner, sync_fn, job, kill_on_cancel, loop)
         finally:
             limiter.release()
     async with limiter:
-        return await _run(get_runner, sync_fn, job, kill_on_cancel)
+        return await _run(get_runner, sync_fn, job, kill_on_cancel, loop)
 
 
-async def _run(get_runner: Callable[[], Runner], sync_fn: Callable[..., T], job: Any, kill_on_cancel: bool) -> T:
+async def _run(
+    get_runner: Callable[[], Runner], sync_fn: Callable[..., T], job: Any, kill_on_cancel: bool, loop: Any
+) -> T:
     while True:
         runner = get_runner()
         try:
-            with trio.CancelScope(shield=not kill_on_cancel):
+            with loop.CancelScope(shield=not kill_on_cancel):
                 result = await runner._run_job(sync_fn, job, kill_on_cancel)
         except runner._closed_error:
             if get_runner() is runner:
-                raise trio.ClosedResourceError(closed_while_waiting(runner._kind)) from None
+                raise loop.ClosedResourceError(closed_while_waiting(runner._kind)) from None
             continue  # reconfigured meanwhile: run on the new default context
         if result is not runner._resubmit:
             return result.unwrap()  # type: ignore[no-any-return]
         # The shield hides cancellation; look for it between tries.
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await loop.checkpoint_if_cancelled()
 
 
 async def wait_for_running_calls(running: Callable[[], int]) -> None:
@@ -183,6 +191,7 @@ async def wait_for_running_calls(running: Callable[[], int]) -> None:
     calls may run in other threads' ``trio.run``, which an event of this run
     could not be set from.
     """
-    with trio.CancelScope(shield=True):
+    loop = _loops.current()
+    with loop.CancelScope(shield=True):
         while running():  # noqa: ASYNC110
-            await trio.sleep(0.01)
+            await loop.sleep(0.01)

@@ -15,28 +15,29 @@ import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
-import trio
 
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._pickling import dumps_job
 from _trio_parallel_fs_worker._spin import usable_cpus
 
+from . import _loops
 from ._backends.seam import Backend
 from ._calls import call, find_unpicklable, wait_for_running_calls
 from ._config import WorkerConfig, WorkerType, make_config
 from ._describe import describe
 from ._errors import context_closed, unpicklable_job_error
-from ._map import MapResults, open_map_results, run_map
 from ._pool.pool import RESUBMIT, PoolClosed, WorkerContextStatistics, WorkerPool
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    import anyio
+    import trio
 
-_limiter_runvar: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
-    "trio_parallel_fs.limiter"
-)
+    from ._map import MapResults
+
+T = TypeVar("T")
 
 
 def _usable_cpus() -> int:
@@ -45,25 +46,20 @@ def _usable_cpus() -> int:
     return max(1, math.ceil(usable_cpus()))
 
 
-def current_default_worker_limiter() -> trio.CapacityLimiter:
-    """The `trio.CapacityLimiter` that `run_sync` uses when given no ``limiter``.
+def current_default_worker_limiter() -> trio.CapacityLimiter | anyio.CapacityLimiter:
+    """The limiter that `run_sync` uses when given no ``limiter``.
 
-    One per ``trio.run``, created with as many tokens as the CPUs this process
-    may use: its affinity mask where the OS tells, else ``os.cpu_count()``;
-    on Linux at most its cgroup's CPU quota (rounded up) where one is set.
-    Change its ``total_tokens`` to run more or fewer workers at once.
+    Under Trio a `trio.CapacityLimiter`, one per ``trio.run``; under asyncio an
+    `anyio.CapacityLimiter`, one per event loop. Created with as many tokens as
+    the CPUs this process may use: its affinity mask where the OS tells, else
+    ``os.cpu_count()``; on Linux at most its cgroup's CPU quota (rounded up)
+    where one is set. Change its ``total_tokens`` to run more or fewer workers
+    at once.
+
+    Raises:
+        RuntimeError: outside ``trio.run`` and a running asyncio event loop.
     """
-    try:
-        return _limiter_runvar.get()
-    except LookupError:
-        limiter = trio.CapacityLimiter(_usable_cpus())
-        _limiter_runvar.set(limiter)
-        return limiter
-    except RuntimeError:
-        raise RuntimeError(
-            "trio_parallel_fs must be used inside trio.run (no Trio run is active in this "
-            "thread; asyncio and other event loops are not supported)"
-        ) from None
+    return _loops.current().default_limiter(_usable_cpus)  # type: ignore[no-any-return]
 
 
 current_default_process_limiter = current_default_worker_limiter
@@ -113,23 +109,24 @@ class WorkerContext:
     def __repr__(self) -> str:
         return f"<WorkerContext {self.config!r}>"
 
-    @trio.lowlevel.enable_ki_protection
+    @_loops.ki_protected
     async def run_sync(
         self,
         sync_fn: Callable[..., T],
         *args: Any,
         kill_on_cancel: bool = False,
         cancellable: bool = False,
-        limiter: trio.CapacityLimiter | None = None,
+        limiter: Any = None,
         **keywords: Any,
     ) -> T:
         """Run ``sync_fn(*args)`` in one of this context's workers; see `run_sync`.
 
         Raises:
-            trio.ClosedResourceError: if the context is closed.
+            trio.ClosedResourceError: if the context is closed (under asyncio
+                `anyio.ClosedResourceError`).
         """
         if self._pool.closed:
-            raise trio.ClosedResourceError(context_closed(self._kind))
+            raise _loops.closed_resource_error(context_closed(self._kind))
         return await call(lambda: self, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)
 
     async def map(
@@ -142,7 +139,9 @@ class WorkerContext:
     ) -> list[T]:
         """`trio_parallel_fs.map` in this context's workers."""
         if self._pool.closed:
-            raise trio.ClosedResourceError(context_closed(self._kind))
+            raise _loops.closed_resource_error(context_closed(self._kind))
+        from ._map import run_map  # see _map_results
+
         return await run_map(lambda: self, sync_fn, iterables, chunksize, kill_on_cancel, limiter)
 
     def imap(
@@ -156,12 +155,12 @@ class WorkerContext:
     ) -> MapResults:
         """`trio_parallel_fs.imap` in this context's workers."""
         if self._pool.closed:
-            raise trio.ClosedResourceError(context_closed(self._kind))
-        return open_map_results(lambda: self, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)
+            raise _loops.closed_resource_error(context_closed(self._kind))
+        return _map_results(lambda: self, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)
 
     # --- the Runner of _calls ---------------------------------------------
 
-    def _default_limiter(self) -> trio.CapacityLimiter:
+    def _default_limiter(self) -> Any:
         return current_default_worker_limiter()
 
     def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> list[bytes | memoryview]:
@@ -185,8 +184,8 @@ class WorkerContext:
 
     async def _aclose(self) -> None:
         await wait_for_running_calls(lambda: self._pool.running)
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._pool.close_blocking, self.config.grace_period)
+        with _loops.CancelScope(shield=True):
+            await _loops.to_thread_run_sync(functools.partial(self._pool.close_blocking, self.config.grace_period))
 
     def _close_blocking(self) -> None:
         self._pool.close_blocking(self.config.grace_period)
@@ -326,13 +325,13 @@ async def cache_scope(*args: Any, **config: Any) -> AsyncIterator[None]:
         await context._aclose()
 
 
-@trio.lowlevel.enable_ki_protection
+@_loops.ki_protected
 async def run_sync(
     sync_fn: Callable[..., T],
     *args: Any,
     kill_on_cancel: bool = False,
     cancellable: bool = False,
-    limiter: trio.CapacityLimiter | None = None,
+    limiter: Any = None,
     **keywords: Any,
 ) -> T:
     """Run ``sync_fn(*args)`` in a worker process and return or raise its outcome.
@@ -428,6 +427,8 @@ async def map(  # noqa: A001 - the name of the builtin it stands for
         shielded, unless ``kill_on_cancel``, which kills their workers. The
         call returns only once no chunk of it runs or waits.
     """
+    from ._map import run_map  # see _map_results
+
     return await run_map(_get_default_context, sync_fn, iterables, chunksize, kill_on_cancel, limiter)
 
 
@@ -467,4 +468,12 @@ def imap(
         BaseException: as for `map`, from the loop, after the results of the
             items before the failing item's chunk.
     """
-    return open_map_results(_get_default_context, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)
+    return _map_results(_get_default_context, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)
+
+
+def _map_results(*args: Any) -> MapResults:
+    # _map is imported on first use: it imports trio, which an asyncio
+    # program that never maps should not pay for.
+    from ._map import open_map_results
+
+    return open_map_results(*args)

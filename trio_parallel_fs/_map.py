@@ -57,6 +57,7 @@ import trio
 
 from _trio_parallel_fs_worker._chunks import ITEM_INDEX, run_chunk
 
+from . import _loops
 from ._calls import Runner, _run, check_limiter, check_sync
 from ._describe import describe
 
@@ -250,11 +251,12 @@ class _Mapping:
         check_sync(fn)
         fixed = check_chunksize(chunksize)
         self.items, self.star, total = _open_inputs(name, iterables)
+        self.loop = _loops.current()
         runner = get_runner()
         if limiter is None:
             limiter = runner._default_limiter()
-        else:
-            check_limiter(limiter)
+        elif not self.loop.is_limiter(limiter):
+            check_limiter(limiter, self.loop)
         tokens = _tokens(limiter, runner)
         self.name = name
         self.get_runner = get_runner
@@ -351,7 +353,7 @@ class _Mapping:
             with scope:
                 async with self.limiter:
                     began = time.perf_counter()
-                    results, seconds = await _run(self.get_runner, self.fn, job, self.kill_on_cancel)
+                    results, seconds = await _run(self.get_runner, self.fn, job, self.kill_on_cancel, self.loop)
                     overhead = max(0.0, time.perf_counter() - began - seconds)
         except (trio.Cancelled, KeyboardInterrupt):
             raise

@@ -32,12 +32,11 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import cloudpickle
 import outcome
-import trio
 
 try:
     from distributed import Client
@@ -51,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - the dask extra is installed for
 from _trio_parallel_fs_worker import _chunks
 
 # BrokenWorkerError by its public name: the private modules behind it may move.
-from . import BrokenWorkerError
+from . import BrokenWorkerError, _loops
 from ._backends.dask import worker as _dask_worker
 from ._backends.dask.bridge import LoopBridge
 from ._backends.dask.job import Job, cancel_job, run_job, unwrap
@@ -68,6 +67,10 @@ cloudpickle.register_pickle_by_value(_dask_worker)
 # this process: local contexts' chunks then carry it by value too (some 20 us
 # a chunk, which holds about 10 ms of work).
 cloudpickle.register_pickle_by_value(_chunks)
+
+if TYPE_CHECKING:
+    import anyio
+    import trio
 
 T = TypeVar("T")
 
@@ -161,8 +164,8 @@ class DaskContext:
         scheduler: Any = client.scheduler
         self.scheduler_address: str = scheduler.address
         self._bridge = LoopBridge(loop.asyncio_loop)
-        self._token = trio.lowlevel.current_trio_token()
-        self._limiter = trio.CapacityLimiter(1)
+        self._run = _loops.current().current_run()  # the trio.run or asyncio loop that opened it
+        self._limiter: trio.CapacityLimiter | anyio.CapacityLimiter = _loops.current().CapacityLimiter(1)
         self._nthreads: dict[str, int] = {}
         # While a lost worker is being replaced: until when, and how many
         # threads the cluster had before (see _worker_lost).
@@ -179,19 +182,19 @@ class DaskContext:
         return f"<DaskContext scheduler={self.scheduler_address!r} preload={self.preload!r}>"
 
     @property
-    def limiter(self) -> trio.CapacityLimiter:
+    def limiter(self) -> trio.CapacityLimiter | anyio.CapacityLimiter:
         """The default limiter of `run_sync`, with as many tokens as the cluster
         has threads (at least one), kept up to date as workers join and leave."""
         return self._limiter
 
-    @trio.lowlevel.enable_ki_protection
+    @_loops.ki_protected
     async def run_sync(
         self,
         sync_fn: Callable[..., T],
         *args: Any,
         kill_on_cancel: bool = False,
         cancellable: bool = False,
-        limiter: trio.CapacityLimiter | None = None,
+        limiter: Any = None,
         **keywords: Any,
     ) -> T:
         """Run ``sync_fn(*args)`` on a Dask worker and return or raise its outcome.
@@ -229,13 +232,7 @@ class DaskContext:
             `trio.Cancelled` propagates. A worker without a nanny cannot be
             restarted: the job is abandoned there and a `RuntimeWarning` says so.
         """
-        if self._closed:
-            raise trio.ClosedResourceError(context_closed(self._kind))
-        if trio.lowlevel.current_trio_token() is not self._token:
-            raise RuntimeError(
-                "this Dask context belongs to the trio.run that opened it; open another "
-                "context (sharing the same Client) in this run"
-            )
+        self._check_usable()
         return await call(lambda: self, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)
 
     async def map(
@@ -269,18 +266,18 @@ class DaskContext:
 
     def _check_usable(self) -> None:
         if self._closed:
-            raise trio.ClosedResourceError(context_closed(self._kind))
-        if trio.lowlevel.current_trio_token() is not self._token:
+            raise _loops.closed_resource_error(context_closed(self._kind))
+        if _loops.current().current_run() is not self._run:
             raise RuntimeError(
-                "this Dask context belongs to the trio.run that opened it; open another "
-                "context (sharing the same Client) in this run"
+                "this Dask context belongs to the trio.run (or asyncio event loop) that opened it; "
+                "open another context (sharing the same Client) in this run"
             )
 
     # --- the Runner of _calls ---------------------------------------------
 
     _kind = "Dask context"  # in messages
 
-    def _default_limiter(self) -> trio.CapacityLimiter:
+    def _default_limiter(self) -> Any:
         return self._limiter
 
     def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Job:
@@ -297,10 +294,11 @@ class DaskContext:
         self._running += 1
         try:
             pending = self._bridge.start(run_job, self.client, job)
+            loop = _loops.current()
             try:
                 settled = await pending.wait()  # shielded unless kill_on_cancel
-            except trio.Cancelled:
-                with trio.CancelScope(shield=True):
+            except loop.Cancelled:
+                with loop.CancelScope(shield=True):
                     await self._kill(job)
                     await self._look_while_settling()
                 self._counts["killed"] += 1
@@ -336,7 +334,7 @@ class DaskContext:
         # Once the scheduler has cancelled the key it sends it to no worker, but
         # the worker it was sent to may not have heard yet: there it may still
         # sit queued, and could start. Ask until no worker holds it queued.
-        with trio.move_on_after(KILL_TIMEOUT):
+        with _loops.move_on_after(KILL_TIMEOUT):
             while True:
                 states = await self._bridge.run(_job_states, self.client, key)
                 running = sorted(addr for addr, state in states.items() if state == _dask_worker.RUNNING)
@@ -345,7 +343,7 @@ class DaskContext:
                     return
                 if _dask_worker.QUEUED not in states.values():
                     return
-                await trio.sleep(0.01)
+                await _loops.sleep(0.01)
         warnings.warn(
             f"kill_on_cancel gave up on job {key!r} after {KILL_TIMEOUT:.0f} s: it was still queued on a "
             "worker, or its worker did not die. It may still run; look at the cluster's dashboard.",
@@ -412,16 +410,16 @@ class DaskContext:
         # been a halfway one. A cluster that shrank for good (adaptive
         # scaling) ends the looks at the deadline instead.
         self._settle_threads = self._most_threads
-        self._settle_until = trio.current_time() + SETTLE_TIMEOUT
+        self._settle_until = _loops.current().current_time() + SETTLE_TIMEOUT
 
     async def _look_while_settling(self) -> None:
         if self._settle_until is None:
             return
-        if trio.current_time() > self._settle_until:
+        if _loops.current().current_time() > self._settle_until:
             self._settle_until = None  # it did not come back: the periodic look carries on
             return
         # Shielded: the call has its outcome, which a cancellation here would lose.
-        with trio.CancelScope(shield=True), trio.move_on_after(LOOK_TIMEOUT):
+        with _loops.CancelScope(shield=True), _loops.move_on_after(LOOK_TIMEOUT):
             try:
                 nthreads = await self._bridge.run(_nthreads, self.client)
             except Exception:  # noqa: BLE001 - the scheduler is away; keep the last view
@@ -440,7 +438,7 @@ class DaskContext:
     async def _follow_workers(self, interval: float) -> None:
         """Resize the limiter as workers join and leave, every ``interval`` seconds."""
         while True:
-            await trio.sleep(interval)
+            await _loops.sleep(interval)
             try:
                 nthreads = await self._bridge.run(_nthreads, self.client)
             except Exception:  # noqa: BLE001 - the scheduler is away; keep the last size
@@ -454,9 +452,9 @@ class DaskContext:
         register = functools.partial(self.client.register_plugin, plugin, name=name)
         try:
             # Registered once: the scheduler hands it to every worker that joins later.
-            await trio.to_thread.run_sync(register)
+            await _loops.to_thread_run_sync(register)
         except Exception as exc:  # noqa: BLE001 - whatever the import raised on a worker
-            await trio.to_thread.run_sync(self.client.unregister_worker_plugin, name)
+            await _loops.to_thread_run_sync(functools.partial(self.client.unregister_worker_plugin, name))
             if not self.preload:
                 raise
             raise ImportError(
@@ -469,10 +467,11 @@ class DaskContext:
     async def _aclose(self) -> None:
         self._closed = True
         await wait_for_running_calls(lambda: self._running)
-        with trio.CancelScope(shield=True):
+        with _loops.CancelScope(shield=True):
             if self._plugin_name is not None:
                 try:
-                    await trio.to_thread.run_sync(self.client.unregister_worker_plugin, self._plugin_name)
+                    unregister = functools.partial(self.client.unregister_worker_plugin, self._plugin_name)
+                    await _loops.to_thread_run_sync(unregister)
                 except Exception:  # noqa: BLE001 - a cluster that is gone keeps no plugin
                     pass
 
@@ -512,7 +511,7 @@ def _discard(client: Client, timeout: float) -> None:
 
 async def _connect_to(address: str, connect_timeout: float) -> Client:
     try:
-        return await trio.to_thread.run_sync(_new_client, address, connect_timeout)
+        return await _loops.to_thread_run_sync(functools.partial(_new_client, address, connect_timeout))
     except ValueError as exc:
         # Dask's own text says what it could not read (the port, the scheme...).
         raise ValueError(
@@ -546,7 +545,7 @@ async def _connect(client_or_address: Client | str, connect_timeout: float) -> t
                 "thread), not an asynchronous one; make it with Client(address) outside asyncio"
             )
         if client_or_address.status != "running":
-            raise trio.ClosedResourceError(
+            raise _loops.closed_resource_error(
                 f"the distributed.Client given to open_dask_context is {client_or_address.status!r}, "
                 "not 'running'; pass a connected client, or the scheduler's address"
             )
@@ -609,7 +608,7 @@ async def open_dask_context(
         with quieted() as context._logs:
             await context._start()
             try:
-                async with trio.open_nursery() as nursery:
+                async with _loops.current().open_nursery() as nursery:
                     nursery.start_soon(context._follow_workers, refresh_interval)
                     try:
                         yield context
@@ -619,5 +618,5 @@ async def open_dask_context(
                 await context._aclose()
     finally:
         if owned:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(client.close)
+            with _loops.CancelScope(shield=True):
+                await _loops.to_thread_run_sync(client.close)

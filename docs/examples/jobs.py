@@ -89,3 +89,15 @@ def memory_figures():
     info = psutil.Process().memory_full_info()
     pss = getattr(info, "pss", None)  # Linux only
     return round(info.uss / 2**20), None if pss is None else round(pss / 2**20), round(info.rss / 2**20)
+
+
+def log_det(size, seed):
+    """The log-determinant of a random ``size`` x ``size`` matrix (SciPy's LU):
+    numpy and scipy are imported here, where the job runs; a template that
+    preloads them has them already."""
+    import numpy as np
+    import scipy.linalg
+
+    matrix = np.random.default_rng(seed).standard_normal((size, size))
+    lu, _ = scipy.linalg.lu_factor(matrix)
+    return float(np.sum(np.log(np.abs(np.diag(lu)))))

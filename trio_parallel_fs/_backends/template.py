@@ -26,12 +26,11 @@ import subprocess
 import threading
 import time
 
-import trio
-
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._errorcodec import decode_error
 from _trio_parallel_fs_worker._settings import TemplateSettings
 
+from .. import _loops
 from .._errors import template_start_error
 from .launch import child_command, child_environment
 from .seam import ANSWER_TIMEOUT, ExitInfo
@@ -269,7 +268,7 @@ class ForkedWorker:
     async def wait(self) -> ExitInfo:
         while not self._done():
             assert self._status_fd is not None
-            await trio.lowlevel.wait_readable(self._status_fd)
+            await _loops.wait_readable(self._status_fd)
         return self._info()
 
     def wait_blocking(self, timeout: float) -> ExitInfo | None:
@@ -316,7 +315,7 @@ class TemplateBackend:
         # If the caller is cancelled, the thread finishes the start for the next
         # caller. The template does not depend on this thread living: it watches
         # its control channel, not the thread that started it.
-        await trio.to_thread.run_sync(self.start_blocking, abandon_on_cancel=True)
+        await _loops.to_thread_run_sync(self.start_blocking, abandon_on_cancel=True)
 
     def start_blocking(self) -> None:
         with self._lock:

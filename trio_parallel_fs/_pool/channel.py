@@ -1,7 +1,7 @@
 """The parent's end of one worker: its channel, its process handle, its state.
 
 A raw non-blocking socket, the sans-IO `_protocol.Connection` and
-``trio.lowlevel.wait_readable`` are all a job round trip needs: no trio stream
+the loop's ``_loops.wait_readable`` are all a job round trip needs: no stream
 objects, no extra buffering layer.
 
 A worker's death is seen as end-of-file on its channel. Processes a job
@@ -41,12 +41,11 @@ import threading
 import time
 import weakref
 
-import trio
-
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._shm import SharedArea, total_bytes
 from _trio_parallel_fs_worker._spin import SpinPolicy, input_poller, yield_cpu
 
+from .. import _loops
 from .._backends.seam import WorkerProcess
 from .lifecycle import WorkerEvent, WorkerState, next_worker_state
 
@@ -277,7 +276,7 @@ class Worker:
                 sent = sock.sendmsg([view], fds)
                 break
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+                await _loops.wait_writable(sock)
         await self._send_rest(view, sent)
 
     async def _send_rest(self, view: memoryview, sent: int) -> None:
@@ -287,7 +286,7 @@ class Worker:
             try:
                 sent += sock.send(view[sent:])
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+                await _loops.wait_writable(sock)
 
     async def receive(self, answer_timeout: float) -> p.Event:
         """The worker's next event; `p.Closed` once it is known to be dead.
@@ -302,8 +301,8 @@ class Worker:
             if self.process.answered():
                 await self._wait_readable()
             else:
-                with trio.move_on_after(answer_timeout) as waited:
-                    await trio.lowlevel.wait_readable(sock)
+                with _loops.move_on_after(answer_timeout) as waited:
+                    await _loops.wait_readable(sock)
                 if waited.cancelled_caught and not self.process.answered():
                     raise AnswerTimeout
             buffer = connection.payload_buffer()
@@ -350,25 +349,26 @@ class Worker:
     async def _wait_readable(self) -> None:
         """Wait until the channel has something to read: busy at first while
         replies come quickly (see ``_spin``), letting other tasks run between
-        two looks; then through Trio.
+        two looks; then through the event loop.
 
         Also when the worker was asleep and the job wakes it: its wake-up is
         on the reply's path either way, and blocked we would add ours (the
         CPU we left halts, and waking it goes through the hypervisor).
         """
         spin = self._spin
+        loop = _loops.current()  # once: the busy-wait looks again and again
         if not spin.limit_ns:
-            await trio.lowlevel.wait_readable(self.channel)
+            await loop.wait_readable(self.channel)
             return
         start = time.perf_counter_ns()
         end = start + spin.window_ns()  # while replies come slowly: now, one look only
         readable = self._readable
         while not readable(0):
             if time.perf_counter_ns() >= end:
-                await trio.lowlevel.wait_readable(self.channel)
+                await loop.wait_readable(self.channel)
                 break
             yield_cpu()
-            await trio.lowlevel.checkpoint()
+            await loop.checkpoint()
         spin.waited(time.perf_counter_ns() - start)
 
     def _take_result_buffers(self, value: p.Value) -> None:

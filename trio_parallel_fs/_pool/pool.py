@@ -54,13 +54,13 @@ from typing import Any
 import attrs
 import cloudpickle
 import outcome
-import trio
 
 from _trio_parallel_fs_worker import _protocol as p
 from _trio_parallel_fs_worker._errorcodec import decode_error
 from _trio_parallel_fs_worker._settings import WorkerSettings
 from _trio_parallel_fs_worker._shm import unsupported_reason
 
+from .. import _loops
 from .._backends.seam import ANSWER_TIMEOUT, Backend, ExitInfo, WorkerProcess
 from .._config import WorkerConfig
 from .._describe import describe
@@ -330,7 +330,7 @@ class WorkerPool:
         this task lets Trio run anything else. Not right now: that costs about
         a quarter of a millisecond, which the caller of the retiring worker's
         job need not wait for."""
-        trio.lowlevel.spawn_system_task(self._prepare_replacement_task, name="trio_parallel_fs prepare a worker")
+        _loops.spawn_system_task(self._prepare_replacement_task, name="trio_parallel_fs prepare a worker")
 
     async def _prepare_replacement_task(self) -> None:
         self._prepare_replacement()
@@ -427,14 +427,14 @@ class WorkerPool:
         except BaseException:
             # Cancelled with kill_on_cancel, or KeyboardInterrupt: nobody will
             # read this job's result, so the worker goes.
-            with trio.CancelScope(shield=True):
+            with _loops.CancelScope(shield=True):
                 await self._kill(worker)
             raise
         return event, delivered
 
     async def _kill(self, worker: Worker) -> None:
         worker.process.kill()
-        with trio.move_on_after(ANSWER_TIMEOUT):
+        with _loops.move_on_after(ANSWER_TIMEOUT):
             await worker.process.wait()
         if not worker.process.has_exited():
             worker.process.give_up()  # its template did not answer the kill
@@ -462,9 +462,9 @@ class WorkerPool:
     async def _died(self, worker: Worker, fn: object, fail_call: bool = True) -> None:
         """The worker's channel closed: wait for its exit report, let it go and,
         with ``fail_call``, raise the BrokenWorkerError that says how it died."""
-        with trio.CancelScope(shield=True):
+        with _loops.CancelScope(shield=True):
             info = ExitInfo(pid=worker.process.pid, exitcode=None)
-            with trio.move_on_after(ANSWER_TIMEOUT):
+            with _loops.move_on_after(ANSWER_TIMEOUT):
                 info = await worker.process.wait()
             if not worker.process.has_exited():
                 info = worker.process.give_up()

@@ -24,8 +24,7 @@ import threading
 import time
 from typing import Any
 
-import trio
-
+from ... import _loops
 from ..launch import child_command, child_environment
 from ..seam import ExitInfo
 from .ceiling import CeilingWatcher, Watched
@@ -178,11 +177,11 @@ class SpawnedWorker:
 
     async def wait(self) -> ExitInfo:
         if self._pidfd is not None:
-            await trio.lowlevel.wait_readable(self._pidfd)
+            await _loops.wait_readable(self._pidfd)
         else:
             delay = 0.0005
             while not self._exited_unreaped():
-                await trio.sleep(delay)
+                await _loops.sleep(delay)
                 delay = min(delay * 2, 0.05)
         self._reap()
         return self._info()
@@ -244,7 +243,7 @@ class SpawnBackend:
     async def start_worker(self) -> tuple[socket.socket, SpawnedWorker]:
         if self._channel == "loopback":
             # Waiting for the worker to connect takes an interpreter start.
-            started = await trio.to_thread.run_sync(
+            started = await _loops.to_thread_run_sync(
                 lambda: start_loopback_worker(
                     lambda port: child_command("worker", f"loopback:{port}"), self._env
                 )

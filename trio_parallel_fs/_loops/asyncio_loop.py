@@ -1,0 +1,325 @@
+"""The primitives under asyncio (see the package's docstring).
+
+Theory of operation
+-------------------
+asyncio has no cancel scopes: ``task.cancel()`` throws one CancelledError
+into whatever the task awaits, shield or not (anyio's shielded scopes do not
+stop it either). Trio's contract needs two kinds of scope, so this module
+keeps its own, per task, in a context variable (each task runs in its own
+copy of the context): a *shield*, which holds off cancellation from outside
+it, and a *deadline* (``move_on_after``). They work because every await the
+library makes inside them is one of the waits below, which all go through
+`_park`:
+
+* It waits on a fresh future that the event (fd ready, thread done, timer)
+  completes, plus a timer for the nearest deadline in force: the innermost
+  scopes' deadlines, up to and including the innermost shield.
+* A CancelledError that arrives inside a shield is noted on that shield and
+  the wait goes on, on the same future (``asyncio.shield`` keeps the cancel
+  off it). When
+  the shield is left without an exception, it raises CancelledError then:
+  the job ran to its end, and the cancellation takes effect as the call
+  returns, as asyncio's rules want it to (wait_for, asyncio.timeout and
+  TaskGroup all need to see it). We never call ``uncancel``: the count is the
+  canceller's.
+* A deadline that passes raises `_DeadlineExpired`, which its scope catches
+  (``cancelled_caught``).
+
+Readiness waits use ``loop.add_reader``/``add_writer``: no thread per call.
+A loop without them (Windows' proactor) falls back to anyio's waits, which
+carry a selector thread of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import weakref
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+name = "asyncio"
+
+CapacityLimiter = anyio.CapacityLimiter
+WouldBlock = anyio.WouldBlock
+ClosedResourceError = anyio.ClosedResourceError
+
+
+class _Scope:
+    """A shield or a deadline, innermost first through ``parent``."""
+
+    __slots__ = ("parent", "shield", "deadline", "cancelled_caught", "cancel_pending", "_token")
+
+    def __init__(self, shield: bool = False, deadline: float = math.inf) -> None:
+        self.shield = shield
+        self.deadline = deadline
+        self.cancelled_caught = False
+        # The CancelledError held off, if any: its message says who cancelled
+        # (anyio's scopes know theirs by it), so it is raised again as it came.
+        self.cancel_pending: asyncio.CancelledError | None = None
+        self.parent: _Scope | None = None
+
+    def __enter__(self) -> _Scope:
+        self.parent = _innermost.get()
+        self._token = _innermost.set(self)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        _innermost.reset(self._token)
+        if isinstance(exc, _DeadlineExpired) and exc.scope is self:
+            self.cancelled_caught = True
+            return True
+        pending = self.cancel_pending
+        if pending is not None:
+            outer = _enclosing_shield(self.parent)
+            if outer is not None:
+                outer.cancel_pending = pending  # still held off, by the next shield out
+            elif exc is None:
+                raise asyncio.CancelledError(*pending.args)
+        return False
+
+
+class _DeadlineExpired(Exception):
+    def __init__(self, scope: _Scope) -> None:
+        self.scope = scope
+
+
+#: What a cancelled wait raises, for ``except`` (Trio's is trio.Cancelled for both).
+Cancelled = (asyncio.CancelledError, _DeadlineExpired)
+
+_innermost: ContextVar[_Scope | None] = ContextVar("trio_parallel_fs.asyncio_scope", default=None)
+
+
+def _enclosing_shield(scope: _Scope | None) -> _Scope | None:
+    while scope is not None:
+        if scope.shield:
+            return scope
+        scope = scope.parent
+    return None
+
+
+def CancelScope(*, shield: bool) -> _Scope:  # noqa: N802 - stands where trio.CancelScope stands
+    return _Scope(shield=shield)
+
+
+def move_on_after(seconds: float) -> _Scope:
+    return _Scope(deadline=asyncio.get_running_loop().time() + seconds)
+
+
+_WOKEN, _TIMER, _SLEPT = "woken", "timer", "slept"
+
+
+def _wake(future: asyncio.Future[str], why: str) -> None:
+    if not future.done():
+        future.set_result(why)
+
+
+async def _park(
+    arm: Callable[[asyncio.Future[str]], Callable[[], object]] | None, until: float = math.inf
+) -> None:
+    """Wait until ``arm``'s event completes the future it is given (``arm``
+    returns its disarming), or the loop's clock reaches ``until``; by the
+    rules of the scopes in force (see the module's docstring)."""
+    loop = asyncio.get_running_loop()
+    deadline, expiring, shield = until, None, None
+    scope = _innermost.get()
+    while scope is not None:
+        if scope.deadline < deadline:
+            deadline, expiring = scope.deadline, scope
+        if scope.shield:
+            shield = scope
+            break
+        scope = scope.parent
+    if expiring is not None and deadline <= loop.time():
+        raise _DeadlineExpired(expiring)
+    future: asyncio.Future[str] = loop.create_future()
+    disarm = arm(future) if arm is not None else None
+    timer = loop.call_at(deadline, _wake, future, _TIMER) if deadline != math.inf else None
+    try:
+        if shield is None:
+            why = await future
+        else:
+            # Shielded, the cancel takes asyncio.shield's outer future, never
+            # ours: the event stays armed. (Arming again after each cancel
+            # would never see it under anyio's cancel scopes, which cancel
+            # the task on every loop pass, ahead of the fd's callback.)
+            while True:
+                try:
+                    why = await asyncio.shield(future)
+                    break
+                except asyncio.CancelledError as cancel:
+                    shield.cancel_pending = cancel
+                    if future.done():
+                        why = future.result()
+                        break
+    finally:
+        if disarm is not None:
+            disarm()
+        if timer is not None:
+            timer.cancel()
+    if why == _TIMER and expiring is not None:
+        raise _DeadlineExpired(expiring)
+    # else the event, or the sleep's own end
+
+
+def _fd(obj: Any) -> int:
+    return obj if isinstance(obj, int) else int(obj.fileno())
+
+
+async def wait_readable(obj: Any) -> None:
+    loop = asyncio.get_running_loop()
+    fd = _fd(obj)
+
+    def arm(future: asyncio.Future[str]) -> Callable[[], object]:
+        loop.add_reader(fd, _wake, future, _WOKEN)
+        return lambda: loop.remove_reader(fd)
+
+    try:
+        await _park(arm)
+    except NotImplementedError:  # no add_reader on this loop (Windows' proactor)
+        await _through_anyio(anyio.wait_readable, fd)
+
+
+async def wait_writable(obj: Any) -> None:
+    loop = asyncio.get_running_loop()
+    fd = _fd(obj)
+
+    def arm(future: asyncio.Future[str]) -> Callable[[], object]:
+        loop.add_writer(fd, _wake, future, _WOKEN)
+        return lambda: loop.remove_writer(fd)
+
+    try:
+        await _park(arm)
+    except NotImplementedError:
+        await _through_anyio(anyio.wait_writable, fd)
+
+
+async def _through_anyio(wait: Callable[[int], Awaitable[None]], fd: int) -> None:
+    """anyio's wait, in a task of its own, waited for by our rules."""
+    task = asyncio.ensure_future(wait(fd))
+    try:
+        await _park(_on_done(task))
+    finally:
+        task.cancel()
+
+
+def _on_done(awaited: asyncio.Future[Any]) -> Callable[[asyncio.Future[str]], Callable[[], object]]:
+    def arm(future: asyncio.Future[str]) -> Callable[[], object]:
+        def done(_: object) -> None:
+            _wake(future, _WOKEN)
+
+        awaited.add_done_callback(done)
+        return lambda: awaited.remove_done_callback(done)
+
+    return arm
+
+
+async def checkpoint() -> None:
+    """Let other tasks run: one bare yield to the loop (the busy-wait's, so
+    no future and no timer). A cancellation that arrives here is held off by
+    a shield like any other; deadlines are looked at by the waits only."""
+    try:
+        await asyncio.sleep(0)
+    except asyncio.CancelledError as cancel:
+        shield = _enclosing_shield(_innermost.get())
+        if shield is None:
+            raise
+        shield.cancel_pending = cancel
+
+
+async def checkpoint_if_cancelled() -> None:
+    # asyncio's own cancellation is delivered at the next await, not kept as
+    # a state to look at; anyio's cancel scopes are, and a cancelled one
+    # should start nothing (no yield when none is).
+    await anyio.lowlevel.checkpoint_if_cancelled()
+
+
+async def sleep(seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    await _park(None, until=loop.time() + seconds)
+
+
+async def to_thread_run_sync(fn: Callable[[], Any], *, abandon_on_cancel: bool = False) -> Any:
+    """``fn()`` in the loop's default executor. Not abandoned: the wait is
+    shielded (the thread cannot be stopped anyway)."""
+    done = asyncio.get_running_loop().run_in_executor(None, fn)
+    if abandon_on_cancel:
+        await _park(_on_done(done))
+    else:
+        with _Scope(shield=True):
+            await _park(_on_done(done))
+    return done.result()
+
+
+_system_tasks: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak references
+
+
+def spawn_system_task(async_fn: Callable[[], Awaitable[None]], *, name: str) -> None:
+    task: asyncio.Task[None] = asyncio.get_running_loop().create_task(async_fn(), name=name)  # type: ignore[arg-type]
+    _system_tasks.add(task)
+    task.add_done_callback(_system_tasks.discard)
+
+
+def is_limiter(limiter: object) -> bool:
+    return isinstance(limiter, anyio.CapacityLimiter)
+
+
+_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = weakref.WeakKeyDictionary()
+
+
+def default_limiter(total_tokens: Callable[[], int]) -> anyio.CapacityLimiter:
+    """This event loop's default limiter (an `anyio.CapacityLimiter`), made on first use."""
+    loop = asyncio.get_running_loop()
+    limiter = _limiters.get(loop)
+    if limiter is None:
+        limiter = _limiters[loop] = anyio.CapacityLimiter(total_tokens())
+    return limiter
+
+
+def foreign_limiter(limiter: object) -> str | None:
+    """Why ``limiter`` cannot serve under asyncio, or None."""
+    if type(limiter).__module__.split(".")[0] == "trio":
+        return (
+            "a Trio object works only inside trio.run; under asyncio use an "
+            "anyio.CapacityLimiter or an asyncio.Semaphore"
+        )
+    return None
+
+
+def current_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def open_nursery() -> Any:
+    """A task group with Trio's nursery's ``start_soon`` and ``cancel_scope``: anyio's."""
+    return anyio.create_task_group()
+
+
+def current_run() -> object:
+    """What identifies this run (objects bound to it work in it only): its loop."""
+    return asyncio.get_running_loop()
+
+
+async def wait_concurrent(future: Any) -> None:
+    """Wait until a `concurrent.futures.Future` completes in another thread,
+    blocking no thread, by our rules (cancelling the wait leaves it alone)."""
+    loop = asyncio.get_running_loop()
+
+    def arm(waiter: asyncio.Future[str]) -> Callable[[], object]:
+        def done(_future: object) -> None:
+            try:
+                loop.call_soon_threadsafe(_wake, waiter, _WOKEN)
+            except RuntimeError:
+                pass  # the loop is closed; nobody is waiting any more
+
+        future.add_done_callback(done)
+        return lambda: None  # a concurrent future's callbacks cannot be removed; a late one is harmless
+
+    await _park(arm)

@@ -1,0 +1,81 @@
+"""The primitives under Trio: Trio's own calls (see the package's docstring)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+name = "trio"
+
+checkpoint = trio.lowlevel.checkpoint
+checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+wait_readable = trio.lowlevel.wait_readable
+wait_writable = trio.lowlevel.wait_writable
+sleep = trio.sleep
+move_on_after = trio.move_on_after
+CancelScope = trio.CancelScope
+CapacityLimiter = trio.CapacityLimiter
+WouldBlock = trio.WouldBlock
+ClosedResourceError = trio.ClosedResourceError
+Cancelled = trio.Cancelled
+enable_ki_protection = trio.lowlevel.enable_ki_protection
+
+
+def to_thread_run_sync(fn: Callable[[], Any], *, abandon_on_cancel: bool = False) -> Awaitable[Any]:
+    return trio.to_thread.run_sync(fn, abandon_on_cancel=abandon_on_cancel)
+
+
+def spawn_system_task(async_fn: Callable[[], Awaitable[None]], *, name: str) -> None:
+    trio.lowlevel.spawn_system_task(async_fn, name=name)
+
+
+def is_limiter(limiter: object) -> bool:
+    """True for the limiter `_calls.call` takes a token from without a trip
+    through the scheduler."""
+    return type(limiter) is trio.CapacityLimiter
+
+
+_limiter_runvar: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("trio_parallel_fs.limiter")
+
+
+def default_limiter(total_tokens: Callable[[], int]) -> trio.CapacityLimiter:
+    """This ``trio.run``'s default limiter, made on first use."""
+    try:
+        return _limiter_runvar.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(total_tokens())
+        _limiter_runvar.set(limiter)
+        return limiter
+
+
+def foreign_limiter(limiter: object) -> str | None:
+    """Why ``limiter`` cannot serve under Trio, or None."""
+    return None  # an asyncio.Semaphore or anyio's limiter fails on first use, saying so
+
+
+current_time = trio.current_time
+open_nursery = trio.open_nursery
+
+
+def current_run() -> object:
+    """What identifies this run (objects bound to it work in it only): its token."""
+    return trio.lowlevel.current_trio_token()
+
+
+async def wait_concurrent(future: Any) -> None:
+    """Wait until a `concurrent.futures.Future` completes in another thread,
+    blocking no thread: its done-callback wakes us through the run's token."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_future: object) -> None:
+        # On the completing thread, or at once here if it had completed.
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass  # the run ended; nobody is waiting any more
+
+    future.add_done_callback(wake)
+    await done.wait()
