@@ -37,7 +37,10 @@ def read_events(sock: socket.socket) -> tuple[list[p.Event], list[int]]:
     fds: list[int] = []
     while True:
         try:
-            data, ancillary, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 4))
+            if not hasattr(socket, "CMSG_SPACE"):  # Windows: no fds ride on a socket
+                data, ancillary = sock.recv(1 << 20), []
+            else:
+                data, ancillary, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 4))
         except BlockingIOError:
             break
         for level, kind, payload in ancillary:
