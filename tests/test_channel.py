@@ -6,8 +6,10 @@ from __future__ import annotations
 import array
 import os
 import socket
+import threading
 
 import pytest
+import trio
 
 from _trio_parallel_fs_worker import _shm
 from _trio_parallel_fs_worker import protocol as p
@@ -30,27 +32,46 @@ def count_jobs_framed(connection: p.Connection, framed: list[p.Job]) -> None:
     connection.send = recording_send  # type: ignore[method-assign]
 
 
-def read_events(sock: socket.socket) -> tuple[list[p.Event], list[int]]:
-    """Everything the parent sent, as the worker's Connection sees it, and the fds that came along."""
-    sock.setblocking(False)
+def parse(data: bytes) -> list[p.Event]:
+    """What the parent sent, as the worker's Connection sees it."""
     worker = p.Connection(p.WORKER)
-    fds: list[int] = []
-    while True:
-        try:
-            if not hasattr(socket, "CMSG_SPACE"):  # Windows: no fds ride on a socket
-                data, ancillary = sock.recv(1 << 20), []
-            else:
-                data, ancillary, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 4))
-        except BlockingIOError:
-            break
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
-        worker.receive_data(data)
+    worker.receive_data(data)
     events = []
     while (event := worker.next_event()) is not p.NEED_DATA:
         events.append(event)
-    return events, fds
+    return events
+
+
+class Reader(threading.Thread):
+    """Reads the worker's end until the parent's end closes (a large job does
+    not fit in a socket's buffer: it is sent while this reads), keeping the fds
+    that ride along."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+        self.data = b""
+        self.fds: list[int] = []
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            if not hasattr(socket, "CMSG_SPACE"):  # Windows: no fds ride on a socket
+                data, ancillary = self.sock.recv(1 << 20), []
+            else:
+                data, ancillary, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 4))
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    self.fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+            if not data:
+                return
+            self.data += data
+
+    async def events_once_closed(self, worker: Worker) -> list[p.Event]:
+        worker.close()
+        with trio.fail_after(30):
+            await trio.to_thread.run_sync(self.join)
+        return parse(self.data)
 
 
 async def test_a_job_is_framed_once_by_the_connection_and_left_as_it_was():
@@ -60,11 +81,11 @@ async def test_a_job_is_framed_once_by_the_connection_and_left_as_it_was():
     count_jobs_framed(worker.connection, framed)
     buffer = memoryview(bytearray(b"x" * 100_000))
     job = p.Job(b"the pickle", [buffer])
+    reader = Reader(theirs)
     try:
         assert await worker.send_job(job)
-        events, fds = read_events(theirs)
     finally:
-        worker.close()
+        events = await reader.events_once_closed(worker)
         theirs.close()
     assert framed == [job]  # the front end's event itself, framed here only
     assert job.buffers == [buffer] and job.area is None  # a resubmit sends it as it was
@@ -72,7 +93,7 @@ async def test_a_job_is_framed_once_by_the_connection_and_left_as_it_was():
     assert isinstance(config, p.Config) and config.settings == SETTINGS  # first, with the first job
     assert isinstance(got, p.Job) and bytes(got.pickled) == b"the pickle"
     assert [bytes(view) for view in got.buffers] == [b"x" * 100_000]
-    assert fds == []
+    assert reader.fds == []
 
 
 @pytest.mark.skipif(_shm.unsupported_reason() is not None, reason="no shared memory area here")
@@ -93,20 +114,19 @@ async def test_the_area_path_writes_the_job_events_own_buffers_without_reframing
     count_jobs_framed(worker.connection, framed)
     buffers = [memoryview(bytearray(b"a" * 70_000)), memoryview(bytearray(b"b" * 3))]
     job = p.Job(b"the pickle", buffers)
-    fds: list[int] = []
+    reader = Reader(theirs)
     try:
         assert await worker.send_job(job)
-        events, fds = read_events(theirs)
     finally:
-        worker.close()
+        events = await reader.events_once_closed(worker)
         theirs.close()
-        for fd in fds:
+        for fd in reader.fds:
             os.close(fd)
     assert written == [buffers] and written[0] is buffers  # the event's own list of buffers
     assert len(framed) == 1 and framed[0] is not job and bytes(framed[0].pickled) == b"the pickle"
     assert job.buffers is buffers and job.area is None  # a resubmit sends it as it was
     config, area, got = events
-    assert isinstance(config, p.Config) and isinstance(area, p.Area) and len(fds) == 1
+    assert isinstance(config, p.Config) and isinstance(area, p.Area) and len(reader.fds) == 1
     assert isinstance(got, p.Job) and bytes(got.pickled) == b"the pickle" and got.buffers == []
     assert got.area is not None
     extents = d.decode_descriptor(got.area).extents
@@ -118,9 +138,9 @@ async def test_a_worker_started_ahead_gets_its_config_at_once_and_once_only():
     worker = Worker(ours, None, SETTINGS)  # type: ignore[arg-type]
     try:
         worker.send_ahead()
-        assert theirs.recv(1 << 16, socket.MSG_PEEK)  # sent now, before any job
+        config = theirs.recv(1 << 16)  # sent now, before any job
         assert await worker.send_job(p.Job(b"job"))
-        events, _ = read_events(theirs)  # a second Config would be a ProtocolError
+        events = parse(config + theirs.recv(1 << 16))  # a second Config would be a ProtocolError
     finally:
         worker.close()
         theirs.close()
