@@ -113,6 +113,7 @@ _AREA = struct.Struct("!QQ")
 _STARTED = struct.Struct("!q")
 _READY = struct.Struct("!q")
 _unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
 
 
 class Connection:
@@ -136,6 +137,9 @@ class Connection:
         self.their_role = their_role
         self._sends = _SENDS[our_role, their_role]
         self._receives = _SENDS[their_role, our_role]
+        # Looked up once: a job or a result goes on every call.
+        self._sends_jobs = JOB in self._sends
+        self._sends_values = VALUE in self._sends
         self._reader = FrameReader()
         self._eof = False
         self._configured = our_role == PARENT  # a worker and the template get their Config first
@@ -150,16 +154,20 @@ class Connection:
         of this frame (SCM_RIGHTS). A Job or Value whose ``area`` is set has
         its buffers in the area already: only the descriptor and pickle go.
         """
-        # Job and Value first: one per call, each way.
+        # Job and Value first: one per call, each way; a small job without
+        # buffers (the warm call's) is framed right here.
         cls = type(event)
         if cls is Job:
-            if JOB not in self._sends:
+            if not self._sends_jobs:
                 raise self._not_ours(event)
             if event.area is not None:  # type: ignore[union-attr]
                 return area_parts(JOB, event.area, event.pickled)  # type: ignore[union-attr]
+            if not event.buffers:  # type: ignore[union-attr]
+                pickled = event.pickled  # type: ignore[union-attr]
+                return [_pack_header(JOB, 0, len(pickled)) + pickled]
             return frame_parts(JOB, event.pickled, event.buffers)  # type: ignore[arg-type, union-attr]
         if cls is Value:
-            if VALUE not in self._sends:
+            if not self._sends_values:
                 raise self._not_ours(event)
             if event.area is not None:  # type: ignore[union-attr]
                 return area_parts(VALUE, event.area, event.pickled, event.retire)  # type: ignore[union-attr]
