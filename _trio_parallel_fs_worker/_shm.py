@@ -101,7 +101,9 @@ object can be sized only once, so it is sized to ``cap`` at creation (pages
 are still allocated only when touched). Where neither exists, ``create``
 raises ``SharedAreaUnsupported`` and callers keep using the socket.
 
-This module is used by both the parent and the worker: standard library only.
+This module is used by both the parent and the worker: standard library only,
+and the descriptor record (``protocol.descriptor``), which the protocol
+carries and checks and this module interprets.
 """
 
 from __future__ import annotations
@@ -113,12 +115,13 @@ import mmap
 import os
 import pickle
 import secrets
-import struct
 import sys
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
+
+from .protocol.descriptor import ALIGN, Descriptor, DescriptorError, decode_descriptor, encode_descriptor
 
 try:
     import fcntl
@@ -131,10 +134,6 @@ try:
 except ImportError:  # Windows, or a Python built without it
     _posixshmem = None
 
-# Offsets of buffers in the area (and in a copy made by read_copy) are
-# multiples of this: arrays rebuilt on them are aligned for any element type,
-# and for the widest vector loads.
-ALIGN = 64
 
 # Name of the memfd, as /proc/<pid>/maps and smaps show it: "/memfd:tpf-shm (deleted)".
 MEMFD_NAME = "tpf-shm"
@@ -174,34 +173,6 @@ class AreaMemoryError(MemoryError):
     neither as a mapping of the area nor as a private copy."""
 
 
-class DescriptorError(ValueError):
-    """A descriptor is malformed, or names bytes outside the area."""
-
-
-class Descriptor(NamedTuple):
-    """Where the buffers of one message lie in the area.
-
-    Attributes:
-        area_size: The bytes the writer had mapped: a reader with a smaller
-            mapping maps the area again at this size before reading.
-        extents: ``(offset, length)`` of each buffer, in order.
-        window: For a job: ``(start, end)`` of the part of the area where the
-            worker may write its results from now on (see "Results lent from
-            the area"); ``(0, 0)``: the worker keeps the window it had.
-    """
-
-    area_size: int
-    extents: tuple[tuple[int, int], ...]
-    window: tuple[int, int] = (0, 0)
-
-
-# Descriptor layout, network byte order: area size (u64), buffer count (u32),
-# window start and end (u64 each), then (offset u64, length u64) per buffer.
-# Three buffers: 76 bytes.
-_HEAD = struct.Struct("!QIQQ")
-_EXTENT = struct.Struct("!QQ")
-
-
 def aligned(offset: int) -> int:
     return -(-offset // ALIGN) * ALIGN
 
@@ -218,55 +189,6 @@ def layout(lengths: Iterable[int], start: int = 0) -> tuple[tuple[tuple[int, int
         extents.append((offset, length))
         end = offset + length
     return tuple(extents), end
-
-
-def encode_descriptor(descriptor: Descriptor) -> bytes:
-    extents = descriptor.extents
-    flat = [number for extent in extents for number in extent]
-    start, end = descriptor.window
-    return _HEAD.pack(descriptor.area_size, len(extents), start, end) + struct.pack(f"!{2 * len(extents)}Q", *flat)
-
-
-def descriptor_length(data: bytes | memoryview) -> int:
-    """The length of the encoded descriptor that ``data`` starts with (the
-    rest of a message follows it)."""
-    if len(data) < _HEAD.size:
-        raise DescriptorError(f"a shared memory descriptor has at least {_HEAD.size} bytes, this one {len(data)}")
-    count = _HEAD.unpack_from(data)[1]
-    length: int = _HEAD.size + count * _EXTENT.size
-    if length > len(data):
-        raise DescriptorError(
-            f"a shared memory descriptor of {count} buffers has {length} bytes, but only {len(data)} arrived"
-        )
-    return length
-
-
-def decode_descriptor(data: bytes | memoryview) -> Descriptor:
-    """The descriptor in ``data``, checked: every buffer inside the area, at an
-    aligned offset, in order, none overlapping."""
-    if len(data) < _HEAD.size:
-        raise DescriptorError(f"a shared memory descriptor has at least {_HEAD.size} bytes, this one {len(data)}")
-    area_size, count, window_start, window_end = _HEAD.unpack_from(data)
-    if window_start > window_end:
-        raise DescriptorError(
-            f"a shared memory descriptor's window starts at {window_start}, after it ends ({window_end})"
-        )
-    expected = _HEAD.size + count * _EXTENT.size
-    if len(data) != expected:
-        raise DescriptorError(
-            f"a shared memory descriptor of {count} buffers has {expected} bytes, this one {len(data)}"
-        )
-    flat = struct.unpack_from(f"!{2 * count}Q", data, _HEAD.size)
-    extents = tuple(zip(flat[0::2], flat[1::2], strict=True))
-    end = 0
-    for offset, length in extents:
-        if offset % ALIGN or offset < end or offset + length > area_size:
-            raise DescriptorError(
-                f"buffer extent (offset {offset}, length {length}) is not aligned to {ALIGN}, overlaps the "
-                f"previous buffer (which ends at {end}), or passes the area's end ({area_size})"
-            )
-        end = offset + length
-    return Descriptor(area_size, extents, (window_start, window_end))
 
 
 def as_raw(buffer: Any) -> memoryview:

@@ -6,11 +6,12 @@ The parent starts this process as a fresh interpreter with one end of a
 socketpair (the *control channel*). No named or abstract socket exists, so no
 other local user can ask the template for anything.
 
-1. The parent sends a setup frame: sys.path, modules to preload, the memory
-   ceiling. The template imports the modules, checks it is still
-   single-threaded, then ``gc.collect(); gc.freeze()`` so that garbage
-   collections in workers do not write to (and so un-share) the template's
-   objects. It answers VALUE (ready) or INIT_FAILED (with the import error).
+1. The parent sends its settings: sys.path, modules to preload, the memory
+   ceiling (a ``Config`` event holding `TemplateSettings`). The template
+   imports the modules, checks it is still single-threaded, then
+   ``gc.collect(); gc.freeze()`` so that garbage collections in workers do not
+   write to (and so un-share) the template's objects. It answers ``Ready``
+   or ``InitFailed`` (with the import error).
 2. For each FORK record the parent sends two fds by SCM_RIGHTS: the write end
    of a status pipe, and the worker's end of a fresh socketpair. The template
    forks; the child serves jobs on its socket, straight to the parent; the
@@ -65,9 +66,8 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any
 
-from . import _protocol as p
+from . import protocol as p
 from ._lifeline import (
     become_subreaper,
     child_pids,
@@ -79,9 +79,10 @@ from ._lifeline import (
 )
 from ._memory import exceeds
 from ._page_plan import PlanOwner, open_book
-from ._pickling import dumps_job
+from ._settings import TemplateSettings, WorkerSettings
 from ._spin import busy_waits_pay
-from ._worker import dump_error, recv_frame, run_job, send_frame, serve_then_leave
+from ._worker import execute, serve_then_leave
+from .codec import dumps_job, encode_error
 
 _MAX_FDS_PER_READ = 64
 _SPARE_REFILL_DELAY = 0.005
@@ -110,7 +111,7 @@ def count_threads() -> int:
         return threading.active_count()
 
 
-def preload(modules: list[str], template_init: bytes | None) -> None:
+def preload(modules: tuple[str, ...], template_init: bytes | None) -> None:
     """Import ``modules``, then run the template initializer, checking after each
     step that the template is still single-threaded."""
     for name in modules:
@@ -151,14 +152,14 @@ def rehearse() -> None:
     writes to the template's objects) are paid now instead of on the caller's
     time. Two jobs: one by reference (plain pickle), one by value with a
     result that needs cloudpickle, the path of functions from ``__main__``."""
+    parent, worker = p.Connection(p.PARENT), p.Connection(p.WORKER)
+    worker.next_event_from(b"".join(parent.send(p.Config(WorkerSettings(os.getcwd(), None, (), None, b"")))))
     by_value, _ = dumps_job(lambda n: [n] * 3, (7,))
-    for job in (pickle.dumps((int, ("7",))), by_value):
-        reader = p.FrameReader()
-        reader.feed(p.encode_frame(p.JOB, job))
-        frame = reader.next_frame()
-        assert frame is not None
-        run_job(bytes(frame[2]), frame[0])
-    dump_error(ValueError("rehearsal"))
+    for pickled in (pickle.dumps((int, ("7",))), by_value):
+        job = worker.next_event_from(b"".join(bytes(part) for part in parent.send(p.Job(pickled))))
+        assert isinstance(job, p.Job)
+        worker.send(execute(job))
+    encode_error(ValueError("rehearsal"))
 
 
 def reseed_numpy() -> None:
@@ -203,7 +204,7 @@ def kill_with_group(pid: int) -> None:
 
 
 class Template:
-    def __init__(self, control: socket.socket, setup: dict[str, Any], book: PlanOwner | None = None) -> None:
+    def __init__(self, control: socket.socket, settings: TemplateSettings, book: PlanOwner | None = None) -> None:
         self.control = control
         self.book = book  # the page plan's owner (see _page_plan), where plans work
         self.pid = os.getpid()
@@ -211,11 +212,11 @@ class Template:
         self.next_seq = 0
         self.workers: dict[int, tuple[int, int]] = {}  # seq -> (pid, status fd)
         self.seq_of_pid: dict[int, int] = {}
-        self.ceiling: int | None = setup.get("memory_ceiling")
-        self.ceiling_metric: str = setup.get("memory_metric", "uss")
+        self.ceiling = settings.memory_ceiling
+        self.ceiling_metric = settings.memory_metric
         # Cheap: each tick reads each worker's statm (RSS); USS is computed only
         # for a worker whose RSS is above the ceiling.
-        self.ceiling_interval: float = setup.get("ceiling_interval", 0.02)
+        self.ceiling_interval = settings.ceiling_interval
         self.buffer = b""  # a partial control record, if any
         self.spare: tuple[int, socket.socket] | None = None  # (pid, our end of its handoff)
         self.want_spare = False  # no spare until someone asked for a worker
@@ -541,25 +542,42 @@ class Template:
             self.shutdown()
 
 
+def send(sock: socket.socket, connection: p.Connection, event: p.Event) -> None:
+    """Send one event, blocking (the handshake)."""
+    for part in connection.send(event):
+        sock.sendall(part)
+
+
+def receive(sock: socket.socket, connection: p.Connection) -> p.Event:
+    """Receive one event, blocking (the handshake)."""
+    while (event := connection.next_event()) is p.NEED_DATA:
+        connection.receive_data(sock.recv(p.RECV_SIZE))
+    return event  # type: ignore[return-value]
+
+
 def main(control_fd: int) -> int:
     ignore_interrupts()
     control = socket.socket(fileno=control_fd)
     control.setblocking(True)
-    kind, _, payload = recv_frame(control)
-    setup = pickle.loads(payload)
-    sys.path[:] = setup["sys_path"]
+    connection = p.Connection(p.TEMPLATE)
+    config = receive(control, connection)
+    if not isinstance(config, p.Config):
+        raise EOFError("the parent closed the channel during the handshake")
+    settings = config.settings
+    assert isinstance(settings, TemplateSettings)  # the Connection checked it
+    sys.path[:] = settings.sys_path
     try:
         prepare_prctl()
         busy_waits_pay()  # asked here once, for every worker forked from now on
         become_subreaper()
-        preload(setup["preload"], setup["template_init"])
+        preload(settings.preload, settings.template_init)
         book = open_book()  # after preloading: the plans name the mappings the template has now
         gc.collect()
         gc.freeze()
     except BaseException as exc:  # noqa: BLE001 - the parent shows it at context start
-        send_frame(control, p.INIT_FAILED, dump_error(exc))
+        send(control, connection, p.InitFailed(encode_error(exc)))
         return 1
     set_process_name(b"tpf-template")
-    send_frame(control, p.VALUE, pickle.dumps({"pid": os.getpid()}))
-    Template(control, setup, book).run()
+    send(control, connection, p.Ready(os.getpid()))
+    Template(control, settings, book).run()
     return 0

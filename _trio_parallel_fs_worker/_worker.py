@@ -2,7 +2,7 @@
 
 Runs in a process forked by the template or in a freshly spawned interpreter;
 the loop is the same. It does blocking I/O on one socket around the sans-IO
-`_protocol.Connection`, and never imports trio.
+`protocol.Connection`, and never imports trio.
 
 On an AF_UNIX channel the parent may send a shared memory area (an ``Area``
 frame with its fd). Jobs then may carry their buffers in it (the worker gets
@@ -29,25 +29,20 @@ import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
-from . import _protocol as p
+from . import protocol as p
 from ._describe import describe
-from ._errorcodec import encode_error
 from ._lifeline import flush_std_streams, keep_out_of_forks, step_aside, tighten_timers
 from ._memory import MemoryWatch, memory_usage
 from ._page_plan import apply_plan_while_idle, learn_before_leaving
-from ._pickling import dumps_value, loads
 from ._settings import WorkerHooks, WorkerSettings
 from ._shm import AreaMemoryError, SharedArea, total_bytes
 from ._spin import WaitPlan, input_poller, sleep_for_input, yield_cpu
+from .codec import dumps_value, encode_error, loads_job
 
 # Room for the fds one recvmsg may bring: one area, and then some, so that a
 # misbehaving sender's extra fds are received (and closed), not truncated.
 _FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize) if hasattr(socket, "CMSG_SPACE") else 0
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-
-# The template's own handshake and rehearsal use these names.
-dump_error = encode_error
-
 
 class Inbox:
     """Events from the parent, read with as few syscalls as possible.
@@ -197,27 +192,10 @@ class Inbox:
         return fd
 
 
-def send_frame(sock: socket.socket, kind: int, payload: bytes = b"", flags: int = 0) -> None:
-    """Send one small frame (the template's handshake)."""
-    sock.sendall(p.encode_frame(kind, payload, flags))
-
-
-def recv_frame(sock: socket.socket) -> tuple[int, int, bytes]:
-    """Receive one frame, blocking (the template's handshake)."""
-    reader = p.FrameReader()
-    while (frame := reader.next_frame()) is None:
-        data = sock.recv(p.RECV_SIZE)
-        if not data:
-            raise EOFError("the parent closed the channel during the handshake")
-        reader.feed(data)
-    kind, flags, payload = frame
-    return kind, flags, bytes(payload)
-
-
 def execute(job: p.Job) -> p.Value | p.Error:
     """Run one job; its outcome as the event to send back."""
     try:
-        fn, args = loads(job.pickled, job.buffers)
+        fn, args = loads_job(job.pickled, job.buffers)
     except BaseException as exc:  # noqa: BLE001
         return p.Error(encode_error(exc))
     try:
@@ -325,13 +303,6 @@ class AreaUse:
         self.area.close()
 
 
-def run_job(payload: bytes, kind: int = p.JOB) -> p.Value | p.Error:
-    """Run one job from its frame's payload (the template's rehearsal)."""
-    if kind == p.JOB_BUFFERS:
-        return execute(p.Job(*p.split_buffers(payload)))
-    return execute(p.Job(payload))
-
-
 class RetirePolicy:
     """Decides after each job whether this worker should leave."""
 
@@ -361,11 +332,10 @@ class RetirePolicy:
         return p.KEEP, None
 
 
-def load_settings(payload: bytes) -> WorkerHooks:
+def load_settings(settings: WorkerSettings) -> WorkerHooks:
     """Apply the parent's working directory, sys.path and preload, then
     unpickle the hooks (in that order: unpickling a hook may import the user's
     modules)."""
-    settings: WorkerSettings = pickle.loads(payload)
     try:
         os.chdir(settings.cwd)
     except OSError as exc:
@@ -415,8 +385,10 @@ def serve(sock: socket.socket) -> int:
     event = inbox.next_event()
     if not isinstance(event, p.Config):  # Closed: the parent left before the first job
         return 0
+    settings = event.settings
+    assert isinstance(settings, WorkerSettings)  # the Connection checked it
     try:
-        hooks = load_settings(event.payload)
+        hooks = load_settings(settings)
         hooks.init()
     except BaseException as exc:  # noqa: BLE001 - the parent raises it for the waiting call
         send(p.InitFailed(encode_error(exc)))

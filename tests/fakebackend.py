@@ -30,8 +30,8 @@ from typing import Any
 
 import trio
 
-from _trio_parallel_fs_worker import _protocol as p
-from _trio_parallel_fs_worker._errorcodec import encode_error
+from _trio_parallel_fs_worker import protocol as p
+from _trio_parallel_fs_worker.codec import encode_error
 from trio_parallel_fs._backends.seam import ExitInfo
 
 _pids = itertools.count(900_001)

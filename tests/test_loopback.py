@@ -24,9 +24,9 @@ from conftest import is_dead
 import _trio_parallel_fs_worker
 import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import _loopback as child_loopback
-from _trio_parallel_fs_worker import _protocol as p
-from _trio_parallel_fs_worker._pickling import dumps_job
+from _trio_parallel_fs_worker import protocol as p
 from _trio_parallel_fs_worker._settings import WorkerSettings
+from _trio_parallel_fs_worker.codec import dumps_job
 from trio_parallel_fs import BrokenWorkerError
 from trio_parallel_fs._backends.spawn import loopback
 from trio_parallel_fs._config import WorkerConfig
@@ -57,14 +57,12 @@ def launch_worker(listener: loopback.LoopbackListener) -> subprocess.Popen[bytes
     return popen
 
 
-SETTINGS = pickle.dumps(
-    WorkerSettings(
-        cwd=os.getcwd(),
-        sys_path=list(sys.path),
-        preload=(),
-        template_init=None,
-        hooks=cloudpickle.dumps(WorkerConfig(worker_type="spawn").worker_hooks()),
-    )
+SETTINGS = WorkerSettings(
+    cwd=os.getcwd(),
+    sys_path=list(sys.path),
+    preload=(),
+    template_init=None,
+    hooks=cloudpickle.dumps(WorkerConfig(worker_type="spawn").worker_hooks()),
 )
 
 

@@ -16,23 +16,23 @@ import trio
 import workerfns
 
 import trio_parallel_fs as tpf
-from _trio_parallel_fs_worker import _pickling
+from _trio_parallel_fs_worker import codec
 
 
 def test_importable_function_with_atomic_args_uses_plain_pickle():
     args = (1, 2.5, "s", b"b", None, True, 1j)
-    data, buffers = _pickling.dumps_job(workerfns.add, args)
-    assert data == pickle.dumps((workerfns.add, args), _pickling.PROTOCOL) and buffers == []
+    data, buffers = codec.dumps_job(workerfns.add, args)
+    assert data == pickle.dumps((workerfns.add, args), codec.PROTOCOL) and buffers == []
     assert pickle.loads(data) == (workerfns.add, args)
 
 
 def test_lambdas_closures_and_containers_go_through_cloudpickle():
     offset = 3
     for fn, args in [(lambda x: x + 1, (1,)), (lambda x: x + offset, (1,)), (workerfns.add, ([1], [2]))]:
-        data, buffers = _pickling.dumps_job(fn, args)
+        data, buffers = codec.dumps_job(fn, args)
         assert buffers == []
         if fn is workerfns.add:  # by reference: exactly cloudpickle's bytes
-            assert data == cloudpickle.dumps((fn, args), _pickling.PROTOCOL)
+            assert data == cloudpickle.dumps((fn, args), codec.PROTOCOL)
         else:  # by value: cloudpickle's, but keeping the code's real file name
             assert __file__.encode() in data and b"<dynamic-code>" not in data
         loaded_fn, loaded_args = pickle.loads(data)
@@ -43,33 +43,33 @@ def test_functions_from_main_go_by_value():
     main_fn = types.FunctionType((lambda: 7).__code__, {}, "from_main")
     main_fn.__module__ = "__main__"
     main_fn.__qualname__ = "from_main"
-    assert not _pickling._importable_function(main_fn)
+    assert not codec._importable_function(main_fn)
 
 
 def test_modules_registered_by_value_disable_the_shortcut():
     cloudpickle.register_pickle_by_value(workerfns)
     try:
-        assert not _pickling._importable_function(workerfns.add)
+        assert not codec._importable_function(workerfns.add)
     finally:
         cloudpickle.unregister_pickle_by_value(workerfns)
-    assert _pickling._importable_function(workerfns.add)
+    assert codec._importable_function(workerfns.add)
 
 
 def test_values():
-    assert _pickling.dumps_value(5) == (pickle.dumps(5, _pickling.PROTOCOL), [])
+    assert codec.dumps_value(5) == (pickle.dumps(5, codec.PROTOCOL), [])
     lam = lambda: 1  # noqa: E731
-    data, buffers = _pickling.dumps_value(lam)
+    data, buffers = codec.dumps_value(lam)
     assert pickle.loads(data)() == 1 and buffers == []
 
 
 def test_large_buffers_travel_beside_the_pickle_without_a_copy():
     import numpy
 
-    from _trio_parallel_fs_worker import _protocol as p
+    from _trio_parallel_fs_worker.protocol import framing as p
 
     big = numpy.arange(2**18, dtype=numpy.float64)  # 2 MiB: out of band
     small = numpy.arange(10)  # in the pickle
-    data, buffers = _pickling.dumps_value((big, small))
+    data, buffers = codec.dumps_value((big, small))
     assert len(buffers) == 1 and buffers[0].nbytes == big.nbytes
     assert numpy.shares_memory(numpy.frombuffer(buffers[0], dtype=big.dtype), big)  # not copied
     parts = p.frame_parts(p.VALUE, data, buffers, flags=2)
@@ -79,7 +79,7 @@ def test_large_buffers_travel_beside_the_pickle_without_a_copy():
     kind, flags, payload = reader.next_frame()
     assert (kind, flags) == (p.VALUE_BUFFERS, 2)
     pickled, views = p.split_buffers(payload)
-    got_big, got_small = pickle.loads(pickled, buffers=views)
+    got_big, got_small = codec.loads_value(pickled, views)
     assert (got_big == big).all() and (got_small == small).all()
     assert got_big.flags.writeable and got_big.flags.aligned
 
@@ -89,8 +89,8 @@ def test_registering_another_module_by_value_keeps_the_shortcut_for_this_one():
 
     cloudpickle.register_pickle_by_value(recyclefns)
     try:
-        assert not _pickling._importable_function(recyclefns.hog)
-        assert _pickling._importable_function(workerfns.add)
+        assert not codec._importable_function(recyclefns.hog)
+        assert codec._importable_function(workerfns.add)
     finally:
         cloudpickle.unregister_pickle_by_value(recyclefns)
 
@@ -125,8 +125,8 @@ class _CloudpickleSpy:
 
 @pytest.fixture
 def cloudpickled(monkeypatch):
-    spy = _CloudpickleSpy(_pickling._cloudpickle_dumps)
-    monkeypatch.setattr(_pickling, "_cloudpickle_dumps", spy)
+    spy = _CloudpickleSpy(codec._cloudpickle_dumps)
+    monkeypatch.setattr(codec, "_cloudpickle_dumps", spy)
     return spy
 
 
@@ -170,10 +170,10 @@ def test_plain_arrays_take_the_c_pickler_and_make_cloudpickles_bytes(name, cloud
     array = PLAIN_ARRAYS[name]()
     job = (workerfns.add, (array, 2, "s"))
     expected = {
-        "job": _pickling._out_of_band(cloudpickled.real, job),
-        "value": _pickling._out_of_band(cloudpickled.real, array),
+        "job": codec._out_of_band(cloudpickled.real, job),
+        "value": codec._out_of_band(cloudpickled.real, array),
     }
-    got = {"job": _pickling.dumps_job(*job), "value": _pickling.dumps_value(array)}
+    got = {"job": codec.dumps_job(*job), "value": codec.dumps_value(array)}
     assert cloudpickled.calls == []  # the fast path, both ways
     for kind in ("job", "value"):
         data, buffers = got[kind]
@@ -240,14 +240,14 @@ def dtype_metadata(dtype):
 @pytest.mark.parametrize("make", NOT_PLAIN.values(), ids=NOT_PLAIN.keys())
 def test_other_arrays_go_through_cloudpickle_and_come_back_the_same(make, cloudpickled):
     array = make()
-    assert not _pickling._plain_array(array)
+    assert not codec._plain_array(array)
     for kind in ("job", "value"):
         if kind == "job":
-            data, buffers = _pickling.dumps_job(workerfns.add, (array,))
+            data, buffers = codec.dumps_job(workerfns.add, (array,))
             assert cloudpickled.calls == [(workerfns.add, (array,))]
             loaded = pickle.loads(data, buffers=buffers)[1][0]
         else:
-            data, buffers = _pickling.dumps_value(array)
+            data, buffers = codec.dumps_value(array)
             assert len(cloudpickled.calls) == 2 and cloudpickled.calls[1] is array
             loaded = pickle.loads(data, buffers=buffers)
         assert type(loaded).__name__ == type(array).__name__ and isinstance(loaded, np.ndarray)
@@ -261,7 +261,7 @@ def test_other_arrays_go_through_cloudpickle_and_come_back_the_same(make, cloudp
 def test_an_object_array_holding_a_local_function_goes_by_value(cloudpickled):
     offset = 10
     array = np.array([lambda x: x + offset, 3], dtype=object)
-    data, buffers = _pickling.dumps_value(array)
+    data, buffers = codec.dumps_value(array)
     assert len(cloudpickled.calls) == 1
     fn, three = pickle.loads(data, buffers=buffers)
     assert fn(1) == 11 and three == 3
@@ -272,7 +272,7 @@ def test_arrays_for_a_function_from_main_go_with_it_by_value(cloudpickled):
     main_fn.__module__ = "__main__"
     main_fn.__qualname__ = "scaled"
     array = np.arange(2**17, dtype=np.float64)  # 1 MiB: still out of band
-    data, buffers = _pickling.dumps_job(main_fn, (array, 3))
+    data, buffers = codec.dumps_job(main_fn, (array, 3))
     assert len(cloudpickled.calls) == 1 and len(buffers) == 1
     fn, args = pickle.loads(data, buffers=buffers)
     assert fn is not main_fn and fn.__name__ == "scaled"
@@ -283,7 +283,7 @@ def test_arrays_in_containers_or_beside_other_objects_go_through_cloudpickle(clo
     array = np.arange(2**17, dtype=np.float64)
     for args in [([array],), (array, [1]), (array, {"k": 1}), ({"a": array},)]:
         before = len(cloudpickled.calls)
-        data, buffers = _pickling.dumps_job(workerfns.add, args)
+        data, buffers = codec.dumps_job(workerfns.add, args)
         assert len(cloudpickled.calls) == before + 1
         assert len(buffers) == 1  # out of band all the same
         assert repr(pickle.loads(data, buffers=buffers)[1]) == repr(args)
@@ -293,9 +293,9 @@ def test_a_function_its_module_no_longer_names_falls_back_to_cloudpickle_with_it
     gone = types.FunctionType(workerfns.add.__code__, {}, "gone")
     gone.__module__ = workerfns.__name__
     gone.__qualname__ = "gone"  # workerfns has no attribute "gone": pickle raises
-    assert _pickling._importable_function(gone)
+    assert codec._importable_function(gone)
     first, second = np.arange(2**17, dtype=np.float64), np.ones(2**17)
-    data, buffers = _pickling.dumps_job(gone, (first, second))
+    data, buffers = codec.dumps_job(gone, (first, second))
     assert len(cloudpickled.calls) == 1
     # Only cloudpickle's buffers: the failed attempt left none behind.
     assert len(buffers) == 2
@@ -309,11 +309,11 @@ def test_the_module_never_imports_numpy():
     code = textwrap.dedent(
         """
         import sys
-        from _trio_parallel_fs_worker import _pickling
-        _pickling.dumps_job(len, ("abc",))
-        _pickling.dumps_job(len, ([1, 2], bytearray(1 << 17)))
-        _pickling.dumps_value([1, 2])
-        _pickling.dumps_value(bytearray(1 << 17))
+        from _trio_parallel_fs_worker import codec
+        codec.dumps_job(len, ("abc",))
+        codec.dumps_job(len, ([1, 2], bytearray(1 << 17)))
+        codec.dumps_value([1, 2])
+        codec.dumps_value(bytearray(1 << 17))
         print("numpy" in sys.modules)
         """
     )
@@ -350,8 +350,8 @@ PLAIN_RESULTS = {
 @pytest.mark.parametrize("make", PLAIN_RESULTS.values(), ids=PLAIN_RESULTS.keys())
 def test_results_of_atoms_arrays_and_numpy_scalars_take_the_c_pickler_and_make_cloudpickles_bytes(make, cloudpickled):
     value = make()
-    want_data, want_buffers = _pickling._out_of_band(cloudpickled.real, value)
-    data, buffers = _pickling.dumps_value(value)
+    want_data, want_buffers = codec._out_of_band(cloudpickled.real, value)
+    data, buffers = codec.dumps_value(value)
     assert cloudpickled.calls == []
     assert data == want_data
     assert [bytes(b) for b in buffers] == [bytes(b) for b in want_buffers]
@@ -375,6 +375,6 @@ NOT_PLAIN_RESULTS = {
 @pytest.mark.parametrize("make", NOT_PLAIN_RESULTS.values(), ids=NOT_PLAIN_RESULTS.keys())
 def test_other_results_go_through_cloudpickle(make, cloudpickled):
     value = make()
-    data, buffers = _pickling.dumps_value(value)
+    data, buffers = codec.dumps_value(value)
     assert cloudpickled.calls == [value]
     assert type(pickle.loads(data, buffers=buffers)) is type(value)

@@ -13,7 +13,8 @@ import trio
 from fakebackend import FakeBackend
 
 import trio_parallel_fs as tpf
-from _trio_parallel_fs_worker._protocol import Retire
+from _trio_parallel_fs_worker import protocol as p
+from _trio_parallel_fs_worker.protocol import Retire
 from trio_parallel_fs._config import WorkerConfig
 from trio_parallel_fs._frontend import WorkerContext
 from trio_parallel_fs._pool.pool import PoolClosed
@@ -164,7 +165,7 @@ async def test_the_pool_refuses_work_once_closed():
     async with fake_context() as (ctx, backend):
         await ctx._aclose()
         with pytest.raises(PoolClosed):
-            await ctx._pool.run([], operator.add)
+            await ctx._pool.run(p.Job(b""), operator.add)
         with pytest.raises(trio.ClosedResourceError, match="this worker context is closed"):
             await ctx.run_sync(operator.add, 1, 2)
         assert backend.processes == []

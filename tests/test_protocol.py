@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import pickle
+import struct
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _trio_parallel_fs_worker import _protocol as p
-from _trio_parallel_fs_worker import _shm
+from _trio_parallel_fs_worker import protocol as p
+from _trio_parallel_fs_worker._settings import TemplateSettings, WorkerSettings
+from _trio_parallel_fs_worker.protocol import descriptor as d
+from _trio_parallel_fs_worker.protocol import framing
+
+WORKER_SETTINGS = WorkerSettings(cwd="/", sys_path=None, preload=(), template_init=None, hooks=b"hooks")
+TEMPLATE_SETTINGS = TemplateSettings(
+    sys_path=["/lib"], preload=("json",), template_init=None, memory_ceiling=None, memory_metric="uss"
+)
 
 
 def stream(sender: p.Connection, events: list[p.Event]) -> bytes:
@@ -52,7 +61,7 @@ def worker_events() -> list[p.Event]:
 
 def parent_events() -> list[p.Event]:
     return [
-        p.Config(pickle.dumps({"settings": 1})),
+        p.Config(WORKER_SETTINGS),
         p.Job(b"job"),
         p.Job(b"job with buffers", [memoryview(b"abc" * 30000), memoryview(bytearray(7))]),
         p.Job(b""),
@@ -152,6 +161,9 @@ def frame(kind: int, payload: bytes = b"", flags: int = 0) -> bytes:
     return p.HEADER.pack(kind, flags, len(payload)) + payload
 
 
+CONFIG = frame(p.CONFIG, pickle.dumps(WORKER_SETTINGS))  # a worker's start-up message
+
+
 @pytest.mark.parametrize(
     ("role", "data", "message"),
     [
@@ -164,7 +176,7 @@ def frame(kind: int, payload: bytes = b"", flags: int = 0) -> bytes:
         (p.PARENT, frame(p.BYE, b"junk"), "a BYE frame with 4 payload bytes"),
         (p.PARENT, frame(p.STARTED, b"123"), "a STARTED frame of 3 bytes, not 8"),
         (p.WORKER, frame(p.JOB, b"x"), "expected a CONFIG frame first, got JOB"),
-        (p.WORKER, frame(p.CONFIG) + frame(p.CONFIG), "a second CONFIG frame"),
+        (p.WORKER, CONFIG + CONFIG, "a second CONFIG frame"),
         (p.PARENT, frame(p.VALUE_BUFFERS, b"\0\0"), "a buffer table that does not fit its payload"),
         (
             p.PARENT,
@@ -198,7 +210,7 @@ def test_the_warm_path_refuses_what_next_event_refuses(role, data, message):
 
 def configured_worker() -> p.Connection:
     receiver = p.Connection(p.WORKER)
-    assert isinstance(receiver.next_event_from(frame(p.CONFIG, b"settings")), p.Config)
+    assert isinstance(receiver.next_event_from(CONFIG), p.Config)
     return receiver
 
 
@@ -237,7 +249,7 @@ def test_the_warm_path_sees_the_end():
 def test_a_plain_value_is_framed_as_frame_parts_frames_it():
     for retire in p.Retire:
         value = p.Value(b"pickle", retire=retire)
-        assert p.Connection(p.WORKER).send(value) == p.frame_parts(p.VALUE, b"pickle", [], retire)
+        assert p.Connection(p.WORKER).send(value) == framing.frame_parts(p.VALUE, b"pickle", [], retire)
 
 
 def test_an_unknown_kind_is_refused_before_its_payload_arrives():
@@ -253,7 +265,9 @@ def test_each_end_sends_only_its_own_events():
     with pytest.raises(p.ProtocolError, match="the worker cannot send Job"):
         p.Connection(p.WORKER).send(p.Job(b""))
     with pytest.raises(ValueError, match="our_role must be"):
-        p.Connection("template")
+        p.Connection("stranger")
+    with pytest.raises(ValueError, match="a worker does not talk to a template"):
+        p.Connection(p.WORKER, p.TEMPLATE)
 
 
 def test_retire_reasons_have_the_names_statistics_count():
@@ -296,13 +310,13 @@ def test_status_records_carry_negative_and_large_values():
 
 
 def descriptor(area_size: int, *extents: tuple[int, int]) -> bytes:
-    return _shm.encode_descriptor(_shm.Descriptor(area_size, tuple(extents)))
+    return d.encode_descriptor(d.Descriptor(area_size, tuple(extents)))
 
 
 def area_conversation() -> tuple[list[p.Event], list[p.Event]]:
     """A parent's events (Config, Area, jobs in the area) and a worker's replies."""
     parent = [
-        p.Config(b"settings"),
+        p.Config(WORKER_SETTINGS),
         p.Area(1 << 30, 1 << 20),
         p.Job(b"job in the area", area=descriptor(4 << 20, (0, 3 << 20), (3 << 20, 5))),
         p.Job(b"job over the socket", [memoryview(b"q" * 70_000)]),
@@ -337,7 +351,7 @@ def test_area_frames_survive_every_split_point():
 
 def test_an_area_frame_carries_cap_and_threshold_not_the_fd():
     worker = p.Connection(p.WORKER)
-    worker.receive_data(stream(p.Connection(p.PARENT), [p.Config(b""), p.Area(12345, 678, fd=99)]))
+    worker.receive_data(stream(p.Connection(p.PARENT), [p.Config(WORKER_SETTINGS), p.Area(12345, 678, fd=99)]))
     config, area = drain(worker)
     assert isinstance(area, p.Area)
     assert (area.cap, area.threshold, area.fd) == (12345, 678, -1)  # the I/O layer fills the fd in
@@ -347,27 +361,12 @@ def test_an_area_job_resolves_to_its_descriptor_and_pickle():
     worker = p.Connection(p.WORKER)
     encoded = descriptor(2 << 20, (0, 1 << 20), (1 << 20, 7))
     worker.receive_data(
-        stream(p.Connection(p.PARENT), [p.Config(b""), p.Area(4 << 20, 1), p.Job(b"pkl", area=encoded)])
+        stream(p.Connection(p.PARENT), [p.Config(WORKER_SETTINGS), p.Area(4 << 20, 1), p.Job(b"pkl", area=encoded)])
     )
     *_, job = drain(worker)
     assert isinstance(job, p.Job)
     assert bytes(job.pickled) == b"pkl" and bytes(job.area) == encoded and job.buffers == []
-    assert _shm.decode_descriptor(job.area) == _shm.Descriptor(2 << 20, ((0, 1 << 20), (1 << 20, 7)))
-
-
-def test_job_from_parts_inverts_frame_parts():
-    buffers = [memoryview(b"a" * 100_000), memoryview(bytearray(b"b" * 3)), memoryview(b"")]
-    parts = p.frame_parts(p.JOB, b"the pickle", buffers)
-    pickled, got = p.job_from_parts(parts)
-    assert bytes(pickled) == b"the pickle"
-    assert [bytes(buffer) for buffer in got] == [bytes(buffer) for buffer in buffers]
-    assert got[0].obj is buffers[0].obj  # the caller's own buffers, not copies
-    pickled, got = p.job_from_parts(p.frame_parts(p.JOB, b"small", []))
-    assert (bytes(pickled), got) == (b"small", [])
-    with pytest.raises(p.ProtocolError, match="not kind 10"):
-        p.job_from_parts([p.encode_frame(p.VALUE, b"x")])
-    with pytest.raises(p.ProtocolError, match="has 6 parts, not 5"):
-        p.job_from_parts(p.frame_parts(p.JOB, b"the pickle", buffers)[:-1])
+    assert d.decode_descriptor(job.area) == d.Descriptor(2 << 20, ((0, 1 << 20), (1 << 20, 7)))
 
 
 def test_the_parent_sends_one_area_per_channel():
@@ -379,16 +378,16 @@ def test_the_parent_sends_one_area_per_channel():
         p.Connection(p.WORKER).send(p.Area(100, 1))
 
 
-AREA = frame(p.CONFIG) + frame(p.AREA, (1 << 20).to_bytes(8, "big") + (5).to_bytes(8, "big"))
+AREA = CONFIG + frame(p.AREA, (1 << 20).to_bytes(8, "big") + (5).to_bytes(8, "big"))
 
 
 @pytest.mark.parametrize(
     ("role", "data", "message"),
     [
-        (p.WORKER, frame(p.CONFIG) + frame(p.JOB_AREA, descriptor(64)), "a JOB_AREA frame before any AREA frame"),
+        (p.WORKER, CONFIG + frame(p.JOB_AREA, descriptor(64)), "a JOB_AREA frame before any AREA frame"),
         (p.PARENT, frame(p.VALUE_AREA, descriptor(64)), "a VALUE_AREA frame before any AREA frame"),
         (p.PARENT, frame(p.AREA, bytes(16)), "the parent received a AREA frame, which only it sends"),
-        (p.WORKER, frame(p.CONFIG) + frame(p.AREA, b"short"), "an AREA frame of 5 bytes, not 16"),
+        (p.WORKER, CONFIG + frame(p.AREA, b"short"), "an AREA frame of 5 bytes, not 16"),
         (p.WORKER, AREA + frame(p.AREA, bytes(16)), "a second AREA frame"),
         (p.WORKER, AREA + frame(p.JOB_AREA, b"tiny"), "JOB_AREA frame with a malformed shared memory descriptor"),
         (
@@ -434,3 +433,158 @@ def test_a_value_area_frame_with_a_bad_retire_reason_is_refused():
     receiver.receive_data(frame(p.VALUE_AREA, descriptor(64), flags=42))
     with pytest.raises(p.ProtocolError, match="unknown retire reason 42 in a VALUE_AREA frame"):
         receiver.next_event()
+
+
+# --- shared memory descriptors: records the protocol carries ----------------------
+
+
+def layout(lengths: list[int]) -> tuple[tuple[tuple[int, int], ...], int]:
+    """Extents for buffers of these lengths, each at an aligned offset."""
+    extents, end = [], 0
+    for length in lengths:
+        offset = -(-end // d.ALIGN) * d.ALIGN
+        extents.append((offset, length))
+        end = offset + length
+    return tuple(extents), end
+
+
+@given(
+    area_size=st.integers(0, 2**63),
+    lengths=st.lists(st.integers(0, 2**20), max_size=8),
+)
+def test_descriptor_round_trip(area_size: int, lengths: list[int]):
+    extents, end = layout(lengths)
+    descriptor = d.Descriptor(max(area_size, end), extents)
+    encoded = d.encode_descriptor(descriptor)
+    assert len(encoded) == 28 + 16 * len(lengths)
+    assert d.decode_descriptor(encoded) == descriptor
+    assert d.decode_descriptor(memoryview(encoded)) == descriptor
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\0" * 27, "at least 28 bytes, this one 27"),
+        (struct.pack("!QIQQ", 4096, 2, 0, 0) + struct.pack("!QQ", 0, 8), "of 2 buffers has 60 bytes, this one 44"),
+        (struct.pack("!QIQQ", 4096, 1, 0, 0) + struct.pack("!QQ", 8, 8), r"offset 8, length 8\) is not aligned"),
+        (struct.pack("!QIQQ", 4096, 1, 0, 0) + struct.pack("!QQ", 4032, 128), r"passes the area's end \(4096\)"),
+        (struct.pack("!QIQQ", 4096, 0, 128, 64), r"window starts at 128, after it ends \(64\)"),
+        (
+            struct.pack("!QIQQ", 4096, 2, 0, 0) + struct.pack("!QQQQ", 0, 100, 64, 8),
+            r"overlaps the previous buffer \(which ends at 100\)",
+        ),
+    ],
+)
+def test_malformed_descriptors_are_refused(data: bytes, message: str):
+    with pytest.raises(d.DescriptorError, match=message):
+        d.decode_descriptor(data)
+
+
+def test_descriptor_length_finds_where_the_pickle_starts():
+    encoded = d.encode_descriptor(d.Descriptor(4096, ((0, 10), (64, 5))))
+    assert d.descriptor_length(encoded + b"pickle") == len(encoded) == 28 + 2 * 16
+    with pytest.raises(d.DescriptorError, match="has 60 bytes, but only 59 arrived"):
+        d.descriptor_length(encoded[:-1])
+    with pytest.raises(d.DescriptorError, match="at least 28 bytes"):
+        d.descriptor_length(b"short")
+
+
+# --- typed start-up messages and the template's handshake ---------------------------
+
+
+def test_a_workers_config_arrives_as_its_settings():
+    worker = p.Connection(p.WORKER)
+    worker.receive_data(stream(p.Connection(p.PARENT), [p.Config(WORKER_SETTINGS)]))
+    (config,) = drain(worker)
+    assert isinstance(config, p.Config) and config.settings == WORKER_SETTINGS
+    assert type(config.settings) is WorkerSettings
+
+
+def test_the_templates_handshake_is_typed_events_both_ways():
+    parent, template = p.Connection(p.PARENT, p.TEMPLATE), p.Connection(p.TEMPLATE)
+    template.receive_data(stream(parent, [p.Config(TEMPLATE_SETTINGS)]))
+    (config,) = drain(template)
+    assert isinstance(config, p.Config) and config.settings == TEMPLATE_SETTINGS
+    parent.receive_data(stream(template, [p.Ready(4321)]))
+    (ready,) = drain(parent)
+    assert isinstance(ready, p.Ready) and ready.pid == 4321
+    failed = p.Connection(p.PARENT, p.TEMPLATE)
+    failed.receive_data(stream(p.Connection(p.TEMPLATE), [p.InitFailed(b"the import error")]))
+    (init_failed,) = drain(failed)
+    assert isinstance(init_failed, p.InitFailed) and init_failed.payload == b"the import error"
+
+
+def test_each_conversation_carries_only_its_own_events():
+    with pytest.raises(p.ProtocolError, match="the template cannot send Value"):
+        p.Connection(p.TEMPLATE).send(p.Value(b""))
+    with pytest.raises(p.ProtocolError, match="the worker cannot send Ready"):
+        p.Connection(p.WORKER).send(p.Ready(1))
+    with pytest.raises(p.ProtocolError, match="the parent cannot send Job"):
+        p.Connection(p.PARENT, p.TEMPLATE).send(p.Job(b""))
+    parent = p.Connection(p.PARENT)
+    parent.receive_data(frame(p.READY, bytes(8)))
+    with pytest.raises(p.ProtocolError, match="the parent received a READY frame, which only it sends"):
+        parent.next_event()
+    template = p.Connection(p.TEMPLATE)
+    template.receive_data(frame(p.JOB, b"x"))
+    with pytest.raises(p.ProtocolError, match="the template received a JOB frame"):
+        template.next_event()
+
+
+def test_a_config_holds_the_settings_of_the_end_it_goes_to():
+    with pytest.raises(TypeError, match="a worker's Config holds a WorkerSettings"):
+        p.Connection(p.PARENT).send(p.Config(TEMPLATE_SETTINGS))
+    with pytest.raises(TypeError, match="a template's Config holds a TemplateSettings"):
+        p.Connection(p.PARENT, p.TEMPLATE).send(p.Config(WORKER_SETTINGS))
+
+
+@pytest.mark.parametrize(
+    ("role", "data", "message"),
+    [
+        (p.WORKER, frame(p.CONFIG, pickle.dumps(TEMPLATE_SETTINGS)), "holds a TemplateSettings, not WorkerSettings"),
+        (p.TEMPLATE, frame(p.CONFIG, pickle.dumps({"preload": ()})), "holds a dict, not TemplateSettings"),
+        (p.WORKER, frame(p.CONFIG, b"not a pickle"), "a CONFIG frame whose settings do not unpickle"),
+        (p.TEMPLATE, CONFIG, "holds a WorkerSettings, not TemplateSettings"),
+    ],
+)
+def test_a_config_of_the_wrong_type_or_malformed_is_refused(role, data, message):
+    receiver = p.Connection(role)
+    receiver.receive_data(data)
+    with pytest.raises(p.ProtocolError, match=message):
+        receiver.next_event()
+
+
+@pytest.mark.parametrize("payload", [b"", bytes(7), bytes(9)])
+def test_a_ready_frame_holds_exactly_a_pid(payload):
+    parent = p.Connection(p.PARENT, p.TEMPLATE)
+    parent.receive_data(frame(p.READY, payload))
+    with pytest.raises(p.ProtocolError, match=f"a READY frame of {len(payload)} bytes, not 8"):
+        parent.next_event()
+
+
+def test_the_template_must_get_its_config_first():
+    template = p.Connection(p.TEMPLATE)
+    template.receive_data(frame(p.CONFIG, pickle.dumps(TEMPLATE_SETTINGS)) * 2)
+    assert isinstance(template.next_event(), p.Config)
+    with pytest.raises(p.ProtocolError, match="a second CONFIG frame"):
+        template.next_event()
+
+
+def test_the_protocol_imports_no_transport():
+    """Descriptors are records the protocol carries; only _shm interprets them.
+    The protocol's rooms import the standard library, each other and the
+    settings records, nothing else of the child package."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(p.__file__).parent
+    outside = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                if node.level > 1:
+                    outside.add(node.module)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+                outside.update(name for name in names if name.split(".")[0] not in sys.stdlib_module_names)
+    assert outside == {"_settings"}

@@ -17,10 +17,8 @@ if not sys.platform.startswith("linux"):
     pytest.skip("needs Linux: /proc, subreapers, RLIMIT_NOFILE and process groups", allow_module_level=True)
 
 import array
-import dataclasses
 import functools
 import os
-import pickle
 import resource
 import signal
 import socket
@@ -39,9 +37,8 @@ from conftest import is_dead, wait_dead
 
 import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import _page_plan
-from _trio_parallel_fs_worker import _protocol as p
-from _trio_parallel_fs_worker._pickling import dumps_job
-from _trio_parallel_fs_worker._worker import recv_frame
+from _trio_parallel_fs_worker import protocol as p
+from _trio_parallel_fs_worker.codec import dumps_job
 from trio_parallel_fs._backends.spawn.backend import channel_kind
 from trio_parallel_fs._config import WorkerConfig
 
@@ -630,9 +627,9 @@ async def test_an_exception_that_exits_when_unpickled_becomes_the_stand_in(worke
 
 def worker_frames(fn, *args, **settings) -> bytes:
     """The bytes a parent sends a new worker: its settings, then one job."""
-    config = p.encode_frame(p.CONFIG, pickle.dumps(WorkerConfig(**settings).worker_settings()))
-    pickled, buffers = dumps_job(fn, args)
-    return config + b"".join(bytes(part) for part in p.frame_parts(p.JOB, pickled, buffers))
+    parent = p.Connection(p.PARENT)
+    events = [p.Config(WorkerConfig(**settings).worker_settings()), p.Job(*dumps_job(fn, args))]
+    return b"".join(bytes(part) for event in events for part in parent.send(event))
 
 
 def child_command(role: str, fd: int) -> list[str]:
@@ -673,9 +670,12 @@ def test_a_forked_worker_whose_parent_left_mid_job_exits_quietly(tmp_path):
         )
     theirs.close()
     try:
-        control.sendall(p.encode_frame(p.CONFIG, pickle.dumps(dataclasses.asdict(WorkerConfig().template_settings()))))
+        handshake = p.Connection(p.PARENT, p.TEMPLATE)
+        control.sendall(b"".join(handshake.send(p.Config(WorkerConfig().template_settings()))))
         control.settimeout(HANG)
-        assert recv_frame(control)[0] == p.VALUE  # preloaded, ready to fork
+        while (ready := handshake.next_event()) is p.NEED_DATA:
+            handshake.receive_data(control.recv(p.RECV_SIZE))
+        assert isinstance(ready, p.Ready) and ready.pid == template.pid  # preloaded, ready to fork
         channel, worker_end = socket.socketpair()
         status_r, status_w = os.pipe()
         fds = array.array("i", [status_w, worker_end.fileno()]).tobytes()

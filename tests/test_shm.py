@@ -1,5 +1,6 @@
-"""The shared memory area for large buffers: its descriptor (pure functions),
-both ends in one process, and the two ends in two processes."""
+"""The shared memory area for large buffers: its layout (pure functions),
+both ends in one process, and the two ends in two processes. The descriptor
+record itself is the protocol's (tests/test_protocol.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ import textwrap
 import numpy as np
 import pytest
 from conftest import dev_shm
-from hypothesis import given
-from hypothesis import strategies as st
 
 from _trio_parallel_fs_worker import _shm
+from _trio_parallel_fs_worker.protocol import descriptor as d
 
 pytestmark = pytest.mark.skipif(_shm.unsupported_reason() is not None, reason="no shared memory area here")
 
@@ -46,7 +46,7 @@ def pair(request):
     parent.close()
 
 
-# --- the descriptor, without any area ---------------------------------------------
+# --- the layout, without any area ---------------------------------------------
 
 
 def test_layout_aligns_every_buffer():
@@ -56,38 +56,6 @@ def test_layout_aligns_every_buffer():
     extents, end = _shm.layout([5], start=129)
     assert extents == ((192, 5),)
     assert end == 197
-
-
-@given(
-    area_size=st.integers(0, 2**63),
-    lengths=st.lists(st.integers(0, 2**20), max_size=8),
-)
-def test_descriptor_round_trip(area_size: int, lengths: list[int]):
-    extents, end = _shm.layout(lengths)
-    descriptor = _shm.Descriptor(max(area_size, end), extents)
-    encoded = _shm.encode_descriptor(descriptor)
-    assert len(encoded) == 28 + 16 * len(lengths)
-    assert _shm.decode_descriptor(encoded) == descriptor
-    assert _shm.decode_descriptor(memoryview(encoded)) == descriptor
-
-
-@pytest.mark.parametrize(
-    ("data", "message"),
-    [
-        (b"\0" * 27, "at least 28 bytes, this one 27"),
-        (struct.pack("!QIQQ", 4096, 2, 0, 0) + struct.pack("!QQ", 0, 8), "of 2 buffers has 60 bytes, this one 44"),
-        (struct.pack("!QIQQ", 4096, 1, 0, 0) + struct.pack("!QQ", 8, 8), r"offset 8, length 8\) is not aligned"),
-        (struct.pack("!QIQQ", 4096, 1, 0, 0) + struct.pack("!QQ", 4032, 128), r"passes the area's end \(4096\)"),
-        (struct.pack("!QIQQ", 4096, 0, 128, 64), r"window starts at 128, after it ends \(64\)"),
-        (
-            struct.pack("!QIQQ", 4096, 2, 0, 0) + struct.pack("!QQQQ", 0, 100, 64, 8),
-            r"overlaps the previous buffer \(which ends at 100\)",
-        ),
-    ],
-)
-def test_malformed_descriptors_are_refused(data: bytes, message: str):
-    with pytest.raises(_shm.DescriptorError, match=message):
-        _shm.decode_descriptor(data)
 
 
 def test_as_raw_takes_contiguous_buffers_in_either_order_and_refuses_others():
@@ -191,7 +159,7 @@ def test_results_go_after_the_arguments_they_may_alias(pair):
     # would overwrite `a` before it is copied.
     pickled, buffers = dumps((b, a))
     back = worker.write(buffers)
-    assert _shm.decode_descriptor(back).extents[0][0] >= first.nbytes + second.nbytes
+    assert d.decode_descriptor(back).extents[0][0] >= first.nbytes + second.nbytes
     del a, b, buffers
     assert worker.release()
     got_b, got_a = pickle.loads(pickled, buffers=parent.read_copy(back))
@@ -388,11 +356,11 @@ def test_a_descriptor_beyond_the_file_is_refused_not_sigbus():
 
 def check_beyond_the_file(parent: _shm.SharedArea, worker: _shm.SharedArea) -> None:
     parent.write([bytes(MiB)])
-    lying = _shm.encode_descriptor(_shm.Descriptor(32 * MiB, ((0, 16),)))
-    with pytest.raises(_shm.DescriptorError, match=r"says the area has 33554432 bytes, but it has 1048576"):
+    lying = d.encode_descriptor(d.Descriptor(32 * MiB, ((0, 16),)))
+    with pytest.raises(d.DescriptorError, match=r"says the area has 33554432 bytes, but it has 1048576"):
         worker.read(lying)
-    beyond_cap = _shm.encode_descriptor(_shm.Descriptor(65 * MiB, ()))
-    with pytest.raises(_shm.DescriptorError, match="above its cap"):
+    beyond_cap = d.encode_descriptor(d.Descriptor(65 * MiB, ()))
+    with pytest.raises(d.DescriptorError, match="above its cap"):
         worker.read(beyond_cap)
 
 
@@ -557,15 +525,6 @@ def test_memory_the_area_counts_for_in_each_process(peer):
     assert rss is not None and rss >= peer.area.size
     pss = _shm.area_memory("pss", peer.proc.pid)
     assert pss is not None and abs(pss - peer.area.size // 2) <= 4 * MiB
-
-
-def test_descriptor_length_finds_where_the_pickle_starts():
-    encoded = _shm.encode_descriptor(_shm.Descriptor(4096, ((0, 10), (64, 5))))
-    assert _shm.descriptor_length(encoded + b"pickle") == len(encoded) == 28 + 2 * 16
-    with pytest.raises(_shm.DescriptorError, match="has 60 bytes, but only 59 arrived"):
-        _shm.descriptor_length(encoded[:-1])
-    with pytest.raises(_shm.DescriptorError, match="at least 28 bytes"):
-        _shm.descriptor_length(b"short")
 
 
 def test_counted_bytes_by_metric_and_after_the_peer_caught_up(pair):

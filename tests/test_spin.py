@@ -14,7 +14,7 @@ import trio
 import workerfns
 
 import trio_parallel_fs as tpf
-from _trio_parallel_fs_worker import _protocol as p
+from _trio_parallel_fs_worker import protocol as p
 from _trio_parallel_fs_worker._spin import (
     SpinPolicy,
     WaitPlan,
@@ -23,12 +23,14 @@ from _trio_parallel_fs_worker._spin import (
     sleep_for_input,
     usable_cpus,
 )
+from trio_parallel_fs._config import WorkerConfig
 from trio_parallel_fs._loops import trio_loop
 from trio_parallel_fs._pool.channel import Worker
 
 needs_two_cpus = pytest.mark.skipif(not busy_waits_pay(), reason="busy-waits are off where only one CPU is usable")
 
 MS = 1_000_000  # nanoseconds
+SETTINGS = WorkerConfig().worker_settings()
 
 
 @needs_two_cpus
@@ -231,7 +233,7 @@ async def test_the_caller_busy_waits_for_a_quick_reply_letting_other_tasks_run(m
     reply is sent by another task of this run, which could not run otherwise,
     and it arrives before the spin's end (Trio's wait is never used)."""
     ours, theirs = socket.socketpair()
-    worker = Worker(ours, ScriptedProcess(), b"", busy_wait=0.01)  # type: ignore[arg-type]
+    worker = Worker(ours, ScriptedProcess(), SETTINGS, busy_wait=0.01)  # type: ignore[arg-type]
 
     async def no_trio_wait(fd):
         raise AssertionError("the busy-wait gave up and blocked")
@@ -255,7 +257,7 @@ async def test_the_caller_blocks_at_once_while_replies_come_slowly(monkeypatch):
     """After replies slower than the limit the caller looks once and then
     waits through Trio; quick replies open the window again."""
     ours, theirs = socket.socketpair()
-    worker = Worker(ours, ScriptedProcess(), b"", busy_wait=0.001)  # type: ignore[arg-type]
+    worker = Worker(ours, ScriptedProcess(), SETTINGS, busy_wait=0.001)  # type: ignore[arg-type]
     for _ in range(10):
         worker._spin.waited(50 * MS)
     real_wait = trio_loop.wait_readable

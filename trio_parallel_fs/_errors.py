@@ -17,8 +17,8 @@ import os
 import signal
 from typing import TYPE_CHECKING, Any
 
-from _trio_parallel_fs_worker._errorcodec import RemoteTraceback as RemoteTraceback
-from _trio_parallel_fs_worker._errorcodec import decode_error
+from _trio_parallel_fs_worker.codec import RemoteTraceback as RemoteTraceback
+from _trio_parallel_fs_worker.codec import decode_error
 
 if TYPE_CHECKING:
     from ._backends.seam import ExitInfo

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from _trio_parallel_fs_worker import _protocol as p
-from _trio_parallel_fs_worker._pickling import dumps_job
+from _trio_parallel_fs_worker import protocol as p
 from _trio_parallel_fs_worker._spin import usable_cpus
+from _trio_parallel_fs_worker.codec import dumps_job
 
 from . import _loops
 from ._backends.seam import Backend
@@ -65,12 +65,14 @@ def current_default_worker_limiter() -> trio.CapacityLimiter | anyio.CapacityLim
 current_default_process_limiter = current_default_worker_limiter
 
 
-def _encode_job(fn: Callable[..., Any], args: tuple[Any, ...]) -> list[bytes | memoryview]:
+def _encode_job(fn: Callable[..., Any], args: tuple[Any, ...]) -> p.Job:
+    """The job event the pool hands a worker's channel, which frames it as it
+    sends it (over the socket, or with its buffers in the shared memory area)."""
     try:
         pickled, buffers = dumps_job(fn, args)
     except Exception as exc:
         raise unpicklable_job_error(describe(fn), find_unpicklable(fn, args)[0], exc) from exc
-    return p.frame_parts(p.JOB, pickled, buffers)
+    return p.Job(pickled, buffers)
 
 
 def make_backend(config: WorkerConfig) -> Backend:
@@ -163,13 +165,13 @@ class WorkerContext:
     def _default_limiter(self) -> Any:
         return current_default_worker_limiter()
 
-    def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> list[bytes | memoryview]:
+    def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> p.Job:
         return _encode_job(fn, args)
 
     _closed_error: type[Exception] = PoolClosed
     _resubmit = RESUBMIT
 
-    def _run_job(self, fn: Callable[..., Any], job: list[bytes | memoryview], kill_on_cancel: bool) -> Awaitable[Any]:
+    def _run_job(self, fn: Callable[..., Any], job: p.Job, kill_on_cancel: bool) -> Awaitable[Any]:
         # The pool's own coroutine (see _calls.Runner). kill_on_cancel needs
         # nothing here: unshielded, the pool kills the worker of a cancelled call.
         return self._pool.run(job, fn)

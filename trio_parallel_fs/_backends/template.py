@@ -15,20 +15,18 @@ pool `give_up` on it, which kills it; the next call starts a new one.
 from __future__ import annotations
 
 import array
-import dataclasses
 import errno
 import math
 import os
-import pickle
 import select
 import socket
 import subprocess
 import threading
 import time
 
-from _trio_parallel_fs_worker import _protocol as p
-from _trio_parallel_fs_worker._errorcodec import decode_error
+from _trio_parallel_fs_worker import protocol as p
 from _trio_parallel_fs_worker._settings import TemplateSettings
+from _trio_parallel_fs_worker.codec import decode_error
 
 from .. import _loops
 from .._errors import template_start_error
@@ -38,16 +36,15 @@ from .seam import ANSWER_TIMEOUT, ExitInfo
 
 def _handshake(sock: socket.socket, settings: TemplateSettings) -> p.Event:
     """Send the template its settings; return its answer (blocking)."""
-    connection = p.Connection(p.PARENT)
-    # The template's code reads its settings as a mapping.
-    for part in connection.send(p.Config(pickle.dumps(dataclasses.asdict(settings)))):
+    connection = p.Connection(p.PARENT, p.TEMPLATE)
+    for part in connection.send(p.Config(settings)):
         sock.sendall(part)
     while True:
         event = connection.next_event()
         if event is not p.NEED_DATA:
             return event  # type: ignore[return-value]
         try:
-            connection.receive_data(sock.recv(1 << 16))
+            connection.receive_data(sock.recv(p.RECV_SIZE))
         except OSError:
             connection.receive_data(b"")
 
@@ -84,7 +81,7 @@ class TemplateProcess:
         self._control = ours
         self.pid = self._popen.pid
         answer = _handshake(ours, self._settings)
-        if isinstance(answer, p.Value):
+        if isinstance(answer, p.Ready):
             return
         if isinstance(answer, p.InitFailed):
             cause = decode_error(answer.payload)

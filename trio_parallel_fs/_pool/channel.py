@@ -1,6 +1,6 @@
 """The parent's end of one worker: its channel, its process handle, its state.
 
-A raw non-blocking socket, the sans-IO `_protocol.Connection` and
+A raw non-blocking socket, the sans-IO `protocol.Connection` and
 the loop's ``_loops.wait_readable`` are all a job round trip needs: no stream
 objects, no extra buffering layer.
 
@@ -41,7 +41,8 @@ import threading
 import time
 import weakref
 
-from _trio_parallel_fs_worker import _protocol as p
+from _trio_parallel_fs_worker import protocol as p
+from _trio_parallel_fs_worker._settings import WorkerSettings
 from _trio_parallel_fs_worker._shm import SharedArea, total_bytes
 from _trio_parallel_fs_worker._spin import SpinPolicy, input_poller, yield_cpu
 
@@ -146,7 +147,7 @@ class Worker:
         self,
         channel: socket.socket,
         process: WorkerProcess,
-        config_frame: bytes,
+        settings: WorkerSettings,
         area_settings: tuple[int, int, float] | None = None,
         busy_wait: float = 0.0,
     ) -> None:
@@ -158,12 +159,12 @@ class Worker:
         self.process = process
         self.connection = p.Connection(p.PARENT)
         self.state = WorkerState.STARTING
-        # The worker's configuration rides along with its first job: one send.
-        self._first_frames = config_frame
+        # The worker's start-up message rides along with its first job: one send.
+        self._first_frames = b"".join(self.connection.send(p.Config(settings)))
         self.idle_since = time.monotonic()
         self.init_done = False  # past its init hook (a reply or Started came)
         self.reset_seen = False  # a read ended in a connection reset
-        self.cwd = ""  # the working directory its start-up message gave it, if sent ahead
+        self.cwd = settings.cwd  # the working directory its start-up message gives it
         self.announced = False  # its pid was given to the pool's observers
         self.area: SharedArea | None = None
         if area_settings is not None and channel.family != getattr(socket, "AF_UNIX", None):
@@ -175,26 +176,25 @@ class Worker:
         self._spin = SpinPolicy(busy_wait)
         self._readable = input_poller(channel)
 
-    def send_ahead(self, config_frame: bytes, cwd: str) -> None:
+    def send_ahead(self) -> None:
         """Send the start-up message now, without waiting: a worker started
-        ahead of demand applies its settings (``cwd``, its working directory,
-        among them) and runs its init hook while nobody waits. Whatever the
-        socket does not take at once goes with the first job, as does
-        everything if the worker is gone already."""
-        self.cwd = cwd
-        self._first_frames = config_frame
+        ahead of demand applies its settings (its working directory among
+        them) and runs its init hook while nobody waits. Whatever the socket
+        does not take at once goes with the first job, as does everything if
+        the worker is gone already."""
         try:
-            sent = self.channel.send(config_frame)
+            sent = self.channel.send(self._first_frames)
         except (BlockingIOError, ConnectionError):
             return
-        self._first_frames = config_frame[sent:]
+        self._first_frames = self._first_frames[sent:]
 
     def apply(self, event: WorkerEvent) -> None:
         """Move to the state the lifecycle table gives (the pool holds its lock)."""
         self.state = next_worker_state(self.state, event)
 
-    async def send_job(self, job_parts: list[bytes | memoryview]) -> bool:
-        """Send a job (its frame, in parts); False if the worker closed its end."""
+    async def send_job(self, job: p.Job) -> bool:
+        """Send a job; False if the worker closed its end. ``job`` is not
+        changed: a job that never ran goes to another worker as it is."""
         fd = -1
         area = self.area
         if area is not None:
@@ -202,9 +202,11 @@ class Worker:
                 area.busy = True
                 area.trimmed = False
         if self._area_settings is not None and (
-            len(job_parts) > 1 or self._area_wanted or (area is not None and area.wants_window())
+            job.buffers or self._area_wanted or (area is not None and area.wants_window())
         ):
-            job_parts, fd = self._through_area(job_parts)
+            job_parts, fd = self._through_area(job)
+        else:
+            job_parts = self.connection.send(job)
         if self._first_frames:
             job_parts = [self._first_frames + job_parts[0], *job_parts[1:]]
             self._first_frames = b""
@@ -225,13 +227,13 @@ class Worker:
             return False
         return True
 
-    def _through_area(self, job_parts: list[bytes | memoryview]) -> tuple[list[bytes | memoryview], int]:
-        """The job's frame parts with its buffers moved into the area, if they
+    def _through_area(self, job: p.Job) -> tuple[list[bytes | memoryview], int]:
+        """The job's frame parts, with its buffers moved into the area if they
         reach the threshold and fit; and the area's fd if its Area frame goes
         first (else -1)."""
         assert self._area_settings is not None
         threshold, cap, idle = self._area_settings
-        pickled, buffers = p.job_from_parts(job_parts)
+        buffers = job.buffers
         fd = -1
         area = self.area
         if area is None:
@@ -241,7 +243,7 @@ class Worker:
                 # Unsupported here after all, or out of fds or memory: this
                 # worker uses the socket, as it would without an area.
                 self._area_settings = None
-                return job_parts, -1
+                return self.connection.send(job), -1
             self.area = area
             area.idle_timeout = idle
             area.busy = True
@@ -252,6 +254,7 @@ class Worker:
         # Small buffers go into the area only to carry a new window for the
         # results (see SharedArea.wants_window); else the socket is as fast.
         large = bool(buffers) and total_bytes(buffers) >= threshold
+        sent = job
         if (large or area.wants_window()) and area.fits(buffers):
             try:
                 descriptor = area.write(buffers)
@@ -261,7 +264,8 @@ class Worker:
                 # limit (RLIMIT_AS: ENOMEM). The socket carries this job as it is.
                 pass
             else:
-                job_parts = self.connection.send(p.Job(pickled, area=descriptor))
+                sent = p.Job(job.pickled, area=descriptor)
+        job_parts = self.connection.send(sent)
         if fd >= 0:
             job_parts = [first + bytes(job_parts[0]), *job_parts[1:]]
         return job_parts, fd

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import threading
 import time
 import warnings
@@ -55,10 +54,10 @@ import attrs
 import cloudpickle
 import outcome
 
-from _trio_parallel_fs_worker import _protocol as p
-from _trio_parallel_fs_worker._errorcodec import decode_error
+from _trio_parallel_fs_worker import protocol as p
 from _trio_parallel_fs_worker._settings import WorkerSettings
 from _trio_parallel_fs_worker._shm import unsupported_reason
+from _trio_parallel_fs_worker.codec import decode_error, loads_value
 
 from .. import _loops
 from .._backends.seam import ANSWER_TIMEOUT, Backend, ExitInfo, WorkerProcess
@@ -97,12 +96,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-
-def _config_frame(settings: WorkerSettings) -> bytes:
-    """The Config frame that carries a worker's start-up message."""
-    return p.encode_frame(p.CONFIG, pickle.dumps(settings))
 
 
 class PoolClosed(Exception):
@@ -298,9 +291,9 @@ class WorkerPool:
             if self._departing:
                 self._departing = [process for process in self._departing if not process.release()]
 
-    def _worker_settings(self) -> bytes:
-        """The Config frame of a worker started now (the cwd is this moment's)."""
-        return _config_frame(self.config.worker_settings(self._hooks))
+    def _worker_settings(self) -> WorkerSettings:
+        """The start-up message of a worker started now (the cwd is this moment's)."""
+        return self.config.worker_settings(self._hooks)
 
     async def _new_worker(self) -> Worker:
         self.prune()
@@ -357,8 +350,8 @@ class WorkerPool:
             if started is None:
                 return
             channel, process = started
-            worker = Worker(channel, process, b"", self._area_settings, self.config.busy_wait)
-            worker.send_ahead(_config_frame(settings), settings.cwd)
+            worker = Worker(channel, process, settings, self._area_settings, self.config.busy_wait)
+            worker.send_ahead()
             with self._lock:
                 if self.closed:
                     worker.process.kill()
@@ -372,7 +365,7 @@ class WorkerPool:
 
     # --- one job ------------------------------------------------------------
 
-    async def run(self, job_parts: list[bytes | memoryview], fn: object) -> Any:
+    async def run(self, job: p.Job, fn: object) -> Any:
         """Run one job; return its outcome, or RESUBMIT if it never ran.
 
         Raises PoolClosed if the context is closed (or closes while a new
@@ -388,7 +381,7 @@ class WorkerPool:
         try:
             if worker is None:
                 worker = await self._new_worker()
-            event, delivered = await self._exchange(worker, job_parts, fn)
+            event, delivered = await self._exchange(worker, job, fn)
             if isinstance(event, p.Closed):
                 # A worker that had served before and was gone before the job
                 # reached it (killed while idle, its exit not reported yet): the
@@ -404,13 +397,11 @@ class WorkerPool:
             raise
         return self._settle(worker, event, fn)  # decrements running
 
-    async def _exchange(
-        self, worker: Worker, job_parts: list[bytes | memoryview], fn: object
-    ) -> tuple[p.Event, bool]:
+    async def _exchange(self, worker: Worker, job: p.Job, fn: object) -> tuple[p.Event, bool]:
         """Send the job; return the event that settles it, and whether the job
         was delivered whole (if not, the worker had closed its end before)."""
         try:
-            delivered = await worker.send_job(job_parts)  # if it closed its end, its Bye may be waiting
+            delivered = await worker.send_job(job)  # if it closed its end, its Bye may be waiting
             while True:
                 event = await worker.receive(ANSWER_TIMEOUT)
                 self._announce(worker)
@@ -521,7 +512,7 @@ class WorkerPool:
         if isinstance(event, p.Error):
             return outcome.Error(decode_error(event.payload))
         try:
-            return outcome.Value(pickle.loads(event.pickled, buffers=event.buffers))
+            return outcome.Value(loads_value(event.pickled, event.buffers))
         except BaseException as exc:  # noqa: BLE001
             return outcome.Error(unpicklable_result_error(describe(fn), exc))
 
