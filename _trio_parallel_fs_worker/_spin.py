@@ -81,8 +81,9 @@ def sleep_for_input(sock: socket.socket, ns: int) -> bool:
 _REGULAR_MAX = 32
 
 
-class SpinPolicy:
-    """The busy-wait window of one end of one channel (the caller's)."""
+class CallerSpin:
+    """The caller's busy-wait window on one worker's channel (the parent's
+    `PooledWorker.receive`); `WorkerSpin` is the worker's."""
 
     __slots__ = ("limit_ns", "typical_ns")
 
@@ -103,8 +104,9 @@ class SpinPolicy:
         self.typical_ns = (3 * self.typical_ns + min(ns, 4 * self.limit_ns)) >> 2
 
 
-class WaitPlan(SpinPolicy):
-    """The worker's window, and its plan for waits longer than the limit."""
+class WorkerSpin(CallerSpin):
+    """The worker's busy-wait window (the worker loop's ``Inbox``): the
+    caller's rules, plus its plan for waits longer than the limit."""
 
     __slots__ = ("gap_ns", "spread_ns")
 

@@ -36,7 +36,7 @@ from ._memory import MemoryWatch, memory_usage
 from ._page_plan import apply_plan_while_idle, learn_before_leaving
 from ._settings import WorkerHooks, WorkerSettings
 from ._shm import AreaMemoryError, SharedArea, total_bytes
-from ._spin import WaitPlan, input_poller, sleep_for_input, yield_cpu
+from ._spin import WorkerSpin, input_poller, sleep_for_input, yield_cpu
 from .codec import dumps_value, encode_error, loads_job
 
 # Room for the fds one recvmsg may bring: one area, and then some, so that a
@@ -67,14 +67,14 @@ class Inbox:
         self.connection = connection
         self.poll_timeout: float | None = None  # milliseconds; None: forever
         self.poller = input_poller(sock)
-        self.spin = WaitPlan(0)
+        self.spin = WorkerSpin(0)
         self.takes_fds = _FD_SPACE > 0 and sock.family == getattr(socket, "AF_UNIX", None)
         self.fds: list[int] = []  # received, not handed out yet
 
     def start_serving(self, hooks: WorkerHooks) -> None:
         """Jobs come from now on: apply the idle timeout and the busy-wait limit."""
         self.poll_timeout = None if math.isinf(hooks.idle_timeout) else hooks.idle_timeout * 1000
-        self.spin = WaitPlan(hooks.busy_wait)
+        self.spin = WorkerSpin(hooks.busy_wait)
         if self.spin.limit_ns:
             tighten_timers()  # its sleeps before a busy-wait must end on time
 

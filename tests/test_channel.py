@@ -15,7 +15,7 @@ from _trio_parallel_fs_worker import _shm
 from _trio_parallel_fs_worker import protocol as p
 from _trio_parallel_fs_worker.protocol import descriptor as d
 from trio_parallel_fs._config import WorkerConfig
-from trio_parallel_fs._pool.channel import Worker
+from trio_parallel_fs._pool.channel import PooledWorker
 
 SETTINGS = WorkerConfig().worker_settings()
 
@@ -67,7 +67,7 @@ class Reader(threading.Thread):
                 return
             self.data += data
 
-    async def events_once_closed(self, worker: Worker) -> list[p.Event]:
+    async def events_once_closed(self, worker: PooledWorker) -> list[p.Event]:
         worker.close()
         with trio.fail_after(30):
             await trio.to_thread.run_sync(self.join)
@@ -76,7 +76,7 @@ class Reader(threading.Thread):
 
 async def test_a_job_is_framed_once_by_the_connection_and_left_as_it_was():
     ours, theirs = socket.socketpair()
-    worker = Worker(ours, None, SETTINGS)  # type: ignore[arg-type]
+    worker = PooledWorker(ours, None, SETTINGS)  # type: ignore[arg-type]
     framed: list[p.Job] = []
     count_jobs_framed(worker.connection, framed)
     buffer = memoryview(bytearray(b"x" * 100_000))
@@ -109,7 +109,7 @@ async def test_the_area_path_writes_the_job_events_own_buffers_without_reframing
 
     monkeypatch.setattr(_shm.SharedArea, "write", recording_write)
     ours, theirs = socket.socketpair()
-    worker = Worker(ours, None, SETTINGS, area_settings=(1, 1 << 24, 60.0))  # type: ignore[arg-type]
+    worker = PooledWorker(ours, None, SETTINGS, area_settings=(1, 1 << 24, 60.0))  # type: ignore[arg-type]
     framed: list[p.Job] = []
     count_jobs_framed(worker.connection, framed)
     buffers = [memoryview(bytearray(b"a" * 70_000)), memoryview(bytearray(b"b" * 3))]
@@ -135,7 +135,7 @@ async def test_the_area_path_writes_the_job_events_own_buffers_without_reframing
 
 async def test_a_worker_started_ahead_gets_its_config_at_once_and_once_only():
     ours, theirs = socket.socketpair()
-    worker = Worker(ours, None, SETTINGS)  # type: ignore[arg-type]
+    worker = PooledWorker(ours, None, SETTINGS)  # type: ignore[arg-type]
     try:
         worker.send_ahead()
         config = theirs.recv(1 << 16)  # sent now, before any job

@@ -16,8 +16,8 @@ import workerfns
 import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import protocol as p
 from _trio_parallel_fs_worker._spin import (
-    SpinPolicy,
-    WaitPlan,
+    CallerSpin,
+    WorkerSpin,
     busy_waits_pay,
     cgroup_cpu_quota,
     sleep_for_input,
@@ -25,7 +25,7 @@ from _trio_parallel_fs_worker._spin import (
 )
 from trio_parallel_fs._config import WorkerConfig
 from trio_parallel_fs._loops import trio_loop
-from trio_parallel_fs._pool.channel import Worker
+from trio_parallel_fs._pool.channel import PooledWorker
 
 needs_two_cpus = pytest.mark.skipif(not busy_waits_pay(), reason="busy-waits are off where only one CPU is usable")
 
@@ -35,7 +35,7 @@ SETTINGS = WorkerConfig().worker_settings()
 
 @needs_two_cpus
 def test_the_window_closes_after_a_slow_wait_and_opens_after_quick_ones():
-    spin = SpinPolicy(0.001)  # a 1 ms limit
+    spin = CallerSpin(0.001)  # a 1 ms limit
     assert spin.window_ns() == 1 * MS  # nothing seen yet: try
     spin.waited(MS // 10)
     assert spin.window_ns() == 1 * MS
@@ -50,7 +50,7 @@ def test_the_window_closes_after_a_slow_wait_and_opens_after_quick_ones():
 
 @needs_two_cpus
 def test_regular_waits_longer_than_the_limit_sleep_first_then_busy_wait_around_the_message():
-    spin = WaitPlan(0.001)
+    spin = WorkerSpin(0.001)
     assert spin.plan() == (0, 1 * MS)  # nothing seen yet: quick waits assumed
     for _ in range(40):  # a loop that calls every 5 ms
         spin.waited(5 * MS)
@@ -61,12 +61,12 @@ def test_regular_waits_longer_than_the_limit_sleep_first_then_busy_wait_around_t
 
 @needs_two_cpus
 def test_irregular_or_very_long_waits_never_busy_wait():
-    irregular = WaitPlan(0.001)
+    irregular = WorkerSpin(0.001)
     for _ in range(20):
         irregular.waited(2 * MS)
         irregular.waited(8 * MS)
     assert irregular.plan() == (0, 0)
-    long = WaitPlan(0.001)
+    long = WorkerSpin(0.001)
     for _ in range(40):
         long.waited(100 * MS)  # beyond _REGULAR_MAX limits: sleep it all
     assert long.plan() == (0, 0)
@@ -113,7 +113,7 @@ def test_the_worker_sleeps_through_a_regular_wait_then_busy_waits(monkeypatch):
 
     ours, theirs = socket.socketpair()
     inbox = _worker.Inbox(ours, p.Connection(p.WORKER))
-    inbox.spin = WaitPlan(0.001)
+    inbox.spin = WorkerSpin(0.001)
     for _ in range(40):
         inbox.spin.waited(5 * MS)
     planned_sleep = inbox.spin.plan()[0]
@@ -138,7 +138,7 @@ def test_the_worker_sleeps_through_a_regular_wait_then_busy_waits(monkeypatch):
 
 
 def test_a_limit_of_zero_never_busy_waits():
-    spin = SpinPolicy(0)
+    spin = CallerSpin(0)
     assert spin.limit_ns == 0 and spin.window_ns() == 0
 
 
@@ -149,8 +149,8 @@ def test_one_usable_cpu_turns_busy_waits_off():
         """
         import os
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        from _trio_parallel_fs_worker._spin import SpinPolicy, usable_cpus
-        print(usable_cpus(), SpinPolicy(0.001).limit_ns)
+        from _trio_parallel_fs_worker._spin import CallerSpin, usable_cpus
+        print(usable_cpus(), CallerSpin(0.001).limit_ns)
         """
     )
     if not hasattr(os, "sched_setaffinity"):
@@ -189,7 +189,7 @@ def test_a_cgroup_cpu_quota_is_the_smallest_along_the_groups_path(tmp_path):
 
 
 class ScriptedProcess:
-    """Just enough of a WorkerProcess for Worker.receive: started, alive."""
+    """Just enough of a WorkerProcess for PooledWorker.receive: started, alive."""
 
     pid = 12345
 
@@ -200,7 +200,7 @@ class ScriptedProcess:
         return False
 
 
-async def looks_for_a_reply(worker: Worker, theirs: socket.socket, before_reply) -> int:
+async def looks_for_a_reply(worker: PooledWorker, theirs: socket.socket, before_reply) -> int:
     """Receive on ``worker`` a reply that another task of this run sends on
     ``theirs`` after ``await before_reply()``; check it, and return how many
     times the caller looked for it."""
@@ -233,7 +233,7 @@ async def test_the_caller_busy_waits_for_a_quick_reply_letting_other_tasks_run(m
     reply is sent by another task of this run, which could not run otherwise,
     and it arrives before the spin's end (Trio's wait is never used)."""
     ours, theirs = socket.socketpair()
-    worker = Worker(ours, ScriptedProcess(), SETTINGS, busy_wait=0.01)  # type: ignore[arg-type]
+    worker = PooledWorker(ours, ScriptedProcess(), SETTINGS, busy_wait=0.01)  # type: ignore[arg-type]
 
     async def no_trio_wait(fd):
         raise AssertionError("the busy-wait gave up and blocked")
@@ -257,7 +257,7 @@ async def test_the_caller_blocks_at_once_while_replies_come_slowly(monkeypatch):
     """After replies slower than the limit the caller looks once and then
     waits through Trio; quick replies open the window again."""
     ours, theirs = socket.socketpair()
-    worker = Worker(ours, ScriptedProcess(), SETTINGS, busy_wait=0.001)  # type: ignore[arg-type]
+    worker = PooledWorker(ours, ScriptedProcess(), SETTINGS, busy_wait=0.001)  # type: ignore[arg-type]
     for _ in range(10):
         worker._spin.waited(50 * MS)
     real_wait = trio_loop.wait_readable

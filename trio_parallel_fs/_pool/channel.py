@@ -44,7 +44,7 @@ import weakref
 from _trio_parallel_fs_worker import protocol as p
 from _trio_parallel_fs_worker._settings import WorkerSettings
 from _trio_parallel_fs_worker._shm import SharedArea, total_bytes
-from _trio_parallel_fs_worker._spin import SpinPolicy, input_poller, yield_cpu
+from _trio_parallel_fs_worker._spin import CallerSpin, input_poller, yield_cpu
 
 from .. import _loops
 from .._backends.seam import WorkerProcess
@@ -122,8 +122,11 @@ class AnswerTimeout(Exception):
     """The worker's template did not confirm its start in time."""
 
 
-class Worker:
-    """A worker process as the pool sees it."""
+class PooledWorker:
+    """A worker as the pool sees it: our end of its channel, its sans-IO
+    connection, its state, and its process handle (the backend's
+    `WorkerProcess`). The worker itself is the child's worker loop
+    (``_trio_parallel_fs_worker._worker``)."""
 
     __slots__ = (
         "channel",
@@ -173,7 +176,7 @@ class Worker:
         # Made with the first job (an empty memfd is cheap), so that a first
         # large result goes through it rather than the socket.
         self._area_wanted = area_settings is not None
-        self._spin = SpinPolicy(busy_wait)
+        self._spin = CallerSpin(busy_wait)
         self._readable = input_poller(channel)
 
     def send_ahead(self) -> None:

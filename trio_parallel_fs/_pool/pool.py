@@ -5,7 +5,7 @@ Theory of operation
 The pool is handed a backend (`_backends.seam.Backend`) and never asks what kind it
 is. A worker is taken from the idle stack (LIFO: the most recently used worker
 is the warmest), or started by the backend. The job goes out; then events come
-back until one settles the call (see `channel.Worker.receive`):
+back until one settles the call (see `channel.PooledWorker.receive`):
 
 * Started: the worker's init hook returned (and, if it carries a figure, the
   worker already uses more than ``max_memory``: warn once). Keep reading.
@@ -71,7 +71,7 @@ from .._errors import (
     stuck_at_close_error,
     unpicklable_result_error,
 )
-from .channel import AnswerTimeout, Worker
+from .channel import AnswerTimeout, PooledWorker
 from .lifecycle import ContextEvent, ContextState, WorkerEvent, WorkerState, next_context_state
 
 RESUBMIT = object()
@@ -153,8 +153,8 @@ class WorkerPool:
         self._hooks = cloudpickle.dumps(config.worker_hooks())
         self._lock = threading.Lock()
         self._state = ContextState.OPEN
-        self._idle: list[Worker] = []
-        self._live: set[Worker] = set()  # every worker not GONE or DEAD
+        self._idle: list[PooledWorker] = []
+        self._live: set[PooledWorker] = set()  # every worker not GONE or DEAD
         self._departing: list[WorkerProcess] = []  # let go, not reaped yet
         self.running = 0
         self._started = 0
@@ -198,7 +198,7 @@ class WorkerPool:
             workers = list(self._live)
         return [pid for worker in workers if (pid := worker.process.pid) is not None]
 
-    def _announce(self, worker: Worker) -> None:
+    def _announce(self, worker: PooledWorker) -> None:
         if self.observers and not worker.announced and worker.process.pid is not None:
             worker.announced = True
             for observer in self.observers:
@@ -232,7 +232,7 @@ class WorkerPool:
         """Start the template now, so that preload errors surface here."""
         await self.backend.start()
 
-    def _end(self, worker: Worker, event: WorkerEvent, reason: str) -> None:
+    def _end(self, worker: PooledWorker, event: WorkerEvent, reason: str) -> None:
         """Apply ``event`` (it left, died, was killed, or said it is leaving),
         count why, close our end and stop tracking it; the backend reaps it,
         spawned workers later (the caller holds the lock)."""
@@ -241,12 +241,12 @@ class WorkerPool:
         self._live.discard(worker)
         self._let_go(worker)
 
-    def _let_go(self, worker: Worker) -> None:
+    def _let_go(self, worker: PooledWorker) -> None:
         worker.close()
         if not worker.process.release():
             self._departing.append(worker.process)
 
-    def _take_idle(self) -> Worker | None:
+    def _take_idle(self) -> PooledWorker | None:
         """An idle worker that is still there, marked BUSY; None if there is none
         (the caller holds the lock)."""
         now = time.monotonic()
@@ -273,7 +273,7 @@ class WorkerPool:
                 return worker
         return None
 
-    def _end_exited(self, worker: Worker) -> None:
+    def _end_exited(self, worker: PooledWorker) -> None:
         """An idle worker found gone: by its idle timeout if it exited cleanly."""
         if worker.process.exited_cleanly():
             self._end(worker, WorkerEvent.LEFT, "idle")
@@ -295,7 +295,7 @@ class WorkerPool:
         """The start-up message of a worker started now (the cwd is this moment's)."""
         return self.config.worker_settings(self._hooks)
 
-    async def _new_worker(self) -> Worker:
+    async def _new_worker(self) -> PooledWorker:
         self.prune()
         await self.backend.start()
         try:
@@ -304,7 +304,7 @@ class WorkerPool:
             # The template died since we looked: start a new one, once.
             await self.backend.start()
             channel, process = await self.backend.start_worker()
-        worker = Worker(channel, process, self._worker_settings(), self._area_settings, self.config.busy_wait)
+        worker = PooledWorker(channel, process, self._worker_settings(), self._area_settings, self.config.busy_wait)
         with self._lock:
             if self.closed:
                 # Closed while we started it: nothing would ever close it.
@@ -350,7 +350,7 @@ class WorkerPool:
             if started is None:
                 return
             channel, process = started
-            worker = Worker(channel, process, settings, self._area_settings, self.config.busy_wait)
+            worker = PooledWorker(channel, process, settings, self._area_settings, self.config.busy_wait)
             worker.send_ahead()
             with self._lock:
                 if self.closed:
@@ -397,7 +397,7 @@ class WorkerPool:
             raise
         return self._settle(worker, event, fn)  # decrements running
 
-    async def _exchange(self, worker: Worker, job: p.Job, fn: object) -> tuple[p.Event, bool]:
+    async def _exchange(self, worker: PooledWorker, job: p.Job, fn: object) -> tuple[p.Event, bool]:
         """Send the job; return the event that settles it, and whether the job
         was delivered whole (if not, the worker had closed its end before)."""
         try:
@@ -423,7 +423,7 @@ class WorkerPool:
             raise
         return event, delivered
 
-    async def _kill(self, worker: Worker) -> None:
+    async def _kill(self, worker: PooledWorker) -> None:
         worker.process.kill()
         with _loops.move_on_after(ANSWER_TIMEOUT):
             await worker.process.wait()
@@ -432,7 +432,7 @@ class WorkerPool:
         with self._lock:
             self._end(worker, WorkerEvent.KILL, "killed")
 
-    def _warn_baseline(self, worker: Worker, used: int) -> None:
+    def _warn_baseline(self, worker: PooledWorker, used: int) -> None:
         if self._warned_baseline or self.config.max_memory is None:
             return
         self._warned_baseline = True
@@ -441,7 +441,7 @@ class WorkerPool:
         )
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
-    def _broken(self, info: ExitInfo, fn: object, worker: Worker) -> BaseException:
+    def _broken(self, info: ExitInfo, fn: object, worker: PooledWorker) -> BaseException:
         return broken_worker_error(
             info,
             describe(fn),
@@ -450,7 +450,7 @@ class WorkerPool:
             in_init=not worker.init_done and self.config.init is not bool,
         )
 
-    async def _died(self, worker: Worker, fn: object, fail_call: bool = True) -> None:
+    async def _died(self, worker: PooledWorker, fn: object, fail_call: bool = True) -> None:
         """The worker's channel closed: wait for its exit report, let it go and,
         with ``fail_call``, raise the BrokenWorkerError that says how it died."""
         with _loops.CancelScope(shield=True):
@@ -474,7 +474,7 @@ class WorkerPool:
         if fail_call and not left_unread:
             raise self._broken(info, fn, worker)
 
-    def _settle(self, worker: Worker, event: p.Event, fn: object) -> Any:
+    def _settle(self, worker: PooledWorker, event: p.Event, fn: object) -> Any:
         """Apply a reply to the worker's state and the counters (one lock, which
         also counts the call out of ``running``); its outcome, or RESUBMIT."""
         if isinstance(event, p.Bye):
