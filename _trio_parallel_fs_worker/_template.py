@@ -145,14 +145,22 @@ def receive_channel(handoff: socket.socket) -> int | None:
     return None
 
 
-def rehearse() -> None:
-    """As the spare, run a dummy job through the worker's code paths while
+def rehearsal_jobs() -> tuple[bytes, ...]:
+    """The jobs a spare rehearses (see rehearse), pickled once in the
+    template: pickling a function by value costs a millisecond of cloudpickle
+    that each spare would otherwise pay again."""
+    by_value, _ = dumps_job(lambda n: [n] * 3, (7,))
+    return pickle.dumps((int, ("7",))), by_value
+
+
+def rehearse(jobs: tuple[bytes, ...]) -> None:
+    """As the spare, run dummy jobs through the worker's code paths while
     nobody waits: the copy-on-write faults that a first job triggers (refcount
     writes to the template's objects) are paid now instead of on the caller's
-    time. Two jobs: one by reference (plain pickle), one by value with a
-    result that needs cloudpickle, the path of functions from ``__main__``."""
-    by_value, _ = dumps_job(lambda n: [n] * 3, (7,))
-    for job in (pickle.dumps((int, ("7",))), by_value):
+    time. Two jobs (`rehearsal_jobs`): one by reference (plain pickle), one by
+    value with a result that needs cloudpickle, the path of functions from
+    ``__main__``."""
+    for job in jobs:
         reader = p.FrameReader()
         reader.feed(p.encode_frame(p.JOB, job))
         frame = reader.next_frame()
@@ -218,6 +226,7 @@ class Template:
         self.ceiling_interval: float = setup.get("ceiling_interval", 0.02)
         self.buffer = b""  # a partial control record, if any
         self.spare: tuple[int, socket.socket] | None = None  # (pid, our end of its handoff)
+        self.rehearsal = rehearsal_jobs()
         self.want_spare = False  # no spare until someone asked for a worker
         self.refill_at: float | None = None  # when to fork the next spare
         self.refill_retry = _SPARE_RETRY_FIRST  # the wait after the next failed refill
@@ -358,7 +367,7 @@ class Template:
             reseed_numpy()
             if handoff is not None:
                 set_process_name(b"tpf-spare")
-                rehearse()
+                rehearse(self.rehearsal)
                 channel_fd = receive_channel(handoff)
                 if channel_fd is None:
                     code = 0  # the template shut down before using us
