@@ -238,8 +238,8 @@ def check_lesson(data: bytes, mappings: Sequence[Mapping]) -> Plan | None:
 
 def plan_steps(plan: Plan, *mappings: Sequence[Mapping]) -> list[tuple[Run, int]]:
     """As a worker: the madvise calls that apply ``plan``, whatever it says:
-    runs inside a mapping of the right kind in each of ``mappings`` (the
-    template's, and this process's now), at most MAX_RUNS of them, cut at
+    runs inside a mapping of the right kind in each of ``mappings`` (`apply`
+    passes the template's, as inherited), at most MAX_RUNS of them, cut at
     MAX_WRITE_BYTES of writes and MAX_READ_BYTES of reads."""
     steps = []
     for runs, writable, budget, advice in (
