@@ -115,6 +115,10 @@ _RUNS_PER_LOOK = 32
 # message: one prepared just before a call would only delay it (a call
 # waiting for a worker sends its job right after the settings).
 IDLE_FIRST_MS = 2
+# Then it waits for a CPU to be idle (see _cpu_to_spare): it looks again
+# every _BUSY_RETRY_MS, and gives the plan up after _BUSY_GIVE_UP_MS.
+_BUSY_RETRY_MS = 5
+_BUSY_GIVE_UP_MS = 1000
 
 # A plan's bytes, in a published file and in a lesson alike: magic, version,
 # write runs, read runs; then the runs, writes first.
@@ -234,8 +238,8 @@ def check_lesson(data: bytes, mappings: Sequence[Mapping]) -> Plan | None:
 
 def plan_steps(plan: Plan, *mappings: Sequence[Mapping]) -> list[tuple[Run, int]]:
     """As a worker: the madvise calls that apply ``plan``, whatever it says:
-    runs inside a mapping of the right kind in each of ``mappings`` (the
-    template's, and this process's now), at most MAX_RUNS of them, cut at
+    runs inside a mapping of the right kind in each of ``mappings`` (`apply`
+    passes the template's, as inherited), at most MAX_RUNS of them, cut at
     MAX_WRITE_BYTES of writes and MAX_READ_BYTES of reads."""
     steps = []
     for runs, writable, budget, advice in (
@@ -261,10 +265,16 @@ def apply(
     madvise: Callable[[int, int, int], int] | None = None,
 ) -> int:
     """Take the plan's faults here (see plan_steps); stop early when
-    ``should_stop()``. Returns the bytes of the runs applied."""
+    ``should_stop()``. Returns the bytes of the runs applied.
+
+    The runs are checked against the template's mappings as this process
+    inherited them, not against ``/proc/self/maps`` read again: reading and
+    parsing that costs a fresh numpy/scipy worker a millisecond, and a run
+    that no longer lies in a mapping of its kind (an init hook unmapped it)
+    only makes its madvise fail or fault pages of this process alone."""
     madvise = madvise or _madvise()
     done = 0
-    for index, ((address, length), advice) in enumerate(plan_steps(plan, template_mappings, read_mappings())):
+    for index, ((address, length), advice) in enumerate(plan_steps(plan, template_mappings)):
         if index % _RUNS_PER_LOOK == 0 and should_stop():
             break
         # A run the process no longer has whole fails (ENOMEM, EFAULT):
@@ -516,8 +526,19 @@ def apply_plan_while_idle(input_within: Callable[[float], bool]) -> int:
     fd = inherited.plan_fd
     _inherited = inherited._replace(plan_fd=None)
     try:
-        if input_within(IDLE_FIRST_MS):
-            return 0
+        # Wait for a moment without a message, then for a CPU to be idle:
+        # right after a worker is prepared, its predecessor's exit and the
+        # template's next fork usually keep the CPUs busy for a few ms.
+        wait, waited = IDLE_FIRST_MS, 0.0
+        while True:
+            if input_within(wait):
+                return 0
+            if _cpu_to_spare():
+                break
+            waited += wait
+            if waited >= _BUSY_GIVE_UP_MS:
+                return 0
+            wait = _BUSY_RETRY_MS
         # Whatever goes wrong from here (a file that is not what it should
         # be, a mapping gone), the job takes its own faults: nothing else.
         try:
@@ -530,6 +551,22 @@ def apply_plan_while_idle(input_within: Callable[[float], bool]) -> int:
     finally:
         with contextlib.suppress(OSError):  # an init hook may have closed it
             os.close(fd)
+
+
+def _cpu_to_spare(loadavg_path: str = "/proc/loadavg") -> bool:
+    """Whether a CPU is idle now, so that applying a plan takes no CPU time
+    from a job. A burst of calls on fresh workers keeps every CPU busy: there
+    a worker's plan would take the same faults its job takes anyway, at the
+    cost of other workers' forks, jobs and exits (measured: 2-3 ms of CPU per
+    worker). The fourth field of /proc/loadavg counts the runnable tasks, this
+    one included, at this instant."""
+    try:
+        with open(loadavg_path, "rb") as loadavg:
+            runnable = int(loadavg.read().split()[3].split(b"/")[0])
+        cpus = len(os.sched_getaffinity(0))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return True
+    return runnable - 1 < cpus
 
 
 def learn_before_leaving() -> None:

@@ -146,16 +146,25 @@ def receive_channel(handoff: socket.socket) -> int | None:
     return None
 
 
-def rehearse() -> None:
-    """As the spare, run a dummy job through the worker's code paths while
+def rehearsal_jobs() -> tuple[bytes, ...]:
+    """The jobs a spare rehearses (see rehearse), pickled once in the
+    template: pickling a function by value costs a millisecond of cloudpickle
+    that each spare would otherwise pay again."""
+    by_value, _ = dumps_job(lambda n: [n] * 3, (7,))
+    return pickle.dumps((int, ("7",))), by_value
+
+
+def rehearse(jobs: tuple[bytes, ...]) -> None:
+    """As the spare, run dummy jobs through the worker's code paths while
     nobody waits: the copy-on-write faults that a first job triggers (refcount
     writes to the template's objects) are paid now instead of on the caller's
-    time. Two jobs: one by reference (plain pickle), one by value with a
-    result that needs cloudpickle, the path of functions from ``__main__``."""
+    time. Two jobs (`rehearsal_jobs`): one by reference (plain pickle), one by
+    value with a result that needs cloudpickle, the path of functions from
+    ``__main__``; through the Connection both ends use, as a worker's first
+    job goes."""
     parent, worker = p.Connection(p.PARENT), p.Connection(p.WORKER)
     worker.next_event_from(b"".join(parent.send(p.Config(WorkerSettings(os.getcwd(), None, (), None, b"")))))
-    by_value, _ = dumps_job(lambda n: [n] * 3, (7,))
-    for pickled in (pickle.dumps((int, ("7",))), by_value):
+    for pickled in jobs:
         job = worker.next_event_from(b"".join(bytes(part) for part in parent.send(p.Job(pickled))))
         assert isinstance(job, p.Job)
         worker.send(execute(job))
@@ -219,6 +228,7 @@ class Template:
         self.ceiling_interval = settings.ceiling_interval
         self.buffer = b""  # a partial control record, if any
         self.spare: tuple[int, socket.socket] | None = None  # (pid, our end of its handoff)
+        self.rehearsal = rehearsal_jobs()
         self.want_spare = False  # no spare until someone asked for a worker
         self.refill_at: float | None = None  # when to fork the next spare
         self.refill_retry = _SPARE_RETRY_FIRST  # the wait after the next failed refill
@@ -359,7 +369,7 @@ class Template:
             reseed_numpy()
             if handoff is not None:
                 set_process_name(b"tpf-spare")
-                rehearse()
+                rehearse(self.rehearsal)
                 channel_fd = receive_channel(handoff)
                 if channel_fd is None:
                     code = 0  # the template shut down before using us

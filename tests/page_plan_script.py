@@ -135,8 +135,19 @@ if mode == "apply":
         applied = pf.apply_plan_while_idle(input_within)
         return {"applied": applied, "waits": waits[:2], "closed": not os.path.exists(f"/proc/self/fd/{fd}")}
 
+    looks = []
+
+    def every_cpu_busy() -> bool:
+        looks.append(1)
+        return False
+
     result["busy_worker"] = in_child(lambda: entry(message_waits))
+    # Whether a CPU is idle is the machine's business: each case says it.
+    pf._cpu_to_spare = lambda: True
     result["idle_worker"] = in_child(lambda: entry(no_message))
+    waits.clear()
+    pf._cpu_to_spare = every_cpu_busy
+    result["busy_machine"] = in_child(lambda: {**entry(no_message), "looks": len(looks)})
     # Five children forked with this plan so far. Until RELEARN_AFTER were,
     # none is asked to learn; then one, and not the next (one at a time),
     # while the old plan stays.

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -79,6 +80,29 @@ def test_a_worker_applies_the_plan_only_after_waiting_a_moment_for_no_message():
     assert found["idle_worker"]["applied"] >= 16 * _page_plan.PAGE
     assert found["idle_worker"]["waits"] == [_page_plan.IDLE_FIRST_MS, 0]
     assert found["idle_worker"]["closed"]  # no job sees the plan's file
+    # Every CPU busy (a burst of fresh workers): it looks again now and then,
+    # gives up after a while, and the job takes its own faults.
+    busy = found["busy_machine"]
+    assert busy["applied"] == 0 and busy["closed"]
+    assert busy["waits"] == [_page_plan.IDLE_FIRST_MS, _page_plan._BUSY_RETRY_MS]
+    retries = math.ceil((_page_plan._BUSY_GIVE_UP_MS - _page_plan.IDLE_FIRST_MS) / _page_plan._BUSY_RETRY_MS)
+    assert busy["looks"] == 1 + retries
+
+
+@pytest.mark.parametrize(("beyond_cpus", "idle"), [(None, True), (-1, True), (0, False), (3, False)])
+def test_a_cpu_is_idle_while_fewer_other_tasks_than_cpus_are_runnable(tmp_path, beyond_cpus, idle):
+    """``beyond_cpus``: how many more tasks than CPUs run beside us (None: none at all)."""
+    others = 0 if beyond_cpus is None else len(os.sched_getaffinity(0)) + beyond_cpus
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(f"0.52 0.58 0.59 {others + 1}/467 12345\n")  # the count includes the reader
+    assert _page_plan._cpu_to_spare(str(loadavg)) is idle
+
+
+def test_a_loadavg_that_cannot_be_read_leaves_the_plan_on(tmp_path):
+    garbled = tmp_path / "loadavg"
+    garbled.write_text("nonsense\n")
+    assert _page_plan._cpu_to_spare(str(garbled)) is True
+    assert _page_plan._cpu_to_spare(str(tmp_path / "missing")) is True
 
 
 def test_a_plan_is_learned_again_after_enough_forks_by_one_child_at_a_time():
