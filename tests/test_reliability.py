@@ -249,6 +249,40 @@ def test_a_forked_child_of_the_parent_leaves_the_parents_workers_alone(mode, tmp
     assert "Traceback" not in err, err
 
 
+OUTLIVING_FORK = """
+import os, signal, sys, time
+sys.path.insert(0, {here!r})
+import trio, trio_parallel_fs as tpf, workerfns
+
+async def main():
+    # A grace period longer than the script may run: a close that waits for it
+    # fails the test by its timeout.
+    async with tpf.open_worker_context(grace_period=3600) as ctx:
+        await ctx.run_sync(workerfns.pid)  # an idle worker, its channel ours
+        child = os.fork()
+        if child == 0:  # a multiprocessing worker, say: it outlives the context
+            time.sleep(60)
+            os._exit(0)
+    try:
+        stats = ctx.statistics()
+        print("CLOSED", stats.idle_workers, stats.running_workers, flush=True)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+trio.run(main)
+"""
+
+
+def test_a_child_forked_from_the_parent_does_not_hold_the_workers_channels(tmp_path):
+    """Before: the child kept copies of the idle worker's channel, so the
+    worker never saw its context close: the close waited out grace_period,
+    killed the worker and raised BrokenWorkerError."""
+    out, err = run_script(tmp_path, OUTLIVING_FORK)
+    assert out.splitlines() == ["CLOSED 0 0"], (out, err)
+    assert "Traceback" not in err, err
+
+
 # --- 3. a clean idle exit must not be reported as a crash ----------------------
 
 

@@ -47,6 +47,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -89,9 +90,23 @@ _KEEP, _HOOK_FAILED = p.Retire.KEEP, p.Retire.HOOK_FAILED
 _fork_generation = 0
 
 
+# Every pool of this process, so that a forked child can drop them at once.
+_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+
+
 def _after_fork_in_child() -> None:
+    """In a child forked from this process (a multiprocessing worker, say):
+    close our copies of every pool's channels and pipes now. Kept open, they
+    would hold the workers' channels open for as long as the child lives: a
+    closing context would see no worker leave, wait its whole grace period,
+    kill them and raise; and the template would not see its parent die."""
     global _fork_generation
     _fork_generation += 1
+    for pool in list(_pools):
+        try:
+            pool._forget_after_fork()
+        except Exception:  # noqa: BLE001 - a fork hook must not fail the fork; the next use forgets again
+            pool._generation = -1
 
 
 if hasattr(os, "register_at_fork"):
@@ -161,6 +176,7 @@ class WorkerPool:
         self._retired: dict[str, int] = {}
         self._warned_baseline = False
         self._generation = _fork_generation
+        _pools.add(self)
         self.observers: list[Callable[[int], None]] = []  # see _introspect.watch_workers
         # (threshold, cap, idle period) of each worker's shared memory area, or None for none.
         self._area_settings = (
