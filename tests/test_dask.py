@@ -108,11 +108,14 @@ def no_leftovers():
 def cluster(no_leftovers):
     # allowed_failures=0: a job whose worker dies fails at once, as run_sync's
     # does locally (Dask's default retries it on three more workers).
+    # dashboard_address=":0": the scheduler serves HTTP on a free port (with
+    # None it tries 8787 first, and warns, an error here, when another
+    # cluster on this machine has it).
     with distributed.LocalCluster(
         processes=True,
         n_workers=2,
         threads_per_worker=1,
-        dashboard_address=None,
+        dashboard_address=":0",
         scheduler_kwargs={"allowed_failures": 0},
     ) as cluster:
         yield cluster
@@ -698,7 +701,7 @@ async def main(cluster, client, pid_file):
 
 if __name__ == "__main__":  # the nannies spawn the workers, which import this file
     with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, dashboard_address=None, scheduler_kwargs={"allowed_failures": 0}
+        n_workers=2, threads_per_worker=1, dashboard_address=":0", scheduler_kwargs={"allowed_failures": 0}
     ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
         trio.run(main, cluster, client, sys.argv[1])
 """

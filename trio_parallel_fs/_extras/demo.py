@@ -191,7 +191,7 @@ def run_dask(workers: int, warm_calls: int, batch: int) -> int:
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",
             silence_logs=logging.ERROR,
         ) as cluster,
         dask.Client(cluster, set_as_default=False) as client,
