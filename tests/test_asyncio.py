@@ -103,6 +103,34 @@ def test_worker_death_is_a_broken_worker_error_and_the_next_call_works(run, work
     run(main)
 
 
+def test_a_death_is_seen_while_a_process_the_worker_forked_holds_its_channel(run, tmp_path):
+    """The wait through the loop also returns once the worker's exit is
+    reported (a helper in its own session keeps the channel open): under
+    asyncio and uvloop as under Trio."""
+    import reliabilityfns
+
+    pid_file = tmp_path / "helper.pid"
+
+    async def main():
+        async with tpf.open_worker_context() as ctx:
+            await ctx.run_sync(workerfns.add, 1, 2)  # a warm worker: its start is confirmed
+            try:
+                with anyio.fail_after(10):
+                    with pytest.raises(tpf.BrokenWorkerError, match="died with exit code 3 while running"):
+                        await ctx.run_sync(
+                            reliabilityfns.c_fork_helper_then_exit, pid_file, 20, True, kill_on_cancel=True
+                        )
+            finally:
+                if pid_file.exists():
+                    # Ours: it wrote its pid and sleeps, in a session of its
+                    # own. Killed while the template (its subreaper) lives to reap it.
+                    helper = int(pid_file.read_text())
+                    os.kill(helper, signal.SIGKILL)
+                    assert await anyio.to_thread.run_sync(wait_until_gone, {helper}, 10) == set()
+
+    run(main)
+
+
 def test_cancel_without_kill_lets_the_job_run_to_its_end(run, tmp_path):
     """Under Trio the call returns its result and the cancellation waits for
     the next checkpoint; under asyncio the cancellation is raised when the job

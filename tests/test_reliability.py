@@ -191,8 +191,7 @@ async def test_a_c_level_fork_holding_the_channel_does_not_delay_the_workers_dea
     """A fork at C level runs no at-fork hook, so the helper keeps the channel
     and the worker's exit brings no end-of-file. Before: the call waited for
     the helper (20 s); now the template kills the worker's group as it reaps
-    the worker. (A helper that also leaves the group, or a spawned worker's
-    helper, still holds the call back: see the issue's note.)"""
+    the worker. (A helper that also leaves the group: the next test.)"""
     pid_file = tmp_path / "helper.pid"
     async with tpf.open_worker_context(worker_type="forkserver") as ctx:
         await ctx.run_sync(workerfns.add, 1, 2)  # a warm worker: its start is confirmed
@@ -206,6 +205,28 @@ async def test_a_c_level_fork_holding_the_channel_does_not_delay_the_workers_dea
             await wait_dead(int(pid_file.read_text()))  # killed with the worker's group
         finally:
             kill_if_ours(pid_file, marker="_trio_parallel_fs_worker")
+        assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+
+
+async def test_a_helper_in_its_own_session_holding_the_channel_does_not_hold_the_call(worker_type, tmp_path):
+    """The same helper, out of the worker's process group (setsid): nobody
+    kills it, and it holds the channel for HELPER_SECONDS. Before: the call
+    waited for it (for ever, were it a daemon); now the wait also returns once
+    the worker's exit is reported. Spawned workers too (no template there)."""
+    pid_file = tmp_path / "helper.pid"
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        await ctx.run_sync(workerfns.add, 1, 2)  # a warm worker: its start is confirmed
+        try:
+            with trio.fail_after(PROMPTLY):
+                with pytest.raises(tpf.BrokenWorkerError, match=r"died with exit code 3 while running"):
+                    await ctx.run_sync(
+                        reliabilityfns.c_fork_helper_then_exit, pid_file, HELPER_SECONDS, True, kill_on_cancel=True
+                    )
+            helper = int(pid_file.read_text())
+            assert not is_dead(helper)  # still holding the channel, out of reach of the worker's group
+        finally:
+            kill_if_ours(pid_file, marker="_trio_parallel_fs_worker")
+        await wait_dead(helper)
         assert await ctx.run_sync(workerfns.add, 1, 2) == 3
 
 

@@ -187,6 +187,41 @@ async def wait_readable(obj: Any) -> None:
         await _through_anyio(anyio.wait_readable, fd)
 
 
+#: How often a wait of `wait_readable_or_gone` asks whether its peer is gone.
+GONE_POLL_SECONDS = 0.25
+
+
+async def wait_readable_or_gone(obj: Any, gone: Callable[[], bool]) -> None:
+    """``wait_readable(obj)``, which also returns once ``gone()`` says the peer
+    is gone, even though ``obj`` never becomes readable: a process the peer
+    forked may hold the other end open. Asked every GONE_POLL_SECONDS."""
+    loop = asyncio.get_running_loop()
+    fd = _fd(obj)
+
+    def arm(future: asyncio.Future[str]) -> Callable[[], object]:
+        timer: list[asyncio.TimerHandle] = []
+
+        def look() -> None:
+            if gone():
+                _wake(future, _WOKEN)
+            else:
+                timer[0] = loop.call_later(GONE_POLL_SECONDS, look)
+
+        loop.add_reader(fd, _wake, future, _WOKEN)
+        timer.append(loop.call_later(GONE_POLL_SECONDS, look))
+
+        def disarm() -> None:
+            loop.remove_reader(fd)
+            timer[0].cancel()
+
+        return disarm
+
+    try:
+        await _park(arm)
+    except NotImplementedError:  # no add_reader on this loop (Windows' proactor)
+        await _through_anyio(anyio.wait_readable, fd)
+
+
 async def wait_writable(obj: Any) -> None:
     loop = asyncio.get_running_loop()
     fd = _fd(obj)

@@ -79,3 +79,52 @@ async def wait_concurrent(future: Any) -> None:
 
     future.add_done_callback(wake)
     await done.wait()
+
+
+#: How often a wait of `wait_readable_or_gone` asks whether its peer is gone.
+GONE_POLL_SECONDS = 0.25
+
+
+class _GoneWatch:
+    """This run's waits of `wait_readable_or_gone`, and the system task that
+    wakes those whose peer is gone."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[Any, Callable[[], bool]] = {}
+        self.wake = trio.Event()
+
+    async def run(self) -> None:
+        while True:
+            if not self.waiting:
+                self.wake = trio.Event()
+                await self.wake.wait()
+                continue
+            await trio.sleep(GONE_POLL_SECONDS)
+            for obj, gone in list(self.waiting.items()):
+                if gone():
+                    trio.lowlevel.notify_closing(obj)  # its wait raises ClosedResourceError
+
+
+_gone_watch: trio.lowlevel.RunVar[_GoneWatch] = trio.lowlevel.RunVar("trio_parallel_fs.gone_watch")
+
+
+async def wait_readable_or_gone(obj: Any, gone: Callable[[], bool]) -> None:
+    """``wait_readable(obj)``, which also returns once ``gone()`` says the peer
+    is gone, even though ``obj`` never becomes readable: a process the peer
+    forked may hold the other end open. Asked every GONE_POLL_SECONDS, by one
+    task per run, so that the wait itself costs a dict entry, not a timer."""
+    try:
+        watch = _gone_watch.get()
+    except LookupError:
+        watch = _GoneWatch()
+        _gone_watch.set(watch)
+        trio.lowlevel.spawn_system_task(watch.run, name="trio_parallel_fs: gone-peer watch")
+    watch.waiting[obj] = gone
+    watch.wake.set()
+    try:
+        await trio.lowlevel.wait_readable(obj)
+    except trio.ClosedResourceError:
+        if not gone():
+            raise
+    finally:
+        watch.waiting.pop(obj, None)

@@ -8,10 +8,14 @@ A worker's death is seen as end-of-file on its channel. Processes a job
 forks (a multiprocessing helper, ``os.fork``) drop their copy of the channel
 at once (an at-fork hook in the worker), and ``exec`` closes it. A fork at C
 level runs no hook, but its process stays in the worker's process group,
-which the template kills when it reaps the worker. (Waiting on the channel and
-the exit report together, through an epoll fd, cost a fifth more per warm
-call, and a timed wait before it 9 us pinned to one CPU, a sixth; the hook
-costs nothing on the warm path.)
+which the template kills when it reaps the worker. One that leaves the group
+(or any of a spawned worker's) keeps the channel open after the worker is
+gone: so a wait through the event loop also returns once the worker's exit
+is reported, which one task per run asks every quarter of a second for the
+waits in progress (``wait_readable_or_gone`` in ``_loops``). (Waiting on the
+channel and the exit report together, through an epoll fd, cost a fifth more
+per warm call, and a timed wait before it 9 us pinned to one CPU, a sixth;
+the hook and the watch cost nothing on the warm path.)
 
 Large buffers may go through a shared memory area instead of the socket (see
 ``_trio_parallel_fs_worker._shm``). On a Unix socket channel each worker gets
@@ -365,14 +369,14 @@ class PooledWorker:
         spin = self._spin
         loop = _loops.current()  # once: the busy-wait looks again and again
         if not spin.limit_ns:
-            await loop.wait_readable(self.channel)
+            await loop.wait_readable_or_gone(self.channel, self.process.has_exited)
             return
         start = time.perf_counter_ns()
         end = start + spin.window_ns()  # while replies come slowly: now, one look only
         readable = self._readable
         while not readable(0):
             if time.perf_counter_ns() >= end:
-                await loop.wait_readable(self.channel)
+                await loop.wait_readable_or_gone(self.channel, self.process.has_exited)
                 break
             yield_cpu()
             await loop.checkpoint()
