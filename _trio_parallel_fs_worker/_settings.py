@@ -70,3 +70,9 @@ class TemplateSettings:
     memory_ceiling: int | None
     memory_metric: str
     ceiling_interval: float = 0.02
+
+
+class WorkerSetupError(RuntimeError):
+    """The worker could not set itself up before its init hook: the parent's
+    working directory, or (a spawned worker, which has no template) a preload
+    or ``template_init``. Its cause is the original error."""

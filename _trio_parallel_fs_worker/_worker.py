@@ -34,7 +34,7 @@ from ._describe import describe
 from ._lifeline import flush_std_streams, keep_out_of_forks, step_aside, tighten_timers
 from ._memory import MemoryWatch, memory_usage
 from ._page_plan import apply_plan_while_idle, learn_before_leaving
-from ._settings import WorkerHooks, WorkerSettings
+from ._settings import WorkerHooks, WorkerSettings, WorkerSetupError
 from ._shm import AreaMemoryError, SharedArea, total_bytes
 from ._spin import WorkerSpin, input_poller, sleep_for_input, yield_cpu
 from .codec import dumps_value, encode_error, loads_job
@@ -339,16 +339,24 @@ def load_settings(settings: WorkerSettings) -> WorkerHooks:
     try:
         os.chdir(settings.cwd)
     except OSError as exc:
-        raise RuntimeError(
-            f"the worker could not enter the parent's working directory {settings.cwd!r} "
+        raise WorkerSetupError(
+            f"it could not enter the parent's working directory {settings.cwd!r} "
             f"({type(exc).__name__}: {exc}); was it removed?"
         ) from None
     if settings.sys_path is not None:
         sys.path[:] = settings.sys_path
     for name in settings.preload:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:
+            raise WorkerSetupError(
+                f"it could not preload {name!r} ({type(exc).__name__}: {exc})"
+            ) from exc
     if settings.template_init is not None:
-        pickle.loads(settings.template_init)()
+        try:
+            pickle.loads(settings.template_init)()
+        except BaseException as exc:
+            raise WorkerSetupError(f"its template_init raised {type(exc).__name__}: {exc}") from exc
     hooks: WorkerHooks = pickle.loads(settings.hooks)
     return hooks
 

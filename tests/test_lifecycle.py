@@ -238,6 +238,20 @@ async def test_init_that_raises_fails_the_call_that_started_the_worker(worker_ty
         assert ctx.statistics().retired == {"hook_error": 1}
 
 
+async def test_a_spawned_worker_that_cannot_preload_says_so_not_that_a_hook_raised():
+    """A spawned worker imports preload itself (no template): its failure was
+    reported as "the worker's init hook raised ModuleNotFoundError" although
+    no init hook was set."""
+    async with tpf.open_worker_context(worker_type="spawn", preload=["no_such_module_for_tpf"]) as ctx:
+        with pytest.raises(
+            tpf.WorkerHookError,
+            match=r"^the worker could not start: it could not preload 'no_such_module_for_tpf' "
+            r"\(ModuleNotFoundError: No module named 'no_such_module_for_tpf'\); workerfns.add did not run",
+        ) as info:
+            await ctx.run_sync(workerfns.add, 1, 2)
+        assert isinstance(info.value.__cause__.__cause__, ModuleNotFoundError)  # the setup error's own cause
+
+
 async def test_retire_hook_retires_after_the_job(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type, retire=lambda: True) as ctx:
         first = await ctx.run_sync(workerfns.pid)

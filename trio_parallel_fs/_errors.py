@@ -17,6 +17,7 @@ import os
 import signal
 from typing import TYPE_CHECKING, Any
 
+from _trio_parallel_fs_worker._settings import WorkerSetupError
 from _trio_parallel_fs_worker.codec import RemoteTraceback as RemoteTraceback
 from _trio_parallel_fs_worker.codec import decode_error
 
@@ -100,7 +101,10 @@ class MemoryCeilingError(BrokenWorkerError):
 
 
 class WorkerHookError(BrokenWorkerError):
-    """The context's ``init`` or ``retire`` callable raised in a worker.
+    """The context's ``init`` or ``retire`` callable raised in a worker; or,
+    with ``hook`` ``"init"``, the worker could not set itself up before its
+    init hook (the parent's working directory gone; a spawned worker's
+    ``preload`` or ``template_init`` failing: the message says which).
 
     The worker leaves; the hook's exception is this error's ``__cause__``.
 
@@ -190,8 +194,12 @@ def hook_error(hook: str, payload: bytes, pid: int | None, function: str) -> Wor
         if hook == "init"
         else f"after running {function}; the job's result is lost and the worker left"
     )
+    if isinstance(cause, WorkerSetupError):  # before any hook ran
+        what = f"the worker could not start: {cause}"
+    else:
+        what = f"the worker's {hook} hook raised {type(cause).__name__}: {cause}"
     error = WorkerHookError(
-        f"the worker's {hook} hook raised {type(cause).__name__}: {cause}; {consequence}",
+        f"{what}; {consequence}",
         hook=hook,
         pid=pid,
         function=function,
