@@ -260,15 +260,15 @@ async def test_the_caller_blocks_at_once_while_replies_come_slowly(monkeypatch):
     worker = PooledWorker(ours, ScriptedProcess(), SETTINGS, busy_wait=0.001)  # type: ignore[arg-type]
     for _ in range(10):
         worker._spin.waited(50 * MS)
-    real_wait = trio_loop.wait_readable
+    real_wait = trio_loop.wait_readable_or_gone
     trio_waits = 0
 
-    async def counting_wait(fd):
+    async def counting_wait(fd, gone):
         nonlocal trio_waits
         trio_waits += 1
-        await real_wait(fd)
+        await real_wait(fd, gone)
 
-    monkeypatch.setattr(trio_loop, "wait_readable", counting_wait)
+    monkeypatch.setattr(trio_loop, "wait_readable_or_gone", counting_wait)
 
     async def five_ms():
         await trio.sleep(0.005)
