@@ -103,6 +103,7 @@ def test_worker_death_is_a_broken_worker_error_and_the_next_call_works(run, work
     run(main)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="as tests/test_reliability.py: a fork at C level")
 def test_a_death_is_seen_while_a_process_the_worker_forked_holds_its_channel(run, tmp_path):
     """The wait through the loop also returns once the worker's exit is
     reported (a helper in its own session keeps the channel open): under
