@@ -1,7 +1,7 @@
 """The contract under both event loops, and what only asyncio has.
 
-The contract tests are sync tests that run their body with ``run`` (a fixture
-over Trio, asyncio and uvloop where it is installed, through ``anyio.run``): they use anyio for sleeping,
+The contract tests are sync tests that run their body with ``run`` (conftest's
+fixture over Trio, asyncio and uvloop where it is installed, through ``anyio.run``): they use anyio for sleeping,
 cancelling and starting tasks, which means the same on both, and assert the
 same results, errors, worker deaths, limiters, contexts and transfers. Where
 the loops' rules differ (a shielded call under asyncio raises the
@@ -34,37 +34,6 @@ from conftest import HERE, wait_until_gone
 import trio_parallel_fs as tpf
 
 HANG = 30
-
-
-@pytest.fixture(scope="session")
-def uvloop_if_installed():
-    """uvloop, or None. It keeps a pipe open for the process once a first loop
-    ran: that happens here, before conftest's leak check of a test takes its
-    list of fds (a session fixture is set up before function ones)."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    uvloop.run(asyncio.sleep(0))
-    return uvloop
-
-
-@pytest.fixture(params=["trio", "asyncio", "uvloop"])
-def run(request, uvloop_if_installed):
-    """Run an async function under one loop (by ``anyio.run``); ``run.loop``
-    says whose rules apply ("trio" or "asyncio": uvloop is an asyncio loop)."""
-    options = {}
-    if request.param == "uvloop":
-        if uvloop_if_installed is None:
-            pytest.skip("uvloop is not installed (the test extra has it, but not on Windows)")
-        options = {"use_uvloop": True}
-    backend = "trio" if request.param == "trio" else "asyncio"
-
-    def run(async_fn, *args):
-        return anyio.run(async_fn, *args, backend=backend, backend_options=options)
-
-    run.loop = backend
-    return run
 
 
 def cancellation(loop: str) -> type[BaseException]:
