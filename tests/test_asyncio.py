@@ -326,7 +326,7 @@ def run_program(source: str, *args: str, **popen) -> subprocess.Popen[str]:
     )
 
 
-def test_an_asyncio_program_never_imports_trio_and_leaves_nothing_at_exit():
+def test_an_asyncio_program_that_maps_never_imports_trio_and_leaves_nothing_at_exit():
     program = run_program(
         """
         import asyncio, sys
@@ -335,6 +335,9 @@ def test_an_asyncio_program_never_imports_trio_and_leaves_nothing_at_exit():
 
         async def main():
             worker = await tpf.run_sync(workerfns.pid)
+            assert await tpf.map(workerfns.add, range(3), range(3)) == [0, 2, 4]
+            async with tpf.imap(workerfns.add, range(3), range(3)) as results:
+                assert [result async for result in results] == [0, 2, 4]
             print(worker, tpf.default_context_statistics().template_pid, "trio" in sys.modules, flush=True)
 
         asyncio.run(main())  # the loop closes with the default context open

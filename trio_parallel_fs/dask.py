@@ -301,7 +301,10 @@ class DaskContext:
                 with loop.CancelScope(shield=True):
                     await self._kill(job)
                     await self._look_while_settling()
-                self._counts["killed"] += 1
+                    # Counted inside: under asyncio, a cancellation that came
+                    # again meanwhile (an anyio scope's does, every loop pass)
+                    # is raised as the shield is left.
+                    self._counts["killed"] += 1
                 raise
         finally:
             self._running -= 1
