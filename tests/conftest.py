@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
 
+import anyio
 import psutil
 import pytest
 import trio
@@ -135,3 +137,34 @@ def dev_shm() -> set[str]:
 )
 def worker_type(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def uvloop_if_installed():
+    """uvloop, or None. It keeps a pipe open for the process once a first loop
+    ran: that happens here, before conftest's leak check of a test takes its
+    list of fds (a session fixture is set up before function ones)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    uvloop.run(asyncio.sleep(0))
+    return uvloop
+
+
+@pytest.fixture(params=["trio", "asyncio", "uvloop"])
+def run(request, uvloop_if_installed):
+    """Run an async function under one loop (by ``anyio.run``); ``run.loop``
+    says whose rules apply ("trio" or "asyncio": uvloop is an asyncio loop)."""
+    options = {}
+    if request.param == "uvloop":
+        if uvloop_if_installed is None:
+            pytest.skip("uvloop is not installed (the test extra has it, but not on Windows)")
+        options = {"use_uvloop": True}
+    backend = "trio" if request.param == "trio" else "asyncio"
+
+    def run(async_fn, *args):
+        return anyio.run(async_fn, *args, backend=backend, backend_options=options)
+
+    run.loop = backend
+    return run

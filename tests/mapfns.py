@@ -56,3 +56,33 @@ def raise_unpicklable(x):
     error = ValueError(x)
     error.lock = threading.Lock()
     raise error
+
+
+def fail_once_item_1_runs(directory, seconds, x):
+    """Item 1 sleeps ``seconds``; item 0 waits until item 1 runs, then raises;
+    the others return the item. Each item that runs first writes its worker's
+    pid to the file ``directory/<item>``. So a failure meets a chunk of a
+    later item running, and the files say which items ran."""
+    record_start(directory, x)
+    if x == 1:
+        time.sleep(seconds)
+    elif x == 0:
+        deadline = time.monotonic() + 60  # a bound, should item 1 never run
+        while not os.path.exists(os.path.join(directory, "1")) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        raise ValueError("item 0 is bad")
+    return x
+
+
+def record_and_sleep(directory, seconds, x):
+    """Write this worker's pid to ``directory/<x>``, then sleep ``seconds``."""
+    record_start(directory, x)
+    time.sleep(seconds)
+    return x
+
+
+def record_start(directory, x):
+    path = os.path.join(directory, str(x))
+    with open(path + ".tmp", "w") as file:
+        file.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)  # whole, or not there at all

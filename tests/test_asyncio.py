@@ -1,7 +1,7 @@
 """The contract under both event loops, and what only asyncio has.
 
-The contract tests are sync tests that run their body with ``run`` (a fixture
-over Trio, asyncio and uvloop where it is installed, through ``anyio.run``): they use anyio for sleeping,
+The contract tests are sync tests that run their body with ``run`` (conftest's
+fixture over Trio, asyncio and uvloop where it is installed, through ``anyio.run``): they use anyio for sleeping,
 cancelling and starting tasks, which means the same on both, and assert the
 same results, errors, worker deaths, limiters, contexts and transfers. Where
 the loops' rules differ (a shielded call under asyncio raises the
@@ -34,37 +34,6 @@ from conftest import HERE, wait_until_gone
 import trio_parallel_fs as tpf
 
 HANG = 30
-
-
-@pytest.fixture(scope="session")
-def uvloop_if_installed():
-    """uvloop, or None. It keeps a pipe open for the process once a first loop
-    ran: that happens here, before conftest's leak check of a test takes its
-    list of fds (a session fixture is set up before function ones)."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    uvloop.run(asyncio.sleep(0))
-    return uvloop
-
-
-@pytest.fixture(params=["trio", "asyncio", "uvloop"])
-def run(request, uvloop_if_installed):
-    """Run an async function under one loop (by ``anyio.run``); ``run.loop``
-    says whose rules apply ("trio" or "asyncio": uvloop is an asyncio loop)."""
-    options = {}
-    if request.param == "uvloop":
-        if uvloop_if_installed is None:
-            pytest.skip("uvloop is not installed (the test extra has it, but not on Windows)")
-        options = {"use_uvloop": True}
-    backend = "trio" if request.param == "trio" else "asyncio"
-
-    def run(async_fn, *args):
-        return anyio.run(async_fn, *args, backend=backend, backend_options=options)
-
-    run.loop = backend
-    return run
 
 
 def cancellation(loop: str) -> type[BaseException]:
@@ -388,7 +357,7 @@ def run_program(source: str, *args: str, **popen) -> subprocess.Popen[str]:
     )
 
 
-def test_an_asyncio_program_never_imports_trio_and_leaves_nothing_at_exit():
+def test_an_asyncio_program_that_maps_never_imports_trio_and_leaves_nothing_at_exit():
     program = run_program(
         """
         import asyncio, sys
@@ -397,6 +366,9 @@ def test_an_asyncio_program_never_imports_trio_and_leaves_nothing_at_exit():
 
         async def main():
             worker = await tpf.run_sync(workerfns.pid)
+            assert await tpf.map(workerfns.add, range(3), range(3)) == [0, 2, 4]
+            async with tpf.imap(workerfns.add, range(3), range(3)) as results:
+                assert [result async for result in results] == [0, 2, 4]
             print(worker, tpf.default_context_statistics().template_pid, "trio" in sys.modules, flush=True)
 
         asyncio.run(main())  # the loop closes with the default context open

@@ -871,6 +871,30 @@ async def test_map_on_a_closed_dask_context_is_refused(client):
 # --- under asyncio ------------------------------------------------------------------------------
 
 
+def test_map_and_imap_under_asyncio(client):
+    """map and imap of a Dask context in asyncio.run: results in order, and
+    the first failing item with its note. (Before the test below: a test
+    after a kill_on_cancel under asyncio may find a worker not restarted.)"""
+    import asyncio
+    import functools
+
+    import anyio
+    import mapfns
+
+    async def main():
+        async with open_dask_context(client) as ctx:
+            assert await ctx.map(mapfns.square, range(500)) == [x * x for x in range(500)]
+            async with ctx.imap(pow, [2, 3], [3, 2], ordered=False) as results:
+                assert sorted([r async for r in results]) == [8, 9]
+            with pytest.raises(ValueError, match=r"^item 77 is bad") as caught:
+                await ctx.map(functools.partial(mapfns.fail_on, frozenset({77})), range(300))
+            assert caught.value.__notes__ == ["raised by mapfns.fail_on on item 77 of map (counting from 0)"]
+            assert ctx.statistics().running_jobs == 0
+            assert isinstance(ctx.limiter, anyio.CapacityLimiter)
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
 def test_under_asyncio_results_errors_and_both_cancellations(client, tmp_path):
     """The same context in a program started with asyncio.run: values, a job's
     error, a shielded call that a timeout lets finish (the CancelledError

@@ -237,6 +237,7 @@ def check_asyncio_server(out: str) -> None:
         expected.append(f"{float(np.sum(np.log(np.abs(np.diag(lu))))):.6f}")
     assert out == (
         f"answers: {expected}\n"
+        "the same by one map: True\n"
         "a job past its time: timeout\n"
         "retired: {'killed': 1}\n"
         "trio imported: False\n"

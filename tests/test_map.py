@@ -8,17 +8,21 @@ early it also checks that nothing of the map still runs or holds a token.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import operator
+import os
 import pickle
 import sys
 import threading
 
+import anyio
 import mapfns
 import numpy as np
 import pytest
 import trio
+from conftest import wait_until_gone
 
 import trio_parallel_fs as tpf
 from trio_parallel_fs._map import (
@@ -359,6 +363,300 @@ async def test_chunks_of_large_arrays_go_through_the_shared_memory_area():
         doubled = await ctx.map(mapfns.double, arrays)
         assert all((d == 2 * a).all() for d, a in zip(doubled, arrays, strict=True))
         assert ctx.statistics().lent_result_bytes > 0  # the results were lent from an area
+
+
+# --- under every event loop ----------------------------------------------------------
+#
+# The contract again, each test under Trio, asyncio and uvloop (conftest's ``run``,
+# through anyio.run), with anyio's limiter, sleeps and cancel scopes, which mean the
+# same under both loops.
+
+
+def ran(directory) -> set[int]:
+    """The items that started (mapfns.record_start), without the half-written."""
+    return {int(name) for name in os.listdir(directory) if name.isdigit()}
+
+
+def test_results_and_streams_under_every_loop(run):
+    async def main():
+        async with tpf.open_worker_context() as ctx:
+            assert await ctx.map(mapfns.square, range(1000)) == [x * x for x in range(1000)]
+            assert await ctx.map(operator.add, range(5), iter(range(10, 100))) == [10, 12, 14, 16, 18]
+            assert await ctx.map(mapfns.square, []) == []
+            async with ctx.imap(mapfns.square, range(500)) as results:
+                assert [r async for r in results] == [x * x for x in range(500)]
+            slow = functools.partial(mapfns.slow_fail_on, frozenset(), {0: 0.5})
+            async with ctx.imap(slow, range(20), ordered=False, chunksize=1) as results:
+                got = [r async for r in results]
+            assert sorted(got) == list(range(20))
+            assert got[0] != 0
+        assert await tpf.map(mapfns.square, range(100)) == [x * x for x in range(100)]
+        async with tpf.imap(pow, [2, 3], [3, 2]) as results:
+            assert [r async for r in results] == [8, 9]
+
+    run(main)
+
+
+def test_inputs_are_read_a_bounded_window_ahead_under_every_loop(run):
+    async def main():
+        limiter = anyio.CapacityLimiter(2)
+        source, endless = Counted(1000), Counted()
+        async with tpf.open_worker_context() as ctx:
+            with anyio.fail_after(HANG):
+                async with ctx.imap(mapfns.square, source, chunksize=5, limiter=limiter) as results:
+                    seen = 0
+                    async for result in results:
+                        assert result == seen * seen
+                        seen += 1
+                        assert source.taken - seen <= (2 * 2 + 1) * 5 + 5
+                        if seen % 50 == 0:
+                            await anyio.sleep(0.01)  # a slow consumer
+                assert seen == 1000
+                async with ctx.imap(mapfns.square, endless, limiter=limiter) as results:
+                    async for result in results:
+                        if result >= 10**6:
+                            break
+            assert_quiet(ctx, limiter)
+        assert 1000 < endless.taken < 10**7
+
+    run(main)
+
+
+@pytest.mark.parametrize("kill_on_cancel", [False, True])
+def test_a_failing_item_cancels_the_rest_under_every_loop(run, tmp_path, kill_on_cancel):
+    """Item 0 fails while item 1 runs: item 1 finishes first (shielded), or
+    with kill_on_cancel its worker is killed at once; no later item starts."""
+
+    async def main():
+        limiter = anyio.CapacityLimiter(2)
+        fn = functools.partial(mapfns.fail_once_item_1_runs, str(tmp_path), 600 if kill_on_cancel else 0.3)
+        async with tpf.open_worker_context() as ctx:
+            with anyio.fail_after(HANG), pytest.raises(ValueError, match=r"^item 0 is bad") as info:
+                await ctx.map(fn, range(50), chunksize=1, limiter=limiter, kill_on_cancel=kill_on_cancel)
+            assert notes(info.value) == ["raised by mapfns.fail_once_item_1_runs on item 0 of map (counting from 0)"]
+            assert_quiet(ctx, limiter)
+            assert ran(tmp_path) == {0, 1}
+            assert ctx.statistics().retired == ({"killed": 1} if kill_on_cancel else {})
+            if kill_on_cancel:
+                assert not wait_until_gone({int((tmp_path / "1").read_text())}, 5)
+            got = []
+            with pytest.raises(ValueError, match=r"^item 25 is bad"):
+                async with ctx.imap(functools.partial(mapfns.fail_on, {25}), range(100), chunksize=5) as results:
+                    async for result in results:
+                        got.append(result)
+            assert got == list(range(25))
+
+    run(main)
+
+
+def test_a_worker_death_names_the_items_under_every_loop(run, worker_type):
+    async def main():
+        async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+            fn = functools.partial(mapfns.die_on, 7)
+            died = r"died with exit code 3 while running mapfns.die_on"
+            with pytest.raises(tpf.BrokenWorkerError, match=died) as info:
+                await ctx.map(fn, range(20), chunksize=1)
+            assert notes(info.value) == ["while mapfns.die_on ran on item 7 of map (counting from 0)"]
+            with pytest.raises(tpf.BrokenWorkerError, match=died) as info:
+                async with ctx.imap(fn, range(20), chunksize=5) as results:
+                    assert [r async for r in results] == list(range(5))
+            assert notes(info.value) == ["while mapfns.die_on ran on one of items 5 to 9 of imap, a chunk"]
+            assert await ctx.map(mapfns.square, range(3)) == [0, 1, 4]
+
+    run(main)
+
+
+def test_cancelling_a_map_waits_for_or_kills_its_chunks_under_every_loop(run, tmp_path):
+    """Under Trio and asyncio alike, the cancellation is caught by its scope
+    once the running chunks have finished, or been killed."""
+
+    async def main():
+        limiter = anyio.CapacityLimiter(2)
+        async with tpf.open_worker_context() as ctx:
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await ctx.map(mapfns.square, range(3))
+            assert scope.cancelled_caught
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                async with ctx.imap(mapfns.square, range(3)) as results:
+                    pytest.fail(f"entered an imap in a cancelled scope: {results}")
+            assert scope.cancelled_caught
+            assert ctx.statistics().started_workers == 0
+
+            shielded, killed = tmp_path / "shielded", tmp_path / "killed"
+            shielded.mkdir()
+            killed.mkdir()
+            fn = functools.partial(mapfns.record_and_sleep, str(shielded), 0.5)
+            with anyio.move_on_after(0.2) as scope:
+                await ctx.map(fn, range(50), chunksize=1, limiter=limiter)
+            assert scope.cancelled_caught
+            assert_quiet(ctx, limiter)
+            assert ran(shielded) == {0, 1}
+            assert ctx.statistics().retired == {}  # shielded: they finished
+            with anyio.fail_after(HANG), anyio.move_on_after(0.3) as scope:
+                async with ctx.imap(
+                    functools.partial(mapfns.record_and_sleep, str(killed), 600),
+                    range(50),
+                    chunksize=1,
+                    limiter=limiter,
+                    kill_on_cancel=True,
+                ) as results:
+                    async for _ in results:
+                        pytest.fail("a 600 s item finished")
+            assert scope.cancelled_caught
+            assert_quiet(ctx, limiter)
+            assert ran(killed) == {0, 1}
+            assert ctx.statistics().retired == {"killed": 2}
+            assert not wait_until_gone({int((killed / str(i)).read_text()) for i in (0, 1)}, 5)
+
+    run(main)
+
+
+def test_breaking_out_of_an_imap_leaves_nothing_running_under_every_loop(run, tmp_path):
+    async def main():
+        limiter = anyio.CapacityLimiter(2)
+        async with tpf.open_worker_context() as ctx:
+            fn = functools.partial(mapfns.record_and_sleep, str(tmp_path), 0.2)
+            async with ctx.imap(fn, Counted(), chunksize=1, limiter=limiter) as results:
+                async for _ in results:
+                    break
+            assert_quiet(ctx, limiter)
+            assert len(ran(tmp_path)) <= 4  # the two running, then two more at most
+            assert ctx.statistics().retired == {}
+            async with ctx.imap(fn, Counted(), chunksize=1, limiter=limiter, kill_on_cancel=True) as results:
+                async for _ in results:
+                    break
+            assert_quiet(ctx, limiter)
+
+    run(main)
+
+
+# --- asyncio's own ways ---------------------------------------------------------------
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def asyncio_run(request, uvloop_if_installed):
+    """``asyncio.run``, or ``uvloop.run`` where it is installed."""
+    if request.param == "asyncio":
+        return asyncio.run
+    if uvloop_if_installed is None:
+        pytest.skip("uvloop is not installed")
+    return uvloop_if_installed.run
+
+
+async def both_started(directory) -> None:
+    while len(ran(directory)) < 2:  # noqa: ASYNC110 - the workers say they started
+        await asyncio.sleep(0.01)
+
+
+async def map_or_imap(api: str, ctx: tpf.WorkerContext, fn, **options) -> None:
+    """``ctx.map(fn, range(50))``, or the same imap's loop, expecting no result."""
+    if api == "map":
+        await ctx.map(fn, range(50), chunksize=1, **options)
+        return
+    async with ctx.imap(fn, range(50), chunksize=1, **options) as results:
+        async for _ in results:
+            pytest.fail("a result came before the cancellation")
+
+
+async def cancel_once_started(how: str, call, directory) -> None:
+    """Await ``call()``, cancelled the way ``how`` says once both its chunks run."""
+    if how == "task.cancel":
+        task = asyncio.ensure_future(call())
+        await both_started(directory)
+        task.cancel()
+        await task
+    elif how == "wait_for":
+        await asyncio.wait_for(call(), 1.0)  # warm workers: both chunks start at once
+    else:
+        async with asyncio.timeout(None) as timeout:  # expired once both run
+            watch = asyncio.ensure_future(both_started(directory))
+            loop = asyncio.get_running_loop()
+            watch.add_done_callback(lambda done: done.cancelled() or timeout.reschedule(loop.time()))
+            try:
+                await call()
+            finally:
+                watch.cancel()
+
+
+@pytest.mark.parametrize("kill_on_cancel", [False, True])
+@pytest.mark.parametrize("how", ["task.cancel", "wait_for", "timeout"])
+def test_asyncio_cancellation_of_map_and_imap(asyncio_run, how, kill_on_cancel, tmp_path):
+    """task.cancel(), asyncio.wait_for and asyncio.timeout cancel a map and an
+    imap: its running chunks finish (shielded) or are killed, the chunks
+    waiting for a token never start, and the call raises CancelledError (or
+    the timeout's TimeoutError) only once nothing of it runs."""
+    if how == "timeout" and sys.version_info < (3, 11):
+        pytest.skip("asyncio.timeout is Python 3.11+")
+    # Without kill_on_cancel the items outlast the timeout: the chunks still
+    # run when it expires.
+    seconds = 600 if kill_on_cancel else (1.5 if how == "wait_for" else 0.5)
+    expected = asyncio.CancelledError if how == "task.cancel" else TimeoutError
+
+    async def main():
+        limiter = anyio.CapacityLimiter(2)
+        async with tpf.open_worker_context() as ctx:
+            assert await ctx.map(mapfns.square, range(4), chunksize=1, limiter=limiter) == [0, 1, 4, 9]
+            for api in ("map", "imap"):
+                directory = tmp_path / api
+                directory.mkdir()
+                fn = functools.partial(mapfns.record_and_sleep, str(directory), seconds)
+                call = functools.partial(map_or_imap, api, ctx, fn, limiter=limiter, kill_on_cancel=kill_on_cancel)
+                with pytest.raises(expected):
+                    await cancel_once_started(how, call, directory)
+                assert_quiet(ctx, limiter)
+                assert ran(directory) == {0, 1}
+                if kill_on_cancel:
+                    assert not wait_until_gone({int((directory / str(i)).read_text()) for i in (0, 1)}, 5)
+                else:
+                    assert ctx.statistics().idle_workers == 2
+            assert ctx.statistics().retired == ({"killed": 4} if kill_on_cancel else {})
+
+    asyncio_run(asyncio.wait_for(main(), HANG))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.TaskGroup is Python 3.11+")
+def test_maps_in_asyncio_task_groups(tmp_path):
+    """A map in a TaskGroup that a sibling's error ends is cancelled (its
+    chunks killed, with kill_on_cancel); a map's error ends its group."""
+
+    async def main():
+        limiter = anyio.CapacityLimiter(2)
+        async with tpf.open_worker_context() as ctx:
+
+            async def fail_once_started():
+                while len(ran(tmp_path)) < 2:  # noqa: ASYNC110 - the workers say they started
+                    await asyncio.sleep(0.01)
+                raise LookupError("the sibling failed")
+
+            fn = functools.partial(mapfns.record_and_sleep, str(tmp_path), 600)
+            with pytest.raises(ExceptionGroup) as caught:  # noqa: F821 - Python 3.11+
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(ctx.map(fn, range(50), chunksize=1, limiter=limiter, kill_on_cancel=True))
+                    group.create_task(fail_once_started())
+            assert [type(e) for e in caught.value.exceptions] == [LookupError]
+            assert_quiet(ctx, limiter)
+            assert ran(tmp_path) == {0, 1}
+            assert ctx.statistics().retired == {"killed": 2}
+
+            sibling = asyncio.Event()
+
+            async def wait_for_cancellation():
+                try:
+                    await asyncio.sleep(HANG)
+                except asyncio.CancelledError:
+                    sibling.set()
+                    raise
+
+            with pytest.raises(ExceptionGroup) as caught:  # noqa: F821 - Python 3.11+
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(ctx.map(functools.partial(mapfns.fail_on, {3}), range(10)))
+                    group.create_task(wait_for_cancellation())
+            assert [str(e) for e in caught.value.exceptions] == ["item 3 is bad"]
+            assert sibling.is_set()
+
+    asyncio.run(asyncio.wait_for(main(), HANG))
 
 
 # --- the chunk sizer, without processes --------------------------------------------------

@@ -29,13 +29,12 @@ from ._calls import call, find_unpicklable, wait_for_running_calls
 from ._config import WorkerConfig, WorkerType, make_config
 from ._describe import describe
 from ._errors import context_closed, unpicklable_job_error
+from ._map import MapResults, open_map_results, run_map
 from ._pool.pool import RESUBMIT, PoolClosed, WorkerContextStatistics, WorkerPool
 
 if TYPE_CHECKING:
     import anyio
     import trio
-
-    from ._map import MapResults
 
 T = TypeVar("T")
 
@@ -137,13 +136,11 @@ class WorkerContext:
         *iterables: Iterable[Any],
         chunksize: int | None = None,
         kill_on_cancel: bool = False,
-        limiter: trio.CapacityLimiter | None = None,
+        limiter: Any = None,
     ) -> list[T]:
         """`trio_parallel_fs.map` in this context's workers."""
         if self._pool.closed:
             raise _loops.closed_resource_error(context_closed(self._kind))
-        from ._map import run_map  # see _map_results
-
         return await run_map(lambda: self, sync_fn, iterables, chunksize, kill_on_cancel, limiter)
 
     def imap(
@@ -153,12 +150,12 @@ class WorkerContext:
         ordered: bool = True,
         chunksize: int | None = None,
         kill_on_cancel: bool = False,
-        limiter: trio.CapacityLimiter | None = None,
+        limiter: Any = None,
     ) -> MapResults:
         """`trio_parallel_fs.imap` in this context's workers."""
         if self._pool.closed:
             raise _loops.closed_resource_error(context_closed(self._kind))
-        return _map_results(lambda: self, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)
+        return open_map_results(lambda: self, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)
 
     # --- the Runner of _calls ---------------------------------------------
 
@@ -387,7 +384,7 @@ async def map(  # noqa: A001 - the name of the builtin it stands for
     *iterables: Iterable[Any],
     chunksize: int | None = None,
     kill_on_cancel: bool = False,
-    limiter: trio.CapacityLimiter | None = None,
+    limiter: Any = None,
 ) -> list[T]:
     """``sync_fn`` over every item in worker processes, as the builtin ``map``
     does it: ``[sync_fn(x) for x in items]``, or ``sync_fn(a, b)`` for the
@@ -429,8 +426,6 @@ async def map(  # noqa: A001 - the name of the builtin it stands for
         shielded, unless ``kill_on_cancel``, which kills their workers. The
         call returns only once no chunk of it runs or waits.
     """
-    from ._map import run_map  # see _map_results
-
     return await run_map(_get_default_context, sync_fn, iterables, chunksize, kill_on_cancel, limiter)
 
 
@@ -440,7 +435,7 @@ def imap(
     ordered: bool = True,
     chunksize: int | None = None,
     kill_on_cancel: bool = False,
-    limiter: trio.CapacityLimiter | None = None,
+    limiter: Any = None,
 ) -> MapResults:
     """`map`, streamed: results as they come, in an ``async with`` block.
 
@@ -470,12 +465,5 @@ def imap(
         BaseException: as for `map`, from the loop, after the results of the
             items before the failing item's chunk.
     """
-    return _map_results(_get_default_context, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)
+    return open_map_results(_get_default_context, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)
 
-
-def _map_results(*args: Any) -> MapResults:
-    # _map is imported on first use: it imports trio, which an asyncio
-    # program that never maps should not pay for.
-    from ._map import open_map_results
-
-    return open_map_results(*args)

@@ -37,6 +37,11 @@ Cancellation follows ``run_sync``'s rules chunk by chunk: a chunk waiting for a
 token is cancelled; a running chunk finishes (shielded) unless
 ``kill_on_cancel``, which kills its worker. The call returns only once nothing
 of it runs or waits.
+
+One code for both event loops: the nursery, the cancellable scopes, the
+window's semaphore and the parking lot come from `_loops` (Trio's own under
+Trio; under asyncio anyio's task group and cancel scopes, whose cancellation
+of a running chunk `_calls._run`'s shield holds off like any other).
 """
 
 from __future__ import annotations
@@ -53,7 +58,6 @@ from types import TracebackType
 from typing import Any
 
 import cloudpickle
-import trio
 
 from _trio_parallel_fs_worker._chunks import ITEM_INDEX, run_chunk
 
@@ -92,7 +96,7 @@ def _add_note(exc: BaseException, note: str) -> None:
         exc.add_note(note)
     else:
         # PEP 678's attribute, which the exceptiongroup backport (a trio
-        # dependency on 3.10) prints in tracebacks.
+        # and anyio dependency on 3.10) prints in tracebacks.
         notes = getattr(exc, "__notes__", None)
         try:
             if isinstance(notes, list):
@@ -267,20 +271,24 @@ class _Mapping:
         self.limiter = limiter
         self.sizer = ChunkSizer(tokens, total, fixed)
         self.tokens = tokens
-        self.window = trio.Semaphore(2 * tokens + 1)
+        loop = self.loop
+        # What a chunk lets through (see _run_chunk): cancellation and Ctrl-C.
+        cancelled = loop.Cancelled if isinstance(loop.Cancelled, tuple) else (loop.Cancelled,)
+        self.not_an_outcome: tuple[type[BaseException], ...] = (*cancelled, KeyboardInterrupt)
+        self.window = loop.Semaphore(2 * tokens + 1)
         self.taken = 0  # items read from the input
         self.next_start = 0  # ordered: the first item not handed over yet
         self.finished: dict[int, list[Any]] = {}  # chunk start -> results, not handed over yet
         self.arrival: deque[int] = deque()  # unordered: chunk starts in the order they finished
-        self.running: dict[int, trio.CancelScope] = {}  # chunk start -> its scope, until it settles
+        self.running: dict[int, Any] = {}  # chunk start -> its cancellable scope, until it settles
         self.producing = True
         self.failure: _Failure | None = None
-        self.producer_scope = trio.CancelScope()  # cancelled at a failure: it may wait for the window
-        self.changed = trio.lowlevel.ParkingLot()
+        self.producer_scope = loop.cancellable_scope()  # cancelled at a failure: it may wait for the window
+        self.changed = loop.ParkingLot()
 
     # --- producing ----------------------------------------------------------------
 
-    async def produce(self, nursery: trio.Nursery) -> None:
+    async def produce(self, nursery: Any) -> None:
         try:
             with self.producer_scope:
                 await self._produce(nursery)
@@ -288,7 +296,7 @@ class _Mapping:
             self.producing = False
             self.changed.unpark_all()
 
-    async def _produce(self, nursery: trio.Nursery) -> None:
+    async def _produce(self, nursery: Any) -> None:
         while self.failure is None:
             # Until a chunk has come back, read no further than the chunks that
             # can run: each costs a pickling on the way to the first result.
@@ -304,7 +312,7 @@ class _Mapping:
             try:
                 # extend() keeps the items read before the input raised.
                 items.extend(itertools.islice(self.items, self.sizer.size(start)))
-            except (trio.Cancelled, KeyboardInterrupt):
+            except self.not_an_outcome:
                 raise
             except BaseException as exc:  # noqa: BLE001 - the input's exception is the map's outcome
                 input_error = exc
@@ -318,7 +326,7 @@ class _Mapping:
                     self.window.release()
                     self._failed(self._unpicklable(start, items, exc))
                     break
-                scope = trio.CancelScope()
+                scope = self.loop.cancellable_scope()
                 self.running[start] = scope
                 nursery.start_soon(self._run_chunk, start, len(items), job, scope)
             else:
@@ -348,14 +356,14 @@ class _Mapping:
 
     # --- one chunk ------------------------------------------------------------------
 
-    async def _run_chunk(self, start: int, count: int, job: Any, scope: trio.CancelScope) -> None:
+    async def _run_chunk(self, start: int, count: int, job: Any, scope: Any) -> None:
         try:
             with scope:
                 async with self.limiter:
                     began = time.perf_counter()
                     results, seconds = await _run(self.get_runner, self.fn, job, self.kill_on_cancel, self.loop)
                     overhead = max(0.0, time.perf_counter() - began - seconds)
-        except (trio.Cancelled, KeyboardInterrupt):
+        except self.not_an_outcome:
             raise
         except BaseException as exc:  # noqa: BLE001 - the item's exception is the map's outcome
             self._failed(self._chunk_failure(exc, start, count))
@@ -426,7 +434,7 @@ class _Mapping:
                 return None
             await self.changed.park()
 
-    def stop(self, nursery: trio.Nursery) -> None:
+    def stop(self, nursery: Any) -> None:
         nursery.cancel_scope.cancel()
 
 
@@ -450,8 +458,9 @@ async def run_map(
         kill_on_cancel=kill_on_cancel,
         limiter=limiter,
     )
-    await trio.lowlevel.checkpoint_if_cancelled()
-    async with trio.open_nursery() as nursery:
+    loop = mapping.loop
+    await loop.checkpoint_if_cancelled()
+    async with loop.open_nursery() as nursery:
         nursery.start_soon(mapping.produce, nursery)
     if mapping.failure is not None:
         raise mapping.failure.error
@@ -467,7 +476,7 @@ class MapResults:
     def __init__(self, mapping: _Mapping) -> None:
         self._mapping = mapping
         self._nursery_manager: Any = None
-        self._nursery: trio.Nursery | None = None
+        self._nursery: Any = None
         self._chunk: Iterator[Any] = iter(())
         self._entered = False
 
@@ -475,8 +484,9 @@ class MapResults:
         if self._entered:
             raise RuntimeError("an imap's results can be entered once; call imap again for another run")
         self._entered = True
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self._nursery_manager = trio.open_nursery()
+        loop = self._mapping.loop
+        await loop.checkpoint_if_cancelled()
+        self._nursery_manager = loop.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
         self._nursery.start_soon(self._mapping.produce, self._nursery)
         return self

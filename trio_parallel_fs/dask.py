@@ -241,7 +241,7 @@ class DaskContext:
         *iterables: Iterable[Any],
         chunksize: int | None = None,
         kill_on_cancel: bool = False,
-        limiter: trio.CapacityLimiter | None = None,
+        limiter: Any = None,
     ) -> list[T]:
         """`trio_parallel_fs.map` on the cluster: each chunk of items is one
         Dask task, and at most the `limiter`'s tokens (the cluster's threads)
@@ -258,7 +258,7 @@ class DaskContext:
         ordered: bool = True,
         chunksize: int | None = None,
         kill_on_cancel: bool = False,
-        limiter: trio.CapacityLimiter | None = None,
+        limiter: Any = None,
     ) -> MapResults:
         """`trio_parallel_fs.imap` on the cluster, in chunks as `map`."""
         self._check_usable()
@@ -301,7 +301,10 @@ class DaskContext:
                 with loop.CancelScope(shield=True):
                     await self._kill(job)
                     await self._look_while_settling()
-                self._counts["killed"] += 1
+                    # Counted inside: under asyncio, a cancellation that came
+                    # again meanwhile (an anyio scope's does, every loop pass)
+                    # is raised as the shield is left.
+                    self._counts["killed"] += 1
                 raise
         finally:
             self._running -= 1

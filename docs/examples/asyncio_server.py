@@ -53,6 +53,9 @@ async def main():
         async with server:
             answers = await asyncio.gather(*(request(port, 300, seed) for seed in range(4)))
             print("answers:", answers)
+            # Many jobs in one call: map sends them to the workers in chunks.
+            by_map = await ctx.map(jobs.log_det, [300] * 4, range(4))
+            print("the same by one map:", [f"{value:.6f}" for value in by_map] == answers)
             print("a job past its time:", await request(port, 0, 0))
         print("retired:", ctx.statistics().retired)
     print("trio imported:", "trio" in sys.modules)

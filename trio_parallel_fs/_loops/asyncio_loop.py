@@ -337,6 +337,58 @@ def open_nursery() -> Any:
     return anyio.create_task_group()
 
 
+def cancellable_scope() -> anyio.CancelScope:
+    """A scope that ``cancel()`` cancels, for the tasks of `open_nursery`:
+    anyio's, as the task group's own. Its cancellation is a ``task.cancel()``,
+    so a shield of ours inside it holds it off like any other (and raises it
+    again, with anyio's message, when the shield is left: the scope then
+    catches it as its own)."""
+    return anyio.CancelScope()
+
+
+class ParkingLot:
+    """``trio.lowlevel.ParkingLot``'s ``park`` and ``unpark_all``: tasks wait
+    until another wakes them all, by our rules (see the module's docstring)."""
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Future[str]] = set()
+
+    async def park(self) -> None:
+        await _park(self._arm)
+
+    def _arm(self, future: asyncio.Future[str]) -> Callable[[], object]:
+        self._waiters.add(future)
+        return lambda: self._waiters.discard(future)
+
+    def unpark_all(self) -> None:
+        waiters, self._waiters = self._waiters, set()
+        for future in waiters:
+            _wake(future, _WOKEN)
+
+
+class Semaphore:
+    """``trio.Semaphore``'s ``acquire`` and ``release`` (no maximum), for a
+    waiter or two: a release wakes every waiter and one takes the token. No
+    token is handed to a waiter that a cancellation then ends, so none is lost."""
+
+    __slots__ = ("value", "_lot")
+
+    def __init__(self, initial_value: int) -> None:
+        self.value = initial_value
+        self._lot = ParkingLot()
+
+    async def acquire(self) -> None:
+        while self.value == 0:  # noqa: ASYNC110 - woken by release
+            await self._lot.park()
+        self.value -= 1
+
+    def release(self) -> None:
+        self.value += 1
+        self._lot.unpark_all()
+
+
 def current_run() -> object:
     """What identifies this run (objects bound to it work in it only): its loop."""
     return asyncio.get_running_loop()

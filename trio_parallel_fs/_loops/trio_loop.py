@@ -57,6 +57,10 @@ def foreign_limiter(limiter: object) -> str | None:
 
 current_time = trio.current_time
 open_nursery = trio.open_nursery
+#: A scope that ``cancel()`` cancels, for the tasks of `open_nursery`.
+cancellable_scope = trio.CancelScope
+Semaphore = trio.Semaphore
+ParkingLot = trio.lowlevel.ParkingLot
 
 
 def current_run() -> object:
