@@ -190,7 +190,14 @@ async def test_a_retiring_worker_gets_a_successor_prepared_for_the_next_call():
         template = psutil.Process(stats.template_pid)
 
         def ready() -> set[int]:  # forked (or the spare, handed its channel), not the one that left
-            return {child.pid for child in template.children() if child.name() == "tpf-worker"} - {first}
+            workers = set()
+            for child in template.children():
+                try:
+                    if child.name() == "tpf-worker":
+                        workers.add(child.pid)
+                except psutil.NoSuchProcess:  # the one that left, exiting as we look
+                    pass
+            return workers - {first}
 
         with trio.fail_after(5):
             while not (waiting := ready()):  # noqa: ASYNC110 - polling other processes

@@ -2,8 +2,8 @@
 
 Theory of operation: the library waits on sockets and fds, sleeps, shields
 a call from cancellation, bounds a wait by a deadline, runs a blocking start
-in a thread and makes a per-run limiter: a dozen primitives, listed by the
-`Primitives` protocol. `trio_loop` gives them under Trio (Trio's own calls:
+in a thread and makes a per-run limiter: a dozen primitives, the names
+`trio_loop` defines. `trio_loop` gives them under Trio (Trio's own calls:
 the warm path is unchanged); `asyncio_loop` under asyncio (and so under
 anyio's asyncio backend and uvloop). `current` picks one, on every use,
 from the thread-local that Trio sets while ``trio.run`` runs in this thread
