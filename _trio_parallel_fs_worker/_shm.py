@@ -861,6 +861,17 @@ class SharedArea:
         with self.trim_lock:  # not while the parent's trimmer uses the mapping
             self._close()
 
+    def forget_after_fork(self) -> None:
+        """In a child forked from the process that holds this area: drop our
+        copies of its fd and mapping, and nothing else. No trim: the file's
+        pages are the parent's and its worker's (MADV_REMOVE would free them
+        under them); no lock: another thread may have held one at the fork."""
+        if self._closed:
+            return
+        self._closed = True
+        self._map = None  # unmapped when the last view of it goes
+        os.close(self._fd)
+
     def _close(self) -> None:
         if self._closed:
             return

@@ -735,3 +735,19 @@ def test_sizer_never_exceeds_the_most_items_a_chunk_holds():
     for size in (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536):
         sizer.measured(size, size * 1e-9)
     assert sizer.size(10**7) == MAX_CHUNK_ITEMS
+
+
+def test_a_chunk_reply_is_checked_where_it_is_used():
+    """What a worker sends back for a chunk: one result per item, or the
+    chunk fails; seconds the sizer cannot use count as 0."""
+    from trio_parallel_fs._map import _checked_chunk
+
+    assert _checked_chunk(([1, 4, 9], 0.5), 3) == ([1, 4, 9], 0.5)
+    assert _checked_chunk(([1], float("nan")), 1) == ([1], 0.0)
+    assert _checked_chunk(([1], -2.0), 1) == ([1], 0.0)
+    with pytest.raises(RuntimeError, match=r"^a map chunk of 3 items came back with 2 results$"):
+        _checked_chunk(([1, 4], 0.5), 3)
+    with pytest.raises(RuntimeError, match=r"^a map chunk of 3 items came back with tuple results$"):
+        _checked_chunk(((1, 4, 9), 0.5), 3)
+    with pytest.raises(RuntimeError, match=r"^a map chunk of 3 items came back as int$"):
+        _checked_chunk(7, 3)

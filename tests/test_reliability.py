@@ -295,6 +295,52 @@ trio.run(main)
 """
 
 
+FORK_WHILE_AN_ARGUMENT_IS_IN_THE_AREA = """
+import os, sys, time
+sys.path.insert(0, {here!r})
+import numpy, trio, trio_parallel_fs as tpf
+
+def sum_later(array):
+    time.sleep(1.0)  # the parent forks meanwhile
+    return int(array.sum())
+
+def filled(n):
+    import numpy
+    return numpy.full(n, 5, dtype=numpy.uint8)
+
+async def main():
+    argument = numpy.full(32 << 20, 7, dtype=numpy.uint8)  # through the worker's area
+    async with tpf.open_worker_context() as ctx:
+        held = await ctx.run_sync(filled, 32 << 20)  # a result lent from the area, alive
+        async with trio.open_nursery() as nursery:
+            results = []
+
+            async def call():
+                results.append(await ctx.run_sync(sum_later, argument))
+
+            nursery.start_soon(call)
+            await trio.sleep(0.3)  # the argument is in the area, the job sleeps
+            child = os.fork()
+            if child == 0:
+                os._exit(0)  # the at-fork hook ran in here
+            os.waitpid(child, 0)
+        print("LENT", ctx.statistics().lent_result_bytes > 0, flush=True)
+        print("SUMS", results == [7 * (32 << 20)], int(held.sum()) == 5 * (32 << 20), flush=True)
+
+trio.run(main)
+"""
+
+
+def test_a_forked_child_forgets_the_parents_areas_without_freeing_their_pages(tmp_path):
+    """Forgetting a pool in the child closed its areas as the parent would,
+    which trims the area's file (MADV_REMOVE) when results are lent: that file
+    is the parent's and its worker's, and a job's argument in it read as
+    zeros. The child now only closes its copies."""
+    out, err = run_script(tmp_path, FORK_WHILE_AN_ARGUMENT_IS_IN_THE_AREA)
+    assert out.splitlines() == ["LENT True", "SUMS True True"], (out, err)
+    assert "Traceback" not in err, err
+
+
 def test_a_child_forked_from_the_parent_does_not_hold_the_workers_channels(tmp_path):
     """Before: the child kept copies of the idle worker's channel, so the
     worker never saw its context close: the close waited out grace_period,

@@ -236,6 +236,25 @@ class _Failure:
         self.chunk_start = chunk_start
 
 
+def _checked_chunk(outcome: Any, count: int) -> tuple[list[Any], float]:
+    """A chunk's ``(results, seconds)`` as a worker sent them, checked where
+    they are used: one result per item (a short list would end an ordered
+    imap early, a long one shift every later result), and seconds the sizer
+    can use (a NaN would pin every later chunk at its largest)."""
+    try:
+        results, seconds = outcome
+    except (TypeError, ValueError):
+        raise RuntimeError(f"a map chunk of {count} items came back as {type(outcome).__name__}") from None
+    if type(results) is not list or len(results) != count:
+        raise RuntimeError(
+            f"a map chunk of {count} items came back with "
+            f"{len(results) if isinstance(results, list) else type(results).__name__} results"
+        )
+    if not (isinstance(seconds, float) and 0.0 <= seconds < math.inf):
+        seconds = 0.0
+    return results, seconds
+
+
 class _Mapping:
     """One map's run: the producer, its chunks, and what they settled."""
 
@@ -361,7 +380,9 @@ class _Mapping:
             with scope:
                 async with self.limiter:
                     began = time.perf_counter()
-                    results, seconds = await _run(self.get_runner, self.fn, job, self.kill_on_cancel, self.loop)
+                    results, seconds = _checked_chunk(
+                        await _run(self.get_runner, self.fn, job, self.kill_on_cancel, self.loop), count
+                    )
                     overhead = max(0.0, time.perf_counter() - began - seconds)
         except self.not_an_outcome:
             raise
@@ -382,7 +403,7 @@ class _Mapping:
     def _chunk_failure(self, exc: BaseException, start: int, count: int) -> _Failure:
         index = getattr(exc, "__dict__", {}).pop(ITEM_INDEX, None)
         fn = describe(self.fn)
-        if isinstance(index, int):
+        if type(index) is int and start <= index < start + count:  # as the worker said, if it can be
             _add_note(exc, f"raised by {fn} on item {index} of {self.name} (counting from 0)")
             return _Failure(exc, index, start)
         if count == 1:

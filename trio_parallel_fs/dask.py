@@ -173,7 +173,7 @@ class DaskContext:
         self._settle_threads = 0
         self._most_threads = 0
         self._plugin_name: str | None = None
-        self._logs: DaskLogFilter | None = None  # while open (see _dask_logs)
+        self._logs: DaskLogFilter | None = None  # while open (see _backends/dask/logs)
         self._closed = False
         self._running = 0
         self._counts = dict.fromkeys(["submitted", "completed", "failed", "broken", "killed", "restarted"], 0)
@@ -607,7 +607,7 @@ async def open_dask_context(
     try:
         context = DaskContext(client, modules, _private=True)
         # Dask's records about our jobs in this process are dropped while the
-        # context is open (see _dask_logs); the workers' by the context's plugin.
+        # context is open (see _backends/dask/logs); the workers' by the context's plugin.
         with quieted() as context._logs:
             await context._start()
             try:

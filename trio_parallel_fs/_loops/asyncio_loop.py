@@ -202,7 +202,11 @@ async def wait_readable_or_gone(obj: Any, gone: Callable[[], bool]) -> None:
         timer: list[asyncio.TimerHandle] = []
 
         def look() -> None:
-            if gone():
+            try:
+                is_gone = gone()
+            except Exception:  # noqa: BLE001 - the waiter wakes and meets the error itself
+                is_gone = True
+            if is_gone:
                 _wake(future, _WOKEN)
             else:
                 timer[0] = loop.call_later(GONE_POLL_SECONDS, look)

@@ -105,8 +105,17 @@ class _GoneWatch:
                 continue
             await trio.sleep(GONE_POLL_SECONDS)
             for obj, gone in list(self.waiting.items()):
-                if gone():
+                if _says_gone(gone):
                     trio.lowlevel.notify_closing(obj)  # its wait raises ClosedResourceError
+
+
+def _says_gone(gone: Callable[[], bool]) -> bool:
+    """``gone()``; True if it raises, so that the waiting task wakes and meets
+    the error itself (in the watch, a system task, it would end the run)."""
+    try:
+        return gone()
+    except Exception:  # noqa: BLE001 - surfaced by the waiter, which asks again
+        return True
 
 
 _gone_watch: trio.lowlevel.RunVar[_GoneWatch] = trio.lowlevel.RunVar("trio_parallel_fs.gone_watch")
@@ -121,8 +130,8 @@ async def wait_readable_or_gone(obj: Any, gone: Callable[[], bool]) -> None:
         watch = _gone_watch.get()
     except LookupError:
         watch = _GoneWatch()
-        _gone_watch.set(watch)
         trio.lowlevel.spawn_system_task(watch.run, name="trio_parallel_fs: gone-peer watch")
+        _gone_watch.set(watch)  # once it runs: a run that refuses new tasks leaves it unset
     watch.waiting[obj] = gone
     watch.wake.set()
     try:

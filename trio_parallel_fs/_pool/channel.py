@@ -418,3 +418,10 @@ class PooledWorker:
         if self.area is not None:
             self.area.close()
         self.channel.close()
+
+    def forget_after_fork(self) -> None:
+        """In a child forked from the parent: close our copies of the channel
+        and the area, touching nothing the parent and the worker share."""
+        if self.area is not None:
+            self.area.forget_after_fork()
+        self.channel.close()

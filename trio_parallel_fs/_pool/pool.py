@@ -231,7 +231,7 @@ class WorkerPool:
         inherited worker, closing only our copies of their fds."""
         self._lock = threading.Lock()  # another thread may have held it at the fork
         for worker in self._live:
-            worker.close()
+            worker.forget_after_fork()
             worker.process.forget()
         for process in self._departing:
             process.forget()
