@@ -150,15 +150,17 @@ async def _park(
             # ours: the event stays armed. (Arming again after each cancel
             # would never see it under anyio's cancel scopes, which cancel
             # the task on every loop pass, ahead of the fd's callback.)
-            while True:
-                try:
-                    why = await asyncio.shield(future)
-                    break
-                except asyncio.CancelledError as cancel:
-                    shield.cancel_pending = cancel
-                    if future.done():
-                        why = future.result()
-                        break
+            try:
+                why = await asyncio.shield(future)
+            except asyncio.CancelledError as cancel:
+                shield.cancel_pending = cancel
+                # An anyio scope cancels again on every loop pass while it is
+                # cancelled: for the rest of this wait, shield us from anyio's
+                # scopes too, or the loop spins a CPU until the job ends. (Not
+                # before the first cancel: an anyio scope per wait costs every
+                # call.) anyio cancels again once this scope is left.
+                with anyio.CancelScope(shield=True):
+                    why = await _shielded(future, shield)
     finally:
         if disarm is not None:
             disarm()
@@ -167,6 +169,16 @@ async def _park(
     if why == _TIMER and expiring is not None:
         raise _DeadlineExpired(expiring)
     # else the event, or the sleep's own end
+
+
+async def _shielded(future: asyncio.Future[str], shield: _Scope) -> str:
+    """Wait for ``future`` through any number of cancels, keeping the last."""
+    while not future.done():
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError as cancel:
+            shield.cancel_pending = cancel
+    return future.result()
 
 
 def _fd(obj: Any) -> int:
