@@ -286,6 +286,25 @@ def test_task_cancel_without_kill_raises_when_the_job_ends(tmp_path):
     asyncio.run(main())
 
 
+def test_a_task_cancelled_while_its_shielded_call_fails_ends_cancelled():
+    """The cancel held off while the job ran is not lost when the call fails
+    instead of returning: the task ends cancelled, the call's error as the
+    cause (before, the BrokenWorkerError went out and the cancel was gone)."""
+
+    async def main():
+        async with tpf.open_worker_context() as ctx:
+            await ctx.run_sync(workerfns.add, 1, 2)
+            task = asyncio.create_task(ctx.run_sync(workerfns.sleep_then_exit, 0.5, 3))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as caught:
+                await task
+            assert isinstance(caught.value.__cause__, tpf.BrokenWorkerError)
+            assert task.cancelled()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("how", ["wait_for", "timeout"])
 def test_timeouts_with_kill_on_cancel_kill_the_worker(how, tmp_path):
     if how == "timeout" and sys.version_info < (3, 11):

@@ -274,3 +274,9 @@ def platform_as_seen():
     except ImportError:
         return sys.platform, False
     return sys.platform, True
+
+
+def sleep_then_exit(seconds: float, code: int) -> None:
+    """Sleep, then end the worker with ``code`` (no cleanup)."""
+    time.sleep(seconds)
+    os._exit(code)

@@ -83,6 +83,12 @@ class _Scope:
                 outer.cancel_pending = pending  # still held off, by the next shield out
             elif exc is None:
                 raise asyncio.CancelledError(*pending.args)
+            elif not isinstance(exc, asyncio.CancelledError):
+                # The shielded call failed while a cancel was held off: the
+                # task was cancelled, so it ends cancelled (asyncio's rule),
+                # the call's error as the cause. Dropped, a caller that
+                # catches the error would carry on as if never cancelled.
+                raise asyncio.CancelledError(*pending.args) from exc
         return False
 
 
