@@ -263,18 +263,22 @@ def apply(
     template_mappings: Sequence[Mapping],
     should_stop: Callable[[], bool],
     madvise: Callable[[int, int, int], int] | None = None,
+    *,
+    remapped: bool = True,
 ) -> int:
     """Take the plan's faults here (see plan_steps); stop early when
     ``should_stop()``. Returns the bytes of the runs applied.
 
     The runs are checked against the template's mappings as this process
-    inherited them, not against ``/proc/self/maps`` read again: reading and
-    parsing that costs a fresh numpy/scipy worker a millisecond, and a run
-    that no longer lies in a mapping of its kind (an init hook unmapped it)
-    only makes its madvise fail or fault pages of this process alone."""
+    inherited them, and, if ``remapped`` (code of the user's, an init hook,
+    ran here since the fork and may have mapped something else there, a
+    shared file say), against ``/proc/self/maps`` read again too: reading and
+    parsing that costs a fresh numpy/scipy worker a millisecond, which a
+    worker whose mappings are still the template's does not pay."""
     madvise = madvise or _madvise()
     done = 0
-    for index, ((address, length), advice) in enumerate(plan_steps(plan, template_mappings)):
+    mappings = (template_mappings, read_mappings()) if remapped else (template_mappings,)
+    for index, ((address, length), advice) in enumerate(plan_steps(plan, *mappings)):
         if index % _RUNS_PER_LOOK == 0 and should_stop():
             break
         # A run the process no longer has whole fails (ENOMEM, EFAULT):
@@ -513,12 +517,13 @@ def open_book() -> PlanOwner | None:
     return _owner
 
 
-def apply_plan_while_idle(input_within: Callable[[float], bool]) -> int:
+def apply_plan_while_idle(input_within: Callable[[float], bool], remapped: bool = True) -> int:
     """In a worker before its first job: if no message comes for
     ``IDLE_FIRST_MS``, apply the plan until one does. ``input_within(ms)``
-    waits that long for a message and says whether one waits. Returns the
-    bytes applied (0 without a plan, or where plans do not work). The plan's
-    fd is closed either way: no job sees it."""
+    waits that long for a message and says whether one waits; ``remapped``:
+    whether user code (an init hook) ran since the fork (see `apply`).
+    Returns the bytes applied (0 without a plan, or where plans do not work).
+    The plan's fd is closed either way: no job sees it."""
     global _inherited
     inherited = _inherited
     if inherited is None or inherited.plan_fd is None:
@@ -545,7 +550,7 @@ def apply_plan_while_idle(input_within: Callable[[float], bool]) -> int:
             plan = read_plan(fd)
             if plan is None:
                 return 0
-            return apply(plan, inherited.mappings, lambda: input_within(0))
+            return apply(plan, inherited.mappings, lambda: input_within(0), remapped=remapped)
         except Exception:  # noqa: BLE001 - no prefault, never a dead worker
             return 0
     finally:

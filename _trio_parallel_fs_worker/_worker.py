@@ -414,7 +414,7 @@ def serve(sock: socket.socket) -> int:
         return 0
     # A worker prepared ahead may have time before its first job: it takes
     # the faults that job would take (see _page_plan) while no message waits.
-    apply_plan_while_idle(inbox.input_within)
+    apply_plan_while_idle(inbox.input_within, remapped=hooks.init is not bool)
     inbox.start_serving(hooks)
     area: AreaUse | None = None
     try:

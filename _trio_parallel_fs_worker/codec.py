@@ -327,7 +327,16 @@ class _Unloadable(Exception):
 def decode_error(payload: bytes) -> BaseException:
     """Rebuild an exception sent by a worker with its chain; the remote traceback
     becomes the cause of the innermost link, so printing shows it first."""
-    exc_data, chain, text = pickle.loads(payload)
+    try:
+        exc_data, chain, text = pickle.loads(payload)
+        if not isinstance(text, str) or not isinstance(chain, list):
+            raise TypeError(f"a {type(text).__name__} text and a {type(chain).__name__} chain")
+    except KeyboardInterrupt:
+        raise
+    except BaseException as unreadable:  # noqa: BLE001 - not what encode_error makes: say so, in the caller's task
+        return RuntimeError(
+            f"the worker sent an error that could not be read ({type(unreadable).__name__}: {safe_str(unreadable)})"
+        )
     try:
         exc = _load(exc_data)
     except _Unloadable as unloadable:
@@ -339,10 +348,11 @@ def decode_error(payload: bytes) -> BaseException:
         )
         chain = []
     link = exc
-    for how, data in chain:
+    for item in chain:
         try:
+            how, data = item
             inner = _load(data)
-        except _Unloadable:  # the traceback text still shows it
+        except (_Unloadable, TypeError, ValueError):  # the traceback text still shows it
             break
         if how == "cause":
             link.__cause__ = inner

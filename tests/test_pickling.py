@@ -378,3 +378,29 @@ def test_other_results_go_through_cloudpickle(make, cloudpickled):
     data, buffers = codec.dumps_value(value)
     assert cloudpickled.calls == [value]
     assert type(pickle.loads(data, buffers=buffers)) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (b"not a pickle", "UnpicklingError"),
+        (pickle.dumps((None, "not a list", "text")), "TypeError: a str text and a str chain"),
+        (pickle.dumps((None, [], 42)), "TypeError: a int text and a list chain"),
+        (pickle.dumps((1, 2)), "ValueError"),
+    ],
+)
+def test_an_error_payload_that_encode_error_did_not_make_is_reported_not_raised(payload, why):
+    """Checked where it is used: the pool decodes whatever a worker sent."""
+    from _trio_parallel_fs_worker.codec import decode_error
+
+    error = decode_error(payload)
+    assert type(error) is RuntimeError
+    assert str(error).startswith(f"the worker sent an error that could not be read ({why}")
+
+
+def test_a_malformed_link_of_an_error_chain_ends_the_chain():
+    from _trio_parallel_fs_worker.codec import decode_error
+
+    error = decode_error(pickle.dumps((pickle.dumps(ValueError("outer")), ["not a pair"], "Traceback ...\n")))
+    assert type(error) is ValueError and str(error) == "outer"
+    assert error.__cause__ is not None and type(error.__cause__).__name__ == "RemoteTraceback"
