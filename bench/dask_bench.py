@@ -24,16 +24,15 @@ import argparse
 import functools
 import logging
 import os
-import random
 import statistics
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
 from bench import jobs
+from bench.rounds import interleaved
 
 
 def usable_cpus() -> int:
@@ -48,15 +47,7 @@ async def per_call(client: Any, ctx: Any, calls: int) -> dict[str, list[float]]:
         "raw submit().result() in a thread": lambda: trio.to_thread.run_sync(raw),
         "ctx.run_sync": lambda: ctx.run_sync(jobs.trivial),
     }
-    samples: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(calls):
-        order = list(ways)
-        random.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            await ways[name]()
-            samples[name].append(time.perf_counter() - start)
-    return samples
+    return await interleaved(ways, calls)
 
 
 async def fan_out(client: Any, ctx: Any, jobs_count: int, rounds: int) -> dict[str, list[float]]:
@@ -77,15 +68,7 @@ async def fan_out(client: Any, ctx: Any, jobs_count: int, rounds: int) -> dict[s
         "ctx.run_sync x N, default limiter": lambda: ours(None),
         "ctx.run_sync x N, limiter of N": lambda: ours(wide),
     }
-    samples: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(rounds):
-        order = list(ways)
-        random.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            await ways[name]()
-            samples[name].append(time.perf_counter() - start)
-    return samples
+    return await interleaved(ways, rounds)
 
 
 async def map_items(client: Any, ctx: Any, items: int, rounds: int) -> dict[str, list[float]]:
@@ -96,15 +79,7 @@ async def map_items(client: Any, ctx: Any, items: int, rounds: int) -> dict[str,
         "raw map + gather in a thread": lambda: trio.to_thread.run_sync(raw),
         "ctx.map": lambda: ctx.map(jobs.numpy_scipy_job, range(items)),
     }
-    samples: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(rounds):
-        order = list(ways)
-        random.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            await ways[name]()
-            samples[name].append(time.perf_counter() - start)
-    return samples
+    return await interleaved(ways, rounds)
 
 
 async def measure(

@@ -35,6 +35,7 @@ import psutil
 import trio
 
 from bench import jobs
+from bench.rounds import interleaved
 
 SYSTEMS = ["ours", "pool", "executor", "run_sync"]
 TITLES = {"ours": "ours map", "pool": "Pool.map", "executor": "PPE.map", "run_sync": "run_sync/item"}
@@ -134,15 +135,8 @@ async def measure_row(
         "run_sync": lambda: run_sync_per_item(ctx, fn, per_item),
     }
     counts = {name: len(per_item) if name == "run_sync" else len(items) for name in ways}
-    rates: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(rounds):
-        order = list(ways)
-        rng.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            await ways[name]()
-            rates[name].append(counts[name] / (time.perf_counter() - start))
-    return rates
+    seconds = await interleaved(ways, rounds, rng)
+    return {name: [counts[name] / sample for sample in samples] for name, samples in seconds.items()}
 
 
 async def first_result(ctx: Any, samples: int) -> dict[str, float]:
