@@ -29,7 +29,7 @@ from ._calls import call, find_unpicklable, wait_for_running_calls
 from ._config import WorkerConfig, WorkerType, make_config
 from ._describe import describe
 from ._errors import context_closed, unpicklable_job_error
-from ._map import MapResults, open_map_results, run_map
+from ._map import ContextMaps, MapResults, open_map_results, run_map
 from ._pool.pool import RESUBMIT, PoolClosed, WorkerContextStatistics, WorkerPool
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def make_backend(config: WorkerConfig) -> Backend:
     return TemplateBackend(config.template_settings(), config.blas_threads)
 
 
-class WorkerContext:
+class WorkerContext(ContextMaps):
     """Workers with one configuration, and the jobs they run.
 
     Made by `open_worker_context` (or `cache_scope`, or behind `run_sync` for the
@@ -126,36 +126,13 @@ class WorkerContext:
             trio.ClosedResourceError: if the context is closed (under asyncio
                 `anyio.ClosedResourceError`).
         """
-        if self._pool.closed:
+        if self._pool.closed:  # _check_usable, inline: a call less on the warm path
             raise _loops.closed_resource_error(context_closed(self._kind))
         return await call(lambda: self, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)
 
-    async def map(
-        self,
-        sync_fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        chunksize: int | None = None,
-        kill_on_cancel: bool = False,
-        limiter: Any = None,
-    ) -> list[T]:
-        """`trio_parallel_fs.map` in this context's workers."""
+    def _check_usable(self) -> None:
         if self._pool.closed:
             raise _loops.closed_resource_error(context_closed(self._kind))
-        return await run_map(lambda: self, sync_fn, iterables, chunksize, kill_on_cancel, limiter)
-
-    def imap(
-        self,
-        sync_fn: Callable[..., Any],
-        *iterables: Iterable[Any],
-        ordered: bool = True,
-        chunksize: int | None = None,
-        kill_on_cancel: bool = False,
-        limiter: Any = None,
-    ) -> MapResults:
-        """`trio_parallel_fs.imap` in this context's workers."""
-        if self._pool.closed:
-            raise _loops.closed_resource_error(context_closed(self._kind))
-        return open_map_results(lambda: self, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)
 
     # --- the Runner of _calls ---------------------------------------------
 

@@ -53,9 +53,9 @@ import pickle
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import cloudpickle
 
@@ -64,6 +64,8 @@ from _trio_parallel_fs_worker._chunks import ITEM_INDEX, run_chunk
 from . import _loops
 from ._calls import Runner, _run, check_limiter, check_sync
 from ._describe import describe
+
+T = TypeVar("T")
 
 #: Seconds of work a chunk aims at: a chunk's round trip costs some 0.1 ms,
 #: which this amortises to about 1%, while the last chunks still end close
@@ -563,3 +565,41 @@ def open_map_results(
     )
     return MapResults(mapping)
 
+
+class ContextMaps:
+    """``map`` and ``imap`` for a context that is its own `Runner` (a local
+    worker context, a Dask context): written once, each first asks the
+    context whether it can run (``_check_usable``)."""
+
+    def _check_usable(self) -> None:
+        raise NotImplementedError
+
+    async def map(
+        self,
+        sync_fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        kill_on_cancel: bool = False,
+        limiter: Any = None,
+    ) -> list[T]:
+        """`trio_parallel_fs.map` on this context's workers: chunks of items
+        as jobs, as many at once as the limiter has tokens. On a Dask context
+        each chunk is one Dask task, sized from the items' measured time and
+        each task's round trip, so that Dask's own cost per task stays small."""
+        self._check_usable()
+        runner = cast(Runner, self)  # what a subclass is, as well
+        return await run_map(lambda: runner, sync_fn, iterables, chunksize, kill_on_cancel, limiter)
+
+    def imap(
+        self,
+        sync_fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        ordered: bool = True,
+        chunksize: int | None = None,
+        kill_on_cancel: bool = False,
+        limiter: Any = None,
+    ) -> MapResults:
+        """`trio_parallel_fs.imap` on this context's workers, in chunks as `map`."""
+        self._check_usable()
+        runner = cast(Runner, self)
+        return open_map_results(lambda: runner, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)

@@ -58,7 +58,7 @@ from ._backends.dask.logs import RESTARTING, STILL_ALIVE, DaskLogFilter, quieted
 from ._calls import RESUBMIT, RunnerClosed, call, wait_for_running_calls
 from ._config import preload_modules
 from ._errors import context_closed
-from ._map import MapResults, open_map_results, run_map
+from ._map import ContextMaps
 
 # The worker-side code travels by value: Dask workers need ``distributed``,
 # not trio_parallel_fs (nor trio, which importing it would bring).
@@ -148,7 +148,7 @@ async def _kill_through_nannies(client: Any, workers: list[str]) -> dict[str, An
     return outcome
 
 
-class DaskContext:
+class DaskContext(ContextMaps):
     """Runs jobs on one Dask cluster, through one client.
 
     Made by `open_dask_context`, not directly. It belongs to the Trio run that
@@ -234,35 +234,6 @@ class DaskContext:
         """
         self._check_usable()
         return await call(lambda: self, sync_fn, args, keywords, kill_on_cancel or cancellable, limiter)
-
-    async def map(
-        self,
-        sync_fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        chunksize: int | None = None,
-        kill_on_cancel: bool = False,
-        limiter: Any = None,
-    ) -> list[T]:
-        """`trio_parallel_fs.map` on the cluster: each chunk of items is one
-        Dask task, and at most the `limiter`'s tokens (the cluster's threads)
-        run at once. Chunks are sized as locally, from the items' measured
-        time and each task's round trip, so a task carries enough items to
-        make Dask's own cost per task small."""
-        self._check_usable()
-        return await run_map(lambda: self, sync_fn, iterables, chunksize, kill_on_cancel, limiter)
-
-    def imap(
-        self,
-        sync_fn: Callable[..., Any],
-        *iterables: Iterable[Any],
-        ordered: bool = True,
-        chunksize: int | None = None,
-        kill_on_cancel: bool = False,
-        limiter: Any = None,
-    ) -> MapResults:
-        """`trio_parallel_fs.imap` on the cluster, in chunks as `map`."""
-        self._check_usable()
-        return open_map_results(lambda: self, sync_fn, iterables, ordered, chunksize, kill_on_cancel, limiter)
 
     def _check_usable(self) -> None:
         if self._closed:
