@@ -99,18 +99,6 @@ async def test_module_level_map_and_imap_use_the_default_context():
     assert tpf.default_context_statistics().started_workers >= 1
 
 
-async def test_imap_streams_in_input_order_or_as_chunks_finish():
-    async with tpf.open_worker_context() as ctx:
-        async with ctx.imap(mapfns.square, range(500)) as results:
-            assert [r async for r in results] == [x * x for x in range(500)]
-        # Item 0 sleeps: unordered, the results of other chunks come first.
-        slow = functools.partial(mapfns.slow_fail_on, frozenset(), {0: 0.5})
-        async with ctx.imap(slow, range(20), ordered=False, chunksize=1) as results:
-            got = [r async for r in results]
-        assert sorted(got) == list(range(20))
-        assert got[0] != 0
-
-
 async def test_imap_reads_its_input_within_a_bounded_window():
     """With chunks of 5 and 2 tokens, at most 2 * 2 + 1 chunks are read ahead of
     the loop, plus the chunk the loop is in."""
@@ -385,6 +373,7 @@ def test_results_and_streams_under_every_loop(run):
             assert await ctx.map(mapfns.square, []) == []
             async with ctx.imap(mapfns.square, range(500)) as results:
                 assert [r async for r in results] == [x * x for x in range(500)]
+            # Item 0 sleeps: unordered, the results of other chunks come first.
             slow = functools.partial(mapfns.slow_fail_on, frozenset(), {0: 0.5})
             async with ctx.imap(slow, range(20), ordered=False, chunksize=1) as results:
                 got = [r async for r in results]
