@@ -42,6 +42,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 _ki_protect_later: list[Callable[..., Any]] = []
 
 
+def says_gone(gone: Callable[[], bool]) -> bool:
+    """``gone()`` as a watch asks it for a waiting task (``wait_readable_or_gone``):
+    True if it raises, so that the task wakes and meets the error itself (in
+    the watch, a system task or a loop callback, it would end the run or be
+    lost)."""
+    try:
+        return gone()
+    except Exception:  # noqa: BLE001 - surfaced by the waiter, which asks again
+        return True
+
+
 def ki_protected(fn: F) -> F:
     """``trio.lowlevel.enable_ki_protection``, without importing Trio: at once
     if Trio is imported already (any Trio version), else when a call first

@@ -43,6 +43,8 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from . import says_gone
+
 name = "asyncio"
 
 CapacityLimiter = anyio.CapacityLimiter
@@ -220,11 +222,7 @@ async def wait_readable_or_gone(obj: Any, gone: Callable[[], bool]) -> None:
         timer: list[asyncio.TimerHandle] = []
 
         def look() -> None:
-            try:
-                is_gone = gone()
-            except Exception:  # noqa: BLE001 - the waiter wakes and meets the error itself
-                is_gone = True
-            if is_gone:
+            if says_gone(gone):
                 _wake(future, _WOKEN)
             else:
                 timer[0] = loop.call_later(GONE_POLL_SECONDS, look)

@@ -7,6 +7,8 @@ from typing import Any
 
 import trio
 
+from . import says_gone
+
 name = "trio"
 
 checkpoint = trio.lowlevel.checkpoint
@@ -105,17 +107,8 @@ class _GoneWatch:
                 continue
             await trio.sleep(GONE_POLL_SECONDS)
             for obj, gone in list(self.waiting.items()):
-                if _says_gone(gone):
+                if says_gone(gone):
                     trio.lowlevel.notify_closing(obj)  # its wait raises ClosedResourceError
-
-
-def _says_gone(gone: Callable[[], bool]) -> bool:
-    """``gone()``; True if it raises, so that the waiting task wakes and meets
-    the error itself (in the watch, a system task, it would end the run)."""
-    try:
-        return gone()
-    except Exception:  # noqa: BLE001 - surfaced by the waiter, which asks again
-        return True
 
 
 _gone_watch: trio.lowlevel.RunVar[_GoneWatch] = trio.lowlevel.RunVar("trio_parallel_fs.gone_watch")
