@@ -630,7 +630,9 @@ marker = os.environ.get("TPF_TEST_STARTUP_MARKER")
 if marker:
     with open(f"{marker}.{os.getpid()}", "w"):
         pass
-    time.sleep(1.0)
+    # Held until the Ctrl-C ends it (the test sends it once it sees the
+    # marker); long enough that a loaded machine cannot let it pass first.
+    time.sleep(10.0)
 """
 
 

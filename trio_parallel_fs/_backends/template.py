@@ -58,6 +58,7 @@ class TemplateProcess:
         self._lock = threading.Lock()  # one writer at a time on the control channel
         self._next_seq = 0
         self._broken = False  # a request failed, or it stopped answering: dying
+        self._aborted = False  # closed while starting: kill it, whenever it exists
         self._control: socket.socket | None = None
         self._popen: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
@@ -78,6 +79,8 @@ class TemplateProcess:
             )
         finally:
             theirs.close()
+        if self._aborted:
+            self._popen.kill()  # abort() ran before there was a process to kill
         self._control = ours
         self.pid = self._popen.pid
         answer = _handshake(ours, self._settings)
@@ -134,6 +137,14 @@ class TemplateProcess:
                 self._control.sendall(p.CONTROL_RECORD.pack(p.KILL, seq))
             except OSError:
                 pass  # the template is gone, and its workers with it
+
+    def abort(self) -> None:
+        """Closed while it starts (another thread waits in `start`): kill it
+        now rather than wait for a preload that may take seconds. Nothing was
+        forked from it yet; the waiting `start` meets the end of its channel."""
+        self._aborted = True
+        if self._popen is not None:
+            self._popen.kill()
 
     def give_up(self) -> None:
         """It stopped answering: kill it (its workers die with it) and never
@@ -297,6 +308,7 @@ class TemplateBackend:
         self._blas_threads = blas_threads
         self._lock = threading.Lock()
         self._template: TemplateProcess | None = None
+        self._starting: TemplateProcess | None = None  # one in its start-up, for close()
         self._closed = False
 
     @property
@@ -327,7 +339,15 @@ class TemplateBackend:
                 old.close(1.0)
                 self._template = None
             template = TemplateProcess(self._settings, self._blas_threads)
-            template.start()
+            # Published before _closed is read again: either close() sees it
+            # and aborts it, or this sees the close and starts nothing.
+            self._starting = template
+            try:
+                if self._closed:
+                    raise BrokenPipeError("this worker context is closed")
+                template.start()
+            finally:
+                self._starting = None
             self._template = template
 
     async def start_worker(self) -> tuple[socket.socket, ForkedWorker]:
@@ -346,8 +366,14 @@ class TemplateBackend:
             return None  # dying: the next call starts a new template
 
     def close(self, timeout: float) -> None:
+        # Said before taking the lock, which a start in progress holds for as
+        # long as the preload takes (seconds, for a heavy one): Ctrl-C or a
+        # cancelled first call closes at once rather than after the preload.
+        self._closed = True
+        starting = self._starting
+        if starting is not None:
+            starting.abort()
         with self._lock:
-            self._closed = True
             template, self._template = self._template, None
         if template is not None:
             template.close(timeout)
