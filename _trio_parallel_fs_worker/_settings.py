@@ -42,10 +42,6 @@ class WorkerSettings:
         preload: Modules to import first (spawned workers; forked ones have them).
         template_init: The pickled ``template_init`` to run once (spawned workers).
         hooks: A pickled `WorkerHooks`.
-        announce_start: Send `Started` once set up, before reading the first
-            job: the parent then sends that job only after it, so that a call
-            cancelled while the worker starts (an interpreter's boot, a
-            preload, an init hook: seconds) never runs its job.
     """
 
     cwd: str
@@ -53,7 +49,6 @@ class WorkerSettings:
     preload: tuple[str, ...]
     template_init: bytes | None
     hooks: bytes
-    announce_start: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

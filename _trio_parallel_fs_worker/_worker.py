@@ -409,9 +409,8 @@ def serve(sock: socket.socket) -> int:
         used = memory_usage(hooks.memory_metric)
         baseline = used if used > hooks.max_memory else -1
     # After an init hook, say it returned, so that a death from now on is
-    # reported as the job's, not the hook's; and when asked, say the start-up
-    # is over (the parent holds the first job until then).
-    if (hooks.init is not bool or settings.announce_start or baseline >= 0) and not send(p.Started(baseline)):
+    # reported as the job's, not the hook's.
+    if (hooks.init is not bool or baseline >= 0) and not send(p.Started(baseline)):
         return 0
     # A worker prepared ahead may have time before its first job: it takes
     # the faults that job would take (see _page_plan) while no message waits.

@@ -17,11 +17,6 @@ is a list of actions, one per job:
 * ``"init-failed"``: the init hook raised;
 * ``("started", memory)``: say the init hook returned (with a memory figure),
   then take the next action for the same job.
-
-A worker whose settings ask it to announce its start (an init hook, or a
-spawned one) does as a real one does: its first action is its start-up's
-outcome ("started", "init-failed" or "die"), taken before it reads the job,
-which the pool holds back until then.
 """
 
 from __future__ import annotations
@@ -161,20 +156,8 @@ async def _serve(sock: socket.socket, process: FakeProcess, script: list[Any]) -
     with trio.CancelScope() as scope:
         process.cancel_scope = scope
         try:
-            config = await next_event()
+            await next_event()  # Config
             actions = list(script)  # those not taken yet, taken from the front
-            if isinstance(config, p.Config) and config.settings.announce_start and actions:
-                first = actions[0]
-                if isinstance(first, tuple) and first[0] == "started":
-                    await send(p.Started(first[1]))
-                    actions.pop(0)
-                elif first == "init-failed":
-                    await send(p.InitFailed(encode_error(RuntimeError("init went wrong"))))
-                    process.exit(1)
-                    return
-                elif isinstance(first, tuple) and first[0] == "die":
-                    process.exit(first[1])
-                    return
             while True:
                 if actions[:1] == ["bye-lost"]:
                     # Windows: the idle timeout fired as the job came; the worker

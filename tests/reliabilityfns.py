@@ -24,15 +24,6 @@ def record_init(directory) -> None:
     write_pid(os.path.join(directory, str(os.getpid())), os.getpid())
 
 
-def slow_init(directory) -> None:
-    """An init hook that takes as long as the test wants: it says it started
-    (a file named after its pid in ``directory``, one line per run), then
-    waits for a file named ``go`` there."""
-    with open(os.path.join(directory, str(os.getpid())), "a") as f:
-        f.write("init\n")
-    wait_for_file(os.path.join(directory, "go"), timeout=60)
-
-
 def wait_for_file(path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):

@@ -120,36 +120,6 @@ def test_a_shielded_call_in_a_cancelled_scope_waits_without_spinning(run):
     assert run(main) < 0.5
 
 
-def test_a_call_cancelled_while_its_worker_starts_never_runs_its_job(run, tmp_path):
-    """As under Trio (test_reliability has the details): the job of a call
-    cancelled during its worker's init hook never runs, and the worker, its
-    hook run once, serves the next call."""
-    import reliabilityfns
-
-    ran = tmp_path / "ran"
-
-    def starting() -> list[str]:
-        return [f for f in os.listdir(tmp_path) if f.isdigit()]
-
-    async def main():
-        init = functools.partial(reliabilityfns.slow_init, str(tmp_path))
-        async with tpf.open_worker_context(init=init) as ctx:
-            with anyio.fail_after(HANG), anyio.CancelScope() as scope:
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(ctx.run_sync, workerfns.record_pid_and_sleep, str(ran), 0)
-                    while not starting():  # noqa: ASYNC110
-                        await anyio.sleep(0.02)
-                    scope.cancel()
-            assert scope.cancelled_caught and not ran.exists()
-            (tmp_path / "go").touch()
-            with anyio.fail_after(HANG):
-                assert await ctx.run_sync(workerfns.pid) == int(starting()[0])
-        assert (tmp_path / starting()[0]).read_text() == "init\n"
-        assert not ran.exists()
-
-    run(main)
-
-
 def test_cancel_without_kill_lets_the_job_run_to_its_end(run, tmp_path):
     """Under Trio the call returns its result and the cancellation waits for
     the next checkpoint; under asyncio the cancellation is raised when the job

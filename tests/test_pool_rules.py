@@ -165,7 +165,7 @@ async def test_the_pool_refuses_work_once_closed():
     async with fake_context() as (ctx, backend):
         await ctx._aclose()
         with pytest.raises(PoolClosed):
-            await ctx._pool.run(p.Job(b""), operator.add, False)
+            await ctx._pool.run(p.Job(b""), operator.add)
         with pytest.raises(trio.ClosedResourceError, match="this worker context is closed"):
             await ctx.run_sync(operator.add, 1, 2)
         assert backend.processes == []

@@ -458,57 +458,6 @@ async def test_closing_while_the_template_preloads_does_not_wait_for_the_preload
     assert not wait_until_gone({template_pid}, PROMPTLY)
 
 
-async def test_a_call_cancelled_while_its_worker_starts_never_runs_its_job(worker_type, tmp_path):
-    """Without kill_on_cancel a job, once begun, runs to its end; one whose
-    worker is still starting (an init hook, a spawned interpreter's preload:
-    seconds) has not begun. Before: the call waited for the start-up, then ran
-    the job to its end anyway. Now the cancellation ends it at once, the job
-    never runs, and the worker finishes starting for the next call."""
-    init = functools.partial(reliabilityfns.slow_init, str(tmp_path))
-    ran = tmp_path / "ran"
-    async with tpf.open_worker_context(worker_type=worker_type, init=init) as ctx:
-        with trio.fail_after(HANG):  # the init hook waits for "go": a minute at most
-            with trio.CancelScope() as scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(ctx.run_sync, workerfns.record_pid_and_sleep, str(ran), 0)
-                    while not [f for f in os.listdir(tmp_path) if f.isdigit()]:  # noqa: ASYNC110
-                        await trio.sleep(0.02)
-                    scope.cancel()
-            assert scope.cancelled_caught
-            [starting] = [int(f) for f in os.listdir(tmp_path) if f.isdigit()]
-            assert not ran.exists()
-            stats = ctx.statistics()
-            assert (stats.running_workers, stats.idle_workers, stats.prepared_workers) == (0, 0, 1)
-            (tmp_path / "go").touch()
-            # The same worker, its init hook run once, serves the next call.
-            assert await ctx.run_sync(workerfns.pid) == starting
-        assert (tmp_path / str(starting)).read_text() == "init\n"
-        assert not ran.exists()
-        stats = ctx.statistics()
-        assert (stats.started_workers, stats.running_workers, stats.retired) == (1, 0, {})
-
-
-async def test_a_context_closed_while_a_withdrawn_worker_preloads_ends_it(tmp_path, monkeypatch):
-    """A spawned worker whose call was cancelled during its (minute-long)
-    preload waits on the idle stack; closing the context ends it after the
-    grace period rather than waiting for the preload, and without an error:
-    it had no job."""
-    marker = tmp_path / "worker_pid"
-    monkeypatch.setenv("TPF_TEST_SLOW_PRELOAD_MARKER", str(marker))
-    ran = tmp_path / "ran"
-    with trio.fail_after(HANG):  # the preload alone would take 60 s
-        async with tpf.open_worker_context(worker_type="spawn", preload=["preload_slow"], grace_period=0.2) as ctx:
-            with trio.CancelScope() as scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(ctx.run_sync, workerfns.record_pid_and_sleep, str(ran), 0)
-                    while not marker.exists() or not marker.read_text():  # noqa: ASYNC110
-                        await trio.sleep(0.02)
-                    scope.cancel()
-            assert scope.cancelled_caught
-    assert not wait_until_gone({int(marker.read_text())}, PROMPTLY)
-    assert not ran.exists()
-
-
 # How long this test lets the frozen template stay frozen. The library must
 # give up on it well before (a bounded wait for an answer to a fork request).
 FROZEN_FOR = 8

@@ -68,12 +68,9 @@ class Runner(Protocol):
         """Run a prepared job and return its outcome (``.unwrap()`` gives the
         value or raises), or ``_resubmit``; or raise ``_closed_error``.
 
-        Shielded from cancellation once the job may have begun, unless
-        ``kill_on_cancel``: then a cancellation stops the job (its worker is
-        killed), is waited for, and the loop's cancellation propagates. The
-        runner shields itself: only it knows when a job begins (a local
-        worker's start-up may take seconds, and a call cancelled during it
-        runs nothing).
+        Called shielded from cancellation, unless ``kill_on_cancel``: then a
+        cancellation stops the job (its worker is killed), is waited for, and
+        ``trio.Cancelled`` propagates.
         """
 
 
@@ -174,7 +171,8 @@ async def _run(
     while True:
         runner = get_runner()
         try:
-            result = await runner._run_job(sync_fn, job, kill_on_cancel)
+            with loop.CancelScope(shield=not kill_on_cancel):
+                result = await runner._run_job(sync_fn, job, kill_on_cancel)
         except runner._closed_error:
             if get_runner() is runner:
                 raise loop.ClosedResourceError(closed_while_waiting(runner._kind)) from None

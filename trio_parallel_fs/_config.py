@@ -284,10 +284,6 @@ class WorkerConfig:
             preload=self.preload if spawned else (),
             template_init=self.pickled_template_init() if spawned else None,
             hooks=hooks if hooks is not None else cloudpickle.dumps(self.worker_hooks()),
-            # Where starting takes long enough to be cancelled in: a spawned
-            # interpreter, an init hook. A forked worker without a hook is
-            # ready in microseconds, and gets its first job with its settings.
-            announce_start=spawned or self.init is not bool,
         )
 
     @staticmethod

@@ -146,9 +146,9 @@ class WorkerContext(ContextMaps):
     _resubmit = RESUBMIT
 
     def _run_job(self, fn: Callable[..., Any], job: p.Job, kill_on_cancel: bool) -> Awaitable[Any]:
-        # The pool's own coroutine (see _calls.Runner), which shields the job
-        # or, with kill_on_cancel, kills the worker of a cancelled call.
-        return self._pool.run(job, fn, kill_on_cancel)
+        # The pool's own coroutine (see _calls.Runner). kill_on_cancel needs
+        # nothing here: unshielded, the pool kills the worker of a cancelled call.
+        return self._pool.run(job, fn)
 
     def statistics(self) -> WorkerContextStatistics:
         """A `WorkerContextStatistics` snapshot; eventually consistent when
@@ -347,13 +347,9 @@ async def run_sync(
         Entering ``run_sync`` is a checkpoint, like ``trio.to_thread.run_sync``:
         a call made in an already-cancelled scope raises `trio.Cancelled`
         without starting anything. Waiting for the limiter is cancellable.
-        Once a limiter token is held, by default the rest is shielded from
-        the moment the job may have begun (sending it, waiting): the call
-        returns the result, and cancellation takes effect at your next
-        checkpoint. A new worker whose start-up takes long (a spawned one, one
-        with an ``init`` hook) gets the job only once started: a call
-        cancelled before that raises at once and its job never runs. With
-        ``kill_on_cancel=True`` the worker is killed
+        Once a limiter token is held, by default the rest is shielded
+        (starting a worker, sending the job, waiting): the call returns the
+        result, and cancellation takes effect at your next checkpoint. With ``kill_on_cancel=True`` the worker is killed
         (SIGKILL), its exit is awaited, and `trio.Cancelled` propagates; the
         job's side effects may be partly done. No worker is leaked either way.
     """

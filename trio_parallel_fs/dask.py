@@ -259,12 +259,6 @@ class DaskContext(ContextMaps):
     _resubmit = RESUBMIT  # never returned: Dask runs a task again itself
 
     async def _run_job(self, fn: Callable[..., Any], job: Job, kill_on_cancel: bool) -> outcome.Value[Any]:
-        # Shielded whole unless kill_on_cancel (see _calls.Runner): once
-        # submitted, the task may have begun on a worker.
-        with _loops.CancelScope(shield=not kill_on_cancel):
-            return await self._run_submitted(job, kill_on_cancel)
-
-    async def _run_submitted(self, job: Job, kill_on_cancel: bool) -> outcome.Value[Any]:
         if self._closed:
             raise RunnerClosed  # it closed while the call waited for its limiter
         self._counts["submitted"] += 1

@@ -142,7 +142,6 @@ class PooledWorker:
         "init_done",
         "reset_seen",
         "cwd",
-        "announces_start",
         "announced",
         "area",
         "_area_settings",
@@ -173,8 +172,6 @@ class PooledWorker:
         self.init_done = False  # past its init hook (a reply or Started came)
         self.reset_seen = False  # a read ended in a connection reset
         self.cwd = settings.cwd  # the working directory its start-up message gives it
-        # It says Started before reading its first job (WorkerSettings.announce_start).
-        self.announces_start = settings.announce_start
         self.announced = False  # its pid was given to the pool's observers
         self.area: SharedArea | None = None
         if area_settings is not None and channel.family != getattr(socket, "AF_UNIX", None):
@@ -197,11 +194,6 @@ class PooledWorker:
         except (BlockingIOError, ConnectionError):
             return
         self._first_frames = self._first_frames[sent:]
-
-    @property
-    def settings_sent(self) -> bool:
-        """Whether its start-up message has gone out (`send_ahead`)."""
-        return not self._first_frames
 
     def apply(self, event: WorkerEvent) -> None:
         """Move to the state the lifecycle table gives (the pool holds its lock)."""

@@ -4,8 +4,7 @@ transitions between them.
 Theory of operation
 -------------------
 A worker is STARTING until its first job is sent (a worker prepared ahead of
-demand waits in that state on the idle stack, as does one whose first call was
-cancelled before its start-up ended and its job went out), then alternates between
+demand waits in that state on the idle stack), then alternates between
 BUSY (a job is out) and IDLE (on the pool's idle stack). It ends GONE (it left
 by itself: idle timeout, or after a reply that said it retires) or DEAD
 (crashed, killed, or its template died). RETIRING is the wait in between: it
@@ -51,7 +50,6 @@ class WorkerEvent(enum.Enum):
     DIED = "died"  # it exited otherwise, or could not be started
     KILL = "kill"  # the pool killed it (kill_on_cancel, or closing after the grace period)
     CLOSE = "close"  # its channel closed while it was idle (context closed, or unneeded)
-    WITHDRAW = "withdraw"  # its call was cancelled while it started, before the job went out
 
 
 W, E = WorkerState, WorkerEvent
@@ -70,7 +68,6 @@ WORKER_TRANSITIONS: dict[tuple[WorkerState, WorkerEvent], WorkerState] = {
     (W.BUSY, E.LEFT): W.GONE,
     (W.BUSY, E.DIED): W.DEAD,
     (W.BUSY, E.KILL): W.DEAD,
-    (W.BUSY, E.WITHDRAW): W.STARTING,  # back on the idle stack, still starting
     (W.RETIRING, E.LEFT): W.GONE,
     (W.RETIRING, E.DIED): W.DEAD,
     (W.RETIRING, E.KILL): W.DEAD,

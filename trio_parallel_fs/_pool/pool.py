@@ -143,11 +143,10 @@ class WorkerContextStatistics:
             next large results copied out of an area (results are lent, not
             copied, unless a worker put one outside the place it was given):
             usually 0; released with the area, or when it is trimmed.
-        prepared_workers: Workers waiting, with no job yet, for the next call:
-            started ahead of demand in place of one that retired after its
-            job (``max_jobs``, ``max_memory``, the retire hook), or started
-            for a call that was cancelled before its worker's start-up ended;
-            not counted in ``idle_workers`` or ``started_workers`` until then.
+        prepared_workers: Workers started ahead of demand, in place of one
+            that retired after its job (``max_jobs``, ``max_memory``, the
+            retire hook), which the next call will use; not counted in
+            ``idle_workers`` or ``started_workers`` until then.
     """
 
     idle_workers: int
@@ -382,11 +381,9 @@ class WorkerPool:
 
     # --- one job ------------------------------------------------------------
 
-    async def run(self, job: p.Job, fn: object, kill_on_cancel: bool) -> Any:
+    async def run(self, job: p.Job, fn: object) -> Any:
         """Run one job; return its outcome, or RESUBMIT if it never ran.
 
-        Without ``kill_on_cancel`` the job, once sent, is shielded from
-        cancellation; starting a worker for it is not (`_until_started`).
         Raises PoolClosed if the context is closed (or closes while a new
         worker starts for this job).
         """
@@ -397,81 +394,24 @@ class WorkerPool:
                 raise PoolClosed
             self.running += 1
             worker = self._take_idle()
-        event = None
         try:
             if worker is None:
                 worker = await self._new_worker()
-            if not kill_on_cancel and worker.announces_start and not worker.init_done:
-                event = await self._until_started(worker, fn)
+            event, delivered = await self._exchange(worker, job, fn)
+            if isinstance(event, p.Closed):
+                # A worker that had served before and was gone before the job
+                # reached it (killed while idle, its exit not reported yet): the
+                # job never ran, and goes elsewhere. A new worker that dies
+                # before its first job fails the call (its next would too).
+                await self._died(worker, fn, fail_call=delivered or not worker.init_done)
+                with self._lock:
+                    self.running -= 1
+                return RESUBMIT
         except BaseException:
             with self._lock:
                 self.running -= 1
             raise
-        # The settling too is shielded: under asyncio a cancellation held off
-        # is raised as the shield is left, and this worker must be settled first.
-        with _loops.CancelScope(shield=not kill_on_cancel):
-            try:
-                if event is None:
-                    event, delivered = await self._exchange(worker, job, fn)
-                else:
-                    delivered = False  # its start-up ended the call: the job was not sent
-                if isinstance(event, p.Closed):
-                    # A worker that had served before and was gone before the job
-                    # reached it (killed while idle, its exit not reported yet): the
-                    # job never ran, and goes elsewhere. A new worker that dies
-                    # before its first job fails the call (its next would too).
-                    await self._died(worker, fn, fail_call=delivered or not worker.init_done)
-                    with self._lock:
-                        self.running -= 1
-                    return RESUBMIT
-            except BaseException:
-                with self._lock:
-                    self.running -= 1
-                raise
-            return self._settle(worker, event, fn)  # decrements running
-
-    async def _until_started(self, worker: PooledWorker, fn: object) -> p.Event | None:
-        """Before the job of a call without kill_on_cancel goes to a worker
-        that says when its start-up is over (a spawned interpreter's boot and
-        preload, an init hook: seconds, see WorkerSettings.announce_start):
-        wait for that, cancellably. The job is not sent meanwhile, so a call
-        cancelled here never runs it; the worker goes back on the idle stack,
-        still starting, for the next call. Returns None once it said Started,
-        else the event that ends the call without the job (it died, its init
-        hook failed, it left)."""
-        worker.send_ahead()
-        if not worker.settings_sent:
-            return None  # the socket took part of them: the rest goes with the job, as always
-        try:
-            event = await worker.receive(ANSWER_TIMEOUT)
-        except AnswerTimeout:
-            info = worker.process.give_up()
-            with self._lock:
-                self._end(worker, WorkerEvent.DIED, "died")
-            raise self._broken(info, fn, worker) from None
-        except _loops.current().Cancelled:
-            with self._lock:
-                worker.apply(WorkerEvent.WITHDRAW)
-                self._started -= 1  # it counts as started from its first job on
-                if self.closed:
-                    worker.apply(WorkerEvent.CLOSE)
-                    self._live.discard(worker)
-                    self._let_go(worker)
-                else:
-                    worker.idle_since = time.monotonic()
-                    self._idle.append(worker)
-            raise
-        except BaseException:
-            with _loops.CancelScope(shield=True):
-                await self._kill(worker)
-            raise
-        self._announce(worker)
-        if not isinstance(event, p.Started):
-            return event
-        worker.init_done = True
-        if event.memory >= 0:
-            self._warn_baseline(worker, event.memory)
-        return None
+        return self._settle(worker, event, fn)  # decrements running
 
     async def _exchange(self, worker: PooledWorker, job: p.Job, fn: object) -> tuple[p.Event, bool]:
         """Send the job; return the event that settles it, and whether the job
@@ -607,9 +547,6 @@ class WorkerPool:
                 return
             self._state = next_context_state(self._state, ContextEvent.CLOSE)
             closing = [w for w in self._live if w.state in (WorkerState.IDLE, WorkerState.STARTING)]
-            # Still starting, never given a job (prepared ahead, or its call was
-            # cancelled meanwhile): killing one loses nothing of the caller's.
-            jobless = {w.process for w in closing if w.state is WorkerState.STARTING}
             for worker in closing:
                 worker.apply(WorkerEvent.CLOSE)
                 worker.close()
@@ -635,6 +572,5 @@ class WorkerPool:
         self.backend.close(ANSWER_TIMEOUT)
         with self._lock:
             self._state = next_context_state(self._state, ContextEvent.CLOSED)
-        stuck = [process for process in stuck if process not in jobless]
         if stuck:
             raise stuck_at_close_error([process.pid for process in stuck], grace_period)
