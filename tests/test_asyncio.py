@@ -305,6 +305,40 @@ def test_a_task_cancelled_while_its_shielded_call_fails_ends_cancelled():
     asyncio.run(main())
 
 
+def test_a_cancel_while_a_dead_workers_exit_is_awaited_still_lets_the_worker_go(monkeypatch):
+    """With kill_on_cancel, a call whose worker died waits, shielded, for the
+    worker's exit report; a cancel that comes meanwhile is raised as that
+    shield is left (asyncio's rule), and the worker is let go and counted all
+    the same (before, the bookkeeping after the shield was skipped: the dead
+    worker stayed among the live ones, its channel open, its death uncounted)."""
+    from trio_parallel_fs import _loops
+    from trio_parallel_fs._backends.template import ForkedWorker
+
+    real_wait = ForkedWorker.wait
+
+    async def wait_cancelled(self):
+        asyncio.current_task().cancel()
+        await _loops.checkpoint()  # inside the shield: held off, raised as it is left
+        return await real_wait(self)
+
+    async def main():
+        async with tpf.open_worker_context() as ctx:
+            await ctx.run_sync(workerfns.add, 1, 2)
+            with monkeypatch.context() as patch:
+                patch.setattr(ForkedWorker, "wait", wait_cancelled)
+                task = asyncio.create_task(ctx.run_sync(workerfns.exit_with, 7, kill_on_cancel=True))
+                with pytest.raises(asyncio.CancelledError) as caught:
+                    await task
+            assert isinstance(caught.value.__cause__, tpf.BrokenWorkerError)
+            statistics = ctx.statistics()
+            assert statistics.retired == {"died": 1}
+            assert statistics.running_workers == 0
+            assert ctx._pool.worker_pids() == []  # the dead worker is not held as live
+            assert await ctx.run_sync(workerfns.add, 2, 2) == 4
+
+    asyncio.run(asyncio.wait_for(main(), HANG))
+
+
 @pytest.mark.parametrize("how", ["wait_for", "timeout"])
 def test_timeouts_with_kill_on_cancel_kill_the_worker(how, tmp_path):
     if how == "timeout" and sys.version_info < (3, 11):
