@@ -332,27 +332,28 @@ def test_a_shielded_wait_woken_right_after_a_cancel_still_ends():
     asyncio.run(main())
 
 
-def test_a_cancel_while_a_dead_workers_exit_is_awaited_still_lets_the_worker_go(monkeypatch):
+def test_a_cancel_while_a_dead_workers_exit_is_awaited_still_lets_the_worker_go(monkeypatch, worker_type):
     """With kill_on_cancel, a call whose worker died waits, shielded, for the
     worker's exit report; a cancel that comes meanwhile is raised as that
     shield is left (asyncio's rule), and the worker is let go and counted all
     the same (before, the bookkeeping after the shield was skipped: the dead
     worker stayed among the live ones, its channel open, its death uncounted)."""
     from trio_parallel_fs import _loops
-    from trio_parallel_fs._backends.template import ForkedWorker
-
-    real_wait = ForkedWorker.wait
-
-    async def wait_cancelled(self):
-        asyncio.current_task().cancel()
-        await _loops.checkpoint()  # inside the shield: held off, raised as it is left
-        return await real_wait(self)
 
     async def main():
-        async with tpf.open_worker_context() as ctx:
+        async with tpf.open_worker_context(worker_type=worker_type) as ctx:
             await ctx.run_sync(workerfns.add, 1, 2)
+            (worker,) = ctx._pool._live
+            process_type = type(worker.process)  # the backend's
+            real_wait = process_type.wait
+
+            async def wait_cancelled(self):
+                asyncio.current_task().cancel()
+                await _loops.checkpoint()  # inside the shield: held off, raised as it is left
+                return await real_wait(self)
+
             with monkeypatch.context() as patch:
-                patch.setattr(ForkedWorker, "wait", wait_cancelled)
+                patch.setattr(process_type, "wait", wait_cancelled)
                 task = asyncio.create_task(ctx.run_sync(workerfns.exit_with, 7, kill_on_cancel=True))
                 with pytest.raises(asyncio.CancelledError) as caught:
                     await task
