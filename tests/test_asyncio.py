@@ -332,6 +332,32 @@ def test_a_shielded_wait_woken_right_after_a_cancel_still_ends():
     asyncio.run(main())
 
 
+def test_a_loop_closed_while_its_gone_watch_is_due_is_not_kept_alive():
+    """The gone-peer watch's next look is due when this loop closes; the
+    watch, kept per loop in a weak mapping, must not keep the loop alive."""
+    import gc
+    import socket
+    import weakref
+
+    from trio_parallel_fs._loops import asyncio_loop
+
+    ours, theirs = socket.socketpair()
+    loops = []
+
+    async def main():
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        theirs.send(b"x")
+        await asyncio_loop.wait_readable_or_gone(ours, lambda: False)  # its look is due in 0.25 s
+
+    try:
+        asyncio.run(main())
+    finally:
+        ours.close()
+        theirs.close()
+    gc.collect()
+    assert loops[0]() is None
+
+
 def test_a_cancel_while_a_dead_workers_exit_is_awaited_still_lets_the_worker_go(monkeypatch, worker_type):
     """With kill_on_cancel, a call whose worker died waits, shielded, for the
     worker's exit report; a cancel that comes meanwhile is raised as that
