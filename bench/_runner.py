@@ -17,6 +17,10 @@ How the numbers are taken, and why:
   numpy and scipy imported, measured inside that process; (c) memcpy of the
   array, for the large-array cases (a round trip's floor is the same rate:
   two copies of the array, counted as twice its size).
+* The rows under asyncio (ours, anyio.to_process and
+  ``run_in_executor(ProcessPoolExecutor)``: ``bench/asyncio_bench.py``) are
+  measured after the ``trio.run`` ends, in an ``asyncio.run`` of their own,
+  and printed below the table (measurement ``asyncio``; not plotted).
 * Every process the run starts is gone when it ends: contexts close, the
   helpers exit on EOF, multiprocessing's forkserver and resource tracker are
   stopped, and anything left is reported (and killed) before exiting.
@@ -25,6 +29,7 @@ How the numbers are taken, and why:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import math
@@ -41,7 +46,7 @@ from typing import Any
 import psutil
 import trio
 
-from bench import jobs, map_bench, systems
+from bench import asyncio_bench, jobs, map_bench, systems
 
 MB = 1 << 20
 GB = 1 << 30
@@ -189,7 +194,7 @@ def array_cases(settings: Settings) -> list[Case]:
     return found
 
 
-MEASUREMENTS = ["warm", "memcheck", "fresh", "concurrent", "throughput", "scaling", "uss", "arrays", "map"]
+MEASUREMENTS = ["warm", "memcheck", "fresh", "concurrent", "throughput", "scaling", "uss", "arrays", "map", "asyncio"]
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -581,6 +586,8 @@ def build_report(settings: Settings, measured: dict[str, Any]) -> dict[str, Any]
             }
         )
     report: dict[str, Any] = {"rows": rows}
+    if "asyncio" in measured:
+        report["asyncio"] = [asdict(row) for row in measured["asyncio"]]
     if "map" in data:
         report["map"] = map_bench.summarize(data["map"])
     if "memcheck" in data:
@@ -640,6 +647,10 @@ def render(settings: Settings, report: dict[str, Any], meta: dict[str, Any]) -> 
         )
     if "map" in report:
         lines += map_bench.render(report["map"])
+    if "asyncio" in report:
+        lines += ["", *asyncio_bench.HEADER]
+        lines += [asyncio_bench.render(asyncio_bench.Row(**row)) for row in report["asyncio"]]
+        lines.append(asyncio_bench.FOOTER)
     notes = meta.get("notes", {})
     if "memcheck" in report:
         m = report["memcheck"]
@@ -866,6 +877,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         measured = trio.run(measure, settings, selected, args.seed)
+        if "asyncio" in selected:
+            progress("under asyncio: ours, anyio.to_process, run_in_executor(ProcessPoolExecutor), interleaved")
+            measured["asyncio"] = asyncio.run(asyncio_bench.measure(settings.quick))
     finally:
         systems.stop_mp_helpers()
         leftovers = leftover_processes(10.0)

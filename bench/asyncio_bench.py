@@ -3,7 +3,8 @@
     python -m bench.asyncio_bench
     python -m bench.asyncio_bench --quick
 
-One ``asyncio.run``, three rows:
+One ``asyncio.run``, these rows (``python -m bench`` prints them too, measured
+by `measure` in an ``asyncio.run`` of their own after its ``trio.run``):
 
 * warm call: ``operator.add`` (well, `jobs.trivial`), interleaved call by call
   (each round one call per system, in a shuffled order, as
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import dataclasses
 import random
 import statistics
 import time
@@ -153,28 +155,54 @@ async def arrays(sizes: list[int], rounds: int) -> dict[str, dict[str, float]]:
     return found
 
 
-def row(label: str, unit: str, values: dict[str, float], lower_better: bool = True) -> str:
-    ours = values["ours"]
+@dataclasses.dataclass
+class Row:
+    label: str
+    unit: str
+    values: dict[str, float]  # system: value, "ours" first
+    lower_better: bool = True
+
+
+async def measure(quick: bool, each: Callable[[Row], object] = lambda row: None) -> list[Row]:
+    """Every row, each also handed to ``each`` as soon as it is measured."""
+    rows: list[Row] = []
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        each(row)
+
+    medians = await warm(300 if quick else 3000)
+    add(Row("warm call p50, interleaved", "µs", {k: v * 1e6 for k, v in medians.items()}))
+    medians = await fresh(3 if quick else 10)
+    add(Row("fresh worker + numpy/scipy job", "ms", {k: v * 1e3 for k, v in medians.items()}))
+    sizes = [16 * MB] if quick else [16 * MB, 128 * MB]
+    for label, rates in (await arrays(sizes, 3 if quick else 10)).items():
+        add(Row(label, "GB/s", rates, lower_better=False))
+    return rows
+
+
+HEADER = [
+    "under asyncio.run; columns: ours, anyio.to_process, run_in_executor(ProcessPoolExecutor)",
+    f"{'':<34} {'':<5} {'ours':>10}  {'anyio':>10}  {'executor':>10}",
+]
+FOOTER = "(ratios: ours' time over theirs; for GB/s their time over ours, also ours/theirs of time)"
+
+
+def render(row: Row) -> str:
+    ours = row.values["ours"]
     ratios = ", ".join(
-        f"ours/{name} {ours / value if lower_better else value / ours:.2f}x"
-        for name, value in values.items()
+        f"ours/{name} {ours / value if row.lower_better else value / ours:.3g}x"
+        for name, value in row.values.items()
         if name != "ours"
     )
-    shown = "  ".join(f"{value:10.2f}" for value in values.values())
-    return f"{label:<34} {unit:<5} {shown}   ({ratios})"
+    shown = "  ".join(f"{value:10.2f}" for value in row.values.values())
+    return f"{row.label:<34} {row.unit:<5} {shown}   ({ratios})"
 
 
 async def main(quick: bool) -> None:
-    print("under asyncio.run; columns: ours, anyio.to_process, run_in_executor(ProcessPoolExecutor)")
-    print(f"{'':<34} {'':<5} {'ours':>10}  {'anyio':>10}  {'executor':>10}")
-    medians = await warm(300 if quick else 3000)
-    print(row("warm call p50, interleaved", "µs", {k: v * 1e6 for k, v in medians.items()}), flush=True)
-    medians = await fresh(3 if quick else 10)
-    print(row("fresh worker + numpy/scipy job", "ms", {k: v * 1e3 for k, v in medians.items()}), flush=True)
-    sizes = [16 * MB] if quick else [16 * MB, 128 * MB]
-    for label, rates in (await arrays(sizes, 3 if quick else 10)).items():
-        print(row(label, "GB/s", rates, lower_better=False), flush=True)
-    print("(ratios: ours' time over theirs; for GB/s their time over ours, also ours/theirs of time)")
+    print("\n".join(HEADER))
+    await measure(quick, lambda row: print(render(row), flush=True))
+    print(FOOTER)
 
 
 if __name__ == "__main__":  # the executor's and anyio's workers import this module again

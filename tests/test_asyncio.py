@@ -305,6 +305,94 @@ def test_a_task_cancelled_while_its_shielded_call_fails_ends_cancelled():
     asyncio.run(main())
 
 
+def test_a_shielded_wait_woken_right_after_a_cancel_still_ends():
+    """A cancel inside a shield ends the future the task awaits; the wait goes
+    on with a new one. An event that comes in between (here: before the task
+    even sees its cancel) is noted, not lost: the wait ends, and the cancel is
+    raised as the shield is left."""
+    from trio_parallel_fs._loops import asyncio_loop
+
+    async def main():
+        lot = asyncio_loop.ParkingLot()
+        parked = asyncio.Event()
+
+        async def park_shielded():
+            with asyncio_loop.CancelScope(shield=True):
+                parked.set()
+                await lot.park()
+
+        task = asyncio.create_task(park_shielded())
+        await parked.wait()
+        task.cancel()
+        lot.unpark_all()
+        done, _ = await asyncio.wait({task}, timeout=HANG)
+        assert done == {task}
+        assert task.cancelled()
+
+    asyncio.run(main())
+
+
+def test_a_loop_closed_while_its_gone_watch_is_due_is_not_kept_alive():
+    """The gone-peer watch's next look is due when this loop closes; the
+    watch, kept per loop in a weak mapping, must not keep the loop alive."""
+    import gc
+    import socket
+    import weakref
+
+    from trio_parallel_fs._loops import asyncio_loop
+
+    ours, theirs = socket.socketpair()
+    loops = []
+
+    async def main():
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        theirs.send(b"x")
+        await asyncio_loop.wait_readable_or_gone(ours, lambda: False)  # its look is due in 0.25 s
+
+    try:
+        asyncio.run(main())
+    finally:
+        ours.close()
+        theirs.close()
+    gc.collect()
+    assert loops[0]() is None
+
+
+def test_a_cancel_while_a_dead_workers_exit_is_awaited_still_lets_the_worker_go(monkeypatch, worker_type):
+    """With kill_on_cancel, a call whose worker died waits, shielded, for the
+    worker's exit report; a cancel that comes meanwhile is raised as that
+    shield is left (asyncio's rule), and the worker is let go and counted all
+    the same (before, the bookkeeping after the shield was skipped: the dead
+    worker stayed among the live ones, its channel open, its death uncounted)."""
+    from trio_parallel_fs import _loops
+
+    async def main():
+        async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+            await ctx.run_sync(workerfns.add, 1, 2)
+            (worker,) = ctx._pool._live
+            process_type = type(worker.process)  # the backend's
+            real_wait = process_type.wait
+
+            async def wait_cancelled(self):
+                asyncio.current_task().cancel()
+                await _loops.checkpoint()  # inside the shield: held off, raised as it is left
+                return await real_wait(self)
+
+            with monkeypatch.context() as patch:
+                patch.setattr(process_type, "wait", wait_cancelled)
+                task = asyncio.create_task(ctx.run_sync(workerfns.exit_with, 7, kill_on_cancel=True))
+                with pytest.raises(asyncio.CancelledError) as caught:
+                    await task
+            assert isinstance(caught.value.__cause__, tpf.BrokenWorkerError)
+            statistics = ctx.statistics()
+            assert statistics.retired == {"died": 1}
+            assert statistics.running_workers == 0
+            assert ctx._pool.worker_pids() == []  # the dead worker is not held as live
+            assert await ctx.run_sync(workerfns.add, 2, 2) == 4
+
+    asyncio.run(asyncio.wait_for(main(), HANG))
+
+
 @pytest.mark.parametrize("how", ["wait_for", "timeout"])
 def test_timeouts_with_kill_on_cancel_kill_the_worker(how, tmp_path):
     if how == "timeout" and sys.version_info < (3, 11):
@@ -417,6 +505,57 @@ def test_an_asyncio_program_that_maps_never_imports_trio_and_leaves_nothing_at_e
     worker, template, trio_imported = out.split()
     assert trio_imported == "False"
     assert not wait_until_gone({int(pid) for pid in (worker, template) if pid != "None"}, 5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="as tests/test_reliability.py: a fork at C level")
+def test_a_loop_without_add_reader_waits_through_anyio_and_still_sees_a_death(tmp_path):
+    """Windows' proactor loop has no add_reader: there the waits go through
+    anyio's (and its selector thread). They too return once the worker's exit
+    is reported while a process it forked holds its channel open (before, only
+    the add_reader path watched for that: this call hung). A loop of our own
+    refuses add_reader as the proactor does (the platform view keeps asyncio's
+    Linux loop), in a program of its own (anyio's selector thread lives until
+    exit)."""
+    program = run_program(
+        """
+        import asyncio, os, signal, sys
+        sys.path.insert(0, HERE)
+        import reliabilityfns, workerfns
+        import trio_parallel_fs as tpf
+
+        class NoReaderLoop(asyncio.SelectorEventLoop):
+            def add_reader(self, *args):
+                raise NotImplementedError
+
+            def add_writer(self, *args):
+                raise NotImplementedError
+
+        async def main(pid_file):
+            async with tpf.open_worker_context() as ctx:
+                assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+                job = reliabilityfns.c_fork_helper_then_exit
+                try:
+                    await asyncio.wait_for(ctx.run_sync(job, pid_file, 20, True, kill_on_cancel=True), 10)
+                except tpf.BrokenWorkerError as exc:
+                    print(exc, flush=True)
+                finally:
+                    if os.path.exists(pid_file):
+                        os.kill(int(open(pid_file).read()), signal.SIGKILL)
+                assert await ctx.run_sync(workerfns.add, 2, 2) == 4
+
+        loop = NoReaderLoop()
+        try:
+            loop.run_until_complete(main(sys.argv[1]))
+        finally:
+            loop.close()
+        """,
+        str(tmp_path / "helper.pid"),
+    )
+    out, err = program.communicate(timeout=HANG)
+    assert program.returncode == 0, err
+    assert "died with exit code 3 while running" in out, out
+    helper = int((tmp_path / "helper.pid").read_text())
+    assert not wait_until_gone({helper}, 10)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="as test_lifecycle.py: parent death signal")

@@ -48,6 +48,34 @@ def test_the_window_closes_after_a_slow_wait_and_opens_after_quick_ones():
     assert 1 <= quick <= 3  # a pause does not stop busy waits for long
 
 
+def _blocked_before_a_window(spin: CallerSpin) -> int:
+    """How many (quick) waits block at once before the spin gives a window again."""
+    blocked = 0
+    while spin.window_ns() == 0:
+        spin.waited(MS // 10)
+        blocked += 1
+    return blocked
+
+
+@needs_two_cpus
+def test_after_busy_waits_that_ran_out_waits_block_at_once_one_then_twice_as_many_each_time():
+    """A busy-wait that runs out (the worker waits for a CPU another process
+    holds, say) is followed by waits that block at once, more after each
+    further one in a row; one that sees its message in time ends that."""
+    spin = CallerSpin(0.001)
+    assert spin.window_ns() == MS
+    spin.waited(MS + MS // 10)  # ran out: the reply came a tenth of a limit later
+    assert _blocked_before_a_window(spin) == 1
+    spin.waited(MS + MS // 10)
+    assert _blocked_before_a_window(spin) == 2
+    spin.waited(MS + MS // 10)
+    assert _blocked_before_a_window(spin) == 4
+    spin.waited(MS // 10)  # in time
+    assert spin.window_ns() == MS
+    spin.waited(MS + MS // 10)
+    assert _blocked_before_a_window(spin) == 1
+
+
 @needs_two_cpus
 def test_regular_waits_longer_than_the_limit_sleep_first_then_busy_wait_around_the_message():
     spin = WorkerSpin(0.001)

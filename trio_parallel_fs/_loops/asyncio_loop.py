@@ -11,12 +11,14 @@ it, and a *deadline* (``move_on_after``). They work because every await the
 library makes inside them is one of the waits below, which all go through
 `_park`:
 
-* It waits on a fresh future that the event (fd ready, thread done, timer)
-  completes, plus a timer for the nearest deadline in force: the innermost
-  scopes' deadlines, up to and including the innermost shield.
-* A CancelledError that arrives inside a shield is noted on that shield and
-  the wait goes on, on the same future (``asyncio.shield`` keeps the cancel
-  off it). When
+* The event (fd ready, thread done, timer) wakes a `_Waiter`: it notes why,
+  and completes the future the task awaits. A timer for the nearest deadline
+  in force (the innermost scopes' deadlines, up to and including the
+  innermost shield) wakes it too.
+* A CancelledError that arrives inside a shield cancels that future only: it
+  is noted on the shield, and the wait goes on, on a fresh future of the same
+  waiter, whose event stays armed (an event that came meanwhile is noted on
+  the waiter: none is lost). When
   the shield is left without an exception, it raises CancelledError then:
   the job ran to its end, and the cancellation takes effect as the call
   returns, as asyncio's rules want it to (wait_for, asyncio.timeout and
@@ -124,15 +126,32 @@ def move_on_after(seconds: float) -> _Scope:
 _WOKEN, _TIMER, _SLEPT = "woken", "timer", "slept"
 
 
-def _wake(future: asyncio.Future[str], why: str) -> None:
-    if not future.done():
-        future.set_result(why)
+class _Waiter:
+    """What an event wakes: it notes why (the first event only) and completes
+    the future its task awaits now. (Not ``asyncio.shield`` around one
+    future: its outer future is completed a loop pass after the inner one,
+    which cost every shielded wait a pass, the warm call's among them.)"""
+
+    __slots__ = ("future", "why")
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+        self.why: str | None = None
 
 
-async def _park(
-    arm: Callable[[asyncio.Future[str]], Callable[[], object]] | None, until: float = math.inf
-) -> None:
-    """Wait until ``arm``'s event completes the future it is given (``arm``
+def _wake(waiter: _Waiter, why: str) -> None:
+    if waiter.why is None:
+        waiter.why = why
+        future = waiter.future
+        if not future.done():  # cancelled: its task makes a new one, or is gone
+            future.set_result(None)
+
+
+Arm = Callable[[_Waiter], Callable[[], object]]
+
+
+async def _park(arm: Arm | None, until: float = math.inf) -> None:
+    """Wait until ``arm``'s event wakes the waiter it is given (``arm``
     returns its disarming), or the loop's clock reaches ``until``; by the
     rules of the scopes in force (see the module's docstring)."""
     loop = asyncio.get_running_loop()
@@ -147,46 +166,41 @@ async def _park(
         scope = scope.parent
     if expiring is not None and deadline <= loop.time():
         raise _DeadlineExpired(expiring)
-    future: asyncio.Future[str] = loop.create_future()
-    disarm = arm(future) if arm is not None else None
-    timer = loop.call_at(deadline, _wake, future, _TIMER) if deadline != math.inf else None
+    waiter = _Waiter(loop.create_future())
+    disarm = arm(waiter) if arm is not None else None
+    timer = loop.call_at(deadline, _wake, waiter, _TIMER) if deadline != math.inf else None
     try:
-        if shield is None:
-            why = await future
-        else:
-            # Shielded, the cancel takes asyncio.shield's outer future, never
-            # ours: the event stays armed. (Arming again after each cancel
-            # would never see it under anyio's cancel scopes, which cancel
-            # the task on every loop pass, ahead of the fd's callback.)
-            try:
-                why = await asyncio.shield(future)
-            except asyncio.CancelledError as cancel:
-                shield.cancel_pending = cancel
-                # An anyio scope cancels again on every loop pass while it is
-                # cancelled: for the rest of this wait, shield us from anyio's
-                # scopes too, or the loop spins a CPU until the job ends. (Not
-                # before the first cancel: an anyio scope per wait costs every
-                # call.) anyio cancels again once this scope is left.
-                with anyio.CancelScope(shield=True):
-                    why = await _shielded(future, shield)
+        try:
+            await waiter.future
+        except asyncio.CancelledError as cancel:
+            if shield is None:
+                raise
+            shield.cancel_pending = cancel
+            # An anyio scope cancels again on every loop pass while it is
+            # cancelled: for the rest of this wait, shield us from anyio's
+            # scopes too, or the loop spins a CPU until the job ends. (Not
+            # before the first cancel: an anyio scope per wait costs every
+            # call.) anyio cancels again once this scope is left.
+            with anyio.CancelScope(shield=True):
+                await _shielded(waiter, shield, loop)
     finally:
         if disarm is not None:
             disarm()
         if timer is not None:
             timer.cancel()
-    if why == _TIMER and expiring is not None:
+    if waiter.why == _TIMER and expiring is not None:
         raise _DeadlineExpired(expiring)
     # else the event, or the sleep's own end
 
 
-async def _shielded(future: asyncio.Future[str], shield: _Scope) -> str:
-    """Wait for ``future`` through any number of cancels, keeping the last."""
-    while not future.done():
+async def _shielded(waiter: _Waiter, shield: _Scope, loop: asyncio.AbstractEventLoop) -> None:
+    """Wait until ``waiter`` is woken, through any number of cancels, keeping the last."""
+    while waiter.why is None:
+        waiter.future = loop.create_future()
         try:
-            return await asyncio.shield(future)
+            await waiter.future
         except asyncio.CancelledError as cancel:
             shield.cancel_pending = cancel
-    return future.result()
 
 
 def _fd(obj: Any) -> int:
@@ -194,17 +208,7 @@ def _fd(obj: Any) -> int:
 
 
 async def wait_readable(obj: Any) -> None:
-    loop = asyncio.get_running_loop()
-    fd = _fd(obj)
-
-    def arm(future: asyncio.Future[str]) -> Callable[[], object]:
-        loop.add_reader(fd, _wake, future, _WOKEN)
-        return lambda: loop.remove_reader(fd)
-
-    try:
-        await _park(arm)
-    except NotImplementedError:  # no add_reader on this loop (Windows' proactor)
-        await _through_anyio(anyio.wait_readable, fd)
+    await _wait_readable(obj, None)
 
 
 #: How often a wait of `wait_readable_or_gone` asks whether its peer is gone.
@@ -214,40 +218,77 @@ GONE_POLL_SECONDS = 0.25
 async def wait_readable_or_gone(obj: Any, gone: Callable[[], bool]) -> None:
     """``wait_readable(obj)``, which also returns once ``gone()`` says the peer
     is gone, even though ``obj`` never becomes readable: a process the peer
-    forked may hold the other end open. Asked every GONE_POLL_SECONDS."""
+    forked may hold the other end open. Asked every GONE_POLL_SECONDS, by one
+    timer per loop (`_GoneWatch`)."""
+    await _wait_readable(obj, gone)
+
+
+async def _wait_readable(obj: Any, gone: Callable[[], bool] | None) -> None:
     loop = asyncio.get_running_loop()
     fd = _fd(obj)
 
-    def arm(future: asyncio.Future[str]) -> Callable[[], object]:
-        timer: list[asyncio.TimerHandle] = []
-
-        def look() -> None:
-            if says_gone(gone):
-                _wake(future, _WOKEN)
-            else:
-                timer[0] = loop.call_later(GONE_POLL_SECONDS, look)
-
-        loop.add_reader(fd, _wake, future, _WOKEN)
-        timer.append(loop.call_later(GONE_POLL_SECONDS, look))
-
-        def disarm() -> None:
-            loop.remove_reader(fd)
-            timer[0].cancel()
-
-        return disarm
+    def arm(waiter: _Waiter) -> Callable[[], object]:
+        loop.add_reader(fd, _wake, waiter, _WOKEN)
+        return lambda: loop.remove_reader(fd)
 
     try:
-        await _park(arm)
+        await _park(arm if gone is None else _also_gone(arm, loop, gone))
     except NotImplementedError:  # no add_reader on this loop (Windows' proactor)
-        await _through_anyio(anyio.wait_readable, fd)
+        await _through_anyio(anyio.wait_readable, fd, gone)
+
+
+class _GoneWatch:
+    """One loop's waits of `wait_readable_or_gone`, and the timer that asks
+    their ``gone`` every GONE_POLL_SECONDS while there are any (as Trio's
+    watch task does): a wait costs a dict entry, not a timer of its own
+    (call_later, its cancel and closures cost about 3 µs of CPU of a blocked
+    wait's 17, on the warm path whenever the caller does not busy-wait). A
+    wait is first asked within GONE_POLL_SECONDS of its start, not exactly then."""
+
+    __slots__ = ("waiting", "looking")
+
+    def __init__(self) -> None:
+        self.waiting: dict[_Waiter, Callable[[], bool]] = {}
+        # Whether a look is due (a flag, not the timer handle: the handle
+        # holds its loop, which would then outlive it through _gone_watches).
+        self.looking = False
+
+    def watch(self, loop: asyncio.AbstractEventLoop, waiter: _Waiter, gone: Callable[[], bool]) -> Callable[[], object]:
+        """Wake ``waiter`` once ``gone()`` says so; returns the unwatching."""
+        self.waiting[waiter] = gone
+        if not self.looking:
+            self.looking = True
+            loop.call_later(GONE_POLL_SECONDS, self._look, loop)
+        return lambda: self.waiting.pop(waiter, None)
+
+    def _look(self, loop: asyncio.AbstractEventLoop) -> None:
+        for waiter, gone in list(self.waiting.items()):
+            if says_gone(gone):
+                _wake(waiter, _WOKEN)  # its task unwatches it
+        if self.waiting:
+            loop.call_later(GONE_POLL_SECONDS, self._look, loop)
+        else:
+            self.looking = False
+
+
+# Keyed weakly by the loop. A watch refers to its loop only through the
+# waiters in progress (their futures'), so a closed loop and its watch go.
+_gone_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _GoneWatch] = weakref.WeakKeyDictionary()
+
+
+def _gone_watch(loop: asyncio.AbstractEventLoop) -> _GoneWatch:
+    watch = _gone_watches.get(loop)
+    if watch is None:
+        watch = _gone_watches[loop] = _GoneWatch()
+    return watch
 
 
 async def wait_writable(obj: Any) -> None:
     loop = asyncio.get_running_loop()
     fd = _fd(obj)
 
-    def arm(future: asyncio.Future[str]) -> Callable[[], object]:
-        loop.add_writer(fd, _wake, future, _WOKEN)
+    def arm(waiter: _Waiter) -> Callable[[], object]:
+        loop.add_writer(fd, _wake, waiter, _WOKEN)
         return lambda: loop.remove_writer(fd)
 
     try:
@@ -256,19 +297,42 @@ async def wait_writable(obj: Any) -> None:
         await _through_anyio(anyio.wait_writable, fd)
 
 
-async def _through_anyio(wait: Callable[[int], Awaitable[None]], fd: int) -> None:
-    """anyio's wait, in a task of its own, waited for by our rules."""
+async def _through_anyio(
+    wait: Callable[[int], Awaitable[None]], fd: int, gone: Callable[[], bool] | None = None
+) -> None:
+    """anyio's wait, in a task of its own, waited for by our rules; with
+    ``gone``, also until ``gone()`` says the peer is gone (`_GoneWatch`), as
+    on a loop with ``add_reader``."""
+    loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(wait(fd))
+    arm = _on_done(task)
     try:
-        await _park(_on_done(task))
+        await _park(arm if gone is None else _also_gone(arm, loop, gone))
     finally:
         task.cancel()
 
 
-def _on_done(awaited: asyncio.Future[Any]) -> Callable[[asyncio.Future[str]], Callable[[], object]]:
-    def arm(future: asyncio.Future[str]) -> Callable[[], object]:
+def _also_gone(arm: Arm, loop: asyncio.AbstractEventLoop, gone: Callable[[], bool]) -> Arm:
+    """``arm``, whose waiter is also woken once ``gone()`` says the peer is gone."""
+    watch = _gone_watch(loop)
+
+    def both(waiter: _Waiter) -> Callable[[], object]:
+        disarm = arm(waiter)
+        unwatch = watch.watch(loop, waiter, gone)
+
+        def disarm_both() -> None:
+            disarm()
+            unwatch()
+
+        return disarm_both
+
+    return both
+
+
+def _on_done(awaited: asyncio.Future[Any]) -> Arm:
+    def arm(waiter: _Waiter) -> Callable[[], object]:
         def done(_: object) -> None:
-            _wake(future, _WOKEN)
+            _wake(waiter, _WOKEN)
 
         awaited.add_done_callback(done)
         return lambda: awaited.remove_done_callback(done)
@@ -373,19 +437,19 @@ class ParkingLot:
     __slots__ = ("_waiters",)
 
     def __init__(self) -> None:
-        self._waiters: set[asyncio.Future[str]] = set()
+        self._waiters: set[_Waiter] = set()
 
     async def park(self) -> None:
         await _park(self._arm)
 
-    def _arm(self, future: asyncio.Future[str]) -> Callable[[], object]:
-        self._waiters.add(future)
-        return lambda: self._waiters.discard(future)
+    def _arm(self, waiter: _Waiter) -> Callable[[], object]:
+        self._waiters.add(waiter)
+        return lambda: self._waiters.discard(waiter)
 
     def unpark_all(self) -> None:
         waiters, self._waiters = self._waiters, set()
-        for future in waiters:
-            _wake(future, _WOKEN)
+        for waiter in waiters:
+            _wake(waiter, _WOKEN)
 
 
 class Semaphore:
@@ -419,7 +483,7 @@ async def wait_concurrent(future: Any) -> None:
     blocking no thread, by our rules (cancelling the wait leaves it alone)."""
     loop = asyncio.get_running_loop()
 
-    def arm(waiter: asyncio.Future[str]) -> Callable[[], object]:
+    def arm(waiter: _Waiter) -> Callable[[], object]:
         def done(_future: object) -> None:
             try:
                 loop.call_soon_threadsafe(_wake, waiter, _WOKEN)

@@ -469,26 +469,28 @@ class WorkerPool:
     async def _died(self, worker: PooledWorker, fn: object, fail_call: bool = True) -> None:
         """The worker's channel closed: wait for its exit report, let it go and,
         with ``fail_call``, raise the BrokenWorkerError that says how it died."""
+        # All of it shielded: under asyncio a cancel held off by the shield is
+        # raised as it is left, and the worker must be let go and counted first.
         with _loops.CancelScope(shield=True):
             info = ExitInfo(pid=worker.process.pid, exitcode=None)
             with _loops.move_on_after(ANSWER_TIMEOUT):
                 info = await worker.process.wait()
             if not worker.process.has_exited():
                 info = worker.process.give_up()
-        # A worker that exits while data of ours waits unread in its socket
-        # resets the connection, and on Windows the reset drops what it sent
-        # last and we had not read yet: the Bye of a worker whose idle timeout
-        # fired as the job arrived. A reset and a clean exit say the same as
-        # that Bye: the job was never read (a job that ends its worker with
-        # exit code 0 has read everything we sent, so its exit brings no reset).
-        left_unread = worker.reset_seen and worker.init_done and info.exitcode == 0
-        with self._lock:
-            if left_unread:
-                self._end(worker, WorkerEvent.LEFT, "idle")
-            else:
-                self._end(worker, WorkerEvent.DIED, "ceiling" if info.ceiling_used is not None else "died")
-        if fail_call and not left_unread:
-            raise self._broken(info, fn, worker)
+            # A worker that exits while data of ours waits unread in its socket
+            # resets the connection, and on Windows the reset drops what it sent
+            # last and we had not read yet: the Bye of a worker whose idle timeout
+            # fired as the job arrived. A reset and a clean exit say the same as
+            # that Bye: the job was never read (a job that ends its worker with
+            # exit code 0 has read everything we sent, so its exit brings no reset).
+            left_unread = worker.reset_seen and worker.init_done and info.exitcode == 0
+            with self._lock:
+                if left_unread:
+                    self._end(worker, WorkerEvent.LEFT, "idle")
+                else:
+                    self._end(worker, WorkerEvent.DIED, "ceiling" if info.ceiling_used is not None else "died")
+            if fail_call and not left_unread:
+                raise self._broken(info, fn, worker)
 
     def _settle(self, worker: PooledWorker, event: p.Event, fn: object) -> Any:
         """Apply a reply to the worker's state and the counters (one lock, which
