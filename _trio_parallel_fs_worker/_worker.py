@@ -484,6 +484,8 @@ def serve_then_leave(fd: int) -> NoReturn:
     except BaseException:  # noqa: BLE001 - report anything, then leave
         traceback.print_exc()
     finally:
-        step_aside()
-        flush_std_streams()
-        os._exit(code)
+        try:
+            step_aside()
+            flush_std_streams()
+        finally:
+            os._exit(code)  # whatever the job left in their way

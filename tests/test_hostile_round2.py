@@ -85,6 +85,25 @@ async def test_a_job_that_closes_every_fd_fails_only_its_own_call(worker_type, t
 # --- 2. standard streams -----------------------------------------------------------
 
 
+async def test_a_job_whose_streams_raise_does_not_turn_its_worker_into_a_template(worker_type, tmp_path, capfd):
+    """Before: the retiring worker's last flush raised, so its os._exit never
+    ran; a forked worker went on in the template's code it was forked from,
+    and its shutdown SIGKILLed every sibling (the sibling's call failed)."""
+    with trio.fail_after(HANG_GUARD):
+        async with tpf.open_worker_context(worker_type=worker_type, max_jobs=2) as ctx:
+
+            async def attack() -> tuple[int, int]:
+                hostile = await ctx.run_sync(h.replace_standard_streams, limiter=one_at_a_time())
+                assert await ctx.run_sync(h.pid, limiter=one_at_a_time()) == hostile  # its last job
+                await wait_dead(hostile)
+                return hostile, await ctx.run_sync(h.pid, limiter=one_at_a_time())
+
+            (hostile, after), sibling = await attack_beside_a_sibling(ctx, tmp_path, attack)
+            assert isinstance(sibling, int), sibling
+            assert len({hostile, after, sibling}) == 3
+    assert "died" not in ctx.statistics().retired, ctx.statistics()
+
+
 async def test_a_job_that_closes_or_floods_the_standard_streams_harms_nothing(worker_type, capfd):
     with trio.fail_after(HANG_GUARD):
         async with tpf.open_worker_context(worker_type=worker_type, max_jobs=3) as ctx:
