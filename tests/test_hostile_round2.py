@@ -23,13 +23,15 @@ import pytest
 if not sys.platform.startswith("linux"):
     pytest.skip("the attacks use /proc, os.fork and Linux fd numbers", allow_module_level=True)
 
+import asyncio
 import functools
+import signal
 from pathlib import Path
 
 import hostilefns2 as h
 import numpy as np
 import trio
-from conftest import wait_dead
+from conftest import is_dead, wait_dead
 
 import trio_parallel_fs as tpf
 
@@ -80,6 +82,50 @@ async def test_a_job_that_closes_every_fd_fails_only_its_own_call(worker_type, t
             assert outcome.pid != sibling
             assert await ctx.run_sync(h.echo, 42) == 42
     assert ctx.statistics().retired == {"died": 1}
+
+
+async def test_a_job_that_closes_its_channel_and_runs_on_is_killed_alone(worker_type, tmp_path):
+    """Before: the parent saw end-of-file, waited 2 s for the exit report the
+    template could not send (the worker lived on), declared the template
+    unresponsive and killed it with every worker: the sibling's call failed
+    with "the template process died", the hostile one with "the template
+    process did not answer" (spawned: "died with an unknown status")."""
+    with trio.fail_after(HANG_GUARD):
+        async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+            template = ctx.statistics().template_pid
+            outcome, sibling = await attack_beside_a_sibling(
+                ctx, tmp_path, lambda: ctx.run_sync(h.dup2_over_channel, "null_sleep", limiter=one_at_a_time())
+            )
+            assert isinstance(outcome, tpf.BrokenWorkerError), outcome
+            assert "closed its channel" in str(outcome)
+            assert "dup2_over_channel" in str(outcome)
+            assert outcome.exitcode == -signal.SIGKILL
+            await wait_dead(outcome.pid)
+            assert is_dead(outcome.pid)
+            assert isinstance(sibling, int)
+            assert ctx.statistics().template_pid == template
+            assert await ctx.run_sync(h.echo, 42) == 42
+    assert ctx.statistics().retired == {"died": 1}
+
+
+def test_a_job_that_closes_its_channel_and_runs_on_is_killed_alone_under_asyncio():
+    async def main() -> tuple[object, object]:
+        async with tpf.open_worker_context() as ctx:
+            template = ctx.statistics().template_pid
+            sibling = asyncio.ensure_future(ctx.run_sync(h.pid_after, 0.2))
+            try:
+                await ctx.run_sync(h.dup2_over_channel, "null_sleep")
+            except tpf.BrokenWorkerError as exc:
+                outcome: object = exc
+            else:
+                outcome = None
+            return outcome, (await sibling, ctx.statistics().template_pid == template)
+
+    outcome, (sibling, same_template) = asyncio.run(asyncio.wait_for(main(), HANG_GUARD))
+    assert isinstance(outcome, tpf.BrokenWorkerError), outcome
+    assert "closed its channel" in str(outcome)
+    assert isinstance(sibling, int)
+    assert same_template
 
 
 # --- 2. standard streams -----------------------------------------------------------
