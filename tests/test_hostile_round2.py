@@ -128,6 +128,27 @@ def test_a_job_that_closes_its_channel_and_runs_on_is_killed_alone_under_asyncio
     assert same_template
 
 
+@pytest.mark.parametrize("what", ["arguments", "result"])
+async def test_a_job_that_puts_a_file_on_its_areas_fd_never_gets_wrong_data(area_worker_type, what, tmp_path):
+    """Before: the worker mapped the file in place of the area as it grew
+    it: the next job's arguments were the file's bytes (a sum of garbage),
+    or its result went into the file and the caller read zeros; no error."""
+    with trio.fail_after(HANG_GUARD):
+        async with tpf.open_worker_context(worker_type=area_worker_type) as ctx:
+            lim = one_at_a_time()
+            assert await ctx.run_sync(h.total, np.ones(1 << 18), limiter=lim) == 1 << 18  # the area exists
+            assert await ctx.run_sync(h.swap_the_area_for_a_file, str(tmp_path / "file"), 64 << 20, limiter=lim)
+            # Larger than anything the area held: the worker must map it again.
+            with pytest.raises(tpf.BrokenWorkerError, match="died with exit code 1"):
+                if what == "arguments":
+                    await ctx.run_sync(h.total, np.ones(1 << 22), limiter=lim)
+                else:
+                    await ctx.run_sync(h.ones, 1 << 22, limiter=lim)
+            assert await ctx.run_sync(h.total, np.ones(1 << 22), limiter=lim) == 1 << 22
+            assert (await ctx.run_sync(h.ones, 1 << 22, limiter=lim)).sum() == 1 << 22
+    assert ctx.statistics().retired == {"died": 1}
+
+
 # --- 2. standard streams -----------------------------------------------------------
 
 
