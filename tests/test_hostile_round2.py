@@ -244,6 +244,18 @@ async def test_a_job_that_lowers_its_fd_limit_harms_no_other_worker(worker_type,
 # --- 5. pickling -------------------------------------------------------------------------
 
 
+async def test_an_exception_that_cannot_be_formatted_still_comes_back(worker_type):
+    """Before: formatting its traceback raised in the worker, which died:
+    BrokenWorkerError "died with exit code 1", the exception lost."""
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        worker = await ctx.run_sync(h.pid)
+        with pytest.raises(Exception) as info:
+            await ctx.run_sync(h.raise_unformattable)
+        assert type(info.value).__name__ == "_NotesBomb"
+        assert "could not be formatted" in str(info.value.__cause__)
+        assert await ctx.run_sync(h.pid) == worker
+
+
 @pytest.mark.parametrize(
     ("fn", "args", "message"),
     [
