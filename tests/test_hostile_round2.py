@@ -231,6 +231,17 @@ async def test_a_fork_that_returns_twice_into_the_worker_loop_answers_once(worke
 # --- 4. resource limits --------------------------------------------------------------------
 
 
+async def test_a_job_that_lowers_its_fd_limit_gets_its_value_and_its_worker_leaves(worker_type):
+    """Before, with max_memory: the worker could not open what measuring its
+    memory needs, died after the job returned, and the value was lost."""
+    with trio.fail_after(HANG_GUARD):
+        async with tpf.open_worker_context(worker_type=worker_type, max_memory=1 << 34) as ctx:
+            worker = await ctx.run_sync(h.limit_fds, 3)
+            await wait_dead(worker)
+            assert await ctx.run_sync(h.pid) != worker
+    assert ctx.statistics().retired == {"memory": 1}
+
+
 async def test_a_job_that_lowers_its_fd_limit_harms_no_other_worker(worker_type, tmp_path):
     with trio.fail_after(HANG_GUARD):
         async with tpf.open_worker_context(worker_type=worker_type) as ctx:
