@@ -318,3 +318,39 @@ def ones(count: int) -> object:
     import numpy
 
     return numpy.ones(count)
+
+
+def lie_about_the_area(how: str, count: int) -> object:
+    """Return ``count`` ones, and make this worker describe the result's place
+    in its area falsely: ``huge`` (an area of 1 TiB), ``past_the_file`` (an
+    area as large as its cap, far past the file's end) or ``outside_the_window``
+    (bytes before the window the caller gave it, where earlier results lie)."""
+    import numpy
+
+    from _trio_parallel_fs_worker import _worker
+    from _trio_parallel_fs_worker.protocol.descriptor import Descriptor, decode_descriptor, encode_descriptor
+
+    place = _worker.AreaUse.place
+
+    def lying_place(self, value) -> None:  # type: ignore[no-untyped-def]
+        place(self, value)
+        _worker.AreaUse.place = place  # once
+        if value.area is None:
+            return
+        true = decode_descriptor(value.area)
+        if how == "huge":
+            lie = Descriptor(1 << 40, true.extents)
+        elif how == "past_the_file":
+            lie = Descriptor(self.area.cap, ((self.area.cap - 4096, 4096),))
+        else:
+            lie = Descriptor(true.area_size, ((0, true.extents[0][1]),))
+        value.area = encode_descriptor(lie)
+
+    _worker.AreaUse.place = lying_place
+    return numpy.ones(count)
+
+
+def full(count: int, value: float) -> object:
+    import numpy
+
+    return numpy.full(count, value)

@@ -149,6 +149,33 @@ async def test_a_job_that_puts_a_file_on_its_areas_fd_never_gets_wrong_data(area
     assert ctx.statistics().retired == {"died": 1}
 
 
+@pytest.mark.parametrize("how", ["huge", "past_the_file", "outside_the_window"])
+async def test_a_worker_that_lies_about_where_its_result_lies_harms_no_result_the_caller_holds(
+    area_worker_type, how, tmp_path
+):
+    """The descriptor is checked where it is used: an area larger than its
+    cap or than its file fails the call (the worker is killed); bytes outside
+    the window the worker was given are copied, never lent over results the
+    caller holds."""
+    with trio.fail_after(HANG_GUARD):
+        async with tpf.open_worker_context(worker_type=area_worker_type) as ctx:
+            lim = one_at_a_time()
+            held = await ctx.run_sync(h.full, 1 << 20, 5.0, limiter=lim)  # lent from the area's start
+            if how == "outside_the_window":
+                lied = await ctx.run_sync(h.lie_about_the_area, how, 1 << 20, limiter=lim)
+                lied[:] = 7.0
+                assert ctx.statistics().retired == {}
+            else:
+                outcome, sibling = await attack_beside_a_sibling(
+                    ctx, tmp_path, lambda: ctx.run_sync(h.lie_about_the_area, how, 1 << 20, limiter=lim)
+                )
+                assert isinstance(outcome, Exception) and "area has" in str(outcome), outcome
+                assert isinstance(sibling, int)
+                assert ctx.statistics().retired == {"killed": 1}
+            assert (held == 5.0).all()
+            assert (await ctx.run_sync(h.full, 1 << 21, 2.0, limiter=lim) == 2.0).all()
+
+
 # --- 2. standard streams -----------------------------------------------------------
 
 
