@@ -310,6 +310,17 @@ async def test_a_result_that_cannot_leave_is_a_type_error_and_the_worker_lives(w
         assert await ctx.run_sync(h.pid) == worker
 
 
+async def test_a_keyboard_interrupt_while_a_result_is_unpickled_is_not_swallowed(worker_type):
+    """As from decoding a job's exception: Ctrl-C stays Ctrl-C. Before: the
+    call raised TypeError "could not be unpickled in the parent:
+    KeyboardInterrupt", so a real Ctrl-C landing there was lost."""
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        worker = await ctx.run_sync(h.pid)
+        with pytest.raises(KeyboardInterrupt):
+            await ctx.run_sync(h.return_interrupts_when_unpickled)
+        assert await ctx.run_sync(h.pid) == worker
+
+
 async def test_a_job_that_breaks_pickle_in_its_worker_harms_no_other_worker(worker_type, tmp_path):
     """Its own worker stays broken for its later jobs (by design: see
     docs/isolation.rst); every other worker is unaffected."""

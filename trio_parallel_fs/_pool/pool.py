@@ -536,6 +536,8 @@ class WorkerPool:
             return outcome.Error(decode_error(event.payload))
         try:
             return outcome.Value(loads_value(event.pickled, event.buffers))
+        except KeyboardInterrupt:
+            raise  # Ctrl-C landed while unpickling (or the result says so): not the result's failure
         except BaseException as exc:  # noqa: BLE001
             return outcome.Error(unpicklable_result_error(describe(fn), exc))
 
