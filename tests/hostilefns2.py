@@ -354,3 +354,35 @@ def full(count: int, value: float) -> object:
     import numpy
 
     return numpy.full(count, value)
+
+
+def forge_exit_reports() -> list[str]:
+    """Open, through /proc, every pipe our template holds (the write ends of
+    its workers' status pipes among them) and write a record that says the
+    worker exited with SIGKILL: what each attempt got."""
+    import struct
+
+    record = struct.pack("!cq", b"X", 9)  # EXITED, killed by SIGKILL
+    results = []
+    folder = f"/proc/{os.getppid()}/fd"
+    for name in os.listdir(folder):
+        path = f"{folder}/{name}"
+        try:
+            target = os.readlink(path)
+        except OSError:
+            continue
+        if not target.startswith(("pipe:", "socket:")):
+            continue
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            results.append(f"{target}: {exc.strerror}")
+            continue
+        try:
+            os.write(fd, record)
+            results.append(f"{target}: written")
+        except OSError as exc:
+            results.append(f"{target}: {exc.strerror}")
+        finally:
+            os.close(fd)
+    return results

@@ -38,10 +38,13 @@ import trio_parallel_fs as tpf
 HANG_GUARD = 60
 
 
-async def attack_beside_a_sibling(ctx: tpf.WorkerContext, tmp_path: Path, attack) -> tuple[object, int]:
+async def attack_beside_a_sibling(
+    ctx: tpf.WorkerContext, tmp_path: Path, attack, linger: float = 0.0
+) -> tuple[object, int]:
     """Start a sibling call on one worker, run ``await attack()`` on another
-    while it runs, then let the sibling return. The attack's outcome (its
-    value or the exception it raised) and the sibling's pid."""
+    while it runs, then (after ``linger`` seconds) let the sibling return. The
+    attack's outcome (its value or the exception it raised) and the sibling's
+    pid."""
     release = tmp_path / "release-sibling"
     found: dict[str, object] = {}
     async with trio.open_nursery() as nursery:
@@ -59,6 +62,7 @@ async def attack_beside_a_sibling(ctx: tpf.WorkerContext, tmp_path: Path, attack
         except Exception as exc:  # noqa: BLE001 - the attack's outcome, checked by the test
             found["attack"] = exc
         finally:
+            await trio.sleep(linger)
             release.touch()
     return found["attack"], found["sibling"]  # type: ignore[return-value]
 
@@ -252,6 +256,24 @@ async def test_a_fork_that_returns_twice_into_the_worker_loop_answers_once(worke
             worker = await ctx.run_sync(h.pid)
             assert await ctx.run_sync(h.fork_and_both_return, 5) == 5
             assert await ctx.run_sync(h.pid) == worker
+            assert ctx.statistics().retired == {}
+
+
+async def test_a_job_cannot_forge_a_siblings_exit_report(tmp_path, capfd):
+    """Before: the status pipes the template writes each worker's exit to
+    could be opened again through /proc/<template>/fd and written to; a
+    forged "exited" record failed the sibling's call ("died with signal
+    SIGKILL") while it ran on. They are sockets now, which /proc cannot open."""
+    with trio.fail_after(HANG_GUARD):
+        async with tpf.open_worker_context() as ctx:
+            # The lingering second lets the pool's watch over running calls
+            # (several looks a second) read a forged report before the
+            # sibling answers: without it this could pass by luck, never fail by it.
+            outcome, sibling = await attack_beside_a_sibling(
+                ctx, tmp_path, lambda: ctx.run_sync(h.forge_exit_reports, limiter=one_at_a_time()), linger=1.0
+            )
+            assert isinstance(outcome, list) and outcome, outcome  # it found the template's fds
+            assert isinstance(sibling, int), sibling
             assert ctx.statistics().retired == {}
 
 
