@@ -386,3 +386,15 @@ def forge_exit_reports() -> list[str]:
         finally:
             os.close(fd)
     return results
+
+
+def _raise_timeout(signum: int, frame: object) -> None:
+    raise TimeoutError("an alarm a job left")
+
+
+def leave_an_alarm(seconds: float) -> int:
+    """Arm a timer whose handler raises, and return before it fires: it
+    fires in the worker's own loop, waiting for the next job."""
+    signal.signal(signal.SIGALRM, _raise_timeout)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    return os.getpid()

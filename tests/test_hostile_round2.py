@@ -232,6 +232,18 @@ async def test_a_job_that_ignores_signals_is_still_killed_on_cancel_and_at_close
     assert ctx.statistics().retired["killed"] == 1
 
 
+async def test_a_signal_handler_that_raises_in_an_idle_worker_fails_no_call(worker_type, capfd):
+    """The exception ends the worker between jobs (its traceback on stderr);
+    the next call goes to another worker."""
+    with trio.fail_after(HANG_GUARD):
+        async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+            worker = await ctx.run_sync(h.leave_an_alarm, 0.05)
+            await wait_dead(worker)
+            assert await ctx.run_sync(h.pid) != worker
+    assert "an alarm a job left" in capfd.readouterr().err
+    assert ctx.statistics().retired == {"died": 1}
+
+
 async def test_a_job_cannot_leave_its_workers_process_group(worker_type):
     """The worker leads its group, so setsid() is refused: what the job
     starts stays where its worker's kill reaches it."""
