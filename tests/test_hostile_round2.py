@@ -180,6 +180,25 @@ async def test_a_worker_that_lies_about_where_its_result_lies_harms_no_result_th
             assert (await ctx.run_sync(h.full, 1 << 21, 2.0, limiter=lim) == 2.0).all()
 
 
+# F_SEAL_FUTURE_WRITE (Linux 5.1) is not in the fcntl module of every Python.
+F_SEAL_FUTURE_WRITE = 0x0010
+
+
+@pytest.mark.parametrize("seals", [4, F_SEAL_FUTURE_WRITE], ids=["grow", "future_write"])
+async def test_a_job_that_seals_its_area_gets_right_values_through_the_socket(area_worker_type, seals):
+    """Sealed against growing or new writable mappings, the area cannot take
+    larger buffers: they go over the socket, and every value is right."""
+    with trio.fail_after(HANG_GUARD):
+        async with tpf.open_worker_context(worker_type=area_worker_type) as ctx:
+            lim = one_at_a_time()
+            assert await ctx.run_sync(h.total, np.ones(1 << 18), limiter=lim) == 1 << 18
+            assert await ctx.run_sync(h.seal_the_area, seals, limiter=lim) == "sealed"
+            assert await ctx.run_sync(h.total, np.ones(1 << 22), limiter=lim) == 1 << 22
+            assert (await ctx.run_sync(h.ones, 1 << 23, limiter=lim)).sum() == 1 << 23
+            assert await ctx.run_sync(h.total, np.ones(1 << 23), limiter=lim) == 1 << 23
+    assert ctx.statistics().retired == {}
+
+
 # --- 2. standard streams -----------------------------------------------------------
 
 
