@@ -141,15 +141,15 @@ async def test_a_job_that_puts_a_file_on_its_areas_fd_never_gets_wrong_data(area
         async with tpf.open_worker_context(worker_type=area_worker_type) as ctx:
             lim = one_at_a_time()
             assert await ctx.run_sync(h.total, np.ones(1 << 18), limiter=lim) == 1 << 18  # the area exists
-            assert await ctx.run_sync(h.swap_the_area_for_a_file, str(tmp_path / "file"), 64 << 20, limiter=lim)
+            assert await ctx.run_sync(h.swap_the_area_for_a_file, str(tmp_path / "file"), 16 << 20, limiter=lim)
             # Larger than anything the area held: the worker must map it again.
             with pytest.raises(tpf.BrokenWorkerError, match="died with exit code 1"):
                 if what == "arguments":
-                    await ctx.run_sync(h.total, np.ones(1 << 22), limiter=lim)
+                    await ctx.run_sync(h.total, np.ones(1 << 20), limiter=lim)
                 else:
-                    await ctx.run_sync(h.ones, 1 << 22, limiter=lim)
-            assert await ctx.run_sync(h.total, np.ones(1 << 22), limiter=lim) == 1 << 22
-            assert (await ctx.run_sync(h.ones, 1 << 22, limiter=lim)).sum() == 1 << 22
+                    await ctx.run_sync(h.ones, 1 << 20, limiter=lim)
+            assert await ctx.run_sync(h.total, np.ones(1 << 20), limiter=lim) == 1 << 20
+            assert (await ctx.run_sync(h.ones, 1 << 20, limiter=lim)).sum() == 1 << 20
     assert ctx.statistics().retired == {"died": 1}
 
 
@@ -193,9 +193,9 @@ async def test_a_job_that_seals_its_area_gets_right_values_through_the_socket(ar
             lim = one_at_a_time()
             assert await ctx.run_sync(h.total, np.ones(1 << 18), limiter=lim) == 1 << 18
             assert await ctx.run_sync(h.seal_the_area, seals, limiter=lim) == "sealed"
-            assert await ctx.run_sync(h.total, np.ones(1 << 22), limiter=lim) == 1 << 22
-            assert (await ctx.run_sync(h.ones, 1 << 23, limiter=lim)).sum() == 1 << 23
-            assert await ctx.run_sync(h.total, np.ones(1 << 23), limiter=lim) == 1 << 23
+            assert await ctx.run_sync(h.total, np.ones(1 << 20), limiter=lim) == 1 << 20
+            assert (await ctx.run_sync(h.ones, 1 << 21, limiter=lim)).sum() == 1 << 21
+            assert await ctx.run_sync(h.total, np.ones(1 << 21), limiter=lim) == 1 << 21
     assert ctx.statistics().retired == {}
 
 
