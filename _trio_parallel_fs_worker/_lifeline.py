@@ -106,11 +106,14 @@ def die_with_parent(expected_parent: int) -> None:
 
 def flush_std_streams() -> None:
     # Workers leave by os._exit, which skips the flush that print() relies on.
+    # A job may have put anything in sys.stdout: whatever its flush raises
+    # must not stop the os._exit that follows (a forked worker would go on
+    # running the template's code, and kill its siblings as the template does).
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
                 stream.flush()
-        except (OSError, ValueError):
+        except BaseException:  # noqa: BLE001, S110 - leaving regardless
             pass
 
 

@@ -292,6 +292,11 @@ class SharedArea:
     def __init__(self, fd: int, cap: int, prefault: str = DEFAULT_PREFAULT) -> None:
         _check_settings(cap, prefault)
         self._fd = fd
+        # Which file the fd is: a job may close it and open another file on its
+        # number, and a worker that mapped or grew that file would read wrong
+        # arguments or lose its results silently (see ``_check_same_file``).
+        found = os.fstat(fd)
+        self._file_id = (found.st_dev, found.st_ino)
         self.cap = cap
         self._creator = False  # the parent's end (create), which places arguments and lends results
         self._prefault = prefault
@@ -814,13 +819,15 @@ class SharedArea:
         """Map at least ``needed`` bytes; as the writer, extend the area first."""
         if needed <= self._size:
             return
+        found = os.fstat(self._fd)
+        self._check_same_file(found)
         if writer:
             new_size = min(self.cap, max(-(-needed // _GROWTH_STEP) * _GROWTH_STEP, self._size + self._size // 2))
-            if os.fstat(self._fd).st_size < new_size:
+            if found.st_size < new_size:
                 os.ftruncate(self._fd, new_size)
         else:
             new_size = needed
-            file_size = os.fstat(self._fd).st_size
+            file_size = found.st_size
             if file_size < new_size:
                 # Mapping past the end of the file would be SIGBUS at the first access.
                 raise DescriptorError(
@@ -828,6 +835,15 @@ class SharedArea:
                     "was it given another area's descriptor?"
                 )
         self._map_again(new_size)
+
+    def _check_same_file(self, found: os.stat_result) -> None:
+        """Raise DescriptorError (not an OSError: nothing may fall back to
+        reading or writing this fd) if the area's fd is another file now."""
+        if (found.st_dev, found.st_ino) != self._file_id:
+            raise DescriptorError(
+                f"the shared memory area's file descriptor {self._fd} in process {os.getpid()} is another "
+                "file now: a job closed it (os.closerange?) and opened something on its number"
+            )
 
     def _map_again(self, size: int) -> None:
         flags = mmap.MAP_SHARED

@@ -382,8 +382,11 @@ class Template:
 
             traceback.print_exc()
         finally:
-            flush_std_streams()
-            os._exit(code)
+            # Never return into the template's code: this is its fork.
+            try:
+                flush_std_streams()
+            finally:
+                os._exit(code)
 
     # --- reaping and killing ----------------------------------------------
 

@@ -326,8 +326,14 @@ class RetirePolicy:
         if self.jobs_left <= 0:
             return p.Retire.MAX_JOBS, None
         if self.memory is not None:
-            exclude = 0 if area is None else area.counted_bytes(self.memory.metric)
-            if self.memory.exceeded(exclude):
+            try:
+                exclude = 0 if area is None else area.counted_bytes(self.memory.metric)
+                exceeded = self.memory.exceeded(exclude)
+            except OSError:
+                # It cannot measure itself (its job lowered RLIMIT_NOFILE, say):
+                # the job's result goes back, and the worker leaves.
+                exceeded = True
+            if exceeded:
                 return p.Retire.MEMORY, None
         return p.KEEP, None
 
@@ -484,6 +490,8 @@ def serve_then_leave(fd: int) -> NoReturn:
     except BaseException:  # noqa: BLE001 - report anything, then leave
         traceback.print_exc()
     finally:
-        step_aside()
-        flush_std_streams()
-        os._exit(code)
+        try:
+            step_aside()
+            flush_std_streams()
+        finally:
+            os._exit(code)  # whatever the job left in their way

@@ -291,7 +291,15 @@ def safe_str(exc: BaseException) -> str:
 
 def encode_error(exc: BaseException) -> bytes:
     """Pickle an exception, its chain and its formatted traceback, whatever they hold."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException as why:  # noqa: BLE001 - e.g. an attribute that raises when read
+        # Without its text the exception itself may still travel; its frames at least do.
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        text = (
+            f"Traceback (most recent call last):\n{frames}{type(exc).__module__}.{type(exc).__qualname__}: "
+            f"{safe_str(exc)} (its full traceback could not be formatted: {type(why).__name__}: {safe_str(why)})\n"
+        )
     try:
         return pickle.dumps((_round_trip(exc), _chain(exc), text))
     except BaseException as why:  # noqa: BLE001 - anything the pickle machinery raises

@@ -21,6 +21,7 @@ import ctypes
 import functools
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -217,32 +218,50 @@ async def test_idle_worker_killed_from_outside_does_not_fail_the_next_call(worke
             assert await ctx.run_sync(workerfns.pid) != victim
 
 
-def pipe_inodes(pid: int | str) -> dict[str, int]:
-    """The pipes among ``pid``'s open fds: {"pipe:[inode]": fd}."""
-    found = {}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("pipe:"):
-            found[target] = int(fd)
-    return found
+class StatusWriterCopies:
+    """Copies of the write end of each worker's status channel the parent
+    makes while this watches (the socketpair whose two ends it detaches),
+    taken before the parent closes its own: a second writer, as a child the
+    template forks at that instant holds one. (A socket cannot be opened
+    again through /proc, so the copy is taken as it is made.)"""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._made: list[tuple[socket.socket, socket.socket, int]] = []
+        real = socket.socketpair
+
+        def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+            pair = real(*args, **kwargs)
+            self._made.append((*pair, os.dup(pair[1].fileno())))
+            return pair
+
+        monkeypatch.setattr(socket, "socketpair", recording)
+
+    def status_writers(self) -> list[int]:
+        """The copies of status channels' write ends; the others are closed.
+        Every other pair keeps an end open here (a channel, the control
+        socket); a status channel's two ends are both detached."""
+        kept = []
+        for ours, theirs, copy in self._made:
+            if ours.fileno() == -1 and theirs.fileno() == -1:
+                kept.append(copy)
+            else:
+                os.close(copy)
+        self._made.clear()
+        return kept
 
 
-async def test_an_exit_report_without_eof_still_marks_an_idle_worker_dead():
+async def test_an_exit_report_without_eof_still_marks_an_idle_worker_dead(monkeypatch):
     """Seen for real in test_idle_worker_killed_from_outside_does_not_fail_the_next_call
     (about 1 run in 3 without its pause, before the fix): the report had
     arrived, the EOF not yet.
     Made deterministic here by holding a second writer on the worker's status
-    pipe, opened through /proc, as a child forked by the template would."""
+    channel, as a child forked by the template would."""
     async with tpf.open_worker_context() as ctx:
+        watch = StatusWriterCopies(monkeypatch)
         victim = await ctx.run_sync(workerfns.pid)
-        template_pid = ctx.statistics().template_pid
-        shared = set(pipe_inodes("self")) & set(pipe_inodes(template_pid))
-        assert len(shared) == 1, shared  # the one worker's status pipe
-        (pipe,) = shared
-        extra_writer = [os.open(f"/proc/{template_pid}/fd/{pipe_inodes(template_pid)[pipe]}", os.O_WRONLY)]
+        monkeypatch.undo()
+        extra_writer = watch.status_writers()
+        assert len(extra_writer) == 1, extra_writer  # the one worker's status channel
 
         def let_go():
             if extra_writer:

@@ -177,6 +177,13 @@ def broken_worker_error(
             "its workers with it. The next call starts a new template.",
             **fields,
         )
+    if info.channel_closed:
+        return BrokenWorkerError(
+            f"{who} closed its channel to this process while running {function}, and went on "
+            "running, so it was killed. Did the job close file descriptors it did not open "
+            "(os.closerange, os.dup2 over them)?",
+            **fields,
+        )
     hint = _HINTS.get(signal_name(info.exitcode) or "", "")
     doing = f"running its init hook, before {function}" if in_init else f"running {function}"
     return BrokenWorkerError(

@@ -30,6 +30,7 @@ class ExitInfo:
     ceiling_used: int | None = None  # set if it was killed at the memory ceiling
     fork_errno: int | None = None  # set if the template could not fork it
     unresponsive: float | None = None  # set (seconds) if its template stopped answering
+    channel_closed: bool = False  # set if it was killed for living on after its channel closed
 
 
 class WorkerProcess(Protocol):

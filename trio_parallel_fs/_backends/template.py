@@ -100,7 +100,11 @@ class TemplateProcess:
     def fork(self) -> tuple[socket.socket, ForkedWorker]:
         """Ask for a worker; its pid and exit status will arrive on its status pipe."""
         ours, theirs = socket.socketpair()
-        status_r, status_w = os.pipe()
+        # The "status pipe" is a socketpair: any process of this user (a job
+        # of a sibling worker, through /proc/<template>/fd) can open a pipe
+        # again and write to it, and a forged exit report would fail this
+        # worker's call. A socket cannot be opened that way.
+        status_r, status_w = (end.detach() for end in socket.socketpair())
         try:
             # The status pipe first: out of fds, the template receives only the
             # first, and can still say why it fails the request.

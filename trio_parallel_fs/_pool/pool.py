@@ -476,6 +476,13 @@ class WorkerPool:
             with _loops.move_on_after(ANSWER_TIMEOUT):
                 info = await worker.process.wait()
             if not worker.process.has_exited():
+                # Its channel closed, yet it lives on: its job closed the
+                # channel's fd (os.closerange) and runs on. Kill it alone;
+                # give up on its template only if that is not answered.
+                worker.process.kill()
+                with _loops.move_on_after(ANSWER_TIMEOUT):
+                    info = attrs.evolve(await worker.process.wait(), channel_closed=True)
+            if not worker.process.has_exited():
                 info = worker.process.give_up()
             # A worker that exits while data of ours waits unread in its socket
             # resets the connection, and on Windows the reset drops what it sent
@@ -531,6 +538,8 @@ class WorkerPool:
             return outcome.Error(decode_error(event.payload))
         try:
             return outcome.Value(loads_value(event.pickled, event.buffers))
+        except KeyboardInterrupt:
+            raise  # Ctrl-C landed while unpickling (or the result says so): not the result's failure
         except BaseException as exc:  # noqa: BLE001
             return outcome.Error(unpicklable_result_error(describe(fn), exc))
 
