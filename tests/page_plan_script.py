@@ -143,10 +143,10 @@ if mode == "apply":
 
     result["busy_worker"] = in_child(lambda: entry(message_waits))
     # Whether a CPU is idle is the machine's business: each case says it.
-    pf._cpu_to_spare = lambda: True
+    pf.cpu_to_spare = lambda: True
     result["idle_worker"] = in_child(lambda: entry(no_message))
     waits.clear()
-    pf._cpu_to_spare = every_cpu_busy
+    pf.cpu_to_spare = every_cpu_busy
     result["busy_machine"] = in_child(lambda: {**entry(no_message), "looks": len(looks)})
     # Five children forked with this plan so far. Until RELEARN_AFTER were,
     # none is asked to learn; then one, and not the next (one at a time),
