@@ -517,19 +517,25 @@ def open_book() -> PlanOwner | None:
     return _owner
 
 
-def apply_plan_while_idle(input_within: Callable[[float], bool], remapped: bool = True) -> int:
+def apply_plan_while_idle(input_within: Callable[[float], bool], remapped: bool = True, *, spare: bool = False) -> int:
     """In a worker before its first job: if no message comes for
     ``IDLE_FIRST_MS``, apply the plan until one does. ``input_within(ms)``
     waits that long for a message and says whether one waits; ``remapped``:
     whether user code (an init hook) ran since the fork (see `apply`).
     Returns the bytes applied (0 without a plan, or where plans do not work).
-    The plan's fd is closed either way: no job sees it."""
+    The plan's fd is closed either way: no job sees it.
+
+    In a spare (``spare``), waiting for the channel that makes it a worker
+    (``input_within`` looks for that): a spare is forked when a CPU is idle,
+    and the worker it becomes in a burst of calls may have no idle moment
+    left. A plan the spare did not apply (a channel came first, or every CPU
+    stayed busy) is kept for the worker, which may have its moment."""
     global _inherited
     inherited = _inherited
     if inherited is None or inherited.plan_fd is None:
         return 0
     fd = inherited.plan_fd
-    _inherited = inherited._replace(plan_fd=None)
+    applied = 0
     try:
         # Wait for a moment without a message, then for a CPU to be idle:
         # right after a worker is prepared, its predecessor's exit and the
@@ -550,12 +556,15 @@ def apply_plan_while_idle(input_within: Callable[[float], bool], remapped: bool 
             plan = read_plan(fd)
             if plan is None:
                 return 0
-            return apply(plan, inherited.mappings, lambda: input_within(0), remapped=remapped)
+            applied = apply(plan, inherited.mappings, lambda: input_within(0), remapped=remapped)
         except Exception:  # noqa: BLE001 - no prefault, never a dead worker
             return 0
+        return applied
     finally:
-        with contextlib.suppress(OSError):  # an init hook may have closed it
-            os.close(fd)
+        if applied or not spare:
+            _inherited = inherited._replace(plan_fd=None)
+            with contextlib.suppress(OSError):  # an init hook may have closed it
+                os.close(fd)
 
 
 def cpu_to_spare(loadavg_path: str = "/proc/loadavg") -> bool:

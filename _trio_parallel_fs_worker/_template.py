@@ -84,9 +84,9 @@ from ._lifeline import (
     set_process_name,
 )
 from ._memory import exceeds
-from ._page_plan import PlanOwner, cpu_to_spare, open_book
+from ._page_plan import PlanOwner, apply_plan_while_idle, cpu_to_spare, open_book
 from ._settings import TemplateSettings, WorkerSettings
-from ._spin import busy_waits_pay
+from ._spin import busy_waits_pay, input_poller
 from ._worker import execute, serve_then_leave
 from .codec import dumps_job, encode_error
 
@@ -414,6 +414,12 @@ class Template:
             if handoff is not None:
                 set_process_name(b"tpf-spare")
                 rehearse(self.rehearsal)
+                # Take the page plan's faults (those of the jobs the last
+                # workers ran) now, while no channel has come: a spare is
+                # forked when a CPU is idle, and the worker it becomes in a
+                # burst would have no idle moment left to do it.
+                handed = input_poller(handoff)
+                apply_plan_while_idle(lambda ms: bool(handed(ms)), remapped=False, spare=True)
                 channel_fd = receive_channel(handoff)
                 if channel_fd is None:
                     code = 0  # the template shut down before using us

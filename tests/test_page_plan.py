@@ -89,6 +89,18 @@ def test_a_worker_applies_the_plan_only_after_waiting_a_moment_for_no_message():
     assert busy["looks"] == 1 + retries
 
 
+def test_a_spare_applies_the_plan_while_idle_or_leaves_it_to_its_worker():
+    found = run_script("apply")
+    # Handed a channel at once: the plan stays for the worker, which applies it.
+    handed = found["spare_handed_at_once"]
+    assert handed["spare"] == 0 and handed["kept"]
+    assert handed["worker"] >= 16 * _page_plan.PAGE and handed["closed"]
+    # Idle: the spare applied it, and the worker neither waits nor applies again.
+    idle = found["idle_spare"]
+    assert idle["spare"] >= 16 * _page_plan.PAGE and not idle["kept"]
+    assert idle["worker"] == 0 and idle["worker_waits"] == [] and idle["closed"]
+
+
 @pytest.mark.parametrize(("beyond_cpus", "idle"), [(None, True), (-1, True), (0, False), (3, False)])
 def test_a_cpu_is_idle_while_fewer_other_tasks_than_cpus_are_runnable(tmp_path, monkeypatch, beyond_cpus, idle):
     """``beyond_cpus``: how many more tasks than the host's CPUs run beside us (None: none at all)."""
