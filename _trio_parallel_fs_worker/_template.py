@@ -72,6 +72,7 @@ import sys
 import threading
 import time
 from collections import deque
+from typing import NamedTuple
 
 from . import protocol as p
 from ._lifeline import (
@@ -85,9 +86,9 @@ from ._lifeline import (
 )
 from ._memory import exceeds
 from ._page_plan import PlanOwner, apply_plan_while_idle, cpu_to_spare, open_book
-from ._settings import TemplateSettings, WorkerSettings
+from ._settings import TemplateSettings, WorkerHooks, WorkerSettings
 from ._spin import busy_waits_pay, input_poller
-from ._worker import execute, serve_then_leave
+from ._worker import Inbox, RetirePolicy, execute, load_settings, serve_then_leave
 from .codec import dumps_job, encode_error
 
 _MAX_FDS_PER_READ = 64
@@ -158,28 +159,46 @@ def receive_channel(handoff: socket.socket) -> int | None:
     return None
 
 
-def rehearsal_jobs() -> tuple[bytes, ...]:
-    """The jobs a spare rehearses (see rehearse), pickled once in the
-    template: pickling a function by value costs a millisecond of cloudpickle
-    that each spare would otherwise pay again."""
+class Rehearsal(NamedTuple):
+    """What a spare rehearses (see `rehearse`), pickled once in the template:
+    pickling a function by value costs a millisecond of cloudpickle that each
+    spare would otherwise pay again."""
+
+    hooks: bytes  # WorkerHooks as a parent sends them, with the defaults' callables
+    jobs: tuple[bytes, ...]
+
+
+def rehearsal() -> Rehearsal:
     by_value, _ = dumps_job(lambda n: [n] * 3, (7,))
-    return pickle.dumps((int, ("7",))), by_value
+    hooks = WorkerHooks(600.0, bool, bool, 1, 0, None, "uss", 0.0)
+    return Rehearsal(pickle.dumps(hooks), (pickle.dumps((int, ("7",))), by_value))
 
 
-def rehearse(jobs: tuple[bytes, ...]) -> None:
+def rehearse(rehearsal: Rehearsal) -> None:
     """As the spare, run dummy jobs through the worker's code paths while
     nobody waits: the copy-on-write faults that a first job triggers (refcount
     writes to the template's objects) are paid now instead of on the caller's
-    time. Two jobs (`rehearsal_jobs`): one by reference (plain pickle), one by
-    value with a result that needs cloudpickle, the path of functions from
-    ``__main__``; through the Connection both ends use, as a worker's first
-    job goes."""
-    parent, worker = p.Connection(p.PARENT), p.Connection(p.WORKER)
-    worker.next_event_from(b"".join(parent.send(p.Config(WorkerSettings(os.getcwd(), None, (), None, b"")))))
-    for pickled in jobs:
-        job = worker.next_event_from(b"".join(bytes(part) for part in parent.send(p.Job(pickled))))
-        assert isinstance(job, p.Job)
-        worker.send(execute(job))
+    time. The settings, then two jobs: one by reference (plain pickle), one
+    by value with a result that needs cloudpickle, the path of functions from
+    ``__main__``; through a socket, the Inbox and the Connection both ends
+    use, as a worker's first job goes (`serve` itself would take the page
+    plan and a learner's lesson socket with it)."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        parent, worker = p.Connection(p.PARENT), p.Connection(p.WORKER)
+        inbox = Inbox(theirs, worker)
+        events: list[p.Event] = [p.Config(WorkerSettings(os.getcwd(), None, (), None, rehearsal.hooks))]
+        events.extend(p.Job(pickled) for pickled in rehearsal.jobs)
+        for event in events:
+            ours.sendall(b"".join(bytes(part) for part in parent.send(event)))
+            received = inbox.next_event()
+            if isinstance(received, p.Config):
+                assert isinstance(received.settings, WorkerSettings)
+                RetirePolicy(load_settings(received.settings))
+            else:
+                assert isinstance(received, p.Job)
+                for part in worker.send(execute(received)):
+                    theirs.sendall(part)  # small: the socket's buffer holds it
     encode_error(ValueError("rehearsal"))
 
 
@@ -248,7 +267,7 @@ class Template:
         self.buffer = b""  # a partial control record, if any
         self.spares: deque[tuple[int, socket.socket]] = deque()  # (pid, our end of its handoff), oldest first
         self.spare_target = 0  # how many spares to keep: none until someone asked for a worker
-        self.rehearsal = rehearsal_jobs()
+        self.rehearsal = rehearsal()
         self.refill_at: float | None = None  # when to look at forking the next spare
         self.missing_since: float | None = None  # since when a spare has been missing
         self.refill_retry = _SPARE_RETRY_FIRST  # the wait after the next failed refill
@@ -413,7 +432,10 @@ class Template:
             reseed_numpy()
             if handoff is not None:
                 set_process_name(b"tpf-spare")
-                rehearse(self.rehearsal)
+                try:
+                    rehearse(self.rehearsal)
+                except Exception:  # noqa: BLE001 - e.g. the working directory is gone: the job pays its faults
+                    pass
                 # Take the page plan's faults (those of the jobs the last
                 # workers ran) now, while no channel has come: a spare is
                 # forked when a CPU is idle, and the worker it becomes in a

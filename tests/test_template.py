@@ -348,6 +348,7 @@ async def test_a_burst_of_single_use_workers_leaves_spares_for_the_next_one():
 
     async with tpf.open_worker_context(max_jobs=1) as ctx:
         template = psutil.Process(ctx.statistics().template_pid)
+        limiter = trio.CapacityLimiter(4)
 
         async def burst() -> list[int]:
             pids: list[int] = []
@@ -359,17 +360,20 @@ async def test_a_burst_of_single_use_workers_leaves_spares_for_the_next_one():
         def spares() -> set[int]:
             return {c.pid for c in template.children() if c.name() == "tpf-spare"}
 
-        limiter = trio.CapacityLimiter(4)
-        await burst()
-        # Four successors asked for at once, more than the one spare: the
-        # template keeps more (forked once the CPUs are idle), up to its cap.
-        with trio.fail_after(5):
-            while len(spares()) < 3:  # noqa: ASYNC110 - polling another process's children
-                await trio.sleep(0.01)
-        before = spares()
-        assert len(before) <= _template._MAX_SPARES
-        # The next burst's successors are those spares, handed a channel (no fork).
+        # Four successors asked for at once: those that find no spare make the
+        # template keep more (how many found one depends on how quickly the
+        # refills came), forked once the CPUs are idle, up to its cap.
+        seen: set[int] = set()
+        for _ in range(6):
+            await burst()
+            with trio.move_on_after(2):
+                while len(seen := spares()) < 2:  # noqa: ASYNC110 - polling another process's children
+                    await trio.sleep(0.01)
+            if len(seen) >= 2:
+                break
+        assert 2 <= len(seen) <= _template._MAX_SPARES, seen
+        # The next bursts' workers are those spares, handed a channel (no fork).
         second = await burst()
         third = await burst()
-        assert before & set(third), (before, second, third)
+        assert seen & {*second, *third}, (seen, second, third)
         assert await ctx.run_sync(workerfns.parent_pid) == template.pid
