@@ -94,7 +94,7 @@ from .codec import dumps_job, encode_error
 _MAX_FDS_PER_READ = 64
 _SPARE_REFILL_DELAY = 0.005
 # At most this many spares. Each holds the pages its start-up copied
-# (about 2 MB with numpy and scipy preloaded) for as long as it waits.
+# (about 3 MB USS with numpy and scipy preloaded) for as long as it waits.
 _MAX_SPARES = 8
 # A missing spare waits for an idle CPU (checked every _SPARE_REFILL_DELAY)
 # at most this long; then it is forked on a busy machine too.
