@@ -115,7 +115,7 @@ _RUNS_PER_LOOK = 32
 # message: one prepared just before a call would only delay it (a call
 # waiting for a worker sends its job right after the settings).
 IDLE_FIRST_MS = 2
-# Then it waits for a CPU to be idle (see _cpu_to_spare): it looks again
+# Then it waits for a CPU to be idle (see cpu_to_spare): it looks again
 # every _BUSY_RETRY_MS, and gives the plan up after _BUSY_GIVE_UP_MS.
 _BUSY_RETRY_MS = 5
 _BUSY_GIVE_UP_MS = 1000
@@ -517,19 +517,25 @@ def open_book() -> PlanOwner | None:
     return _owner
 
 
-def apply_plan_while_idle(input_within: Callable[[float], bool], remapped: bool = True) -> int:
+def apply_plan_while_idle(input_within: Callable[[float], bool], remapped: bool = True, *, spare: bool = False) -> int:
     """In a worker before its first job: if no message comes for
     ``IDLE_FIRST_MS``, apply the plan until one does. ``input_within(ms)``
     waits that long for a message and says whether one waits; ``remapped``:
     whether user code (an init hook) ran since the fork (see `apply`).
     Returns the bytes applied (0 without a plan, or where plans do not work).
-    The plan's fd is closed either way: no job sees it."""
+    The plan's fd is closed either way: no job sees it.
+
+    In a spare (``spare``), waiting for the channel that makes it a worker
+    (``input_within`` looks for that): a spare is forked when a CPU is idle,
+    and the worker it becomes in a burst of calls may have no idle moment
+    left. A plan the spare did not apply (a channel came first, or every CPU
+    stayed busy) is kept for the worker, which may have its moment."""
     global _inherited
     inherited = _inherited
     if inherited is None or inherited.plan_fd is None:
         return 0
     fd = inherited.plan_fd
-    _inherited = inherited._replace(plan_fd=None)
+    applied = 0
     try:
         # Wait for a moment without a message, then for a CPU to be idle:
         # right after a worker is prepared, its predecessor's exit and the
@@ -538,7 +544,7 @@ def apply_plan_while_idle(input_within: Callable[[float], bool], remapped: bool 
         while True:
             if input_within(wait):
                 return 0
-            if _cpu_to_spare():
+            if cpu_to_spare():
                 break
             waited += wait
             if waited >= _BUSY_GIVE_UP_MS:
@@ -550,28 +556,36 @@ def apply_plan_while_idle(input_within: Callable[[float], bool], remapped: bool 
             plan = read_plan(fd)
             if plan is None:
                 return 0
-            return apply(plan, inherited.mappings, lambda: input_within(0), remapped=remapped)
+            applied = apply(plan, inherited.mappings, lambda: input_within(0), remapped=remapped)
         except Exception:  # noqa: BLE001 - no prefault, never a dead worker
             return 0
+        return applied
     finally:
-        with contextlib.suppress(OSError):  # an init hook may have closed it
-            os.close(fd)
+        if applied or not spare:
+            _inherited = inherited._replace(plan_fd=None)
+            with contextlib.suppress(OSError):  # an init hook may have closed it
+                os.close(fd)
 
 
-def _cpu_to_spare(loadavg_path: str = "/proc/loadavg") -> bool:
-    """Whether a CPU is idle now, so that applying a plan takes no CPU time
-    from a job. A burst of calls on fresh workers keeps every CPU busy: there
-    a worker's plan would take the same faults its job takes anyway, at the
-    cost of other workers' forks, jobs and exits (measured: 2-3 ms of CPU per
-    worker). The fourth field of /proc/loadavg counts the runnable tasks, this
-    one included, at this instant."""
+def cpu_to_spare(loadavg_path: str = "/proc/loadavg") -> bool:
+    """Whether a CPU is idle now, so that work done ahead of demand (applying
+    a plan, forking a spare) takes no CPU time from a job. A burst of calls on
+    fresh workers keeps every CPU busy: there a worker's plan would take the
+    same faults its job takes anyway, at the cost of other workers' forks,
+    jobs and exits (measured: 2-3 ms of CPU per worker).
+
+    The fourth field of /proc/loadavg counts the runnable tasks of the whole
+    host, this one included, at this instant; it is compared with the host's
+    online CPUs, the same scope. Compared with the CPUs this process may use
+    (fewer under taskset or a cpuset), it called the machine busy whenever
+    the host's other CPUs were, and the plan was mostly not applied; here the
+    host's tasks count as spread over all its CPUs, ours among them."""
     try:
         with open(loadavg_path, "rb") as loadavg:
             runnable = int(loadavg.read().split()[3].split(b"/")[0])
-        cpus = len(os.sched_getaffinity(0))
-    except (OSError, ValueError, IndexError, AttributeError):
+    except (OSError, ValueError, IndexError):
         return True
-    return runnable - 1 < cpus
+    return runnable - 1 < (os.cpu_count() or 1)
 
 
 def learn_before_leaving() -> None:

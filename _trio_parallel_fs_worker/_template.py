@@ -20,14 +20,20 @@ other local user can ask the template for anything.
    On SIGCHLD it waits for them and writes ``EXITED <status>`` on each one's
    status pipe. KILL names a fork by its sequence number, and the template
    kills only workers it has not reaped, so a recycled pid is never hit.
-4. A *spare* worker is forked ahead of demand (after the first fork request,
-   and again each time one is used). It waits on a private socketpair; a FORK
-   hands it the worker's channel by SCM_RIGHTS instead of forking then, so a
-   fresh worker costs a sendmsg, not a fork. The template refills the spare
-   once the pending requests are handled. A spare that died is reaped like any
-   child and simply not used.
+4. *Spare* workers are forked ahead of demand (one after the first fork
+   request, and again each time one is used). Each waits on a private
+   socketpair; a FORK hands the oldest the worker's channel by SCM_RIGHTS
+   instead of forking then, so a fresh worker costs a sendmsg, not a fork.
+   A FORK_AHEAD request (the successor of a retiring worker, as with
+   ``max_jobs=1``) that finds no spare raises the number kept by one, up to
+   `_MAX_SPARES`: a burst of single-use workers then takes its successors
+   from spares instead of forking them while its jobs wait for the CPUs. The
+   template refills spares one at a time, each once a CPU is idle (or after
+   `_SPARE_BUSY_WAIT` of busy CPUs), so that the forks of a burst's
+   successors run after the burst rather than during it. A spare that died
+   is reaped like any child and simply not used.
 5. EOF on the control channel means the parent is gone or done: SIGKILL every
-   worker and the spare, reap them, exit. Workers also die with the template
+   worker and the spares, reap them, exit. Workers also die with the template
    (PR_SET_PDEATHSIG; the template is single-threaded, so the forking thread
    lives exactly as long as the template).
 6. A job's own processes: each worker leads its own process group, which the
@@ -66,6 +72,7 @@ import sys
 import threading
 import time
 from collections import deque
+from typing import NamedTuple
 
 from . import protocol as p
 from ._lifeline import (
@@ -78,14 +85,20 @@ from ._lifeline import (
     set_process_name,
 )
 from ._memory import exceeds
-from ._page_plan import PlanOwner, open_book
-from ._settings import TemplateSettings, WorkerSettings
-from ._spin import busy_waits_pay
-from ._worker import execute, serve_then_leave
+from ._page_plan import PlanOwner, apply_plan_while_idle, cpu_to_spare, open_book
+from ._settings import TemplateSettings, WorkerHooks, WorkerSettings
+from ._spin import busy_waits_pay, input_poller
+from ._worker import Inbox, RetirePolicy, execute, load_settings, serve_then_leave
 from .codec import dumps_job, encode_error
 
 _MAX_FDS_PER_READ = 64
 _SPARE_REFILL_DELAY = 0.005
+# At most this many spares. Each holds the pages its start-up copied
+# (about 3 MB USS with numpy and scipy preloaded) for as long as it waits.
+_MAX_SPARES = 8
+# A missing spare waits for an idle CPU (checked every _SPARE_REFILL_DELAY)
+# at most this long; then it is forked on a busy machine too.
+_SPARE_BUSY_WAIT = 0.1
 # waitid(WNOWAIT) sees an exit without reaping it (Linux; macOS from Python 3.13).
 _HAS_WAITID = hasattr(os, "waitid") and hasattr(os, "WNOWAIT")
 # After a failed refill (out of fds or processes): try again after this, doubling up to the cap.
@@ -146,28 +159,46 @@ def receive_channel(handoff: socket.socket) -> int | None:
     return None
 
 
-def rehearsal_jobs() -> tuple[bytes, ...]:
-    """The jobs a spare rehearses (see rehearse), pickled once in the
-    template: pickling a function by value costs a millisecond of cloudpickle
-    that each spare would otherwise pay again."""
+class Rehearsal(NamedTuple):
+    """What a spare rehearses (see `rehearse`), pickled once in the template:
+    pickling a function by value costs a millisecond of cloudpickle that each
+    spare would otherwise pay again."""
+
+    hooks: bytes  # WorkerHooks as a parent sends them, with the defaults' callables
+    jobs: tuple[bytes, ...]
+
+
+def rehearsal() -> Rehearsal:
     by_value, _ = dumps_job(lambda n: [n] * 3, (7,))
-    return pickle.dumps((int, ("7",))), by_value
+    hooks = WorkerHooks(600.0, bool, bool, 1, 0, None, "uss", 0.0)
+    return Rehearsal(pickle.dumps(hooks), (pickle.dumps((int, ("7",))), by_value))
 
 
-def rehearse(jobs: tuple[bytes, ...]) -> None:
+def rehearse(rehearsal: Rehearsal) -> None:
     """As the spare, run dummy jobs through the worker's code paths while
     nobody waits: the copy-on-write faults that a first job triggers (refcount
     writes to the template's objects) are paid now instead of on the caller's
-    time. Two jobs (`rehearsal_jobs`): one by reference (plain pickle), one by
-    value with a result that needs cloudpickle, the path of functions from
-    ``__main__``; through the Connection both ends use, as a worker's first
-    job goes."""
-    parent, worker = p.Connection(p.PARENT), p.Connection(p.WORKER)
-    worker.next_event_from(b"".join(parent.send(p.Config(WorkerSettings(os.getcwd(), None, (), None, b"")))))
-    for pickled in jobs:
-        job = worker.next_event_from(b"".join(bytes(part) for part in parent.send(p.Job(pickled))))
-        assert isinstance(job, p.Job)
-        worker.send(execute(job))
+    time. The settings, then two jobs: one by reference (plain pickle), one
+    by value with a result that needs cloudpickle, the path of functions from
+    ``__main__``; through a socket, the Inbox and the Connection both ends
+    use, as a worker's first job goes (`serve` itself would take the page
+    plan and a learner's lesson socket with it)."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        parent, worker = p.Connection(p.PARENT), p.Connection(p.WORKER)
+        inbox = Inbox(theirs, worker)
+        events: list[p.Event] = [p.Config(WorkerSettings(os.getcwd(), None, (), None, rehearsal.hooks))]
+        events.extend(p.Job(pickled) for pickled in rehearsal.jobs)
+        for event in events:
+            ours.sendall(b"".join(bytes(part) for part in parent.send(event)))
+            received = inbox.next_event()
+            if isinstance(received, p.Config):
+                assert isinstance(received.settings, WorkerSettings)
+                RetirePolicy(load_settings(received.settings))
+            else:
+                assert isinstance(received, p.Job)
+                for part in worker.send(execute(received)):
+                    theirs.sendall(part)  # small: the socket's buffer holds it
     encode_error(ValueError("rehearsal"))
 
 
@@ -188,6 +219,13 @@ def reseed_numpy() -> None:
         numpy = sys.modules["numpy"]
         key = numpy.frombuffer(os.urandom(624 * 4), dtype=numpy.uint32)
         numpy_random.set_state(("MT19937", key, 624, 0, 0.0))  # 624: regenerate before the first draw
+
+
+def spares_wanted(kept: int, ahead: bool) -> int:
+    """How many spares to keep after a fork request found none, ``kept``
+    before: one from the first request on, and one more for each successor
+    prepared ahead (``ahead``) that had to be forked, up to `_MAX_SPARES`."""
+    return min(_MAX_SPARES, kept + 1 if ahead else max(kept, 1))
 
 
 def lead_own_group(pid: int) -> None:
@@ -227,10 +265,11 @@ class Template:
         # for a worker whose RSS is above the ceiling.
         self.ceiling_interval = settings.ceiling_interval
         self.buffer = b""  # a partial control record, if any
-        self.spare: tuple[int, socket.socket] | None = None  # (pid, our end of its handoff)
-        self.rehearsal = rehearsal_jobs()
-        self.want_spare = False  # no spare until someone asked for a worker
-        self.refill_at: float | None = None  # when to fork the next spare
+        self.spares: deque[tuple[int, socket.socket]] = deque()  # (pid, our end of its handoff), oldest first
+        self.spare_target = 0  # how many spares to keep: none until someone asked for a worker
+        self.rehearsal = rehearsal()
+        self.refill_at: float | None = None  # when to look at forking the next spare
+        self.missing_since: float | None = None  # since when a spare has been missing
         self.refill_retry = _SPARE_RETRY_FIRST  # the wait after the next failed refill
         self.selector: selectors.BaseSelector | None = None
         self.wake_r, self.wake_w = os.pipe()
@@ -247,12 +286,12 @@ class Template:
 
     # --- fork -------------------------------------------------------------
 
-    def fork(self, channel_fd: int, status_fd: int) -> None:
+    def fork(self, channel_fd: int, status_fd: int, ahead: bool = False) -> None:
         seq = self.next_seq
         self.next_seq += 1
-        self.want_spare = True
         pid = self.hand_to_spare(channel_fd)
         if pid is None:
+            self.spare_target = spares_wanted(self.spare_target, ahead)
             try:
                 pid, lesson = self.fork_child()
             except OSError as exc:  # EAGAIN, ENOMEM: this request fails, nothing else
@@ -291,21 +330,21 @@ class Template:
             os.close(channel_fd)
 
     def hand_to_spare(self, channel_fd: int) -> int | None:
-        """Give the channel to the spare; its pid, or None if there is no spare."""
-        spare, self.spare = self.spare, None
-        if spare is None:
-            return None
-        pid, handoff = spare
-        try:
-            fds = array.array("i", [channel_fd]).tobytes()
-            handoff.sendmsg([b"W"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        except OSError:
-            # It died and is not reaped yet, so its pid is still ours to kill.
-            kill_with_group(pid)
-            return None
-        finally:
-            handoff.close()
-        return pid
+        """Give the channel to the oldest spare (the longest prepared); its
+        pid, or None if there is no spare."""
+        fds = array.array("i", [channel_fd]).tobytes()
+        while self.spares:
+            pid, handoff = self.spares.popleft()
+            try:
+                handoff.sendmsg([b"W"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            except OSError:
+                # It died and is not reaped yet, so its pid is still ours to kill.
+                kill_with_group(pid)
+                continue
+            finally:
+                handoff.close()
+            return pid
+        return None
 
     def fork_spare(self) -> None:
         try:
@@ -325,7 +364,7 @@ class Template:
             self.become_worker(None, None, handoff=theirs, lesson=lesson)
         lead_own_group(pid)
         theirs.close()
-        self.spare = (pid, ours)
+        self.spares.append((pid, ours))
         self.refill_retry = _SPARE_RETRY_FIRST
 
     def retry_spare_later(self) -> None:
@@ -333,6 +372,30 @@ class Template:
         their own if that fails too)."""
         self.refill_at = time.monotonic() + self.refill_retry
         self.refill_retry = min(self.refill_retry * 2, _SPARE_RETRY_CAP)
+
+    def refill_soon(self) -> None:
+        """Look at forking a spare shortly, if one is missing and no look is due."""
+        if len(self.spares) < self.spare_target and self.refill_at is None:
+            self.refill_at = time.monotonic() + _SPARE_REFILL_DELAY
+
+    def refill(self) -> None:
+        """Fork one missing spare if a CPU is idle (a fork costs milliseconds
+        of the template's CPU, and the spare's start-up as much again: on a
+        busy machine that is taken from jobs, in a burst from the very jobs
+        the spares are for), or if spares have been missing for
+        `_SPARE_BUSY_WAIT` (the machine stays busy: spares are still worth
+        having, and come one per look from then on); then look again soon
+        while another is missing."""
+        self.refill_at = None
+        if len(self.spares) >= self.spare_target:
+            self.missing_since = None
+            return
+        now = time.monotonic()
+        if self.missing_since is None:
+            self.missing_since = now
+        if cpu_to_spare() or now - self.missing_since >= _SPARE_BUSY_WAIT:
+            self.fork_spare()  # on failure it sets refill_at itself
+        self.refill_soon()
 
     def become_worker(
         self,
@@ -360,8 +423,8 @@ class Template:
                 os.close(own_status_fd)
             for _, status_fd in self.workers.values():
                 os.close(status_fd)
-            if self.spare is not None:
-                self.spare[1].close()
+            for _, spare_handoff in self.spares:
+                spare_handoff.close()
             if self.book is not None:  # keeps the plan's fd, and ``lesson`` if any
                 self.book.in_child(lesson)
             die_with_parent(self.pid)
@@ -369,7 +432,16 @@ class Template:
             reseed_numpy()
             if handoff is not None:
                 set_process_name(b"tpf-spare")
-                rehearse(self.rehearsal)
+                try:
+                    rehearse(self.rehearsal)
+                except Exception:  # noqa: BLE001 - e.g. the working directory is gone: the job pays its faults
+                    pass
+                # Take the page plan's faults (those of the jobs the last
+                # workers ran) now, while no channel has come: a spare is
+                # forked when a CPU is idle, and the worker it becomes in a
+                # burst would have no idle moment left to do it.
+                handed = input_poller(handoff)
+                apply_plan_while_idle(lambda ms: bool(handed(ms)), remapped=False, spare=True)
                 channel_fd = receive_channel(handoff)
                 if channel_fd is None:
                     code = 0  # the template shut down before using us
@@ -416,12 +488,13 @@ class Template:
     def forget(self, pid: int, status: int) -> None:
         if self.book is not None:
             self.book.exited(pid)
-        if self.spare is not None and self.spare[0] == pid:
-            # The spare died before it was used (killed from outside).
-            self.spare[1].close()
-            self.spare = None
-            self.refill_at = time.monotonic() + _SPARE_REFILL_DELAY
-            return
+        for spare in self.spares:
+            if spare[0] == pid:
+                # A spare died before it was used (killed from outside).
+                spare[1].close()
+                self.spares.remove(spare)
+                self.refill_soon()
+                return
         seq = self.seq_of_pid.pop(pid, None)
         if seq is None:
             return  # a child of a preloaded module, not a worker
@@ -448,9 +521,9 @@ class Template:
     def shutdown(self) -> None:
         for pid, _ in self.workers.values():
             kill_with_group(pid)
-        if self.spare is not None:
-            kill_with_group(self.spare[0])
-        while self.workers or self.spare is not None:
+        for pid, _ in self.spares:
+            kill_with_group(pid)
+        while self.workers or self.spares:
             pid, status = os.waitpid(-1, 0)
             self.forget(pid, status)
         self.kill_adopted()
@@ -498,7 +571,7 @@ class Template:
                     # when the kernel can deliver only one.
                     status_fd = self.pending_fds.popleft()
                     channel_fd = self.pending_fds.popleft()
-                    self.fork(channel_fd, status_fd)
+                    self.fork(channel_fd, status_fd, ahead=value == p.FORK_AHEAD)
                 else:
                     # Its fds did not all arrive: fail it on its status pipe, if that came.
                     self.next_seq += 1
@@ -506,11 +579,10 @@ class Template:
                     self.fail_request(None, status, errno.EMFILE)
             elif command == p.KILL:
                 self.kill(value)
-        if self.want_spare and self.spare is None and self.refill_at is None:
-            # Not right away: the worker just handed a channel is waking up,
-            # likely on this CPU, and a fork now (milliseconds of page-table
-            # copying) would make it wait. Refill once things are quiet.
-            self.refill_at = time.monotonic() + _SPARE_REFILL_DELAY
+        # Not right away: the worker just handed a channel is waking up,
+        # likely on this CPU, and a fork now (milliseconds of page-table
+        # copying) would make it wait. Refill once things are quiet.
+        self.refill_soon()
         return True
 
     def run(self) -> None:
@@ -545,9 +617,7 @@ class Template:
                             pass
                 self.reap()
                 if self.refill_at is not None and time.monotonic() >= self.refill_at:
-                    self.refill_at = None
-                    if self.spare is None:
-                        self.fork_spare()
+                    self.refill()
                 if self.ceiling is not None and time.monotonic() >= next_check:
                     self.enforce_ceiling()
                     next_check = time.monotonic() + self.ceiling_interval

@@ -4,6 +4,7 @@ Run from the repository root::
 
     python -m bench.burst_bench                 # 8 jobs, 15 rounds
     python -m bench.burst_bench --jobs 8 --rounds 25
+    python -m bench.burst_bench --gap 0         # bursts back to back
 
 Each round, in a shuffled order: ``burst``, ``--jobs`` concurrent calls of
 ``bench.jobs.numpy_scipy_job`` in a forkserver context with ``max_jobs=1``
@@ -11,8 +12,12 @@ Each round, in a shuffled order: ``burst``, ``--jobs`` concurrent calls of
 and ``floor``, that many fork+exit+waitpid of a process with numpy and scipy
 imported (each measured inside the helper), summed and divided by the CPUs:
 the least CPU time the burst could take if nothing but its forks and exits
-cost anything. Between rounds the machine settles for 0.3 s, so that the
-workers of one round have exited before the next.
+cost anything. Between rounds the machine settles for ``--gap`` seconds
+(0.3 by default), so that the workers of one round have exited before the
+next: a burst after a quiet moment, where the successors of the last burst's
+workers and the template's spares were prepared while the CPUs were idle.
+With ``--gap 0`` each burst follows the last at once, and pays for what
+that left to do.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import sys
 import time
 
 
-async def run(jobs_count: int, rounds: int, seed: int) -> list[str]:
+async def run(jobs_count: int, rounds: int, seed: int, gap: float = 0.3) -> list[str]:
     import trio
 
     from . import jobs, systems
@@ -46,10 +51,10 @@ async def run(jobs_count: int, rounds: int, seed: int) -> list[str]:
                     bursts.append(time.perf_counter() - start)
                 else:
                     floors.append(sum([float(await fork.call(None)) for _ in range(jobs_count)]) / cpus)
-                await trio.sleep(0.3)
+                await trio.sleep(gap)
     burst, floor = statistics.median(bursts) * 1e3, statistics.median(floors) * 1e3
     return [
-        f"{jobs_count} concurrent single-use numpy/scipy jobs, median of {rounds}: {burst:.1f} ms; "
+        f"{jobs_count} concurrent single-use numpy/scipy jobs, median of {rounds} ({gap:g} s apart): {burst:.1f} ms; "
         f"CPU floor ({jobs_count} forks+exits / {cpus} CPUs) {floor:.1f} ms; ratio {burst / floor:.2f}x",
         f"  burst ms: {sorted(round(b * 1e3, 1) for b in bursts)}",
     ]
@@ -62,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gap", type=float, default=0.3, help="seconds between two bursts (default 0.3)")
     args = parser.parse_args(argv)
-    print("\n".join(trio.run(run, args.jobs, args.rounds, args.seed)))
+    print("\n".join(trio.run(run, args.jobs, args.rounds, args.seed, args.gap)))
     return 0
 
 

@@ -143,11 +143,31 @@ if mode == "apply":
 
     result["busy_worker"] = in_child(lambda: entry(message_waits))
     # Whether a CPU is idle is the machine's business: each case says it.
-    pf._cpu_to_spare = lambda: True
+    pf.cpu_to_spare = lambda: True
     result["idle_worker"] = in_child(lambda: entry(no_message))
     waits.clear()
-    pf._cpu_to_spare = every_cpu_busy
+    pf.cpu_to_spare = every_cpu_busy
     result["busy_machine"] = in_child(lambda: {**entry(no_message), "looks": len(looks)})
+    # A spare applies the plan while it waits for its channel, or leaves it
+    # to the worker it becomes; then the worker's entry point as above.
+
+    def spare_then_worker(channel_within) -> dict:
+        fd = pf._inherited.plan_fd
+        as_spare = pf.apply_plan_while_idle(channel_within, spare=True)
+        kept = pf._inherited.plan_fd is not None and os.path.exists(f"/proc/self/fd/{fd}")
+        waits.clear()
+        as_worker = pf.apply_plan_while_idle(no_message)
+        return {
+            "spare": as_spare,
+            "kept": kept,
+            "worker": as_worker,
+            "worker_waits": list(waits),
+            "closed": not os.path.exists(f"/proc/self/fd/{fd}"),
+        }
+
+    pf.cpu_to_spare = lambda: True
+    result["spare_handed_at_once"] = in_child(lambda: spare_then_worker(message_waits))
+    result["idle_spare"] = in_child(lambda: spare_then_worker(no_message))
     # Five children forked with this plan so far. Until RELEARN_AFTER were,
     # none is asked to learn; then one, and not the next (one at a time),
     # while the old plan stays.

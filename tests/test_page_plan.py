@@ -89,20 +89,47 @@ def test_a_worker_applies_the_plan_only_after_waiting_a_moment_for_no_message():
     assert busy["looks"] == 1 + retries
 
 
+def test_a_spare_applies_the_plan_while_idle_or_leaves_it_to_its_worker():
+    found = run_script("apply")
+    # Handed a channel at once: the plan stays for the worker, which applies it.
+    handed = found["spare_handed_at_once"]
+    assert handed["spare"] == 0 and handed["kept"]
+    assert handed["worker"] >= 16 * _page_plan.PAGE and handed["closed"]
+    # Idle: the spare applied it, and the worker neither waits nor applies again.
+    idle = found["idle_spare"]
+    assert idle["spare"] >= 16 * _page_plan.PAGE and not idle["kept"]
+    assert idle["worker"] == 0 and idle["worker_waits"] == [] and idle["closed"]
+
+
 @pytest.mark.parametrize(("beyond_cpus", "idle"), [(None, True), (-1, True), (0, False), (3, False)])
-def test_a_cpu_is_idle_while_fewer_other_tasks_than_cpus_are_runnable(tmp_path, beyond_cpus, idle):
-    """``beyond_cpus``: how many more tasks than CPUs run beside us (None: none at all)."""
-    others = 0 if beyond_cpus is None else len(os.sched_getaffinity(0)) + beyond_cpus
+def test_a_cpu_is_idle_while_fewer_other_tasks_than_cpus_are_runnable(tmp_path, monkeypatch, beyond_cpus, idle):
+    """``beyond_cpus``: how many more tasks than the host's CPUs run beside us (None: none at all)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    others = 0 if beyond_cpus is None else 4 + beyond_cpus
     loadavg = tmp_path / "loadavg"
     loadavg.write_text(f"0.52 0.58 0.59 {others + 1}/467 12345\n")  # the count includes the reader
-    assert _page_plan._cpu_to_spare(str(loadavg)) is idle
+    assert _page_plan.cpu_to_spare(str(loadavg)) is idle
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
+def test_idle_cpus_are_judged_on_the_host_whatever_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """/proc/loadavg counts the host's runnable tasks: under taskset (or a
+    cpuset) they are compared with the host's CPUs, not with the fewer this
+    process may use, which called a host with 3 of 8 CPUs busy "every CPU busy"."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("0.52 0.58 0.59 4/467 12345\n")  # 3 others and the reader
+    assert _page_plan.cpu_to_spare(str(loadavg)) is True
+    loadavg.write_text("0.52 0.58 0.59 9/467 12345\n")  # 8 others: every CPU of the host busy
+    assert _page_plan.cpu_to_spare(str(loadavg)) is False
 
 
 def test_a_loadavg_that_cannot_be_read_leaves_the_plan_on(tmp_path):
     garbled = tmp_path / "loadavg"
     garbled.write_text("nonsense\n")
-    assert _page_plan._cpu_to_spare(str(garbled)) is True
-    assert _page_plan._cpu_to_spare(str(tmp_path / "missing")) is True
+    assert _page_plan.cpu_to_spare(str(garbled)) is True
+    assert _page_plan.cpu_to_spare(str(tmp_path / "missing")) is True
 
 
 def test_a_plan_is_learned_again_after_enough_forks_by_one_child_at_a_time():

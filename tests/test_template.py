@@ -328,3 +328,52 @@ async def test_ps_ef_says_what_each_process_is(worker_type):
         else:
             assert worker.cmdline()[1:3] == [CHILD_PACKAGE, "worker"]
         assert CHILD_PACKAGE.endswith("_trio_parallel_fs_worker")
+
+
+@pytest.mark.parametrize(
+    ("kept", "ahead", "wanted"),
+    [(0, False, 1), (3, False, 3), (0, True, 1), (1, True, 2), (_template._MAX_SPARES, True, _template._MAX_SPARES)],
+)
+def test_each_successor_forked_for_want_of_a_spare_makes_the_template_keep_one_more(kept, ahead, wanted):
+    """A request that found no spare: the first makes one spare wanted; a
+    successor prepared ahead (a retiring worker's, as with max_jobs=1) one
+    more, up to the cap; a plain request (a pool filling up) never more."""
+    assert _template.spares_wanted(kept, ahead) == wanted
+
+
+async def test_a_burst_of_single_use_workers_leaves_spares_for_the_next_one():
+    def hold_then_pid():
+        time.sleep(0.2)
+        return os.getpid()
+
+    async with tpf.open_worker_context(max_jobs=1) as ctx:
+        template = psutil.Process(ctx.statistics().template_pid)
+        limiter = trio.CapacityLimiter(4)
+
+        async def burst() -> list[int]:
+            pids: list[int] = []
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(lambda: _append(pids, ctx.run_sync(hold_then_pid, limiter=limiter)))
+            return pids
+
+        def spares() -> set[int]:
+            return {c.pid for c in template.children() if c.name() == "tpf-spare"}
+
+        # Four successors asked for at once: those that find no spare make the
+        # template keep more (how many found one depends on how quickly the
+        # refills came), forked once the CPUs are idle, up to its cap.
+        seen: set[int] = set()
+        for _ in range(6):
+            await burst()
+            with trio.move_on_after(2):
+                while len(seen := spares()) < 2:  # noqa: ASYNC110 - polling another process's children
+                    await trio.sleep(0.01)
+            if len(seen) >= 2:
+                break
+        assert 2 <= len(seen) <= _template._MAX_SPARES, seen
+        # The next bursts' workers are those spares, handed a channel (no fork).
+        second = await burst()
+        third = await burst()
+        assert seen & {*second, *third}, (seen, second, third)
+        assert await ctx.run_sync(workerfns.parent_pid) == template.pid

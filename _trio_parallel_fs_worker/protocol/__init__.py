@@ -19,6 +19,7 @@ from .control import CEILING as CEILING
 from .control import CONTROL_RECORD as CONTROL_RECORD
 from .control import EXITED as EXITED
 from .control import FORK as FORK
+from .control import FORK_AHEAD as FORK_AHEAD
 from .control import FORK_FAILED as FORK_FAILED
 from .control import KILL as KILL
 from .control import PID as PID

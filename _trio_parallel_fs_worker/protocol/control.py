@@ -11,6 +11,8 @@ Parent -> template: 9-byte records (command, sequence number).
   its status pipe). Fork requests are numbered implicitly, 0, 1,
   2, ... in the order the template receives them; KILL names that number, so
   the template kills only a worker it has not reaped yet (never a reused pid).
+  FORK's value is FORK_AHEAD for a successor prepared ahead of demand (the
+  template keeps more spares while those find none), else 0.
 Template -> parent, on each worker's status pipe: 9-byte records.
   PID <pid> right after the fork, then EXITED <wait status> once reaped, or
   FORK_FAILED <errno> instead of both. CEILING <bytes> comes before EXITED
@@ -26,6 +28,7 @@ STATUS_RECORD = struct.Struct("!cq")
 
 FORK = b"F"
 KILL = b"K"
+FORK_AHEAD = 1  # FORK's value for a worker prepared ahead of demand
 
 PID = b"P"
 EXITED = b"X"

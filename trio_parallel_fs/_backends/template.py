@@ -97,8 +97,9 @@ class TemplateProcess:
     def alive(self) -> bool:
         return not self._broken and self._popen is not None and self._popen.poll() is None
 
-    def fork(self) -> tuple[socket.socket, ForkedWorker]:
-        """Ask for a worker; its pid and exit status will arrive on its status pipe."""
+    def fork(self, ahead: bool = False) -> tuple[socket.socket, ForkedWorker]:
+        """Ask for a worker; its pid and exit status will arrive on its status pipe.
+        ``ahead``: it is prepared ahead of demand (see the template's spares)."""
         ours, theirs = socket.socketpair()
         # The "status pipe" is a socketpair: any process of this user (a job
         # of a sibling worker, through /proc/<template>/fd) can open a pipe
@@ -114,7 +115,7 @@ class TemplateProcess:
                     raise BrokenPipeError("the template was closed")
                 try:
                     self._control.sendmsg(
-                        [p.CONTROL_RECORD.pack(p.FORK, 0)],
+                        [p.CONTROL_RECORD.pack(p.FORK, p.FORK_AHEAD if ahead else 0)],
                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())],
                     )
                 except OSError:
@@ -365,7 +366,7 @@ class TemplateBackend:
         if template is None or not template.alive():
             return None
         try:
-            return template.fork()
+            return template.fork(ahead=True)
         except OSError:
             return None  # dying: the next call starts a new template
 
