@@ -62,6 +62,8 @@ class TemplateSettings:
         memory_ceiling: Bytes above which a busy worker is killed, or None.
         memory_metric: How that is measured (``"uss"``, ``"pss"``, ``"rss"``).
         ceiling_interval: Seconds between two checks of the ceiling.
+        extra_spares_for: Seconds that spares beyond the first outlive the
+            last request made ahead of demand (each holds a few MB).
     """
 
     sys_path: list[str]
@@ -70,6 +72,7 @@ class TemplateSettings:
     memory_ceiling: int | None
     memory_metric: str
     ceiling_interval: float = 0.02
+    extra_spares_for: float = 10.0
 
 
 class WorkerSetupError(RuntimeError):

@@ -267,6 +267,10 @@ class Template:
         self.buffer = b""  # a partial control record, if any
         self.spares: deque[tuple[int, socket.socket]] = deque()  # (pid, our end of its handoff), oldest first
         self.spare_target = 0  # how many spares to keep: none until someone asked for a worker
+        # Spares beyond the first leave this long after the last request made
+        # ahead of demand: a burst's successors, kept for the next burst.
+        self.extra_spares_for = settings.extra_spares_for
+        self.last_ahead = 0.0  # when the last request made ahead of demand came
         self.rehearsal = rehearsal()
         self.refill_at: float | None = None  # when to look at forking the next spare
         self.missing_since: float | None = None  # since when a spare has been missing
@@ -289,6 +293,8 @@ class Template:
     def fork(self, channel_fd: int, status_fd: int, ahead: bool = False) -> None:
         seq = self.next_seq
         self.next_seq += 1
+        if ahead:
+            self.last_ahead = time.monotonic()
         pid = self.hand_to_spare(channel_fd)
         if pid is None:
             self.spare_target = spares_wanted(self.spare_target, ahead)
@@ -372,6 +378,21 @@ class Template:
         their own if that fails too)."""
         self.refill_at = time.monotonic() + self.refill_retry
         self.refill_retry = min(self.refill_retry * 2, _SPARE_RETRY_CAP)
+
+    def shed_spares_at(self) -> float | None:
+        """When the spares beyond the first are to leave, if there are any."""
+        if self.spare_target <= 1:
+            return None
+        return self.last_ahead + self.extra_spares_for
+
+    def shed_spares(self) -> None:
+        """No burst for a while: keep one spare again, and let the others go
+        (the newest first; each holds what its start-up copied, a few MB).
+        Closing its handoff socket tells a spare to exit, as at shutdown."""
+        self.spare_target = 1
+        while len(self.spares) > 1:
+            _, handoff = self.spares.pop()
+            handoff.close()
 
     def refill_soon(self) -> None:
         """Look at forking a spare shortly, if one is missing and no look is due."""
@@ -602,6 +623,9 @@ class Template:
                     deadlines.append(next_check)
                 if self.refill_at is not None:
                     deadlines.append(self.refill_at)
+                shed_at = self.shed_spares_at()
+                if shed_at is not None:
+                    deadlines.append(shed_at)
                 timeout = max(min(deadlines) - time.monotonic(), 0) if deadlines else None
                 for key, _ in selector.select(timeout):
                     if key.data == "control":
@@ -618,6 +642,9 @@ class Template:
                 self.reap()
                 if self.refill_at is not None and time.monotonic() >= self.refill_at:
                     self.refill()
+                shed_at = self.shed_spares_at()
+                if shed_at is not None and time.monotonic() >= shed_at:
+                    self.shed_spares()
                 if self.ceiling is not None and time.monotonic() >= next_check:
                     self.enforce_ceiling()
                     next_check = time.monotonic() + self.ceiling_interval

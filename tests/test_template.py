@@ -9,6 +9,7 @@ import pytest
 if not sys.platform.startswith("linux"):
     pytest.skip("needs Linux: the template's forks, prctl and /proc", allow_module_level=True)
 
+import functools
 import os
 import signal
 import time
@@ -377,3 +378,34 @@ async def test_a_burst_of_single_use_workers_leaves_spares_for_the_next_one():
         third = await burst()
         assert seen & {*second, *third}, (seen, second, third)
         assert await ctx.run_sync(workerfns.parent_pid) == template.pid
+
+
+async def test_spares_kept_after_a_burst_leave_once_bursts_stop():
+    """The spares beyond the first leave min(idle_timeout, 10 s) after the
+    last successor was asked for: a burst's workers are not kept for ever."""
+
+    def hold_then_pid():
+        time.sleep(0.2)
+        return os.getpid()
+
+    async with tpf.open_worker_context(max_jobs=1, idle_timeout=1.0) as ctx:
+        template = psutil.Process(ctx.statistics().template_pid)
+        limiter = trio.CapacityLimiter(4)
+
+        def spares() -> set[int]:
+            return {c.pid for c in template.children() if c.name() == "tpf-spare"}
+
+        seen: set[int] = set()
+        with trio.fail_after(60):
+            while len(seen) < 2:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(4):
+                        nursery.start_soon(functools.partial(ctx.run_sync, hold_then_pid, limiter=limiter))
+                with trio.move_on_after(0.5):
+                    while len(seen := spares()) < 2:  # noqa: ASYNC110 - polling another process's children
+                        await trio.sleep(0.01)
+            while len(left := spares()) > 1:  # noqa: ASYNC110 - polling another process's children
+                await trio.sleep(0.05)
+        assert len(left) == 1
+        assert not wait_until_gone(seen - left, 5)  # exited and reaped, not zombies
+        assert await ctx.run_sync(workerfns.add, 1, 2) == 3

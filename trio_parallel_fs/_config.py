@@ -302,8 +302,15 @@ class WorkerConfig:
             template_init=self.pickled_template_init(),
             memory_ceiling=self.memory_ceiling,
             memory_metric=self.memory_metric,
+            # Spares kept for a burst are idle workers: no longer than those,
+            # and at most EXTRA_SPARES_FOR, as idle areas give memory back.
+            extra_spares_for=min(self.idle_timeout, EXTRA_SPARES_FOR),
         )
 
+
+# How long spares beyond the first, kept after a burst of single-use workers
+# for the next one, may wait unused (see _trio_parallel_fs_worker._template).
+EXTRA_SPARES_FOR = 10.0
 
 # trio-parallel accepts its five settings positionally, in this order.
 POSITIONAL = ("idle_timeout", "init", "retire", "grace_period", "worker_type")
