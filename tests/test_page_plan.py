@@ -150,14 +150,19 @@ def test_the_private_pages_a_plan_copies_are_capped():
 
 
 async def test_a_prepared_fresh_worker_takes_its_jobs_faults_before_the_job():
-    faults = []
+    faults: list[int] = []
     async with tpf.open_worker_context(preload=["page_plan_objects"], max_jobs=1) as ctx:
-        for _ in range(4):
+        # A plan is applied only while a CPU is idle (see cpu_to_spare): on a
+        # loaded machine a successor may find none, so give it a few more
+        # rounds (quiet, the third is enough).
+        for _ in range(12):
             # Time for the retiring worker to learn and its successor to apply.
             await trio.sleep(0.3)
             total, taken = await ctx.run_sync(_walk)
             assert total == sum(float(n) for n in range(200_000))
             faults.append(taken)
+            if len(faults) > 2 and taken < faults[0] / 10:
+                break
     # The first worker copies ~2000 pages of the template's objects; a successor
     # that applied the plan finds them copied already.
     assert faults[0] > 1000
