@@ -18,6 +18,21 @@ input nor the results pile up, however long the input and however slow the
 consumer. ``map`` keeps every result, so its window counts chunks until they
 finish, not until they are read.
 
+Lanes (a local context's chunks): a worker that finishes a chunk and waits
+for the parent to read its reply and send the next one waits for a CPU too,
+when the map's workers keep every core busy. So on a local context the
+chunks go through *lanes*: each holds a limiter token and leases one worker
+(`_pool.lease.WorkerLease`) for as long as chunks are ready, and keeps the
+next chunk queued in that worker's socket behind the running one
+(`IN_FLIGHT`), so that the worker starts it at once. A chunk is queued only
+if it is expected to be short (`AHEAD_SECONDS`) and the worker's channel can
+take it without the shared memory area (see `PooledWorker.can_send_ahead`);
+else it waits for the reply before it. A lane ends when no chunk is ready
+and none is in flight, giving its token and worker back. A worker that
+retires after a chunk leaves the queued one unread: the lease sends it to
+another worker. A Dask context runs each chunk as one task (`_run_chunk`):
+its scheduler queues them.
+
 Chunk sizes (`ChunkSizer`), when the caller gives none: one item per chunk
 until the first chunks come back, then as many items as take `TARGET_SECONDS`
 by the time per item the workers measured (longer where a chunk's round trip
@@ -31,12 +46,15 @@ Errors, as the builtin ``map`` would have them: the exception raised is that
 of the first failing item in input order, with a note naming the item. When
 an item fails, no new chunk starts, chunks of later items are cancelled, and
 chunks of earlier items finish (one of them may fail first). A worker that
-dies names its chunk's items (which of them was running is not known).
+dies names its chunk's items (which of them was running is not known); the
+chunk queued behind it never started, and is dropped as a later chunk.
 
 Cancellation follows ``run_sync``'s rules chunk by chunk: a chunk waiting for a
 token is cancelled; a running chunk finishes (shielded) unless
-``kill_on_cancel``, which kills its worker. The call returns only once nothing
-of it runs or waits.
+``kill_on_cancel``, which kills its worker. A chunk queued in a worker's
+socket runs too (it cannot be taken back), which is why only short ones are
+queued; after a failure, its results are dropped. The call returns only once
+nothing of it runs or waits.
 
 One code for both event loops: the nursery, the cancellable scopes, the
 window's semaphore and the parking lot come from `_loops` (Trio's own under
@@ -536,6 +554,12 @@ class _Mapping:
                 self.lanes.remove(lane)  # at once: the producer starts another lane for its next chunk
                 return
             chunk = sent[0]
+            if chunk.cancel_called and lease.drop_unsent():
+                # Its worker died or left before reading it: it never ran, and
+                # a failure before it says it never will.
+                sent.popleft()
+                self._settled(chunk.start)
+                continue
             try:
                 with loop.CancelScope(shield=shield):
                     result = await lease.receive()

@@ -29,7 +29,8 @@ A worker that stops with jobs of ours in flight:
 * dies: the oldest job in flight was running (unless it never reached the
   worker, as in ``run``: then it goes again); `receive` raises its
   BrokenWorkerError. The jobs behind it never started; they go to another
-  worker if the lane asks for their replies, and `close` drops them.
+  worker if the lane asks for their replies, and `drop_unsent` (the map
+  failed before them) and `close` drop them.
 * is killed (``kill_on_cancel``, KeyboardInterrupt): every job in flight is lost,
   and the exception propagates.
 
@@ -77,6 +78,14 @@ class WorkerLease:
         """Whether `send` may send ``job`` now, with a job in flight."""
         worker = self._worker
         return not self._unsent and worker is not None and worker.can_send_ahead(job)
+
+    def drop_unsent(self) -> bool:
+        """Drop the oldest job in flight if its worker left without reading
+        it (it would go to another worker): True if so."""
+        if self._sent or not self._unsent:
+            return False
+        self._unsent.popleft()
+        return True
 
     async def send(self, job: p.Job) -> None:
         """Send ``job`` (nothing in flight, or `can_send_ahead` said so).
