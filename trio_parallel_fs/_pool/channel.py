@@ -185,7 +185,7 @@ class PooledWorker:
         self._spin = CallerSpin(busy_wait)
         self._readable = input_poller(channel)
         self.jobs_ahead = 0  # jobs sent before the reply to the one before (`send_job_ahead`)
-        self._ahead_bytes = -1  # the largest job sent ahead (`can_send_ahead`); -1: not asked yet
+        self._ahead_bytes = -1  # the largest job that may go ahead (`can_send_ahead`); -1: not known yet
 
     def send_ahead(self) -> None:
         """Send the start-up message now, without waiting: a worker started
