@@ -536,6 +536,9 @@ class _Mapping:
         ready = self.ready  # changed in place only
         while True:
             while ready and (not sent or (len(sent) < IN_FLIGHT and self._may_go_ahead(lease, ready[0]))):
+                # A chunk not sent yet waits, as one waiting for a token does:
+                # cancellation drops it (sends and replies are shielded).
+                await loop.checkpoint_if_cancelled()
                 chunk = ready.popleft()
                 if not sent:
                     began = time.perf_counter()
