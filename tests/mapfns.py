@@ -86,3 +86,31 @@ def record_start(directory, x):
     with open(path + ".tmp", "w") as file:
         file.write(str(os.getpid()))
     os.replace(path + ".tmp", path)  # whole, or not there at all
+
+
+def count_run(directory, seconds, x):
+    """Append a line to ``directory/<x>`` (so a file's lines say how many
+    times the item ran), then sleep ``seconds``."""
+    with open(os.path.join(directory, str(x)), "a") as file:
+        file.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    return x
+
+
+def always():
+    """A retire hook: every worker leaves after every job."""
+    return True
+
+
+def record_then_die_on(directory, bad, seconds, x):
+    """Record the item's start, sleep ``seconds``, and end the worker on item ``bad``."""
+    record_start(directory, x)
+    time.sleep(seconds)
+    return die_on(bad, x)
+
+
+def array_of(x):
+    """A result large enough for the shared memory area (1 MiB), full of ``x``."""
+    import numpy as np
+
+    return np.full(1 << 17, float(x))

@@ -859,6 +859,22 @@ async def test_map_on_dask_raises_the_first_failing_item_with_its_index(client):
     assert isinstance(caught.value.__cause__, trio_parallel_fs.RemoteTraceback)
 
 
+async def test_map_on_dask_names_an_unpicklable_item_by_its_index(client):
+    """Dask pickles a chunk as it submits it, and names the job's argument
+    (the chunk's list of items): the map names the item, as locally."""
+    import mapfns
+
+    with trio.fail_after(60):
+        async with open_dask_context(client) as ctx:
+            items = [1, 2, 3, 4, 5, threading.Lock(), 7]
+            with pytest.raises(pickle.PicklingError) as caught:
+                await ctx.map(mapfns.square, items, chunksize=4)
+            assert ctx.statistics().running_jobs == 0
+    assert str(caught.value).startswith(
+        "map cannot send mapfns.square to a worker: item 5 (lock) could not be pickled (TypeError: "
+    )
+
+
 async def test_map_on_a_closed_dask_context_is_refused(client):
     async with open_dask_context(client) as ctx:
         pass

@@ -14,6 +14,7 @@ import itertools
 import operator
 import os
 import pickle
+import socket
 import sys
 import threading
 
@@ -646,6 +647,145 @@ def test_maps_in_asyncio_task_groups(tmp_path):
             assert sibling.is_set()
 
     asyncio.run(asyncio.wait_for(main(), HANG))
+
+
+# --- a chunk queued behind the running one (local contexts) ----------------------------------
+
+
+@pytest.fixture
+def sent_ahead(monkeypatch):
+    """Counts the jobs sent to a worker before the reply to the job it runs
+    (a map's next chunk, queued): the tests below prove their case happened.
+    Only on a Unix socket channel (where there is none, no chunk is queued)."""
+    from trio_parallel_fs._pool.channel import PooledWorker
+
+    if getattr(socket, "AF_UNIX", None) is None:
+        pytest.skip("chunks are queued on Unix socket channels only")
+    one, other = socket.socketpair()
+    with one, other:
+        buffer = one.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    if buffer < 64 << 10:
+        # A quarter of it may be queued: a chunk with run_chunk pickled by
+        # value (once trio_parallel_fs.dask is imported) takes some 2 KiB.
+        pytest.skip(f"a socket buffer of {buffer} bytes (macOS's) is too small to queue these chunks")
+
+    count = [0]
+    send_ahead = PooledWorker.send_job_ahead
+
+    async def counted(self, job):
+        count[0] += 1
+        return await send_ahead(self, job)
+
+    monkeypatch.setattr(PooledWorker, "send_job_ahead", counted)
+    return count
+
+
+async def test_a_worker_finds_its_next_chunk_queued_while_it_runs_one(sent_ahead):
+    limiter = trio.CapacityLimiter(1)
+    async with tpf.open_worker_context() as ctx:
+        fn = functools.partial(mapfns.sleep_then, 0.002)
+        assert await ctx.map(fn, range(40), chunksize=2, limiter=limiter) == list(range(40))
+        # After the first chunk came back (its time unknown before), every
+        # chunk but the last went out while the one before it ran.
+        assert sent_ahead[0] >= 15
+        assert ctx.statistics().started_workers == 1
+        assert_quiet(ctx, limiter)
+
+
+async def test_chunks_too_large_for_the_socket_buffer_are_not_queued(sent_ahead):
+    """A queued chunk that the socket does not take whole would wait for the
+    worker to read it, while the worker waits for us to read its reply."""
+    async with tpf.open_worker_context() as ctx:
+        with trio.fail_after(HANG):
+            got = await ctx.map(mapfns.square, range(400_000), chunksize=50_000)
+        assert got == [x * x for x in range(400_000)]
+        assert sent_ahead[0] == 0
+
+
+@pytest.mark.parametrize("config", [{"max_jobs": 1}, {"retire": mapfns.always}], ids=["max_jobs", "retire_hook"])
+def test_a_chunk_queued_on_a_retiring_worker_runs_once_elsewhere(run, worker_type, tmp_path, sent_ahead, config):
+    """The worker leaves after its job without reading the chunk queued
+    behind it: that chunk goes to another worker, and every item runs once."""
+
+    async def main():
+        limiter = anyio.CapacityLimiter(1)
+        fn = functools.partial(mapfns.count_run, str(tmp_path), 0.002)
+        async with tpf.open_worker_context(worker_type=worker_type, **config) as ctx:
+            with anyio.fail_after(HANG):
+                assert await ctx.map(fn, range(30), chunksize=2, limiter=limiter) == list(range(30))
+            assert ctx.statistics().retired == {"jobs" if "max_jobs" in config else "user": 15}
+            assert_quiet(ctx, limiter)
+        runs = {int(path.name): path.read_text().split() for path in tmp_path.iterdir()}
+        assert sorted(runs) == list(range(30))
+        assert all(len(pids) == 1 for pids in runs.values())
+        assert len({pids[0] for pids in runs.values()}) == 15  # a worker per chunk
+        assert sent_ahead[0] > 0
+
+    run(main)
+
+
+def test_a_worker_death_with_a_chunk_queued_names_the_running_chunk(run, worker_type, tmp_path, sent_ahead):
+    """The chunk queued behind the one its worker died in never started: the
+    error names the running chunk's items, and no later item ran."""
+
+    async def main():
+        limiter = anyio.CapacityLimiter(1)
+        fn = functools.partial(mapfns.record_then_die_on, str(tmp_path), 7, 0.002)
+        async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+            with anyio.fail_after(HANG), pytest.raises(tpf.BrokenWorkerError, match="exit code 3") as info:
+                await ctx.map(fn, range(40), chunksize=2, limiter=limiter)
+            assert notes(info.value) == ["while mapfns.record_then_die_on ran on one of items 6 to 7 of map, a chunk"]
+            assert ctx.statistics().retired == {"died": 1}
+            assert_quiet(ctx, limiter)
+            assert await ctx.map(mapfns.square, range(3)) == [0, 1, 4]
+        assert ran(tmp_path) == set(range(8))
+        assert sent_ahead[0] > 0
+
+    run(main)
+
+
+@pytest.mark.parametrize("kill_on_cancel", [False, True])
+def test_cancelling_a_map_with_a_chunk_queued_leaves_nothing(run, tmp_path, sent_ahead, kill_on_cancel):
+    """Without kill_on_cancel the running chunk and the one queued behind it
+    (sent already) finish, and no later one starts; with it the worker is
+    killed at once. Either way nothing runs or waits afterwards."""
+
+    async def main():
+        limiter = anyio.CapacityLimiter(1)
+        fn = functools.partial(mapfns.record_and_sleep, str(tmp_path), 0.005)
+        async with tpf.open_worker_context() as ctx:
+            with anyio.fail_after(HANG):
+                with anyio.move_on_after(0.3) as scope:
+                    await ctx.map(fn, range(10_000), chunksize=2, limiter=limiter, kill_on_cancel=kill_on_cancel)
+                assert scope.cancelled_caught
+                assert_quiet(ctx, limiter)
+                # Killed if a chunk was in flight as the cancellation came (the
+                # lane spends nearly all its time so, but may be between two).
+                assert ctx.statistics().retired in (({"killed": 1}, {}) if kill_on_cancel else ({},))
+                started = ran(tmp_path)
+                assert started == set(range(len(started)))  # in order, none skipped
+                await anyio.sleep(0.05)
+                assert ran(tmp_path) == started  # nothing more starts
+        assert sent_ahead[0] > 0
+
+    run(main)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the shared memory area needs Linux here")
+async def test_results_lent_from_the_area_stay_whole_with_a_chunk_queued(sent_ahead):
+    """Each chunk's large results go into the worker's area while the next
+    chunk waits in its socket (not in the area, which one end writes at a
+    time): every result kept keeps its bytes."""
+    limiter = trio.CapacityLimiter(1)
+    async with tpf.open_worker_context() as ctx:
+        results = await ctx.map(mapfns.array_of, range(24), chunksize=2, limiter=limiter)
+        assert ctx.statistics().lent_result_bytes > 0
+        assert sent_ahead[0] > 0
+        arrays = [np.full(1 << 17, float(i)) for i in range(12)]
+        doubled = await ctx.map(mapfns.double, arrays, chunksize=1, limiter=limiter)  # arguments in the area
+        assert all((d == 2 * a).all() for d, a in zip(doubled, arrays, strict=True))
+        assert [float(r[0]) for r in results] == [float(i) for i in range(24)]
+        assert all((r == i).all() for i, r in enumerate(results))
 
 
 # --- the chunk sizer, without processes --------------------------------------------------

@@ -18,6 +18,21 @@ input nor the results pile up, however long the input and however slow the
 consumer. ``map`` keeps every result, so its window counts chunks until they
 finish, not until they are read.
 
+Lanes (a local context's chunks): a worker that finishes a chunk and waits
+for the parent to read its reply and send the next one waits for a CPU too,
+when the map's workers keep every core busy. So on a local context the
+chunks go through *lanes*: each holds a limiter token and leases one worker
+(`_pool.lease.WorkerLease`) for as long as chunks are ready, and keeps the
+next chunk queued in that worker's socket behind the running one
+(`IN_FLIGHT`), so that the worker starts it at once. A chunk is queued only
+if it is expected to be short (`AHEAD_SECONDS`) and the worker's channel can
+take it without the shared memory area (see `PooledWorker.can_send_ahead`);
+else it waits for the reply before it. A lane ends when no chunk is ready
+and none is in flight, giving its token and worker back. A worker that
+retires after a chunk leaves the queued one unread: the lease sends it to
+another worker. A Dask context runs each chunk as one task (`_run_chunk`):
+its scheduler queues them.
+
 Chunk sizes (`ChunkSizer`), when the caller gives none: one item per chunk
 until the first chunks come back, then as many items as take `TARGET_SECONDS`
 by the time per item the workers measured (longer where a chunk's round trip
@@ -31,12 +46,15 @@ Errors, as the builtin ``map`` would have them: the exception raised is that
 of the first failing item in input order, with a note naming the item. When
 an item fails, no new chunk starts, chunks of later items are cancelled, and
 chunks of earlier items finish (one of them may fail first). A worker that
-dies names its chunk's items (which of them was running is not known).
+dies names its chunk's items (which of them was running is not known); the
+chunk queued behind it never started, and is dropped as a later chunk.
 
 Cancellation follows ``run_sync``'s rules chunk by chunk: a chunk waiting for a
 token is cancelled; a running chunk finishes (shielded) unless
-``kill_on_cancel``, which kills its worker. The call returns only once nothing
-of it runs or waits.
+``kill_on_cancel``, which kills its worker. A chunk queued in a worker's
+socket runs too (it cannot be taken back), which is why only short ones are
+queued; after a failure, its results are dropped. The call returns only once
+nothing of it runs or waits.
 
 One code for both event loops: the nursery, the cancellable scopes, the
 window's semaphore and the parking lot come from `_loops` (Trio's own under
@@ -64,6 +82,9 @@ from _trio_parallel_fs_worker._chunks import ITEM_INDEX, run_chunk
 from . import _loops
 from ._calls import Runner, _run, check_limiter, check_sync
 from ._describe import describe
+from ._errors import closed_while_waiting
+from ._pool.lease import WorkerLease
+from ._pool.pool import WorkerPool
 
 T = TypeVar("T")
 
@@ -91,6 +112,13 @@ TARGET_BYTES = 16 << 20
 #: How much the time-per-item figures of older chunks count against newer
 #: ones (the items' cost may drift along the input).
 DECAY = 0.8
+#: Chunks in flight on one worker of a local context: the one running, and
+#: the next, queued in its socket (see "Lanes" in the module's docstring).
+IN_FLIGHT = 2
+#: A chunk is queued behind a running one only if its items are expected to
+#: take at most this long: a queued chunk runs even if the map is cancelled
+#: meanwhile (unless ``kill_on_cancel``), and a long chunk gains nothing.
+AHEAD_SECONDS = 4 * TARGET_SECONDS
 
 
 def _add_note(exc: BaseException, note: str) -> None:
@@ -163,6 +191,13 @@ class ChunkSizer:
         if self._bytes_per_item > 0:
             size = min(size, max(1, int(TARGET_BYTES / self._bytes_per_item)))
         return size
+
+    def expected_seconds(self, items: int) -> float:
+        """How long ``items`` items are expected to take in a worker (inf
+        before any chunk was measured)."""
+        if not self._items:
+            return math.inf
+        return items * self._seconds / self._items
 
     def measured(self, items: int, seconds: float, overhead: float = 0.0) -> None:
         """A chunk of ``items`` items took ``seconds`` in its worker, and
@@ -257,6 +292,38 @@ def _checked_chunk(outcome: Any, count: int) -> tuple[list[Any], float]:
     return results, seconds
 
 
+class _Chunk:
+    """A chunk of a lane-driven map (a local context), from the moment it is
+    read until it settles: in ``ready``, then in a lane's ``sent``. Its
+    ``cancel`` (a failure before it) drops it, or its results if sent."""
+
+    __slots__ = ("start", "count", "job", "cancel_called")
+
+    def __init__(self, start: int, count: int, job: Any) -> None:
+        self.start = start
+        self.count = count
+        self.job = job
+        self.cancel_called = False
+
+    def cancel(self) -> None:
+        self.cancel_called = True
+
+
+class _Lane:
+    """One limiter token and one leased worker, with the chunks sent to it."""
+
+    def __init__(self, scope: Any) -> None:
+        self.scope = scope  # cancelled to kill its worker (kill_on_cancel, after a failure)
+        self.sent: deque[_Chunk] = deque()
+
+
+def _pool_of(runner: Runner) -> WorkerPool | None:
+    """The pool of a local context, whose workers a map may lease; None for
+    a runner without one (a Dask context)."""
+    pool = getattr(runner, "_pool", None)
+    return pool if isinstance(pool, WorkerPool) else None
+
+
 class _Mapping:
     """One map's run: the producer, its chunks, and what they settled."""
 
@@ -301,7 +368,11 @@ class _Mapping:
         self.next_start = 0  # ordered: the first item not handed over yet
         self.finished: dict[int, list[Any]] = {}  # chunk start -> results, not handed over yet
         self.arrival: deque[int] = deque()  # unordered: chunk starts in the order they finished
-        self.running: dict[int, Any] = {}  # chunk start -> its cancellable scope, until it settles
+        self.running: dict[int, Any] = {}  # chunk start -> its cancellable scope (or _Chunk), until it settles
+        # A local context's chunks go through lanes (see the module's docstring).
+        self.by_lanes = _pool_of(runner) is not None
+        self.ready: deque[_Chunk] = deque()  # read and pickled, for the next lane with room
+        self.lanes: list[_Lane] = []
         self.producing = True
         self.failure: _Failure | None = None
         self.producer_scope = loop.cancellable_scope()  # cancelled at a failure: it may wait for the window
@@ -345,11 +416,22 @@ class _Mapping:
                     job = self.get_runner()._prepare(run_chunk, (self.fn, start, items, self.star))
                 except Exception as exc:  # noqa: BLE001 - a pickling error, whatever the pickler raises
                     self.window.release()
-                    self._failed(self._unpicklable(start, items, exc))
+                    self._failed(self._unpicklable(start, items, exc) or _Failure(exc, start, start))
                     break
-                scope = self.loop.cancellable_scope()
-                self.running[start] = scope
-                nursery.start_soon(self._run_chunk, start, len(items), job, scope)
+                if self.by_lanes:
+                    chunk = _Chunk(start, len(items), job)
+                    self.running[start] = chunk
+                    self.ready.append(chunk)
+                    if len(self.lanes) < self.tokens:
+                        lane = _Lane(self.loop.cancellable_scope())
+                        self.lanes.append(lane)
+                        nursery.start_soon(self._run_lane, lane)
+                    else:
+                        self.changed.unpark_all()
+                else:
+                    scope = self.loop.cancellable_scope()
+                    self.running[start] = scope
+                    nursery.start_soon(self._run_chunk, start, items, job, scope)
             else:
                 self.window.release()
             if input_error is not None:
@@ -359,9 +441,10 @@ class _Mapping:
             if not items:
                 break
 
-    def _unpicklable(self, start: int, items: list[Any], exc: Exception) -> _Failure:
+    def _unpicklable(self, start: int, items: list[Any], exc: BaseException) -> _Failure | None:
         """Which of the function and the chunk's items did not pickle, in an
-        error that names it (the pickler's own says neither)."""
+        error that names it (the pickler's own says neither); None if each
+        pickles alone."""
         for index, value in [(None, self.fn), *enumerate(items, start)]:
             try:
                 cloudpickle.dumps(value)
@@ -373,11 +456,12 @@ class _Mapping:
                 )
                 error.__cause__ = culprit_error
                 return _Failure(error, start if index is None else index, start)
-        return _Failure(exc, start, start)
+        return None
 
     # --- one chunk ------------------------------------------------------------------
 
-    async def _run_chunk(self, start: int, count: int, job: Any, scope: Any) -> None:
+    async def _run_chunk(self, start: int, items: list[Any], job: Any, scope: Any) -> None:
+        count = len(items)
         try:
             with scope:
                 async with self.limiter:
@@ -389,18 +473,122 @@ class _Mapping:
         except self.not_an_outcome:
             raise
         except BaseException as exc:  # noqa: BLE001 - the item's exception is the map's outcome
-            self._failed(self._chunk_failure(exc, start, count))
+            named = None
+            if isinstance(exc, pickle.PicklingError):
+                # A runner that pickles as it sends (Dask) names the job's
+                # argument, the list of items: name the item instead.
+                named = self._unpicklable(start, items, exc)
+            self._failed(named or self._chunk_failure(exc, start, count))
         else:
             if not scope.cancel_called:
-                self.sizer.measured(count, seconds, overhead)
-                self.finished[start] = results
-                if not self.keep_all:
-                    self.arrival.append(start)
+                self._finished(start, count, results, seconds, overhead)
         finally:
-            del self.running[start]
-            if self.keep_all or start not in self.finished:
-                self.window.release()
+            self._settled(start)
+
+    def _finished(self, start: int, count: int, results: list[Any], seconds: float, overhead: float) -> None:
+        self.sizer.measured(count, seconds, overhead)
+        self.finished[start] = results
+        if not self.keep_all:
+            self.arrival.append(start)
+
+    def _settled(self, start: int) -> None:
+        """The chunk runs no more: finished, failed, cancelled or dropped."""
+        del self.running[start]
+        if self.keep_all or start not in self.finished:
+            self.window.release()
+        self.changed.unpark_all()
+
+    # --- lanes: a local context's chunks, two in flight per worker ---------------------
+
+    async def _run_lane(self, lane: _Lane) -> None:
+        try:
+            with lane.scope:
+                async with self.limiter:
+                    runner = self.get_runner()
+                    pool = _pool_of(runner)
+                    assert pool is not None  # the default context is always a local one
+                    lease = WorkerLease(pool, self.fn)
+                    try:
+                        await self._drive(lane, lease, runner)
+                    finally:
+                        with self.loop.CancelScope(shield=True):
+                            await lease.close()
+        finally:
+            if lane in self.lanes:
+                self.lanes.remove(lane)
+            while lane.sent:  # lost with a killed worker, or dropped by close
+                self._settled(lane.sent.popleft().start)
             self.changed.unpark_all()
+
+    def _may_go_ahead(self, lease: WorkerLease, chunk: _Chunk) -> bool:
+        """Whether ``chunk`` may be queued behind the lane's running chunk."""
+        return self.sizer.expected_seconds(chunk.count) <= AHEAD_SECONDS and lease.can_send_ahead(chunk.job)
+
+    async def _drive(self, lane: _Lane, lease: WorkerLease, runner: Runner) -> None:
+        """Send the ready chunks to the lane's worker, up to `IN_FLIGHT` at
+        once, and settle their replies in order, until no chunk is ready and
+        none is in flight (then the lane ends: its token and worker are free
+        for other calls while the map waits for its caller)."""
+        loop = self.loop
+        shield = not self.kill_on_cancel
+        began = 0.0  # when the oldest chunk in flight started, as far as this side knows
+        sent = lane.sent
+        ready = self.ready  # changed in place only
+        while True:
+            while ready and (not sent or (len(sent) < IN_FLIGHT and self._may_go_ahead(lease, ready[0]))):
+                # A chunk not sent yet waits, as one waiting for a token does:
+                # cancellation drops it (sends and replies are shielded).
+                await loop.checkpoint_if_cancelled()
+                chunk = ready.popleft()
+                if not sent:
+                    began = time.perf_counter()
+                sent.append(chunk)
+                try:
+                    with loop.CancelScope(shield=shield):
+                        await lease.send(chunk.job)
+                except self.not_an_outcome:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - the chunk's outcome
+                    # Nothing went out (a worker could not be taken or started).
+                    sent.pop()
+                    self._failed(self._chunk_failure(self._closed(exc, runner), chunk.start, chunk.count))
+                    self._settled(chunk.start)
+            if not sent:
+                self.lanes.remove(lane)  # at once: the producer starts another lane for its next chunk
+                return
+            chunk = sent[0]
+            if chunk.cancel_called and lease.drop_unsent():
+                # Its worker died or left before reading it: it never ran, and
+                # a failure before it says it never will.
+                sent.popleft()
+                self._settled(chunk.start)
+                continue
+            try:
+                with loop.CancelScope(shield=shield):
+                    result = await lease.receive()
+                results, seconds = _checked_chunk(result.unwrap(), chunk.count)
+                now = time.perf_counter()
+                overhead = max(0.0, now - began - seconds)
+                began = now  # the next chunk was queued: it started about now
+            except self.not_an_outcome:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - the item's exception is the map's outcome
+                sent.popleft()
+                began = time.perf_counter()
+                self._failed(self._chunk_failure(self._closed(exc, runner), chunk.start, chunk.count))
+            else:
+                sent.popleft()
+                if not chunk.cancel_called:
+                    self._finished(chunk.start, chunk.count, results, seconds, overhead)
+            self._settled(chunk.start)
+            if self.kill_on_cancel and sent and all(queued.cancel_called for queued in sent):
+                lane.scope.cancel()  # after a failure: kill what runs for nothing, as _failed does
+
+    def _closed(self, exc: BaseException, runner: Runner) -> BaseException:
+        """What a lane raises for its runner's PoolClosed: the call's error."""
+        if isinstance(exc, runner._closed_error):
+            return self.loop.ClosedResourceError(closed_while_waiting(runner._kind))  # type: ignore[no-any-return]
+        return exc
 
     def _chunk_failure(self, exc: BaseException, start: int, count: int) -> _Failure:
         index = getattr(exc, "__dict__", {}).pop(ITEM_INDEX, None)
@@ -423,6 +611,19 @@ class _Mapping:
         for start, scope in self.running.items():
             if start > failure.chunk_start:
                 scope.cancel()
+        if self.by_lanes:
+            # Chunks of later items not sent yet never will be; a worker
+            # that runs only such chunks is killed with kill_on_cancel.
+            dropped = [chunk for chunk in self.ready if chunk.cancel_called]
+            kept = [chunk for chunk in self.ready if not chunk.cancel_called]
+            self.ready.clear()  # in place: a lane may be looking at it
+            self.ready.extend(kept)
+            for chunk in dropped:
+                self._settled(chunk.start)
+            if self.kill_on_cancel:
+                for lane in self.lanes:
+                    if lane.sent and all(chunk.cancel_called for chunk in lane.sent):
+                        lane.scope.cancel()
         self.changed.unpark_all()
 
     # --- handing results over ---------------------------------------------------------

@@ -148,6 +148,8 @@ class PooledWorker:
         "_area_wanted",
         "_spin",
         "_readable",
+        "jobs_ahead",
+        "_ahead_bytes",
     )
 
     def __init__(
@@ -182,6 +184,8 @@ class PooledWorker:
         self._area_wanted = area_settings is not None
         self._spin = CallerSpin(busy_wait)
         self._readable = input_poller(channel)
+        self.jobs_ahead = 0  # jobs sent before the reply to the one before (`send_job_ahead`)
+        self._ahead_bytes = -1  # the largest job that may go ahead (`can_send_ahead`); -1: not known yet
 
     def send_ahead(self) -> None:
         """Send the start-up message now, without waiting: a worker started
@@ -233,6 +237,40 @@ class PooledWorker:
         except ConnectionError:  # reset, broken pipe; aborted on Windows
             return False
         return True
+
+    def can_send_ahead(self, job: p.Job) -> bool:
+        """Whether ``job`` may go before the reply to the job running now
+        (`send_job_ahead`): only if it would take the socket anyway, since the
+        area's rules let one end write at a time (see ``_shm``: the parent
+        places arguments and the worker's window by the last reply, which has
+        not come); only a job that the socket's buffer takes whole while the
+        worker runs the job before it: else we would wait for the worker to
+        read it while it waits for us to read its reply, each blocked in
+        its send; and only on a Unix socket: a worker that retires leaves
+        the job unread, and a TCP channel closed with data unread resets,
+        which on Windows may drop the reply before it."""
+        if job.buffers:
+            return False
+        if self._ahead_bytes < 0:
+            if self.channel.family != getattr(socket, "AF_UNIX", None):
+                self._ahead_bytes = 0
+            else:
+                # A quarter: the kernel counts its own overhead per message
+                # against the buffer too.
+                self._ahead_bytes = self.channel.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 4
+        if len(job.pickled) > self._ahead_bytes:
+            return False
+        if self._area_settings is None:
+            return True
+        area = self.area
+        return area is not None and not area.wants_window()
+
+    async def send_job_ahead(self, job: p.Job) -> bool:
+        """`send_job`, with a job of ours still running (a map's lease, see
+        ``lease``): the area stays busy until its reply too."""
+        if self.area is not None:
+            self.jobs_ahead += 1
+        return await self.send_job(job)
 
     def _through_area(self, job: p.Job) -> tuple[list[bytes | memoryview], int]:
         """The job's frame parts, with its buffers moved into the area if they
@@ -349,6 +387,10 @@ class PooledWorker:
             self._take_result_buffers(event)
         area = self.area
         if area is not None and (type(event) is p.Value or type(event) is p.Error):
+            if self.jobs_ahead:
+                # The next job of ours runs now (sent ahead): the area is busy still.
+                self.jobs_ahead -= 1
+                return event
             # The job is over (not so after Started: it runs on): the worker
             # touches the area no more until the next job.
             area.idle_since = time.monotonic()

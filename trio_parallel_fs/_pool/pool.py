@@ -531,7 +531,12 @@ class WorkerPool:
                 self._idle.append(worker)
         if replace:
             self._prepare_replacement_soon()
-        if retire is _HOOK_FAILED:
+        return self._outcome(worker, event, fn)
+
+    def _outcome(self, worker: PooledWorker, event: p.Value | p.Error, fn: object) -> Any:
+        """A reply's outcome (the worker's state is settled already); raises
+        WorkerHookError if its retire hook raised."""
+        if event.retire is _HOOK_FAILED:
             assert isinstance(event, p.Error)
             raise hook_error("retire", event.payload, worker.process.pid, describe(fn))
         if isinstance(event, p.Error):
