@@ -1,5 +1,6 @@
-"""The parent's end of a worker channel, without a worker: what one job puts
-on the socket, read back with the worker's side of the protocol."""
+"""The parent's end of a worker channel: what one job puts on the socket,
+read back with the worker's side of the protocol (without a worker), and the
+room its socket has (with one)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import threading
 
 import pytest
 import trio
+import workerfns
 
+import trio_parallel_fs as tpf
 from _trio_parallel_fs_worker import _shm
 from _trio_parallel_fs_worker import protocol as p
 from _trio_parallel_fs_worker.protocol import descriptor as d
@@ -146,3 +149,18 @@ async def test_a_worker_started_ahead_gets_its_config_at_once_and_once_only():
         theirs.close()
     assert [type(event) for event in events] == [p.Config, p.Job]
     assert worker.cwd == SETTINGS.cwd
+
+
+async def test_a_workers_channel_has_room_for_more_than_a_small_message(worker_type):
+    """macOS gives a Unix socket 8 KiB of buffer (the macOS view too): a job or
+    reply of a few hundred KB would cross in dozens of wake-ups, and a map's
+    next chunk would seldom fit to be queued. Both backends ask for Linux's
+    default where a platform gives less."""
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+        [worker] = ctx._pool._live
+        channel = worker.channel
+        if channel.family != getattr(socket, "AF_UNIX", None):
+            pytest.skip("the loopback TCP channel (Windows): the platform sizes its buffers")
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            assert channel.getsockopt(socket.SOL_SOCKET, option) >= 65536

@@ -661,7 +661,9 @@ def sent_ahead(monkeypatch):
 
     if getattr(socket, "AF_UNIX", None) is None:
         pytest.skip("chunks are queued on Unix socket channels only")
-    one, other = socket.socketpair()
+    from trio_parallel_fs._backends.launch import channel_pair
+
+    one, other = channel_pair()  # as the backends make a worker's channel
     with one, other:
         buffer = one.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     if buffer < 64 << 10:

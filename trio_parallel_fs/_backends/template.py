@@ -30,7 +30,7 @@ from _trio_parallel_fs_worker.codec import decode_error
 
 from .. import _loops
 from .._errors import template_start_error
-from .launch import child_command, child_environment
+from .launch import channel_pair, child_command, child_environment
 from .seam import ANSWER_TIMEOUT, ExitInfo
 
 
@@ -100,7 +100,7 @@ class TemplateProcess:
     def fork(self, ahead: bool = False) -> tuple[socket.socket, ForkedWorker]:
         """Ask for a worker; its pid and exit status will arrive on its status pipe.
         ``ahead``: it is prepared ahead of demand (see the template's spares)."""
-        ours, theirs = socket.socketpair()
+        ours, theirs = channel_pair()
         # The "status pipe" is a socketpair: any process of this user (a job
         # of a sibling worker, through /proc/<template>/fd) can open a pipe
         # again and write to it, and a forged exit report would fail this

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from ... import _loops
-from ..launch import child_command, child_environment
+from ..launch import channel_pair, child_command, child_environment
 from ..seam import ExitInfo
 from .ceiling import CeilingWatcher, Watched
 from .loopback import start_loopback_worker
@@ -249,7 +249,7 @@ class SpawnBackend:
                 )
             )
             return started.channel, SpawnedWorker(started.popen, self._watcher)
-        ours, theirs = socket.socketpair()
+        ours, theirs = channel_pair()
         try:
             popen = _launcher.popen(
                 child_command("worker", str(theirs.fileno()), "--die-with-parent", str(os.getpid())),
