@@ -329,9 +329,10 @@ class RetirePolicy:
             try:
                 exclude = 0 if area is None else area.counted_bytes(self.memory.metric)
                 exceeded = self.memory.exceeded(exclude)
-            except OSError:
-                # It cannot measure itself (its job lowered RLIMIT_NOFILE, say):
-                # the job's result goes back, and the worker leaves.
+            except Exception:  # noqa: BLE001 - whatever stops the measuring
+                # It cannot measure itself (its job lowered RLIMIT_NOFILE, or
+                # left /proc unreadable, say): the job's result goes back, and
+                # the worker leaves.
                 exceeded = True
             if exceeded:
                 return p.Retire.MEMORY, None

@@ -746,6 +746,25 @@ def test_a_worker_death_with_a_chunk_queued_names_the_running_chunk(run, worker_
     run(main)
 
 
+def test_an_item_that_ends_its_worker_cleanly_with_a_chunk_queued_runs_once(run, worker_type, tmp_path, sent_ahead):
+    """os._exit(0) in an item, the next chunk unread behind it: the unread
+    data resets the channel, which without a queued chunk means "left before
+    reading the job" (it goes elsewhere). Here the item ended the worker: it
+    fails the map and is not run again on another worker (it was)."""
+
+    async def main():
+        limiter = anyio.CapacityLimiter(1)
+        fn = functools.partial(mapfns.count_then_exit_cleanly_on, str(tmp_path), 3, 0.002)
+        async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+            with anyio.fail_after(HANG), pytest.raises(tpf.BrokenWorkerError, match="exit code 0"):
+                await ctx.map(fn, range(8), chunksize=1, limiter=limiter)
+            assert_quiet(ctx, limiter)
+        assert (tmp_path / "3").read_text().count("\n") == 1
+        assert sent_ahead[0] > 0
+
+    run(main)
+
+
 @pytest.mark.parametrize("kill_on_cancel", [False, True])
 def test_cancelling_a_map_with_a_chunk_queued_leaves_nothing(run, tmp_path, sent_ahead, kill_on_cancel):
     """Without kill_on_cancel the running chunk and the one queued behind it

@@ -92,6 +92,8 @@ class TemplateProcess:
             raise template_start_error(self._settings.preload, cause=cause) from cause
         code = self._popen.wait()
         self.close(0)
+        if self._aborted:
+            raise BrokenPipeError("this worker context is closed")  # abort() killed it: not a failed preload
         raise template_start_error(self._settings.preload, pid=self.pid, exitcode=code) from None
 
     def alive(self) -> bool:

@@ -203,17 +203,20 @@ class PooledWorker:
         """Move to the state the lifecycle table gives (the pool holds its lock)."""
         self.state = next_worker_state(self.state, event)
 
-    async def send_job(self, job: p.Job) -> bool:
+    async def send_job(self, job: p.Job, ahead: bool = False) -> bool:
         """Send a job; False if the worker closed its end. ``job`` is not
-        changed: a job that never ran goes to another worker as it is."""
+        changed: a job that never ran goes to another worker as it is.
+        ``ahead``: a job of ours is running (`send_job_ahead`)."""
         fd = -1
         area = self.area
         if area is not None:
             with area.trim_lock:  # see _Trimmer
                 area.busy = True
                 area.trimmed = False
-        if self._area_settings is not None and (
-            job.buffers or self._area_wanted or (area is not None and area.wants_window())
+        if (
+            self._area_settings is not None
+            and not ahead
+            and (job.buffers or self._area_wanted or (area is not None and area.wants_window()))
         ):
             job_parts, fd = self._through_area(job)
         else:
@@ -267,10 +270,14 @@ class PooledWorker:
 
     async def send_job_ahead(self, job: p.Job) -> bool:
         """`send_job`, with a job of ours still running (a map's lease, see
-        ``lease``): the area stays busy until its reply too."""
+        ``lease``): the area stays busy until its reply too. Always by the
+        socket, even if the area wants a new window since `can_send_ahead`
+        looked (a lent result released meanwhile, by the garbage collector or
+        another thread): placing one now could put it where the running job
+        writes its result."""
         if self.area is not None:
             self.jobs_ahead += 1
-        return await self.send_job(job)
+        return await self.send_job(job, ahead=True)
 
     def _through_area(self, job: p.Job) -> tuple[list[bytes | memoryview], int]:
         """The job's frame parts, with its buffers moved into the area if they

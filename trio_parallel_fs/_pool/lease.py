@@ -68,6 +68,7 @@ class WorkerLease:
         self._sent: deque[tuple[p.Job, bool]] = deque()  # (job, delivered whole), no reply yet
         self._unsent: deque[p.Job] = deque()  # jobs in flight whose worker left before reading them
         self._counted = False  # counted in the pool's ``running``
+        self._closing = False  # in `close`: jobs to send again are dropped, not sent
 
     @property
     def in_flight(self) -> int:
@@ -81,10 +82,12 @@ class WorkerLease:
 
     def drop_unsent(self) -> bool:
         """Drop the oldest job in flight if its worker left without reading
-        it (it would go to another worker): True if so."""
-        if self._sent or not self._unsent:
+        it (it would go to another worker), or if none is in flight (it was
+        lost with a worker killed by an error of the lane's): True if so."""
+        if self._sent:
             return False
-        self._unsent.popleft()
+        if self._unsent:
+            self._unsent.popleft()
         return True
 
     async def send(self, job: p.Job) -> None:
@@ -118,6 +121,9 @@ class WorkerLease:
         pool = self._pool
         while True:
             if not self._sent:
+                if self._closing:
+                    self._unsent.clear()  # nobody reads their outcomes: they never run
+                    return None
                 await self._send_again()
             worker = self._worker
             assert worker is not None
@@ -132,11 +138,17 @@ class WorkerLease:
                     pool._end(worker, WorkerEvent.DIED, "died")
                 raise pool._broken(info, self._fn, worker) from None
             if isinstance(event, p.Closed):
+                # With a job queued behind this one, a reset and a clean exit
+                # mean this job ended the worker (os._exit(0)), not that it
+                # left unread: it must not run again elsewhere.
+                queued_behind = len(self._sent) > 1
                 self._sent.popleft()
                 self._left_unread(worker)
                 # Raises BrokenWorkerError, unless the job never reached the
                 # worker: then it goes again, as in WorkerPool.run.
-                await pool._died(worker, self._fn, fail_call=delivered or not worker.init_done)
+                await pool._died(
+                    worker, self._fn, fail_call=delivered or not worker.init_done, queued_behind=queued_behind
+                )
                 self._unsent.appendleft(job)
                 continue
             if isinstance(event, p.Bye):
@@ -166,6 +178,7 @@ class WorkerLease:
     async def close(self) -> None:
         """Wait for the jobs sent (their outcomes dropped), drop those to
         send again, and give the worker back. Shield it from cancellation."""
+        self._closing = True
         self._unsent.clear()
         try:
             while self._sent:
@@ -177,6 +190,12 @@ class WorkerLease:
         finally:
             pool = self._pool
             worker = self._worker
+            if worker is not None and self._sent:
+                # Interrupted (KeyboardInterrupt) with a reply of ours unread
+                # in it: on the idle stack, the next call would read that
+                # reply as its own. It goes instead.
+                await self._kill(worker)
+                worker = None
             self._worker = None
             with pool._lock:
                 if worker is not None:

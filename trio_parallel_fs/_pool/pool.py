@@ -466,31 +466,43 @@ class WorkerPool:
             in_init=not worker.init_done and self.config.init is not bool,
         )
 
-    async def _died(self, worker: PooledWorker, fn: object, fail_call: bool = True) -> None:
+    async def _died(
+        self, worker: PooledWorker, fn: object, fail_call: bool = True, queued_behind: bool = False
+    ) -> None:
         """The worker's channel closed: wait for its exit report, let it go and,
-        with ``fail_call``, raise the BrokenWorkerError that says how it died."""
+        with ``fail_call``, raise the BrokenWorkerError that says how it died.
+        ``queued_behind``: a job of ours waited unread behind the one it ran
+        (a map's lease), so a reset says nothing about that one."""
         # All of it shielded: under asyncio a cancel held off by the shield is
         # raised as it is left, and the worker must be let go and counted first.
         with _loops.CancelScope(shield=True):
             info = ExitInfo(pid=worker.process.pid, exitcode=None)
-            with _loops.move_on_after(ANSWER_TIMEOUT):
-                info = await worker.process.wait()
-            if not worker.process.has_exited():
-                # Its channel closed, yet it lives on: its job closed the
-                # channel's fd (os.closerange) and runs on. Kill it alone;
-                # give up on its template only if that is not answered.
-                worker.process.kill()
+            try:
                 with _loops.move_on_after(ANSWER_TIMEOUT):
-                    info = attrs.evolve(await worker.process.wait(), channel_closed=True)
-            if not worker.process.has_exited():
-                info = worker.process.give_up()
+                    info = await worker.process.wait()
+                if not worker.process.has_exited():
+                    # Its channel closed, yet it lives on: its job closed the
+                    # channel's fd (os.closerange) and runs on. Kill it alone;
+                    # give up on its template only if that is not answered.
+                    worker.process.kill()
+                    with _loops.move_on_after(ANSWER_TIMEOUT):
+                        info = attrs.evolve(await worker.process.wait(), channel_closed=True)
+                if not worker.process.has_exited():
+                    info = worker.process.give_up()
+            except BaseException:
+                # Interrupted (KeyboardInterrupt: the shield holds off only
+                # cancellation): let it go all the same, or it stays BUSY
+                # with its channel open, which no close would end.
+                with self._lock:
+                    self._end(worker, WorkerEvent.DIED, "died")
+                raise
             # A worker that exits while data of ours waits unread in its socket
             # resets the connection, and on Windows the reset drops what it sent
             # last and we had not read yet: the Bye of a worker whose idle timeout
             # fired as the job arrived. A reset and a clean exit say the same as
             # that Bye: the job was never read (a job that ends its worker with
             # exit code 0 has read everything we sent, so its exit brings no reset).
-            left_unread = worker.reset_seen and worker.init_done and info.exitcode == 0
+            left_unread = worker.reset_seen and worker.init_done and info.exitcode == 0 and not queued_behind
             with self._lock:
                 if left_unread:
                     self._end(worker, WorkerEvent.LEFT, "idle")
