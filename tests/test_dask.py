@@ -17,6 +17,7 @@ import time
 from multiprocessing import resource_tracker
 from pathlib import Path
 
+import anyio
 import distributed
 import psutil
 import pytest
@@ -85,10 +86,11 @@ def plugin_names(dask_scheduler: object) -> list[str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def no_leftovers():
+def no_leftovers(uvloop_if_installed):
     """This file's version of conftest's check: a cluster kept for the whole
     module would trip a per-test check, so the check is per module, after
-    the cluster has closed."""
+    the cluster has closed. (uvloop's pipe of the process, opened by its
+    first loop, is opened before the snapshot: see uvloop_if_installed.)"""
     # multiprocessing's helper process (and the pipe to it), which the nannies'
     # spawning starts on first use and which lives as long as this interpreter:
     # started here, before the snapshot, it is not one of the cluster's.
@@ -922,3 +924,82 @@ def test_under_asyncio_results_errors_and_both_cancellations(client, tmp_path):
             assert "trio" not in type(ctx.limiter).__module__
 
     asyncio.run(asyncio.wait_for(main(), 90))
+
+
+# --- under asyncio, on the program's own loop (an asynchronous Client) ----------------------
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def aio_run(request, uvloop_if_installed):
+    """Run an async function in a new asyncio loop, or uvloop's."""
+    if request.param == "uvloop" and uvloop_if_installed is None:
+        pytest.skip("uvloop is not installed (the test extra has it, but not on Windows)")
+
+    def run(async_fn, *args):
+        options = {"use_uvloop": request.param == "uvloop"}
+        return anyio.run(async_fn, *args, backend="asyncio", backend_options=options)
+
+    return run
+
+
+#: Threads of the module's LocalCluster, whose scheduler and nannies run in
+#: this process: Dask's one offload thread of the process, which the
+#: scheduler starts on its first graph; a nanny's, when it starts a worker
+#: process (in place of one killed).
+CLUSTER_THREADS = ("Dask-Offload", "AsyncProcess ", "QueueFeederThread")
+
+
+def new_threads(before: set[threading.Thread]) -> list[str]:
+    """Threads started since ``before`` that still run, but the cluster's (a
+    Client's loop thread is "IO loop"; asyncio's executor's, "asyncio_0"...)."""
+    return sorted(
+        thread.name
+        for thread in set(threading.enumerate()) - before
+        if thread.is_alive() and not thread.name.startswith(CLUSTER_THREADS)
+    )
+
+
+def test_under_asyncio_an_address_gets_a_client_on_the_programs_loop_and_no_thread(aio_run, cluster, tmp_path):
+    """Given an address under asyncio, the context connects an asynchronous
+    Client on the running loop (no loop thread, no thread per call) and
+    closes it at exit; values, a job's error, map and imap, a shielded call a
+    timeout lets finish, kill_on_cancel stopping the job's worker process,
+    and the statistics, as with a synchronous client."""
+    import asyncio
+
+    import mapfns
+
+    async def main():
+        before = set(threading.enumerate())
+        async with open_dask_context(cluster.scheduler_address) as ctx:
+            own = ctx.client
+            assert own.asynchronous and own.loop.asyncio_loop is asyncio.get_running_loop()
+            assert await ctx.run_sync(pow, 2, 10) == 1024
+            with pytest.raises(JobFailed, match="^job failed on 3$") as caught:
+                await ctx.run_sync(fail, 3)
+            assert "in nested" in caught.value.__cause__.text
+            assert await ctx.map(mapfns.square, range(500)) == [x * x for x in range(500)]
+            async with ctx.imap(pow, [2, 3], [3, 2], ordered=False) as results:
+                assert sorted([r async for r in results]) == [8, 9]
+            # Shielded: the job runs to its end, then the timeout takes effect.
+            completed = ctx.statistics().completed_jobs
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ctx.run_sync(nap, 1.0), 0.2)
+            assert ctx.statistics().completed_jobs == completed + 1
+            pid_file = tmp_path / "pid"
+            call = asyncio.ensure_future(ctx.run_sync(spin, str(pid_file), 600, kill_on_cancel=True))
+            while not pid_file.exists() or not pid_file.read_text():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert not wait_until_gone({int(pid_file.read_text())}, 10)
+            assert new_threads(before) == []
+            stats = ctx.statistics()
+        assert own.status == "closed"
+        assert new_threads(before) == []
+        return stats
+
+    stats = aio_run(main)
+    assert (stats.failed_jobs, stats.killed_jobs, stats.restarted_workers, stats.running_jobs) == (1, 1, 1, 0)
+    assert stats.scheduler_address == cluster.scheduler_address
