@@ -1003,3 +1003,140 @@ def test_under_asyncio_an_address_gets_a_client_on_the_programs_loop_and_no_thre
     stats = aio_run(main)
     assert (stats.failed_jobs, stats.killed_jobs, stats.restarted_workers, stats.running_jobs) == (1, 1, 1, 0)
     assert stats.scheduler_address == cluster.scheduler_address
+
+
+def test_under_asyncio_an_asynchronous_client_passed_in_is_used_on_the_loop_and_stays_open(aio_run, cluster):
+    """An asynchronous Client the program made on its loop: the context runs
+    its jobs there (no thread), and leaves it open."""
+    import asyncio
+
+    async def main():
+        before = set(threading.enumerate())
+        async with distributed.Client(cluster.scheduler_address, asynchronous=True, set_as_default=False) as client:
+            async with open_dask_context(client) as ctx:
+                assert ctx.client is client
+                assert await ctx.run_sync(pow, 2, 3) == 8
+                # Shielded without kill_on_cancel: the job ends, then the cancellation.
+                call = asyncio.ensure_future(ctx.run_sync(nap, 1.0))
+                await asyncio.sleep(0.2)
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+                stats = ctx.statistics()
+                assert new_threads(before) == []
+            assert client.status == "running"
+            assert await client.submit(pow, 2, 4) == 16
+            with pytest.raises(anyio.ClosedResourceError, match="this Dask context is closed"):
+                await ctx.run_sync(pow, 2, 3)
+        return stats
+
+    stats = aio_run(main)
+    assert (stats.submitted_jobs, stats.completed_jobs, stats.killed_jobs, stats.running_jobs) == (2, 2, 0, 0)
+    assert (stats.workers, stats.total_threads) == (2, 2)
+
+
+def test_an_asynchronous_client_of_another_loop_is_refused(cluster):
+    """Its coroutines run on its own loop only: under Trio any asynchronous
+    client is refused, under asyncio one made on another loop."""
+    import asyncio
+
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever, name="the other loop")
+    thread.start()
+
+    async def connect():
+        return await distributed.Client(cluster.scheduler_address, asynchronous=True, set_as_default=False)
+
+    try:
+        client = asyncio.run_coroutine_threadsafe(connect(), other).result(60)
+        try:
+
+            async def open_it():
+                async with open_dask_context(client):
+                    pass  # pragma: no cover
+
+            with pytest.raises(
+                TypeError, match=r"^open_dask_context under Trio needs a synchronous distributed\.Client"
+            ):
+                trio.run(open_it)
+            with pytest.raises(
+                TypeError,
+                match=r"^the asynchronous distributed\.Client given to open_dask_context runs on another event loop",
+            ):
+                asyncio.run(open_it())
+        finally:
+
+            async def close():
+                await client.close()
+
+            asyncio.run_coroutine_threadsafe(close(), other).result(60)
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        thread.join()
+        other.close()
+
+
+def test_under_asyncio_a_local_cluster_of_the_programs_loop(aio_run):
+    """A LocalCluster made on the program's loop (asynchronous=True, its
+    workers in this process), and a client of its own on that loop."""
+
+    async def main():
+        async with distributed.LocalCluster(
+            asynchronous=True, processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0"
+        ) as cluster:
+            async with open_dask_context(cluster.scheduler_address) as ctx:
+                assert ctx.client.asynchronous
+                assert await ctx.map(pow, [2, 3, 4], [2, 2, 2]) == [4, 9, 16]
+                with pytest.raises(JobFailed, match="^job failed on 1$"):
+                    await ctx.run_sync(fail, 1)
+                assert ctx.limiter.total_tokens == 2
+                stats = ctx.statistics()
+            assert ctx.client.status == "closed"
+        return stats
+
+    stats = aio_run(main)
+    assert (stats.workers, stats.total_threads, stats.failed_jobs, stats.running_jobs) == (1, 2, 1, 0)
+
+
+def test_under_asyncio_a_wrong_address_is_named_and_leaves_no_thread(aio_run):
+    """The same errors as under Trio; the half-made asynchronous client is
+    closed (a cancelled connect's too), and no thread was started."""
+    import asyncio
+
+    async def main():
+        before = set(threading.enumerate())
+        with pytest.raises(
+            ValueError,
+            match=r"^open_dask_context could not read the Dask scheduler address '127\.0\.0\.1:8786x': invalid literal",
+        ):
+            async with open_dask_context("127.0.0.1:8786x"):
+                pass  # pragma: no cover
+        with pytest.raises(
+            OSError,
+            match=(
+                rf"^open_dask_context could not connect to the Dask scheduler at '{UNREACHABLE}' "
+                r"within connect_timeout=1\.5 s \(OSError: Timed out trying to connect"
+            ),
+        ):
+            async with open_dask_context(UNREACHABLE, connect_timeout=1.5):
+                pass  # pragma: no cover
+
+        async def open_unreachable():
+            async with open_dask_context(UNREACHABLE, connect_timeout=30):
+                pass  # pragma: no cover
+
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(open_unreachable(), 0.5)
+        assert new_threads(before) == []
+
+    aio_run(main)
+
+
+def test_under_asyncio_a_failing_preload_raises_at_open_and_leaves_no_plugin(aio_run, cluster, client):
+    async def main():
+        with pytest.raises(ImportError, match=r"could not preload \['no_such_module_here'\] on the Dask workers"):
+            async with open_dask_context(cluster.scheduler_address, preload=["no_such_module_here"]):
+                pass  # pragma: no cover
+
+    aio_run(main)
+    assert not [name for name in client.run_on_scheduler(plugin_names) if "trio_parallel_fs" in name]
