@@ -898,9 +898,10 @@ def test_map_and_imap_under_asyncio(client):
 
 
 def test_under_asyncio_results_errors_and_both_cancellations(client, tmp_path):
-    """The same context in a program started with asyncio.run: values, a job's
-    error, a shielded call that a timeout lets finish (the CancelledError
-    comes after it), and kill_on_cancel stopping the job's worker process."""
+    """The same context in a program started with asyncio.run, given the
+    synchronous client (its loop in a thread): values, a job's error, a
+    shielded call that a timeout lets finish (the CancelledError comes after
+    it), and kill_on_cancel stopping the job's worker process."""
     import asyncio
 
     async def main():
