@@ -14,6 +14,13 @@ the two ways (each round takes them in a new random order):
   items as Dask tasks, at most one per Dask thread at once) against
   ``client.map`` and ``client.gather`` (one task per item, all submitted at once).
 
+Then, in one ``asyncio.run`` on the same cluster, the trivial call and the
+fan-out again, from asyncio: ``ctx.run_sync`` of a context opened with the
+scheduler's address (an asynchronous client on the program's loop: no thread)
+and of one given the synchronous client (its loop in a thread), against
+``await client.submit(fn)`` and ``await client.gather(client.map(...))`` of an
+asynchronous client, the way to call Dask from asyncio without this package.
+
 Prints the medians and the ratios. The job functions come from
 ``bench/jobs.py``, which the workers import (run this from the repository root).
 """
@@ -21,6 +28,7 @@ Prints the medians and the ratios. The job functions come from
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import logging
 import os
@@ -99,6 +107,47 @@ async def measure(
         }
 
 
+async def measure_asyncio(
+    address: str, sync_client: Any, calls: int, jobs_count: int, rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    from distributed import Client
+
+    from trio_parallel_fs.dask import open_dask_context
+
+    preload = ["numpy", "scipy.linalg", "bench.jobs"]
+    async with (
+        Client(address, asynchronous=True, set_as_default=False) as client,
+        open_dask_context(address, preload=preload) as ours,
+        open_dask_context(sync_client, preload=preload) as threaded,
+    ):
+        for _ in range(5):  # warm up every way
+            await ours.run_sync(jobs.numpy_scipy_job, 0)
+            await threaded.run_sync(jobs.trivial)
+            await client.submit(jobs.trivial, pure=False)
+
+        async def fan_out_of(ctx: Any) -> None:
+            await asyncio.gather(*(ctx.run_sync(jobs.numpy_scipy_job, seed) for seed in range(jobs_count)))
+
+        per_call_ways: dict[str, Callable[[], Awaitable[object]]] = {
+            "raw await client.submit(fn)": lambda: client.submit(jobs.trivial, pure=False),
+            "ctx.run_sync, address": lambda: ours.run_sync(jobs.trivial),
+            "ctx.run_sync, sync Client": lambda: threaded.run_sync(jobs.trivial),
+        }
+        fan_out_ways: dict[str, Callable[[], Awaitable[object]]] = {
+            "raw await gather(map)": lambda: client.gather(
+                client.map(jobs.numpy_scipy_job, range(jobs_count), pure=False)
+            ),
+            "ctx.run_sync x N, address": lambda: fan_out_of(ours),
+            "ctx.run_sync x N, sync Client": lambda: fan_out_of(threaded),
+        }
+        return {
+            "asyncio: per call, trivial function": await interleaved(per_call_ways, calls),
+            f"asyncio: fan-out of {jobs_count} numpy/scipy jobs, default limiter": await interleaved(
+                fan_out_ways, rounds
+            ),
+        }
+
+
 def report(results: dict[str, dict[str, list[float]]]) -> str:
     lines = []
     for case, samples in results.items():
@@ -138,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         print(f"Dask LocalCluster: {args.workers} worker processes x 1 thread; Python {sys.version.split()[0]}")
         results = trio.run(measure, client, args.calls, args.jobs, args.rounds, args.items)
+        results |= asyncio.run(measure_asyncio(cluster.scheduler_address, client, args.calls, args.jobs, args.rounds))
     print(report(results))
     return 0
 

@@ -11,12 +11,17 @@ Needs the ``dask`` extra (``pip install '.[dask]'`` from a checkout,
     async with open_dask_context("tcp://scheduler:8786", preload=["numpy"]) as ctx:
         result = await ctx.run_sync(fn, *args)
 
-Theory of operation: a synchronous ``distributed.Client`` runs its own asyncio
-event loop in a thread. Each call hands that loop one coroutine (``_backends.dask.job``)
-that submits ``fn(*args)``, waits for the task and fetches the result; when it
-ends, its done-callback wakes the Trio task through the run's
-`trio.lowlevel.TrioToken` (``_backends.dask.bridge``). No thread is blocked per call,
-and no asyncio runs in Trio's thread. A `trio.CapacityLimiter` sized to the
+Theory of operation: each call hands the client's event loop one coroutine
+(``_backends.dask.job``) that submits ``fn(*args)``, waits for the task and
+fetches the result, and the calling task waits for that coroutine
+(``_backends.dask.bridge``). Under Trio the client is a synchronous
+``distributed.Client``, whose asyncio loop runs in a thread of its own: the
+coroutine's end wakes the Trio task through the run's
+`trio.lowlevel.TrioToken`, and no asyncio runs in Trio's thread. Under asyncio
+the context's client is an asynchronous one (``asynchronous=True``) on the
+caller's own loop, where the coroutine is a task: no thread at all (a
+synchronous client passed in still works, through its thread). No thread is
+blocked per call either way. A `trio.CapacityLimiter` sized to the
 cluster's threads keeps at most one job per Dask thread in flight; a
 background task polls the scheduler and resizes it as workers come and go.
 Dask cannot stop a thread that runs a job, so cancelling with
@@ -26,11 +31,12 @@ nanny starts a fresh one (``_kill``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -52,7 +58,7 @@ from _trio_parallel_fs_worker import _chunks
 # BrokenWorkerError by its public name: the private modules behind it may move.
 from . import BrokenWorkerError, _loops
 from ._backends.dask import worker as _dask_worker
-from ._backends.dask.bridge import LoopBridge
+from ._backends.dask.bridge import LoopBridge, SameLoopBridge
 from ._backends.dask.job import Job, cancel_job, run_job, unwrap
 from ._backends.dask.logs import RESTARTING, STILL_ALIVE, DaskLogFilter, quieted
 from ._calls import RESUBMIT, RunnerClosed, call, wait_for_running_calls
@@ -151,8 +157,9 @@ async def _kill_through_nannies(client: Any, workers: list[str]) -> dict[str, An
 class DaskContext(ContextMaps):
     """Runs jobs on one Dask cluster, through one client.
 
-    Made by `open_dask_context`, not directly. It belongs to the Trio run that
-    opened it (its limiter is a `trio.CapacityLimiter`).
+    Made by `open_dask_context`, not directly. It belongs to the Trio run (or
+    asyncio event loop) that opened it (its limiter is a `trio.CapacityLimiter`,
+    or an `anyio.CapacityLimiter` under asyncio).
     """
 
     def __init__(self, client: Client, preload: tuple[str, ...], *, _private: bool = False) -> None:
@@ -160,10 +167,17 @@ class DaskContext(ContextMaps):
             raise TypeError("use open_dask_context() to make a DaskContext")
         self.client = client
         self.preload = preload
-        loop: Any = client.loop  # a tornado IOLoop around the asyncio loop of the client's thread
         scheduler: Any = client.scheduler
         self.scheduler_address: str = scheduler.address
-        self._bridge = LoopBridge(loop.asyncio_loop)
+        # Whether the client is an asynchronous one on this asyncio loop (else
+        # a synchronous one, whose loop runs in a thread of its own).
+        self._here = _runs_here(client)
+        self._bridge: LoopBridge | SameLoopBridge
+        if self._here:
+            self._bridge = SameLoopBridge()
+        else:
+            loop: Any = client.loop  # a tornado IOLoop around the asyncio loop of the client's thread
+            self._bridge = LoopBridge(loop.asyncio_loop)
         self._run = _loops.current().current_run()  # the trio.run or asyncio loop that opened it
         self._limiter: trio.CapacityLimiter | anyio.CapacityLimiter = _loops.current().CapacityLimiter(1)
         self._nthreads: dict[str, int] = {}
@@ -423,12 +437,11 @@ class DaskContext(ContextMaps):
         self._set_workers(await self._bridge.run(_nthreads, self.client))
         name = f"trio_parallel_fs-context-{uuid.uuid4().hex}"
         plugin = _dask_worker.ContextPlugin(self.preload)
-        register = functools.partial(self.client.register_plugin, plugin, name=name)
         try:
             # Registered once: the scheduler hands it to every worker that joins later.
-            await _loops.to_thread_run_sync(register)
+            await _call_client(self._here, functools.partial(self.client.register_plugin, plugin, name=name))
         except Exception as exc:  # noqa: BLE001 - whatever the import raised on a worker
-            await _loops.to_thread_run_sync(functools.partial(self.client.unregister_worker_plugin, name))
+            await _call_client(self._here, functools.partial(self.client.unregister_worker_plugin, name))
             if not self.preload:
                 raise
             raise ImportError(
@@ -445,9 +458,45 @@ class DaskContext(ContextMaps):
             if self._plugin_name is not None:
                 try:
                     unregister = functools.partial(self.client.unregister_worker_plugin, self._plugin_name)
-                    await _loops.to_thread_run_sync(unregister)
+                    await _call_client(self._here, unregister)
                 except Exception:  # noqa: BLE001 - a cluster that is gone keeps no plugin
                     pass
+
+
+def _runs_here(client: Client) -> bool:
+    """Whether ``client`` runs on the asyncio loop that runs this task: an
+    asynchronous client made on it. (Under Trio no asyncio loop runs here.)"""
+    loop: Any = client.loop
+    try:
+        return loop.asyncio_loop is asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+async def _await_shielded(awaitable: Awaitable[T]) -> T:
+    """Await an asynchronous client's coroutine to its end, holding off any
+    cancellation until then, as a thread does a synchronous client's call.
+
+    In a task of its own, waited for by the library's rules: awaited here,
+    asyncio would throw a cancellation into Dask's coroutine halfway (a plugin
+    registered but not known to us, a close half done).
+    """
+    with _loops.CancelScope(shield=True):
+        result: T = await SameLoopBridge().start(_awaited, awaitable).wait()
+    return result
+
+
+async def _call_client(here: bool, method: Callable[[], Any]) -> Any:
+    """``method()``, a Client method that blocks the caller of a synchronous
+    client (so it runs in a thread) and returns a coroutine on an asynchronous
+    one on this loop (``here``: awaited on the loop). Not cancellable."""
+    if here:
+        return await _await_shielded(method())
+    return await _loops.to_thread_run_sync(method)
 
 
 def _new_client(address: str, connect_timeout: float) -> Client:
@@ -483,8 +532,23 @@ def _discard(client: Client, timeout: float) -> None:
             runner.stop()
 
 
+async def _new_client_here(address: str, connect_timeout: float) -> Client:
+    """``await Client(address, asynchronous=True)``, on this asyncio loop: no
+    thread. A client whose connect fails (or is cancelled) is closed."""
+    client = Client(address, asynchronous=True, set_as_default=False, timeout=connect_timeout)  # type: ignore[no-untyped-call]
+    try:
+        await SameLoopBridge().run(_awaited, client)  # cancellable: nothing is ours yet
+    except BaseException:
+        with contextlib.suppress(Exception):  # whatever it got to build
+            await _call_client(True, client.close)
+        raise
+    return client
+
+
 async def _connect_to(address: str, connect_timeout: float) -> Client:
     try:
+        if _loops.current().name == "asyncio":
+            return await _new_client_here(address, connect_timeout)
         return await _loops.to_thread_run_sync(functools.partial(_new_client, address, connect_timeout))
     except ValueError as exc:
         # Dask's own text says what it could not read (the port, the scheme...).
@@ -513,10 +577,19 @@ async def _connect(client_or_address: Client | str, connect_timeout: float) -> t
     if isinstance(client_or_address, str):
         return await _connect_to(client_or_address, connect_timeout), True
     if isinstance(client_or_address, Client):
-        if client_or_address.asynchronous:
+        # Client says how it was made only through this attribute (its
+        # ``asynchronous`` property says whether this thread runs its loop).
+        if getattr(client_or_address, "_asynchronous", False) and not _runs_here(client_or_address):
+            if _loops.current().name == "trio":
+                raise TypeError(
+                    "open_dask_context under Trio needs a synchronous distributed.Client (its own event "
+                    "loop in a thread), not an asynchronous one: make it with Client(address), or pass "
+                    "the scheduler's address"
+                )
             raise TypeError(
-                "open_dask_context needs a synchronous distributed.Client (its own event loop in a "
-                "thread), not an asynchronous one; make it with Client(address) outside asyncio"
+                "the asynchronous distributed.Client given to open_dask_context runs on another event "
+                "loop than this one: make it on this loop (await Client(address, asynchronous=True)), "
+                "or pass a synchronous Client or the scheduler's address"
             )
         if client_or_address.status != "running":
             raise _loops.closed_resource_error(
@@ -541,10 +614,12 @@ async def open_dask_context(
     """Open a `DaskContext` that runs jobs on a Dask cluster.
 
     Args:
-        client_or_address: A connected synchronous ``distributed.Client``,
-            which the context uses and leaves open; or a scheduler address
-            (``"tcp://host:8786"``), to which the context connects its own
-            client and closes it at exit.
+        client_or_address: A connected ``distributed.Client``, which the
+            context uses and leaves open: a synchronous one, or under asyncio
+            also an asynchronous one made on the running loop; or a scheduler
+            address (``"tcp://host:8786"``), to which the context connects
+            its own client (under asyncio an asynchronous one, on the
+            running loop) and closes it at exit.
         preload: Modules every worker imports before its first job: the
             workers there now, and those that join later (a Dask worker
             plugin, removed at exit). A module that fails to import on a
@@ -561,8 +636,9 @@ async def open_dask_context(
     plugin.
 
     Raises:
-        TypeError: ``client_or_address`` is neither a synchronous Client nor
-            a string, or ``preload`` is not a list of module names.
+        TypeError: ``client_or_address`` is neither a Client nor a string,
+            or is an asynchronous Client of another event loop (any, under
+            Trio), or ``preload`` is not a list of module names.
         ValueError: a ``preload`` entry is not an absolute module name.
         ValueError: the address is not one Dask can read (``"127.0.0.1:8786x"``).
         ImportError: a preload failed on a worker; its exception is the cause.
@@ -593,4 +669,4 @@ async def open_dask_context(
     finally:
         if owned:
             with _loops.CancelScope(shield=True):
-                await _loops.to_thread_run_sync(client.close)
+                await _call_client(_runs_here(client), client.close)

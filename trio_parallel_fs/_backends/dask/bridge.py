@@ -1,18 +1,25 @@
 """Await coroutines that run on a Dask client's event loop, from Trio or asyncio.
 
-Theory of operation: a synchronous ``distributed.Client`` runs its own asyncio
-event loop in a thread of its own, and everything it does on the network
-happens there. To wait for something the client does (a job's result, a reply
-from the scheduler) a task hands a coroutine to that loop with
-``asyncio.run_coroutine_threadsafe``, then waits for its concurrent future
-(``_loops``' ``wait_concurrent``): under Trio it sleeps on a `trio.Event` that
-the future's done-callback, on the client's loop thread, sets through the run's
-`trio.lowlevel.TrioToken`; under asyncio on a future of its own loop, woken
-with ``call_soon_threadsafe``.
+Theory of operation: everything a ``distributed.Client`` does on the network
+happens on its asyncio event loop. To wait for something the client does (a
+job's result, a reply from the scheduler) a task starts a coroutine on that
+loop and waits for it by the library's cancellation rules (``_loops``). Where
+the client's loop is depends on the client:
 
-So a call blocks no thread while it waits, and no asyncio runs inside Trio
-(the trio-asyncio route). The two loops meet at two thread-safe queue
-operations per call: one to start the coroutine, one to wake the waiting task.
+* A synchronous ``Client`` runs its loop in a thread of its own (`LoopBridge`),
+  under Trio or asyncio. The coroutine goes there with
+  ``asyncio.run_coroutine_threadsafe``, and the task waits for its concurrent
+  future (``_loops``' ``wait_concurrent``): under Trio it sleeps on a
+  `trio.Event` that the future's done-callback, on the client's loop thread,
+  sets through the run's `trio.lowlevel.TrioToken`; under asyncio on a future
+  of its own loop, woken with ``call_soon_threadsafe``. The two loops meet at
+  two thread-safe queue operations per call: one to start the coroutine, one
+  to wake the waiting task. No asyncio runs inside Trio (the trio-asyncio route).
+* An asynchronous ``Client`` (``asynchronous=True``) runs on the asyncio loop
+  that runs the caller (`SameLoopBridge`): the coroutine becomes a task of
+  that loop, and the caller parks until the task is done. No thread at all.
+
+Either way a call blocks no thread while it waits.
 """
 
 from __future__ import annotations
@@ -20,41 +27,30 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Callable, Coroutine
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ... import _loops
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
-class Pending(Generic[T]):
+class Pending(Protocol[T_co]):
     """A coroutine started on the client's loop, awaitable from one task."""
 
-    def __init__(self, future: concurrent.futures.Future[T]) -> None:
-        self._future = future
-
-    async def wait(self) -> T:
+    async def wait(self) -> T_co:
         """The coroutine's return value, or its exception raised here.
 
         Cancellable; the coroutine keeps running unless `cancel` is called.
         """
-        await _loops.current().wait_concurrent(self._future)
-        return self._future.result()
 
     def cancel(self) -> None:
-        """Cancel the coroutine on the client's loop (thread-safe, does not wait)."""
-        self._future.cancel()
+        """Cancel the coroutine on the client's loop (does not wait)."""
 
 
-class LoopBridge:
-    """Starts coroutines on a Dask client's event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-
+class _Bridge:
     def start(self, async_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> Pending[T]:
-        """Run ``async_fn(*args)`` on the client's loop; return a handle to await it."""
-        return Pending(asyncio.run_coroutine_threadsafe(async_fn(*args), self._loop))
+        raise NotImplementedError
 
     async def run(self, async_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """Run ``async_fn(*args)`` on the client's loop and return its result.
@@ -67,3 +63,67 @@ class LoopBridge:
         except _loops.current().Cancelled:
             pending.cancel()
             raise
+
+
+class _InThread(Generic[T]):
+    def __init__(self, future: concurrent.futures.Future[T]) -> None:
+        self._future = future
+
+    async def wait(self) -> T:
+        await _loops.current().wait_concurrent(self._future)
+        return self._future.result()
+
+    def cancel(self) -> None:
+        self._future.cancel()  # thread-safe
+
+
+class LoopBridge(_Bridge):
+    """Starts coroutines on the event loop of a synchronous Client, in its thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def start(self, async_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> Pending[T]:
+        """Run ``async_fn(*args)`` on the client's loop; return a handle to await it."""
+        return _InThread(asyncio.run_coroutine_threadsafe(async_fn(*args), self._loop))
+
+
+class _Task(Generic[T]):
+    def __init__(self, task: asyncio.Task[T]) -> None:
+        self._task = task
+
+    async def wait(self) -> T:
+        # Parked by the library's rules (its shields and deadlines), not by
+        # awaiting the task: asyncio would cancel the task with its waiter.
+        lot = _loops.current().ParkingLot()
+        self._task.add_done_callback(lambda _: lot.unpark_all())
+        while not self._task.done():
+            await lot.park()
+        return self._task.result()
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+class SameLoopBridge(_Bridge):
+    """Starts coroutines as tasks of the running asyncio loop, an asynchronous Client's."""
+
+    def __init__(self) -> None:
+        # The loop keeps only weak references to its tasks: a job whose caller
+        # stopped waiting (a kill_on_cancel) must still run to its end.
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def start(self, async_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> Pending[T]:
+        """Run ``async_fn(*args)`` in a new task (it starts at the loop's next
+        pass, after the tasks started before it); return a handle to await it."""
+        task = asyncio.get_running_loop().create_task(async_fn(*args))
+        self._tasks.add(task)
+        task.add_done_callback(self._ended)
+        return _Task(task)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            # Seen as retrieved: its waiter (if any) raises it; a task nobody
+            # waits for any more is as a thread's concurrent future, silent.
+            task.exception()

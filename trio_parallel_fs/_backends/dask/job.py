@@ -1,14 +1,16 @@
-"""One job's life on the Dask client's event loop, and how it ends in Trio.
+"""One job's life on the Dask client's event loop, and how it ends for its caller.
 
 `run_job` runs on the client's loop (see ``bridge``): it submits the job,
 waits for it, fetches the result, and reduces it all to a `Settled` record.
-`unwrap` runs in Trio and turns the record into the value, the job's own
-exception with its remote traceback, or `BrokenWorkerError` when the worker
-died under the job.
+`unwrap` runs in the calling task and turns the record into the value, the
+job's own exception with its remote traceback, or `BrokenWorkerError` when
+the worker died under the job.
 
-Submitting on the loop rather than from the Trio thread saves one wake-up of
-the loop thread per call (measured: some 4 ms of 13 on a two-worker
-LocalCluster), and leaves the Trio thread free while Dask pickles arguments.
+With a synchronous client (its loop in a thread), submitting on the loop
+rather than from the caller's thread saves one wake-up of the loop thread per
+call (measured: some 4 ms of 13 on a two-worker LocalCluster), and leaves the
+caller's thread free while Dask pickles arguments. An asynchronous client's
+loop is the caller's: there `run_job` is a task of that loop.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ async def cancel_job(client: Any, job: Job) -> None:
 
 
 def unwrap(settled: Settled, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    """The job's value, or raise what it ended with (in the Trio thread)."""
+    """The job's value, or raise what it ended with (in the calling task)."""
     if settled.kind == VALUE:
         return settled.value
     error = settled.error
