@@ -313,6 +313,20 @@ async def spin_then_cancel(ctx, pid_file) -> bool:
     return scope.cancelled_caught
 
 
+async def spin_then_cancel_under_asyncio(ctx, pid_file) -> None:
+    """`spin_then_cancel` in asyncio's terms: task.cancel() once the job has
+    written its pid; the call ends cancelled and the job's process is gone."""
+    import asyncio
+
+    call = asyncio.ensure_future(ctx.run_sync(spin, str(pid_file), 600, kill_on_cancel=True))
+    while not pid_file.exists() or not pid_file.read_text():  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert not wait_until_gone({int(pid_file.read_text())}, 10)
+
+
 async def test_kill_on_cancel_kills_the_worker_process_and_frees_its_slot(client, tmp_path):
     pid_file = tmp_path / "pid"
     with trio.fail_after(90):
@@ -942,14 +956,7 @@ def test_under_asyncio_results_errors_and_both_cancellations(client, tmp_path):
                 await ctx.run_sync(fail, 3)
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(ctx.run_sync(nap, 1.0), 0.2)
-            pid_file = tmp_path / "pid"
-            call = asyncio.ensure_future(ctx.run_sync(spin, str(pid_file), 600, kill_on_cancel=True))
-            while not pid_file.exists() or not pid_file.read_text():  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-            call.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await call
-            assert not wait_until_gone({int(pid_file.read_text())}, 10)
+            await spin_then_cancel_under_asyncio(ctx, tmp_path / "pid")
             stats = ctx.statistics()
             assert (stats.completed_jobs, stats.failed_jobs, stats.killed_jobs) == (2, 1, 1)
             assert stats.restarted_workers == 1
@@ -1018,14 +1025,7 @@ def test_under_asyncio_an_address_gets_a_client_on_the_programs_loop_and_no_thre
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(ctx.run_sync(nap, 1.0), 0.2)
             assert ctx.statistics().completed_jobs == completed + 1
-            pid_file = tmp_path / "pid"
-            call = asyncio.ensure_future(ctx.run_sync(spin, str(pid_file), 600, kill_on_cancel=True))
-            while not pid_file.exists() or not pid_file.read_text():  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-            call.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await call
-            assert not wait_until_gone({int(pid_file.read_text())}, 10)
+            await spin_then_cancel_under_asyncio(ctx, tmp_path / "pid")
             assert new_threads(before) == []
             stats = ctx.statistics()
         assert own.status == "closed"
