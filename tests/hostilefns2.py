@@ -49,7 +49,8 @@ def close_every_fd_then_reuse(then: str) -> None:
 
 
 def channel_fd() -> int:
-    """The fd of this worker's channel: the socket whose peer is not ours."""
+    """The fd of this worker's channel: its one stream socket (a Unix one,
+    or over the loopback channel, TCP)."""
     import socket
 
     for name in os.listdir("/proc/self/fd"):
@@ -61,7 +62,8 @@ def channel_fd() -> int:
         if target.startswith("socket:"):
             sock = socket.socket(fileno=os.dup(fd))
             try:
-                if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+                stream_families = (getattr(socket, "AF_UNIX", None), socket.AF_INET, socket.AF_INET6)
+                if sock.family in stream_families and sock.type == socket.SOCK_STREAM:
                     return fd
             finally:
                 sock.close()
