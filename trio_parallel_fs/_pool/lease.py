@@ -8,7 +8,7 @@ reply, and the worker waits for it, which with every core busy may be a
 scheduler's time slice. A `WorkerLease` keeps one worker (BUSY, counted in
 ``running``) for as long as a map's lane holds it, and lets the lane send
 the next job before the reply to the one running has come (`send` while
-`in_flight` is 1, if `can_send_ahead`): the worker finishing job k finds job
+one job is in flight, if `can_send_ahead`): the worker finishing job k finds job
 k+1 in its socket and starts it at once, while the parent reads k's reply.
 Replies come back in order on the one connection, so `receive` pairs them
 with the jobs by position. ``run``'s one-job path is untouched.
@@ -69,11 +69,6 @@ class WorkerLease:
         self._unsent: deque[p.Job] = deque()  # jobs in flight whose worker left before reading them
         self._counted = False  # counted in the pool's ``running``
         self._closing = False  # in `close`: jobs to send again are dropped, not sent
-
-    @property
-    def in_flight(self) -> int:
-        """Jobs sent and not replied to, those to send again among them."""
-        return len(self._sent) + len(self._unsent)
 
     def can_send_ahead(self, job: p.Job) -> bool:
         """Whether `send` may send ``job`` now, with a job in flight."""
