@@ -100,21 +100,6 @@ async def test_module_level_map_and_imap_use_the_default_context():
     assert tpf.default_context_statistics().started_workers >= 1
 
 
-async def test_an_endless_input_is_never_materialised():
-    """Automatic chunks on an endless generator: breaking out after some results
-    ends the map, having read a bounded number of items."""
-    limiter = trio.CapacityLimiter(2)
-    source = Counted()
-    async with tpf.open_worker_context() as ctx:
-        with trio.fail_after(HANG):
-            async with ctx.imap(mapfns.square, source, limiter=limiter) as results:
-                async for result in results:
-                    if result >= 10**6:
-                        break
-        assert_quiet(ctx, limiter)
-    assert 1000 < source.taken < 10**7
-
-
 async def test_breaking_out_stops_the_map_and_kills_with_kill_on_cancel():
     limiter = trio.CapacityLimiter(2)
     async with tpf.open_worker_context() as ctx:
