@@ -251,24 +251,6 @@ async def test_a_call_tells_a_worker_idle_longer_than_busy_wait_that_its_job_is_
         assert len(backend.processes) == 1
 
 
-async def test_calls_that_begin_together_tell_one_worker_each(two_cpus):
-    async with fake_context(["value", ("slow", 0.05)], ["value", ("slow", 0.05)], busy_wait=0.001) as (ctx, backend):
-        async with trio.open_nursery() as nursery:  # two workers, both idle after
-            for _ in range(2):
-                nursery.start_soon(ctx.run_sync, operator.add, 1, 1)
-        assert len(backend.processes) == 2
-        await trio.sleep(0.02)
-        ctx._pool.wake_next()
-        ctx._pool.wake_next()
-        ctx._pool.wake_next()  # nobody left to tell
-        await trio.sleep(0.01)  # the fake workers read their words
-        assert sorted(process.wakes for process in backend.processes) == [1, 1]
-        async with trio.open_nursery() as nursery:  # each takes a told worker: no word more
-            for _ in range(2):
-                nursery.start_soon(ctx.run_sync, operator.add, 1, 1)
-        assert sorted(process.wakes for process in backend.processes) == [1, 1]
-
-
 async def test_no_worker_is_told_with_busy_waits_off_or_on_a_new_one(two_cpus):
     async with fake_context(["value"] * 3, busy_wait=0) as (ctx, backend):
         for i in range(3):

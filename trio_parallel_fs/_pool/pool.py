@@ -268,8 +268,7 @@ class WorkerPool:
 
     def wake_next(self) -> None:
         """A call has begun: wake the idle worker it will most likely take (the
-        one `_take_idle` gives next, or after it the next one not told yet, for
-        calls that begin together) if it is probably asleep.
+        one `_take_idle` gives next) if it is probably asleep.
 
         A worker that has waited longer than ``busy_wait`` for its next job
         sleeps, and the job's arrival would wake it: on a virtual machine's
@@ -280,27 +279,17 @@ class WorkerPool:
         writes to its channel then (a job goes to it only once `_take_idle`
         has marked it BUSY, under the same lock).
         """
-        if not self._wakes_workers:
-            return
-        idle = self._idle
-        try:
-            worker = idle[-1]
-        except IndexError:
-            return
-        # Without the lock first: a call right after the last one (the warm
-        # path) ends here.
-        config = self.config
-        if not worker.woken and time.monotonic() - worker.idle_since <= config.busy_wait:
+        if not self._wakes_workers or self.closed or self._generation != _fork_generation:
             return
         with self._lock:
-            if self.closed or self._generation != _fork_generation:
+            if not self._idle:
                 return
-            now = time.monotonic()
-            for worker in reversed(idle):
-                if not worker.woken:
-                    if worker.state is _IDLE and config.busy_wait < now - worker.idle_since < config.idle_timeout:
-                        worker.wake()
-                    return
+            worker = self._idle[-1]
+            if worker.state is not _IDLE or worker.woken:
+                return
+            idle_for = time.monotonic() - worker.idle_since
+            if self.config.busy_wait < idle_for < self.config.idle_timeout:
+                worker.wake()
 
     def _take_idle(self) -> PooledWorker | None:
         """An idle worker that is still there, marked BUSY; None if there is none
