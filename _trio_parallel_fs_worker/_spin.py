@@ -36,14 +36,6 @@ CPU-bound process on the other CPU): 279 µs a warm call against 70 µs with
 for the next wait, then for twice as many after each further one in a row
 (up to ``_BACKOFF_MAX``); one that sees its message in time ends this.
 
-Waits that are long and irregular (calls at random moments: a service
-answering requests) cannot be planned: the worker sleeps, and the job wakes
-it. So the caller tells it a job is coming as soon as a call begins (a
-``Wake``, sent only to a worker idle longer than the limit, once until its
-next job): the worker then wakes while the caller pickles the job and takes
-a limiter token, and busy-waits for the job. Its wake-up is off the call's
-path, or most of it.
-
 A busy-wait only pays where the two ends run on two CPUs at once. Where this
 process may use one CPU only (its affinity mask, or on Linux its cgroup's CPU
 quota), the two ends would take turns on it, and a yield does not hand the
@@ -149,27 +141,18 @@ class WorkerSpin(CallerSpin):
     """The worker's busy-wait window (the worker loop's ``Inbox``): the
     caller's rules, plus its plan for waits longer than the limit."""
 
-    __slots__ = ("gap_ns", "spread_ns", "job_coming")
+    __slots__ = ("gap_ns", "spread_ns")
 
     def __init__(self, limit: float) -> None:
         super().__init__(limit)
         self.gap_ns = 0  # recent waits, each counted as at most twice _REGULAR_MAX limits
         self.spread_ns = 0  # how far recent waits were from gap_ns
-        self.job_coming = False  # the parent said a job is on its way
-
-    def woken(self) -> None:
-        """The parent says a job is on its way (a ``Wake``): the next wait
-        busy-waits for it, and is left out of the estimates (the wait that
-        ended with the word stands for the gap between two jobs; counting the
-        short one after it would make jobs look quick)."""
-        self.job_coming = bool(self.limit_ns)
 
     def plan(self) -> tuple[int, int]:
         """``(sleep, busy)`` in ns: how long to wait blocking first, then how
         long to busy-wait, before blocking until the message comes.
 
-        A job said to be on its way (`woken`), or quick waits: busy at once,
-        for up to the limit. Longer waits that are
+        Quick waits: busy at once, for up to the limit. Longer waits that are
         regular (each within a quarter of the limit of the last ones, up to
         ``_REGULAR_MAX`` limits: a loop that calls between two pieces of its
         own work): sleep until half a limit before the message is due, then
@@ -180,8 +163,6 @@ class WorkerSpin(CallerSpin):
         limit = self.limit_ns
         if not limit:
             return 0, 0
-        if self.job_coming:
-            return 0, limit
         if self.typical_ns < limit:
             return 0, limit
         if 4 * self.spread_ns <= limit and self.gap_ns < _REGULAR_MAX * limit:
@@ -189,9 +170,6 @@ class WorkerSpin(CallerSpin):
         return 0, 0
 
     def waited(self, ns: int) -> None:
-        if self.job_coming:
-            self.job_coming = False
-            return
         super().waited(ns)
         ns = min(ns, 2 * _REGULAR_MAX * self.limit_ns)  # past the plan's bound, never just below it
         self.spread_ns = (3 * self.spread_ns + abs(ns - self.gap_ns)) >> 2

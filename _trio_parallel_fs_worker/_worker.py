@@ -119,12 +119,7 @@ class Inbox:
         with nothing received."""
         connection = self.connection
         event = connection.next_event()
-        while event is p.NEED_DATA or type(event) is p.Wake:
-            if type(event) is p.Wake:
-                # A job is on its way: wait for it busy (see WorkerSpin.woken).
-                self.spin.woken()
-                event = connection.next_event()
-                continue
+        while event is p.NEED_DATA:
             if connection.pending == 0:
                 # Between jobs: wait, then make the event straight from what
                 # one read brings (a small job arrives whole).
@@ -144,7 +139,6 @@ class Inbox:
                 # buffer, no copies (a 128 MB argument arrives ~3x faster).
                 self._read_into(buffer)
             event = connection.next_event()
-        self.spin.job_coming = False  # came with the job, or the wait is over
         if type(event) is p.Area:
             event.fd = self._take_fd()
         return event  # type: ignore[return-value]

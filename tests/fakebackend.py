@@ -45,7 +45,6 @@ class FakeProcess:
         self._exited = threading.Event()
         self.cancel_scope: trio.CancelScope | None = None
         self.sock: socket.socket | None = None
-        self.wakes = 0  # Wake events received
 
     def answered(self) -> bool:
         return True
@@ -141,10 +140,7 @@ async def _serve(sock: socket.socket, process: FakeProcess, script: list[Any]) -
     stream = trio.socket.from_stdlib_socket(sock)
 
     async def next_event() -> p.Event:
-        while (event := connection.next_event()) is p.NEED_DATA or type(event) is p.Wake:
-            if type(event) is p.Wake:
-                process.wakes += 1
-                continue
+        while (event := connection.next_event()) is p.NEED_DATA:
             try:
                 connection.receive_data(await stream.recv(1 << 16))
             except OSError:

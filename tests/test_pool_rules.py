@@ -5,8 +5,6 @@ The contract tests in the other files run the same rules on real workers."""
 from __future__ import annotations
 
 import operator
-import pickle
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -221,56 +219,3 @@ async def test_a_call_waiting_for_a_token_runs_on_the_reconfigured_default_conte
         limiter.release()
     assert results == [42]
     assert tpf.default_context_statistics().started_workers == 1  # the new context ran it
-
-
-# --- a call tells an idle worker its job is coming (Wake) ---------------------
-
-
-@pytest.fixture
-def two_cpus(monkeypatch):
-    """Busy-waits on, whatever CPUs this process may use: the pool sends a
-    Wake only to workers that busy-wait for the job after it."""
-    from trio_parallel_fs._pool import pool
-
-    monkeypatch.setattr(pool, "busy_waits_pay", lambda: True)
-
-
-async def test_a_call_tells_a_worker_idle_longer_than_busy_wait_that_its_job_is_coming(two_cpus):
-    async with fake_context(["value"] * 5, busy_wait=0.001) as (ctx, backend):
-        assert await ctx.run_sync(operator.add, 1, 1) == 2  # a new worker: nobody to tell
-        (process,) = backend.processes
-        assert process.wakes == 0
-        await trio.sleep(0.02)  # idle longer than busy_wait: asleep by now
-        assert await ctx.run_sync(operator.add, 2, 2) == 4
-        assert process.wakes == 1
-        await trio.sleep(0.02)
-        ctx._pool.wake_next()
-        ctx._pool.wake_next()  # once until its next job
-        assert await ctx.run_sync(operator.add, 3, 3) == 6  # told already
-        assert process.wakes == 2
-        assert len(backend.processes) == 1
-
-
-async def test_no_worker_is_told_with_busy_waits_off_or_on_a_new_one(two_cpus):
-    async with fake_context(["value"] * 3, busy_wait=0) as (ctx, backend):
-        for i in range(3):
-            assert await ctx.run_sync(operator.add, i, 1) == i + 1
-            await trio.sleep(0.01)
-        assert [process.wakes for process in backend.processes] == [0]
-    async with fake_context(busy_wait=0.001) as (ctx, backend):
-        ctx._pool.wake_next()  # no idle worker yet
-        assert await ctx.run_sync(operator.add, 1, 1) == 2
-        assert [process.wakes for process in backend.processes] == [0]
-
-
-async def test_a_worker_told_of_a_call_that_ends_before_its_job_serves_the_next(two_cpus):
-    """The word went, the call never sent its job (an argument that would not
-    pickle fails it first): the worker takes the next call's job as usual."""
-    async with fake_context(["value"] * 3, busy_wait=0.001) as (ctx, backend):
-        assert await ctx.run_sync(operator.add, 1, 1) == 2
-        await trio.sleep(0.02)
-        with pytest.raises(pickle.PicklingError, match=r"argument 1 \(lock\) could not be pickled"):
-            await ctx.run_sync(operator.add, 1, threading.Lock())
-        assert await ctx.run_sync(operator.add, 2, 2) == 4
-        (process,) = backend.processes
-        assert process.wakes == 1

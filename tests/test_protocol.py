@@ -63,7 +63,6 @@ def parent_events() -> list[p.Event]:
     return [
         p.Config(WORKER_SETTINGS),
         p.Job(b"job"),
-        p.Wake(),
         p.Job(b"job with buffers", [memoryview(b"abc" * 30000), memoryview(bytearray(7))]),
         p.Job(b""),
     ]
@@ -175,10 +174,6 @@ CONFIG = frame(p.CONFIG, pickle.dumps(WORKER_SETTINGS))  # a worker's start-up m
         (p.PARENT, frame(p.VALUE, b"x", flags=9), "unknown retire reason 9 in a VALUE frame"),
         (p.PARENT, frame(p.BYE, flags=1), "a BYE frame with flags 1"),
         (p.PARENT, frame(p.BYE, b"junk"), "a BYE frame with 4 payload bytes"),
-        (p.PARENT, frame(p.WAKE), "the parent received a WAKE frame, which only it sends"),
-        (p.WORKER, CONFIG + frame(p.WAKE, b"x"), "a WAKE frame with 1 payload bytes"),
-        (p.WORKER, CONFIG + frame(p.WAKE, flags=2), "a WAKE frame with flags 2"),
-        (p.WORKER, frame(p.WAKE), "expected a CONFIG frame first, got WAKE"),
         (p.PARENT, frame(p.STARTED, b"123"), "a STARTED frame of 3 bytes, not 8"),
         (p.WORKER, frame(p.JOB, b"x"), "expected a CONFIG frame first, got JOB"),
         (p.WORKER, CONFIG + CONFIG, "a second CONFIG frame"),
@@ -269,8 +264,6 @@ def test_each_end_sends_only_its_own_events():
         p.Connection(p.PARENT).send(p.Value(b""))
     with pytest.raises(p.ProtocolError, match="the worker cannot send Job"):
         p.Connection(p.WORKER).send(p.Job(b""))
-    with pytest.raises(p.ProtocolError, match="the worker cannot send Wake"):
-        p.Connection(p.WORKER).send(p.Wake())
     with pytest.raises(ValueError, match="our_role must be"):
         p.Connection("stranger")
     with pytest.raises(ValueError, match="a worker does not talk to a template"):

@@ -41,8 +41,6 @@ from _trio_parallel_fs_worker import protocol as p
 from _trio_parallel_fs_worker.codec import dumps_job
 from trio_parallel_fs._backends.spawn.backend import channel_kind
 from trio_parallel_fs._config import WorkerConfig
-from trio_parallel_fs._pool import pool as pool_module
-from trio_parallel_fs._pool.channel import PooledWorker
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -369,26 +367,6 @@ async def test_an_idle_exit_not_yet_reported_is_not_a_crash(worker_type):
         worker.process.has_exited = lambda: False
         with trio.fail_after(HANG):
             assert await ctx.run_sync(workerfns.pid) != victim
-        assert ctx.statistics().retired == {"idle": 1}
-
-
-async def test_a_word_of_a_coming_job_to_a_worker_that_left_is_not_a_crash(worker_type, monkeypatch):
-    """The same race, with the Wake a call sends first to a worker idle longer
-    than busy_wait (``WorkerPool.wake_next``): the word goes to a worker that
-    left (a write to a closed channel), then the job; the job runs elsewhere."""
-    monkeypatch.setattr(pool_module, "busy_waits_pay", lambda: True)
-    async with tpf.open_worker_context(worker_type=worker_type, idle_timeout=0.3, busy_wait=0.001) as ctx:
-        victim = await ctx.run_sync(workerfns.pid)
-        (worker,) = ctx._pool._idle
-        await wait_gone(victim, HANG)
-        worker.idle_since = time.monotonic() - 0.1  # idle past busy_wait, within idle_timeout
-        worker.process.has_exited = lambda: False
-        told = []
-        real_wake = PooledWorker.wake
-        monkeypatch.setattr(PooledWorker, "wake", lambda self: (told.append(self is worker), real_wake(self)))
-        with trio.fail_after(HANG):
-            assert await ctx.run_sync(workerfns.pid) != victim
-        assert told == [True]
         assert ctx.statistics().retired == {"idle": 1}
 
 

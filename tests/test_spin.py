@@ -100,74 +100,6 @@ def test_irregular_or_very_long_waits_never_busy_wait():
     assert long.plan() == (0, 0)
 
 
-@needs_two_cpus
-def test_a_worker_told_a_job_is_coming_busy_waits_for_it_and_keeps_its_estimates():
-    """After irregular waits the worker would block; told a job is coming (a
-    Wake) it busy-waits for the next message, and that short wait does not
-    count: the waits between jobs stay what they were."""
-    spin = WorkerSpin(0.001)
-    for _ in range(20):
-        spin.waited(2 * MS)
-        spin.waited(8 * MS)
-    assert spin.plan() == (0, 0)
-    estimates = (spin.typical_ns, spin.gap_ns, spin.spread_ns)
-    spin.woken()
-    assert spin.plan() == (0, 1 * MS)
-    spin.waited(MS // 50)  # the job, 20 µs after the word
-    assert (spin.typical_ns, spin.gap_ns, spin.spread_ns) == estimates
-    assert spin.plan() == (0, 0)  # one word, one busy wait
-
-
-def test_a_worker_that_never_busy_waits_ignores_the_word():
-    spin = WorkerSpin(0)
-    spin.woken()
-    assert spin.plan() == (0, 0)
-
-
-@needs_two_cpus
-def test_the_inbox_reads_past_the_word_and_busy_waits_for_the_job(monkeypatch):
-    """A Wake is not an event of the worker loop: the inbox takes it, waits
-    busily for the job (no blocking wait is asked for), and hands it out."""
-    from _trio_parallel_fs_worker import _worker
-
-    ours, theirs = socket.socketpair()
-    parent = p.Connection(p.PARENT)
-    inbox = _worker.Inbox(ours, p.Connection(p.WORKER))
-    inbox.spin = WorkerSpin(0.01)
-    for _ in range(20):  # irregular waits: without the word it would block
-        inbox.spin.waited(2 * MS)
-        inbox.spin.waited(80 * MS)
-    blocking = []
-    real_poller = inbox.poller
-
-    def recording_poller(timeout):
-        if timeout != 0:
-            blocking.append(timeout)
-        return real_poller(timeout)
-
-    inbox.poller = recording_poller
-    theirs.sendall(b"".join(parent.send(p.Config(SETTINGS))))
-    assert isinstance(inbox.next_event(), p.Config)
-    blocking.clear()
-    theirs.sendall(b"".join(parent.send(p.Wake())))
-    sender = threading.Timer(0.002, lambda: theirs.sendall(b"".join(parent.send(p.Job(b"job")))))
-    sender.start()
-    try:
-        event = inbox.next_event()
-        assert isinstance(event, p.Job) and bytes(event.pickled) == b"job"
-        assert blocking == [None]  # the word's wait blocked (irregular waits); the job's did not
-        assert inbox.spin.job_coming is False
-        # A word and its job read together: the job, and no busy wait left over.
-        theirs.sendall(b"".join(parent.send(p.Wake())) + b"".join(parent.send(p.Job(b"next"))))
-        event = inbox.next_event()
-        assert isinstance(event, p.Job) and bytes(event.pickled) == b"next"
-        assert inbox.spin.job_coming is False
-    finally:
-        sender.join()
-        ours.close()
-        theirs.close()
-
-
 def test_sleeping_for_input_to_the_microsecond_sees_input_and_times_out():
     ours, theirs = socket.socketpair()
     try:
@@ -415,23 +347,3 @@ async def test_results_are_right_with_and_without_busy_waits(worker_type):
             results = [await ctx.run_sync(workerfns.add, i, i) for i in range(50)]
             assert results == [2 * i for i in range(50)]
             assert ctx.busy_wait == busy_wait
-
-
-async def test_calls_at_random_moments_tell_their_worker_first_and_it_serves_them(worker_type, monkeypatch):
-    """Each call after a pause longer than busy_wait sends its worker a Wake
-    before the job (a real worker reads past it); results are right and the
-    one worker serves them all."""
-    from trio_parallel_fs._pool import pool as pool_module
-
-    monkeypatch.setattr(pool_module, "busy_waits_pay", lambda: True)
-    told = []
-    real_wake = PooledWorker.wake
-    monkeypatch.setattr(PooledWorker, "wake", lambda self: (told.append(self.woken), real_wake(self)))
-    async with tpf.open_worker_context(worker_type=worker_type, busy_wait=0.001) as ctx:
-        first = await ctx.run_sync(workerfns.pid)
-        for i in range(8):
-            await trio.sleep(0.003 + 0.004 * (i % 3))  # 3 to 11 ms: irregular, past the limit
-            assert await ctx.run_sync(workerfns.add, i, i) == 2 * i
-        assert told == [False] * 8  # each call's word went (none was pending)
-        assert await ctx.run_sync(workerfns.pid) == first
-        assert ctx.statistics().retired == {}

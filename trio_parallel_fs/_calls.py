@@ -60,11 +60,6 @@ class Runner(Protocol):
     def _default_limiter(self) -> Any:
         """The limiter of a call given none."""
 
-    def _job_coming(self) -> None:
-        """A call has begun and will soon hand this runner a job: a chance to
-        get ready meanwhile (a local context wakes the worker the call will
-        most likely take: see `WorkerPool.wake_next`). Must not block."""
-
     def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         """The job, as this runner sends it. May raise `pickle.PicklingError`
         (`unpicklable_job_error`), before the call waits for anything."""
@@ -145,7 +140,6 @@ async def call(
     check_sync(sync_fn)
     loop = _loops.current()
     runner = get_runner()
-    runner._job_coming()  # first: what it starts overlaps the rest of the call's way
     if limiter is None:
         limiter = runner._default_limiter()
     capacity_limiter = loop.is_limiter(limiter)

@@ -139,9 +139,6 @@ class WorkerContext(ContextMaps):
     def _default_limiter(self) -> Any:
         return current_default_worker_limiter()
 
-    def _job_coming(self) -> None:
-        self._pool.wake_next()
-
     def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> p.Job:
         return _encode_job(fn, args)
 

@@ -265,9 +265,6 @@ class DaskContext(ContextMaps):
     def _default_limiter(self) -> Any:
         return self._limiter
 
-    def _job_coming(self) -> None:
-        pass  # a Dask worker is woken by its scheduler: nothing to do ahead
-
     def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Job:
         # Dask pickles the job as it submits it, on the client's loop.
         return Job(fn, args)

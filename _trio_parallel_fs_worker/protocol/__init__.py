@@ -40,7 +40,6 @@ from .events import Ready as Ready
 from .events import Retire as Retire
 from .events import Started as Started
 from .events import Value as Value
-from .events import Wake as Wake
 from .framing import AREA as AREA
 from .framing import BYE as BYE
 from .framing import CONFIG as CONFIG
@@ -57,5 +56,4 @@ from .framing import STARTED as STARTED
 from .framing import VALUE as VALUE
 from .framing import VALUE_AREA as VALUE_AREA
 from .framing import VALUE_BUFFERS as VALUE_BUFFERS
-from .framing import WAKE as WAKE
 from .framing import Kind as Kind

@@ -15,8 +15,6 @@ Conversation on one worker channel (roles `PARENT` and `WORKER`)::
                                <-   InitFailed   (init raised; worker exits)
                                <-   Started      (init done; only if an init
                                                   hook or max_memory is set)
-    Wake  (a job is coming; only
-           to an idle worker)  ->
     Job                        ->
                                <-   Value | Error (carries a Retire reason)
                                <-   Bye          (idle timeout; worker exits)
@@ -61,7 +59,6 @@ from .events import (
     Retire,
     Started,
     Value,
-    Wake,
     _NeedData,
 )
 from .framing import (
@@ -80,7 +77,6 @@ from .framing import (
     VALUE,
     VALUE_AREA,
     VALUE_BUFFERS,
-    WAKE,
     FrameReader,
     Kind,
     area_parts,
@@ -100,7 +96,7 @@ _PEER = {PARENT: WORKER, WORKER: PARENT, TEMPLATE: PARENT}
 
 # The frame kinds each sender may send to each receiver.
 _SENDS: dict[tuple[str, str], frozenset[int]] = {
-    (PARENT, WORKER): frozenset({CONFIG, AREA, WAKE, JOB, JOB_BUFFERS, JOB_AREA}),
+    (PARENT, WORKER): frozenset({CONFIG, AREA, JOB, JOB_BUFFERS, JOB_AREA}),
     (WORKER, PARENT): frozenset({VALUE, VALUE_BUFFERS, VALUE_AREA, ERROR, INIT_FAILED, STARTED, BYE}),
     (PARENT, TEMPLATE): frozenset({CONFIG}),
     (TEMPLATE, PARENT): frozenset({READY, INIT_FAILED}),
@@ -205,8 +201,6 @@ class Connection:
         if cls is Ready:
             assert isinstance(event, Ready)
             return [encode_frame(READY, _READY.pack(event.pid))]
-        if cls is Wake:
-            return [encode_frame(WAKE)]
         return [encode_frame(BYE)]
 
     def _not_ours(self, event: Event) -> ProtocolError:
@@ -316,10 +310,6 @@ class Connection:
             cap, threshold = _AREA.unpack(payload)
             self._area_cap = cap
             return Area(cap, threshold)
-        if kind == WAKE:
-            if payload:
-                raise ProtocolError(f"a WAKE frame with {len(payload)} payload bytes")
-            return Wake()
         if kind == CONFIG:
             return Config(self._settings(payload))
         if kind == INIT_FAILED:
@@ -360,5 +350,4 @@ _KINDS: dict[type, Kind] = {
     InitFailed: INIT_FAILED,
     Started: STARTED,
     Bye: BYE,
-    Wake: WAKE,
 }

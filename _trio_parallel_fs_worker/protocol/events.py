@@ -154,13 +154,6 @@ class Started:
         self.memory = memory
 
 
-class Wake:
-    """A job is on its way to this idle worker: wake and busy-wait for it
-    (``_spin``). Carries nothing; sent at most once before each job."""
-
-    __slots__ = ()
-
-
 class Bye:
     """The worker's idle timeout fired: it left without reading anything more."""
 
@@ -183,4 +176,4 @@ class _NeedData:
 
 NEED_DATA = _NeedData()
 
-Event = Config | Ready | Area | Wake | Job | Value | Error | InitFailed | Started | Bye | Closed
+Event = Config | Ready | Area | Job | Value | Error | InitFailed | Started | Bye | Closed

@@ -26,7 +26,6 @@ class Kind(enum.IntEnum):
     JOB_BUFFERS = 3
     AREA = 4
     JOB_AREA = 5
-    WAKE = 6
     VALUE = 10
     ERROR = 11
     INIT_FAILED = 12
@@ -44,7 +43,6 @@ CONFIG, JOB, JOB_BUFFERS = Kind.CONFIG, Kind.JOB, Kind.JOB_BUFFERS
 VALUE, ERROR, INIT_FAILED, BYE = Kind.VALUE, Kind.ERROR, Kind.INIT_FAILED, Kind.BYE
 VALUE_BUFFERS, STARTED, READY = Kind.VALUE_BUFFERS, Kind.STARTED, Kind.READY
 AREA, JOB_AREA, VALUE_AREA = Kind.AREA, Kind.JOB_AREA, Kind.VALUE_AREA
-WAKE = Kind.WAKE
 
 KIND_VALUES = frozenset(int(kind) for kind in Kind)
 

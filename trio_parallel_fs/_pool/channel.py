@@ -122,10 +122,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_trimmer.forked)
 
 
-# The frame of `p.Wake`: the same bytes every time (it has no payload).
-_WAKE_FRAME = b"".join(p.Connection(p.PARENT).send(p.Wake()))
-
-
 class AnswerTimeout(Exception):
     """The worker's template did not confirm its start in time."""
 
@@ -154,7 +150,6 @@ class PooledWorker:
         "_readable",
         "jobs_ahead",
         "_ahead_bytes",
-        "woken",
     )
 
     def __init__(
@@ -191,22 +186,6 @@ class PooledWorker:
         self._readable = input_poller(channel)
         self.jobs_ahead = 0  # jobs sent before the reply to the one before (`send_job_ahead`)
         self._ahead_bytes = -1  # the largest job that may go ahead (`can_send_ahead`); -1: not known yet
-        self.woken = False  # told a job is coming (`wake`), and none was sent since
-
-    def wake(self) -> None:
-        """Tell this idle worker that a job is on its way, without waiting, once
-        until the next job is sent: it wakes while the call is still on its
-        way (see WorkerPool.wake_next)."""
-        if self.woken:
-            return
-        self.woken = True
-        frame = _WAKE_FRAME
-        try:
-            sent = self.channel.send(frame)
-        except (BlockingIOError, ConnectionError):
-            return  # gone, or not reading: the job's send finds out
-        if sent < len(frame):  # never seen on an empty socket; the rest goes first with the job
-            self._first_frames = frame[sent:] + self._first_frames
 
     def send_ahead(self) -> None:
         """Send the start-up message now, without waiting: a worker started
@@ -228,7 +207,6 @@ class PooledWorker:
         """Send a job; False if the worker closed its end. ``job`` is not
         changed: a job that never ran goes to another worker as it is.
         ``ahead``: a job of ours is running (`send_job_ahead`)."""
-        self.woken = False
         fd = -1
         area = self.area
         if area is not None:

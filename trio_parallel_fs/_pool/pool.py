@@ -58,7 +58,6 @@ import outcome
 from _trio_parallel_fs_worker import protocol as p
 from _trio_parallel_fs_worker._settings import WorkerSettings
 from _trio_parallel_fs_worker._shm import unsupported_reason
-from _trio_parallel_fs_worker._spin import busy_waits_pay
 from _trio_parallel_fs_worker.codec import decode_error, loads_value
 
 from .. import _loops
@@ -82,7 +81,6 @@ RESUBMIT = object()
 # member up on its Enum class costs about 140 ns, ten times a global.
 _OPEN = ContextState.OPEN
 _STARTING = WorkerState.STARTING
-_IDLE = WorkerState.IDLE
 _SEND_JOB, _REPLY, _REPLY_RETIRING = WorkerEvent.SEND_JOB, WorkerEvent.REPLY, WorkerEvent.REPLY_RETIRING
 _KEEP, _HOOK_FAILED = p.Retire.KEEP, p.Retire.HOOK_FAILED
 
@@ -178,8 +176,6 @@ class WorkerPool:
         self._retired: dict[str, int] = {}
         self._warned_baseline = False
         self._generation = _fork_generation
-        # Whether workers busy-wait for a job they are told of (`wake_next`).
-        self._wakes_workers = bool(config.busy_wait) and busy_waits_pay()
         _pools.add(self)
         self.observers: list[Callable[[int], None]] = []  # see _introspect.watch_workers
         # (threshold, cap, idle period) of each worker's shared memory area, or None for none.
@@ -265,31 +261,6 @@ class WorkerPool:
         worker.close()
         if not worker.process.release():
             self._departing.append(worker.process)
-
-    def wake_next(self) -> None:
-        """A call has begun: wake the idle worker it will most likely take (the
-        one `_take_idle` gives next) if it is probably asleep.
-
-        A worker that has waited longer than ``busy_wait`` for its next job
-        sleeps, and the job's arrival would wake it: on a virtual machine's
-        halted CPU, tens of microseconds before it runs, then its code runs
-        cold. Told at the call's start, it wakes while the caller pickles the
-        job and takes a limiter token, and then busy-waits for the job (see
-        ``_spin``). Sent under the lock, to an idle worker only: nothing else
-        writes to its channel then (a job goes to it only once `_take_idle`
-        has marked it BUSY, under the same lock).
-        """
-        if not self._wakes_workers or self.closed or self._generation != _fork_generation:
-            return
-        with self._lock:
-            if not self._idle:
-                return
-            worker = self._idle[-1]
-            if worker.state is not _IDLE or worker.woken:
-                return
-            idle_for = time.monotonic() - worker.idle_since
-            if self.config.busy_wait < idle_for < self.config.idle_timeout:
-                worker.wake()
 
     def _take_idle(self) -> PooledWorker | None:
         """An idle worker that is still there, marked BUSY; None if there is none
