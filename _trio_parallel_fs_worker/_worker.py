@@ -27,9 +27,10 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import protocol as p
+from ._chunks import ITEM_INDEX, run_chunk
 from ._describe import describe
 from ._lifeline import flush_std_streams, keep_out_of_forks, step_aside, tighten_timers
 from ._memory import MemoryWatch, memory_usage
@@ -226,15 +227,32 @@ def execute(job: p.Job) -> p.Value | p.Error:
     try:
         pickled, buffers = dumps_value(result)
     except BaseException as exc:  # noqa: BLE001
-        return p.Error(
-            encode_error(
-                TypeError(
-                    f"the result of {describe(fn)}, a {type(result).__qualname__}, "
-                    f"could not be pickled to leave the worker: {type(exc).__name__}: {exc}"
-                )
-            )
-        )
+        return p.Error(encode_error(_unpicklable_result(fn, args, result, exc)))
     return p.Value(pickled, buffers)
+
+
+def _unpicklable_result(fn: Any, args: Any, result: Any, exc: BaseException) -> TypeError:
+    """The error of a result that would not pickle, naming what the user ran:
+    for a chunk of a map (`run_chunk`), the user's function and the first item
+    whose result does not pickle (its index rides as the chunk's `ITEM_INDEX`,
+    which the parent turns into a note), not the chunk's internal tuple."""
+    what = f"the result of {describe(fn)}, a {type(result).__qualname__},"
+    if fn is run_chunk and type(result) is tuple:
+        item_fn, start, _items, _star = args
+        for offset, item_result in enumerate(result[0]):
+            try:
+                dumps_value(item_result)
+            except BaseException as item_exc:  # noqa: BLE001
+                error = TypeError(
+                    f"the result of {describe(item_fn)} on item {start + offset}, a "
+                    f"{type(item_result).__qualname__}, could not be pickled to leave the worker: "
+                    f"{type(item_exc).__name__}: {item_exc}"
+                )
+                setattr(error, ITEM_INDEX, start + offset)
+                return error
+        # Each result pickles alone, not all together (too deep, say).
+        what = f"the results of {describe(item_fn)} on a chunk of items"
+    return TypeError(f"{what} could not be pickled to leave the worker: {type(exc).__name__}: {exc}")
 
 
 class AreaUse:

@@ -185,6 +185,22 @@ async def test_an_exception_that_cannot_carry_its_index_names_the_chunk():
         assert notes(info.value) == ["while mapfns.raise_unpicklable ran on one of items 0 to 3 of map, a chunk"]
 
 
+async def test_a_result_that_cannot_leave_the_worker_is_named_by_its_item(worker_type):
+    """Not by the chunk's internal tuple: the message names the user's function
+    and the item, the note says where it is, and the workers live on."""
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        fn = functools.partial(mapfns.lock_on, 6)
+        for call in (ctx.map, tpf.map):
+            with pytest.raises(
+                TypeError,
+                match=r"^the result of mapfns.lock_on on item 6, a lock, could not be pickled to leave the worker: "
+                r"TypeError: cannot pickle '_thread.lock' object",
+            ) as info:
+                await call(fn, range(10), chunksize=4)
+            assert notes(info.value) == ["raised by mapfns.lock_on on item 6 of map (counting from 0)"]
+        assert ctx.statistics().retired == {}
+
+
 async def test_a_worker_death_is_a_broken_worker_error_naming_the_item(worker_type):
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
         fn = functools.partial(mapfns.die_on, 7)
