@@ -231,13 +231,23 @@ def execute(job: p.Job) -> p.Value | p.Error:
     return p.Value(pickled, buffers)
 
 
+def _is_chunk(fn: Any) -> bool:
+    """Whether ``fn`` is `run_chunk`: itself, or a copy of it that came by
+    value (once ``trio_parallel_fs.dask`` is imported, the parent registers
+    its module with cloudpickle.register_pickle_by_value)."""
+    return fn is run_chunk or (
+        getattr(fn, "__module__", None) == run_chunk.__module__
+        and getattr(fn, "__qualname__", None) == run_chunk.__qualname__
+    )
+
+
 def _unpicklable_result(fn: Any, args: Any, result: Any, exc: BaseException) -> TypeError:
     """The error of a result that would not pickle, naming what the user ran:
     for a chunk of a map (`run_chunk`), the user's function and the first item
     whose result does not pickle (its index rides as the chunk's `ITEM_INDEX`,
     which the parent turns into a note), not the chunk's internal tuple."""
     what = f"the result of {describe(fn)}, a {type(result).__qualname__},"
-    if fn is run_chunk and type(result) is tuple:
+    if _is_chunk(fn) and type(result) is tuple and type(result[0]) is list and len(args) == 4:
         item_fn, start, _items, _star = args
         for offset, item_result in enumerate(result[0]):
             try:

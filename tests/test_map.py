@@ -185,9 +185,32 @@ async def test_an_exception_that_cannot_carry_its_index_names_the_chunk():
         assert notes(info.value) == ["while mapfns.raise_unpicklable ran on one of items 0 to 3 of map, a chunk"]
 
 
-async def test_a_result_that_cannot_leave_the_worker_is_named_by_its_item(worker_type):
+@pytest.fixture(params=["by reference", "by value"])
+def chunk_runner_travels(request):
+    """How map's chunk runner travels: by reference, or by value (as it does
+    for local contexts too once ``trio_parallel_fs.dask`` is imported, which
+    registers its module with cloudpickle); put back as it was after."""
+    import cloudpickle
+
+    from _trio_parallel_fs_worker import _chunks
+
+    was = _chunks.__name__ in cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES
+    wanted = request.param == "by value"
+    if wanted and not was:
+        cloudpickle.register_pickle_by_value(_chunks)
+    if was and not wanted:
+        cloudpickle.unregister_pickle_by_value(_chunks)
+    yield request.param
+    if wanted and not was:
+        cloudpickle.unregister_pickle_by_value(_chunks)
+    if was and not wanted:
+        cloudpickle.register_pickle_by_value(_chunks)
+
+
+async def test_a_result_that_cannot_leave_the_worker_is_named_by_its_item(worker_type, chunk_runner_travels):
     """Not by the chunk's internal tuple: the message names the user's function
-    and the item, the note says where it is, and the workers live on."""
+    and the item, the note says where it is, and the workers live on. Also
+    once the chunk runner travels by value."""
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
         fn = functools.partial(mapfns.lock_on, 6)
         for call in (ctx.map, tpf.map):
