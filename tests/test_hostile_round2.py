@@ -343,7 +343,9 @@ async def test_an_exception_that_cannot_be_formatted_still_comes_back(worker_typ
         with pytest.raises(Exception) as info:
             await ctx.run_sync(h.raise_unformattable)
         assert type(info.value).__name__ == "_NotesBomb"
-        assert "could not be formatted" in str(info.value.__cause__)
+        remote = str(info.value.__cause__)
+        # Python 3.13's traceback module formats it anyway, with a line saying so.
+        assert "could not be formatted" in remote or "Ignored error getting __notes__" in remote
         assert await ctx.run_sync(h.pid) == worker
 
 

@@ -216,11 +216,24 @@ def test_template_counts_native_threads_too():
     assert _template.count_threads() == len(os.listdir("/proc/self/task"))
 
 
+def children_named(process: psutil.Process, name: str) -> list[psutil.Process]:
+    """The children of ``process`` of that name now (one that exits as we look
+    is not one of them)."""
+    found = []
+    for child in process.children():
+        try:
+            if child.name() == name:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def worker_pids(ctx):
     """Pids of the context's live workers, seen from outside."""
     template_pid = ctx.statistics().template_pid
     if template_pid is not None:  # the template's children, but its spare
-        return [p.pid for p in psutil.Process(template_pid).children() if p.name() == "tpf-worker"]
+        return [child.pid for child in children_named(psutil.Process(template_pid), "tpf-worker")]
     return [p.pid for p in psutil.Process().children() if "worker" in p.cmdline()]
 
 
@@ -273,7 +286,7 @@ async def test_a_spare_worker_is_forked_ahead_and_handed_the_next_channel():
         assert template.children() == []  # no spare before anyone asked for a worker
         first = await ctx.run_sync(workerfns.pid)
         with trio.fail_after(5):
-            while not (spares := [c for c in template.children() if c.name() == "tpf-spare"]):  # noqa: ASYNC110
+            while not (spares := children_named(template, "tpf-spare")):  # noqa: ASYNC110
                 await trio.sleep(0.01)
         (spare,) = spares
         # Two calls at once: one runs on the idle worker, the other needs a new
@@ -359,7 +372,7 @@ async def test_a_burst_of_single_use_workers_leaves_spares_for_the_next_one():
             return pids
 
         def spares() -> set[int]:
-            return {c.pid for c in template.children() if c.name() == "tpf-spare"}
+            return {child.pid for child in children_named(template, "tpf-spare")}
 
         # Four successors asked for at once: those that find no spare make the
         # template keep more (how many found one depends on how quickly the
@@ -393,7 +406,7 @@ async def test_spares_kept_after_a_burst_leave_once_bursts_stop():
         limiter = trio.CapacityLimiter(4)
 
         def spares() -> set[int]:
-            return {c.pid for c in template.children() if c.name() == "tpf-spare"}
+            return {child.pid for child in children_named(template, "tpf-spare")}
 
         seen: set[int] = set()
         with trio.fail_after(60):
