@@ -247,7 +247,7 @@ def _unpicklable_result(fn: Any, args: Any, result: Any, exc: BaseException) -> 
     whose result does not pickle (its index rides as the chunk's `ITEM_INDEX`,
     which the parent turns into a note), not the chunk's internal tuple."""
     what = f"the result of {describe(fn)}, a {type(result).__qualname__},"
-    if _is_chunk(fn) and type(result) is tuple and type(result[0]) is list and len(args) == 4:
+    if _is_chunk(fn) and type(result) is tuple and len(result) == 2 and type(result[0]) is list and len(args) == 4:
         item_fn, start, _items, _star = args
         for offset, item_result in enumerate(result[0]):
             try:
