@@ -31,12 +31,11 @@ nanny starts a fresh one (``_kill``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -58,7 +57,7 @@ from _trio_parallel_fs_worker import _chunks
 # BrokenWorkerError by its public name: the private modules behind it may move.
 from . import BrokenWorkerError, _loops
 from ._backends.dask import worker as _dask_worker
-from ._backends.dask.bridge import LoopBridge, SameLoopBridge
+from ._backends.dask.bridge import SameLoopBridge, awaited, bridge_for, runs_here
 from ._backends.dask.job import Job, cancel_job, run_job, unwrap
 from ._backends.dask.logs import RESTARTING, STILL_ALIVE, DaskLogFilter, quieted
 from ._calls import RESUBMIT, RunnerClosed, call, wait_for_running_calls
@@ -169,15 +168,9 @@ class DaskContext(ContextMaps):
         self.preload = preload
         scheduler: Any = client.scheduler
         self.scheduler_address: str = scheduler.address
-        # Whether the client is an asynchronous one on this asyncio loop (else
-        # a synchronous one, whose loop runs in a thread of its own).
-        self._here = _runs_here(client)
-        self._bridge: LoopBridge | SameLoopBridge
-        if self._here:
-            self._bridge = SameLoopBridge()
-        else:
-            loop: Any = client.loop  # a tornado IOLoop around the asyncio loop of the client's thread
-            self._bridge = LoopBridge(loop.asyncio_loop)
+        # An asynchronous client's loop is this one; a synchronous one's runs
+        # in a thread of its own.
+        self._bridge = bridge_for(client)
         self._run = _loops.current().current_run()  # the trio.run or asyncio loop that opened it
         self._limiter: trio.CapacityLimiter | anyio.CapacityLimiter = _loops.current().CapacityLimiter(1)
         self._nthreads: dict[str, int] = {}
@@ -439,9 +432,9 @@ class DaskContext(ContextMaps):
         plugin = _dask_worker.ContextPlugin(self.preload)
         try:
             # Registered once: the scheduler hands it to every worker that joins later.
-            await _call_client(self._here, functools.partial(self.client.register_plugin, plugin, name=name))
+            await self._bridge.call_client(functools.partial(self.client.register_plugin, plugin, name=name))
         except Exception as exc:  # noqa: BLE001 - whatever the import raised on a worker
-            await _call_client(self._here, functools.partial(self.client.unregister_worker_plugin, name))
+            await self._bridge.call_client(functools.partial(self.client.unregister_worker_plugin, name))
             if not self.preload:
                 raise
             raise ImportError(
@@ -458,45 +451,9 @@ class DaskContext(ContextMaps):
             if self._plugin_name is not None:
                 try:
                     unregister = functools.partial(self.client.unregister_worker_plugin, self._plugin_name)
-                    await _call_client(self._here, unregister)
+                    await self._bridge.call_client(unregister)
                 except Exception:  # noqa: BLE001 - a cluster that is gone keeps no plugin
                     pass
-
-
-def _runs_here(client: Client) -> bool:
-    """Whether ``client`` runs on the asyncio loop that runs this task: an
-    asynchronous client made on it. (Under Trio no asyncio loop runs here.)"""
-    loop: Any = client.loop
-    try:
-        return loop.asyncio_loop is asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-
-
-async def _awaited(awaitable: Awaitable[T]) -> T:
-    return await awaitable
-
-
-async def _await_shielded(awaitable: Awaitable[T]) -> T:
-    """Await an asynchronous client's coroutine to its end, holding off any
-    cancellation until then, as a thread does a synchronous client's call.
-
-    In a task of its own, waited for by the library's rules: awaited here,
-    asyncio would throw a cancellation into Dask's coroutine halfway (a plugin
-    registered but not known to us, a close half done).
-    """
-    with _loops.CancelScope(shield=True):
-        result: T = await SameLoopBridge().start(_awaited, awaitable).wait()
-    return result
-
-
-async def _call_client(here: bool, method: Callable[[], Any]) -> Any:
-    """``method()``, a Client method that blocks the caller of a synchronous
-    client (so it runs in a thread) and returns a coroutine on an asynchronous
-    one on this loop (``here``: awaited on the loop). Not cancellable."""
-    if here:
-        return await _await_shielded(method())
-    return await _loops.to_thread_run_sync(method)
 
 
 def _new_client(address: str, connect_timeout: float) -> Client:
@@ -537,10 +494,10 @@ async def _new_client_here(address: str, connect_timeout: float) -> Client:
     thread. A client whose connect fails (or is cancelled) is closed."""
     client = Client(address, asynchronous=True, set_as_default=False, timeout=connect_timeout)  # type: ignore[no-untyped-call]
     try:
-        await SameLoopBridge().run(_awaited, client)  # cancellable: nothing is ours yet
+        await SameLoopBridge().run(awaited, client)  # cancellable: nothing is ours yet
     except BaseException:
         with contextlib.suppress(Exception):  # whatever it got to build
-            await _call_client(True, client.close)
+            await SameLoopBridge().call_client(client.close)
         raise
     return client
 
@@ -579,7 +536,7 @@ async def _connect(client_or_address: Client | str, connect_timeout: float) -> t
     if isinstance(client_or_address, Client):
         # Client says how it was made only through this attribute (its
         # ``asynchronous`` property says whether this thread runs its loop).
-        if getattr(client_or_address, "_asynchronous", False) and not _runs_here(client_or_address):
+        if getattr(client_or_address, "_asynchronous", False) and not runs_here(client_or_address):
             if _loops.current().name == "trio":
                 raise TypeError(
                     "open_dask_context under Trio needs a synchronous distributed.Client (its own event "
@@ -669,4 +626,4 @@ async def open_dask_context(
     finally:
         if owned:
             with _loops.CancelScope(shield=True):
-                await _call_client(_runs_here(client), client.close)
+                await bridge_for(client).call_client(client.close)

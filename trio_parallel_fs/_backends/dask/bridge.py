@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, Protocol, TypeVar
 
 from ... import _loops
@@ -50,6 +50,12 @@ class Pending(Protocol[T_co]):
 
 class _Bridge:
     def start(self, async_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> Pending[T]:
+        raise NotImplementedError
+
+    async def call_client(self, method: Callable[[], Any]) -> Any:
+        """``method()``, a Client method: one that blocks its caller on a
+        synchronous client, and returns a coroutine on an asynchronous one.
+        Run to its end: not cancellable."""
         raise NotImplementedError
 
     async def run(self, async_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
@@ -87,6 +93,9 @@ class LoopBridge(_Bridge):
         """Run ``async_fn(*args)`` on the client's loop; return a handle to await it."""
         return _InThread(asyncio.run_coroutine_threadsafe(async_fn(*args), self._loop))
 
+    async def call_client(self, method: Callable[[], Any]) -> Any:
+        return await _loops.to_thread_run_sync(method)
+
 
 class _Task(Generic[T]):
     def __init__(self, task: asyncio.Task[T]) -> None:
@@ -121,9 +130,38 @@ class SameLoopBridge(_Bridge):
         task.add_done_callback(self._ended)
         return _Task(task)
 
+    async def call_client(self, method: Callable[[], Any]) -> Any:
+        # In a task of its own, waited for shielded: awaited here, asyncio
+        # would throw a cancellation into Dask's coroutine halfway (a plugin
+        # registered but not known to us, a close half done).
+        with _loops.CancelScope(shield=True):
+            return await self.start(awaited, method()).wait()
+
     def _ended(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled():
             # Seen as retrieved: its waiter (if any) raises it; a task nobody
             # waits for any more is as a thread's concurrent future, silent.
             task.exception()
+
+
+async def awaited(awaitable: Awaitable[T]) -> T:
+    """A coroutine function for any awaitable (a Client is one), as `start` takes."""
+    return await awaitable
+
+
+def bridge_for(client: Any) -> LoopBridge | SameLoopBridge:
+    """The bridge to ``client``'s loop: the running asyncio loop, for an
+    asynchronous client made on it; else its own thread's."""
+    if runs_here(client):
+        return SameLoopBridge()
+    return LoopBridge(client.loop.asyncio_loop)  # client.loop: a tornado IOLoop around it
+
+
+def runs_here(client: Any) -> bool:
+    """Whether ``client`` runs on the asyncio loop that runs this task: an
+    asynchronous client made on it. (Under Trio no asyncio loop runs here.)"""
+    try:
+        return client.loop.asyncio_loop is asyncio.get_running_loop()
+    except RuntimeError:
+        return False
