@@ -194,17 +194,14 @@ def chunk_runner_travels(request):
 
     from _trio_parallel_fs_worker import _chunks
 
-    was = _chunks.__name__ in cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES
-    wanted = request.param == "by value"
-    if wanted and not was:
-        cloudpickle.register_pickle_by_value(_chunks)
-    if was and not wanted:
-        cloudpickle.unregister_pickle_by_value(_chunks)
+    by_value = request.param == "by value"
+    change = by_value != (_chunks.__name__ in cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES)
+    register, unregister = cloudpickle.register_pickle_by_value, cloudpickle.unregister_pickle_by_value
+    if change:
+        (register if by_value else unregister)(_chunks)
     yield request.param
-    if wanted and not was:
-        cloudpickle.unregister_pickle_by_value(_chunks)
-    if was and not wanted:
-        cloudpickle.register_pickle_by_value(_chunks)
+    if change:
+        (unregister if by_value else register)(_chunks)
 
 
 async def test_a_result_that_cannot_leave_the_worker_is_named_by_its_item(worker_type, chunk_runner_travels):
