@@ -79,3 +79,9 @@ class WorkerSetupError(RuntimeError):
     """The worker could not set itself up before its init hook: the parent's
     working directory, or (a spawned worker, which has no template) a preload
     or ``template_init``. Its cause is the original error."""
+
+
+class PreloadError(WorkerSetupError):
+    """A spawned worker's preload or ``template_init`` raised: what a template
+    reports by failing to start, so the parent raises it as the template's
+    start error (``TemplateStartError``). Its cause is the original error."""

@@ -35,7 +35,7 @@ from ._describe import describe
 from ._lifeline import flush_std_streams, keep_out_of_forks, step_aside, tighten_timers
 from ._memory import MemoryWatch, memory_usage
 from ._page_plan import apply_plan_while_idle, learn_before_leaving
-from ._settings import WorkerHooks, WorkerSettings, WorkerSetupError
+from ._settings import PreloadError, WorkerHooks, WorkerSettings, WorkerSetupError
 from ._shm import AreaMemoryError, SharedArea, total_bytes
 from ._spin import WorkerSpin, input_poller, sleep_for_input, yield_cpu
 from .codec import dumps_value, encode_error, loads_job
@@ -384,14 +384,12 @@ def load_settings(settings: WorkerSettings) -> WorkerHooks:
         try:
             importlib.import_module(name)
         except BaseException as exc:
-            raise WorkerSetupError(
-                f"it could not preload {name!r} ({type(exc).__name__}: {exc})"
-            ) from exc
+            raise PreloadError(f"it could not preload {name!r} ({type(exc).__name__}: {exc})") from exc
     if settings.template_init is not None:
         try:
             pickle.loads(settings.template_init)()
         except BaseException as exc:
-            raise WorkerSetupError(f"its template_init raised {type(exc).__name__}: {exc}") from exc
+            raise PreloadError(f"its template_init raised {type(exc).__name__}: {exc}") from exc
     hooks: WorkerHooks = pickle.loads(settings.hooks)
     return hooks
 
@@ -444,8 +442,11 @@ def serve(sock: socket.socket) -> int:
         used = memory_usage(hooks.memory_metric)
         baseline = used if used > hooks.max_memory else -1
     # After an init hook, say it returned, so that a death from now on is
-    # reported as the job's, not the hook's.
-    if (hooks.init is not bool or baseline >= 0) and not send(p.Started(baseline)):
+    # reported as the job's, not the hook's. A worker that imported a preload
+    # itself (spawned) says so too: the parent waits for that when its context
+    # opens, so that a failing preload raises there, as a template's does.
+    loaded_here = bool(settings.preload) or settings.template_init is not None
+    if (hooks.init is not bool or baseline >= 0 or loaded_here) and not send(p.Started(baseline)):
         return 0
     # A worker prepared ahead may have time before its first job: it takes
     # the faults that job would take (see _page_plan) while no message waits.

@@ -238,18 +238,78 @@ async def test_init_that_raises_fails_the_call_that_started_the_worker(worker_ty
         assert ctx.statistics().retired == {"hook_error": 1}
 
 
-async def test_a_spawned_worker_that_cannot_preload_says_so_not_that_a_hook_raised():
-    """A spawned worker imports preload itself (no template): its failure was
-    reported as "the worker's init hook raised ModuleNotFoundError" although
-    no init hook was set."""
-    async with tpf.open_worker_context(worker_type="spawn", preload=["no_such_module_for_tpf"]) as ctx:
-        with pytest.raises(
-            tpf.WorkerHookError,
-            match=r"^the worker could not start: it could not preload 'no_such_module_for_tpf' "
-            r"\(ModuleNotFoundError: No module named 'no_such_module_for_tpf'\); workerfns.add did not run",
-        ) as info:
+async def test_a_failing_preload_raises_at_open_whatever_starts_the_workers(worker_type):
+    """Spawned workers (all there is on Windows) import the preload themselves.
+    Before, a failing one raised only at the first call, as a WorkerHookError
+    ("the worker could not start"), and the open succeeded; now the open
+    raises TemplateStartError with the import error, as with the template."""
+    with pytest.raises(
+        tpf.TemplateStartError,
+        match=r"could not preload \['workerfns', 'no_such_module_for_tpf'\]: "
+        r"ModuleNotFoundError: No module named 'no_such_module_for_tpf'$",
+    ) as info:
+        async with tpf.open_worker_context(worker_type=worker_type, preload=["workerfns", "no_such_module_for_tpf"]):
+            pytest.fail("the open must raise")
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+    with pytest.raises(tpf.TemplateStartError, match="ImportError: preload_broken fails to import on purpose$") as info:
+        async with tpf.open_worker_context(worker_type=worker_type, preload=["preload_broken"]):
+            pytest.fail("the open must raise")
+    assert isinstance(info.value.__cause__, ImportError)
+
+
+async def test_a_failing_template_init_raises_at_open_whatever_starts_the_workers(worker_type):
+    with pytest.raises(tpf.TemplateStartError, match="RuntimeError: init failed on purpose$") as info:
+        async with tpf.open_worker_context(worker_type=worker_type, template_init=workerfns.init_raises):
+            pytest.fail("the open must raise")
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+async def test_a_preload_that_ends_its_process_raises_at_open_naming_the_exit_code(worker_type):
+    who = "the template process" if worker_type == "forkserver" else "a worker"
+    with pytest.raises(
+        tpf.TemplateStartError,
+        match=rf"^{who} \(pid \d+\) exited with exit code 3 while preloading \['preload_exits'\]; see its output",
+    ):
+        async with tpf.open_worker_context(worker_type=worker_type, preload=["preload_exits"]):
+            pytest.fail("the open must raise")
+
+
+async def test_the_spawned_worker_that_preloaded_at_open_takes_the_first_job():
+    async with tpf.open_worker_context(
+        worker_type="spawn", preload=["preload_marker"], init=workerfns.count_calls
+    ) as ctx:
+        stats = ctx.statistics()
+        assert (stats.prepared_workers, stats.idle_workers, stats.started_workers) == (1, 0, 0)
+        [ready] = ctx._pool.worker_pids()
+        assert await ctx.run_sync(workerfns.imported, "preload_marker") is True
+        assert await ctx.run_sync(workerfns.pid) == ready
+        assert await ctx.run_sync(workerfns.count_calls) == 2  # its init ran once, at the open
+        stats = ctx.statistics()
+        assert (stats.prepared_workers, stats.idle_workers, stats.started_workers) == (0, 1, 1)
+
+
+async def test_without_a_preload_a_spawned_context_starts_no_worker_at_open():
+    async with tpf.open_worker_context(worker_type="spawn") as ctx:
+        assert ctx._pool.worker_pids() == []
+        assert ctx.statistics().prepared_workers == 0
+
+
+async def test_an_init_hook_that_raises_is_the_first_calls_to_report_even_with_a_preload(worker_type):
+    """The spawned worker started at open runs its init hook there too; its
+    failure is still reported by the first call, as with the template."""
+    async with tpf.open_worker_context(
+        worker_type=worker_type, preload=["preload_marker"], init=workerfns.init_raises
+    ) as ctx:
+        with pytest.raises(tpf.WorkerHookError, match="init hook raised RuntimeError: init failed on purpose") as info:
             await ctx.run_sync(workerfns.add, 1, 2)
-        assert isinstance(info.value.__cause__.__cause__, ModuleNotFoundError)  # the setup error's own cause
+        assert info.value.hook == "init"
+
+
+async def test_the_default_context_raises_a_failing_preload_at_the_first_call(worker_type):
+    tpf.configure_default_context(worker_type=worker_type, preload=["no_such_module_for_tpf"])
+    for _ in range(2):  # and again at the next: nothing was kept of the failed start
+        with pytest.raises(tpf.TemplateStartError, match="No module named 'no_such_module_for_tpf'$"):
+            await tpf.run_sync(workerfns.add, 1, 2)
 
 
 async def test_retire_hook_retires_after_the_job(worker_type):

@@ -437,15 +437,16 @@ async def test_a_kill_on_cancel_call_waiting_on_a_frozen_template_is_cancelled_o
             assert await ctx.run_sync(workerfns.add, 2, 2) == 4
 
 
-async def test_closing_while_the_template_preloads_does_not_wait_for_the_preload(tmp_path, monkeypatch):
+async def test_closing_while_the_template_preloads_does_not_wait_for_the_preload(tmp_path, monkeypatch, worker_type):
     """Ctrl-C, or a cancelled open, while a heavy preload runs: the context
-    closes at once and kills the template. Before: the close waited for the
-    preload to finish (a minute here)."""
-    marker = tmp_path / "template_pid"
+    closes at once and kills the template (or, spawned, the worker that
+    preloads at the open). Before: the close waited for the preload to finish
+    (a minute here)."""
+    marker = tmp_path / "preloading_pid"
     monkeypatch.setenv("TPF_TEST_SLOW_PRELOAD_MARKER", str(marker))
 
     async def open_it() -> None:
-        async with tpf.open_worker_context(preload=["preload_slow"]):
+        async with tpf.open_worker_context(worker_type=worker_type, preload=["preload_slow"]):
             pytest.fail("the preload takes a minute: the open cannot have finished")
 
     with trio.fail_after(HANG):  # the preload alone would take 60 s
@@ -454,8 +455,8 @@ async def test_closing_while_the_template_preloads_does_not_wait_for_the_preload
             while not marker.exists() or not marker.read_text():  # noqa: ASYNC110
                 await trio.sleep(0.02)
             nursery.cancel_scope.cancel()
-    template_pid = int(marker.read_text())
-    assert not wait_until_gone({template_pid}, PROMPTLY)
+    preloading_pid = int(marker.read_text())
+    assert not wait_until_gone({preloading_pid}, PROMPTLY)
 
 
 # How long this test lets the frozen template stay frozen. The library must

@@ -63,6 +63,10 @@ def environment(name):
     return os.environ.get(name)
 
 
+def imported(name):
+    return name in sys.modules
+
+
 def thread_count():
     return len(os.listdir("/proc/self/task"))
 

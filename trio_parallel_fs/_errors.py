@@ -17,7 +17,7 @@ import os
 import signal
 from typing import TYPE_CHECKING, Any
 
-from _trio_parallel_fs_worker._settings import WorkerSetupError
+from _trio_parallel_fs_worker._settings import PreloadError, WorkerSetupError
 from _trio_parallel_fs_worker.codec import RemoteTraceback as RemoteTraceback
 from _trio_parallel_fs_worker.codec import decode_error
 
@@ -119,9 +119,11 @@ class WorkerHookError(BrokenWorkerError):
 
 class TemplateStartError(RuntimeError):
     """The template process could not start: a preload failed or started threads.
+    Also raised where workers are spawned (no template) and one of them could
+    not import the preload or run ``template_init``.
 
-    The error raised in the template is this error's ``__cause__``, with its
-    remote traceback.
+    The error raised in the template (or worker) is this error's ``__cause__``,
+    with its remote traceback.
     """
 
 
@@ -215,20 +217,35 @@ def hook_error(hook: str, payload: bytes, pid: int | None, function: str) -> Wor
     return error
 
 
+def init_failed_error(payload: bytes, pid: int | None, function: str, preload: tuple[str, ...]) -> Exception:
+    """The error for a call whose worker could not start (its InitFailed
+    ``payload``): `TemplateStartError` where a spawned worker's own preload or
+    ``template_init`` raised, as a template's would have; else
+    `WorkerHookError` (its init hook raised, or the working directory is gone)."""
+    cause = decode_error(payload)
+    if isinstance(cause, PreloadError):
+        return template_start_error(preload, cause=cause.__cause__ or cause, pid=pid, spawned=True)
+    return hook_error("init", payload, pid, function)
+
+
 def template_start_error(
     preload: tuple[str, ...],
     *,
     cause: BaseException | None = None,
     pid: int | None = None,
     exitcode: int | None = None,
+    spawned: bool = False,
 ) -> TemplateStartError:
+    """``spawned``: a spawned worker (pid ``pid``) failed to preload, where
+    there is no template; its error is the same kind, the words say who."""
+    who = f"a worker (pid {pid})" if spawned else "the template"
     if cause is not None:
-        return TemplateStartError(
-            f"the template could not preload {list(preload)}: {type(cause).__name__}: {cause}"
-        )
+        error = TemplateStartError(f"{who} could not preload {list(preload)}: {type(cause).__name__}: {cause}")
+        error.__cause__ = cause
+        return error
+    process = who if spawned else f"the template process (pid {pid})"
     return TemplateStartError(
-        f"the template process (pid {pid}) exited with {describe_exit(exitcode)} while "
-        f"preloading {list(preload)}; see its output above"
+        f"{process} exited with {describe_exit(exitcode)} while preloading {list(preload)}; see its output above"
     )
 
 

@@ -263,15 +263,17 @@ async def open_worker_context(*args: Any, **config: Any) -> AsyncIterator[Worker
     """Open a `WorkerContext` with its own workers, configured by the keywords of
     `WorkerConfig` (the first five may be positional, as in trio-parallel).
 
-    The template (if any) starts on entry, so a failing preload raises here,
-    as `TemplateStartError`. On exit the context waits for jobs still running
-    in it, then closes its workers within ``grace_period``; this wait is not
-    cancellable, so hand the context only to tasks inside the block.
+    The template starts on entry (with ``SPAWN`` and a ``preload`` or
+    ``template_init``, the first worker does, and then takes the first job),
+    so a failing preload raises here, as `TemplateStartError`. On exit the
+    context waits for jobs still running in it, then closes its workers within
+    ``grace_period``; this wait is not cancellable, so hand the context only to
+    tasks inside the block.
 
     Raises:
         TypeError: for an argument of the wrong type or an unknown keyword, naming it.
         ValueError: for an argument out of range, naming it.
-        TemplateStartError: if the template could not preload.
+        TemplateStartError: if the template (or the first spawned worker) could not preload.
         BrokenWorkerError: if a worker had to be killed at exit.
     """
     context = WorkerContext(make_config("open_worker_context", args, config), _private=True)

@@ -144,9 +144,11 @@ class InitFailed:
 
 
 class Started:
-    """The worker's ``init`` hook returned: a death from now on is the job's.
-    ``memory``: its memory (by the context's metric) before any job, when
-    that is already above ``max_memory``; else -1."""
+    """The worker set itself up (its preload, where it imports one itself) and
+    its ``init`` hook returned: a death from now on is the job's. Sent where
+    there was an init hook or a preload of its own to report on. ``memory``:
+    its memory (by the context's metric) before any job, when that is already
+    above ``max_memory``; else -1."""
 
     __slots__ = ("memory",)
 

@@ -199,6 +199,17 @@ class PooledWorker:
             return
         self._first_frames = self._first_frames[sent:]
 
+    async def send_settings(self) -> None:
+        """Send the start-up message whole, now, for a worker whose start is
+        awaited before any job (`WorkerPool._start_first_worker`). If the
+        worker closed its end, the next read says how it ended."""
+        view = memoryview(self._first_frames)
+        self._first_frames = b""
+        try:
+            await self._send_rest(view, 0)
+        except ConnectionError:  # reset, broken pipe; aborted on Windows
+            pass
+
     def apply(self, event: WorkerEvent) -> None:
         """Move to the state the lifecycle table gives (the pool holds its lock)."""
         self.state = next_worker_state(self.state, event)

@@ -50,7 +50,7 @@ from _trio_parallel_fs_worker import protocol as p
 from .. import _loops
 from .._backends.seam import ANSWER_TIMEOUT
 from .._describe import describe
-from .._errors import hook_error
+from .._errors import init_failed_error
 from .channel import AnswerTimeout, PooledWorker
 from .lifecycle import WorkerEvent
 from .pool import PoolClosed, WorkerPool
@@ -156,7 +156,7 @@ class WorkerLease:
                 self._left_unread(worker)
                 with pool._lock:
                     pool._end(worker, WorkerEvent.REPLY_RETIRING, "hook_error")
-                raise hook_error("init", event.payload, worker.process.pid, describe(self._fn))
+                raise init_failed_error(event.payload, worker.process.pid, describe(self._fn), pool.config.preload)
             assert isinstance(event, (p.Value, p.Error))
             worker.init_done = True
             retire = event.retire

@@ -59,6 +59,7 @@ WORKER_TRANSITIONS: dict[tuple[WorkerState, WorkerEvent], WorkerState] = {
     (W.STARTING, E.LEFT): W.GONE,  # prepared ahead, it left by its idle timeout before any job
     (W.STARTING, E.DIED): W.DEAD,
     (W.STARTING, E.CLOSE): W.RETIRING,
+    (W.STARTING, E.KILL): W.DEAD,  # the open that waited for its preload was cancelled
     (W.IDLE, E.SEND_JOB): W.BUSY,
     (W.IDLE, E.LEFT): W.GONE,
     (W.IDLE, E.DIED): W.DEAD,

@@ -19,7 +19,9 @@ back until one settles the call (see `channel.PooledWorker.receive`):
   its end is followed by a read too: the Bye is there. On Windows the Bye
   can be lost to the reset the worker's exit with our job unread causes: a
   reset and a clean exit count as that Bye.)
-* InitFailed: ``init`` raised; the call fails with WorkerHookError.
+* InitFailed: ``init`` raised; the call fails with WorkerHookError (with
+  TemplateStartError where a spawned worker's own preload failed, as the
+  template's would have).
 * Closed: the worker died (its channel reached end-of-file; processes its job
   forked dropped their copies, see ``channel``). The call fails with
   BrokenWorkerError naming the exit code or signal, from the backend's exit
@@ -29,6 +31,10 @@ Each worker's state follows the table in `lifecycle`; states, the idle stack,
 the counters and the context's own state change under one lock, because a
 context (the default one above all) is shared by every thread's ``trio.run``.
 The pool holds no Trio objects for the same reason.
+
+Where workers import the preload themselves (spawned: no template), the
+first one starts when the context opens, so that a failing preload raises
+there as it does with a template; it then waits on the idle stack in STARTING.
 
 A worker that retires with its result gets its successor asked for at once
 where the backend can do that cheaply (the template), so that the next call
@@ -66,10 +72,13 @@ from .._config import WorkerConfig
 from .._describe import describe
 from .._errors import (
     PREPARE_FAILED,
+    TemplateStartError,
     baseline_above_max_memory_message,
     broken_worker_error,
     hook_error,
+    init_failed_error,
     stuck_at_close_error,
+    template_start_error,
     unpicklable_result_error,
 )
 from .channel import AnswerTimeout, PooledWorker
@@ -245,8 +254,57 @@ class WorkerPool:
     # --- workers in and out -------------------------------------------------
 
     async def start(self) -> None:
-        """Start the template now, so that preload errors surface here."""
+        """Start the template now, so that preload errors surface here; where
+        workers import the preload themselves, the first worker (see
+        `_start_first_worker`)."""
         await self.backend.start()
+        settings = self._worker_settings()
+        if settings.preload or settings.template_init is not None:
+            await self._start_first_worker(settings)
+
+    async def _start_first_worker(self, settings: WorkerSettings) -> None:
+        """Start a worker that imports the preload itself (spawned) and wait
+        until it says it has (Started): a failing preload or ``template_init``
+        raises TemplateStartError here, as a template's does, instead of at
+        the first call. The worker then waits for that call on the idle stack,
+        in STARTING, as one prepared ahead does. An init hook that raises is
+        the first call's to report, as with the template: it starts another
+        worker, whose init raises again."""
+        channel, process = await self.backend.start_worker()
+        worker = PooledWorker(channel, process, settings, self._area_settings, self.config.busy_wait)
+        with self._lock:
+            if self.closed:
+                worker.process.kill()
+                self._let_go(worker)
+                raise PoolClosed
+            self._live.add(worker)
+        try:
+            await worker.send_settings()
+            event = await worker.receive(ANSWER_TIMEOUT)
+        except BaseException:  # cancelled (Ctrl-C, a timeout around the open): it goes
+            with _loops.CancelScope(shield=True):
+                await self._kill(worker)
+            raise
+        self._announce(worker)
+        if isinstance(event, p.Started):
+            worker.init_done = True
+            if event.memory >= 0:
+                self._warn_baseline(worker, event.memory)
+            with self._lock:
+                if worker.state is _STARTING:  # not closed meanwhile
+                    worker.idle_since = time.monotonic()
+                    self._idle.append(worker)
+            return
+        pid = worker.process.pid
+        if isinstance(event, p.InitFailed):
+            with self._lock:
+                self._end(worker, WorkerEvent.DIED, "hook_error")
+            error = init_failed_error(event.payload, pid, "its first job", self.config.preload)
+            if isinstance(error, TemplateStartError):
+                raise error
+            return
+        info = await self._died(worker, None, fail_call=False)  # Closed: it died while preloading
+        raise template_start_error(self.config.preload, pid=pid, exitcode=info.exitcode, spawned=True)
 
     def _end(self, worker: PooledWorker, event: WorkerEvent, reason: str) -> None:
         """Apply ``event`` (it left, died, was killed, or said it is leaving),
@@ -468,9 +526,10 @@ class WorkerPool:
 
     async def _died(
         self, worker: PooledWorker, fn: object, fail_call: bool = True, queued_behind: bool = False
-    ) -> None:
+    ) -> ExitInfo:
         """The worker's channel closed: wait for its exit report, let it go and,
-        with ``fail_call``, raise the BrokenWorkerError that says how it died.
+        with ``fail_call``, raise the BrokenWorkerError that says how it died;
+        without, return that report.
         ``queued_behind``: a job of ours waited unread behind the one it ran
         (a map's lease), so a reset says nothing about that one."""
         # All of it shielded: under asyncio a cancel held off by the shield is
@@ -510,6 +569,7 @@ class WorkerPool:
                     self._end(worker, WorkerEvent.DIED, "ceiling" if info.ceiling_used is not None else "died")
             if fail_call and not left_unread:
                 raise self._broken(info, fn, worker)
+        return info
 
     def _settle(self, worker: PooledWorker, event: p.Event, fn: object) -> Any:
         """Apply a reply to the worker's state and the counters (one lock, which
@@ -523,7 +583,7 @@ class WorkerPool:
             with self._lock:
                 self.running -= 1
                 self._end(worker, _REPLY_RETIRING, "hook_error")
-            raise hook_error("init", event.payload, worker.process.pid, describe(fn))
+            raise init_failed_error(event.payload, worker.process.pid, describe(fn), self.config.preload)
         assert isinstance(event, (p.Value, p.Error))
         worker.init_done = True
         retire = event.retire
