@@ -851,6 +851,31 @@ async def test_map_runs_chunks_of_items_as_tasks_and_keeps_their_order(client):
     assert stats.running_jobs == 0
 
 
+async def test_map_chunks_need_nothing_of_ours_on_the_workers(client):
+    """The chunk runner travels by value: fresh Dask workers run a map without
+    importing the library's worker package (they need not have it)."""
+    import mapfns
+
+    with trio.fail_after(120):
+        await restart_all_workers(client)
+        async with open_dask_context(client) as ctx:
+            assert await ctx.map(mapfns.square, range(100), chunksize=10) == [x * x for x in range(100)]
+            ours = await on_workers(client, eval, imported("_trio_parallel_fs_worker"))
+    assert set(ours.values()) == {False}
+
+
+def test_importing_the_dask_module_leaves_local_chunks_by_reference():
+    """Before, ``trio_parallel_fs.dask`` registered the chunk runner's module
+    with cloudpickle for the whole process, so every local map chunk carried
+    the runner by value too (some 2 KB and 20 µs a chunk)."""
+    import cloudpickle
+
+    from _trio_parallel_fs_worker import _chunks
+
+    assert "trio_parallel_fs.dask" in sys.modules
+    assert pickle.loads(cloudpickle.dumps(_chunks.run_chunk)) is _chunks.run_chunk
+
+
 async def test_map_runs_no_more_tasks_at_once_than_the_cluster_has_threads(client):
     import functools
 

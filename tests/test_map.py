@@ -187,9 +187,9 @@ async def test_an_exception_that_cannot_carry_its_index_names_the_chunk():
 
 @pytest.fixture(params=["by reference", "by value"])
 def chunk_runner_travels(request):
-    """How map's chunk runner travels: by reference, or by value (as it does
-    for local contexts too once ``trio_parallel_fs.dask`` is imported, which
-    registers its module with cloudpickle); put back as it was after."""
+    """How map's chunk runner travels: by reference, or by value (as it would
+    if its module were registered with cloudpickle: a program may do that);
+    put back as it was after."""
     import cloudpickle
 
     from _trio_parallel_fs_worker import _chunks

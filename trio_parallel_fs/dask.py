@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -68,10 +69,20 @@ from ._map import ContextMaps
 # The worker-side code travels by value: Dask workers need ``distributed``,
 # not trio_parallel_fs (nor trio, which importing it would bring).
 cloudpickle.register_pickle_by_value(_dask_worker)
-# The same for map's chunk runner (standard library only). A side effect in
-# this process: local contexts' chunks then carry it by value too (some 20 us
-# a chunk, which holds about 10 ms of work).
-cloudpickle.register_pickle_by_value(_chunks)
+
+
+def _by_value(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``fn`` that cloudpickle pickles by value: it is not the object
+    its module holds under its name. Registering the module instead would
+    change every pickle of it in this process: local contexts' map chunks
+    would then carry the chunk runner by value too (some 20 µs a chunk)."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__, copy.__module__, copy.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    return copy
+
+
+# Map's chunk runner (standard library only), as a Dask context's chunks carry it.
+_RUN_CHUNK = _by_value(_chunks.run_chunk)
 
 if TYPE_CHECKING:
     import anyio
@@ -260,7 +271,7 @@ class DaskContext(ContextMaps):
 
     def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Job:
         # Dask pickles the job as it submits it, on the client's loop.
-        return Job(fn, args)
+        return Job(_RUN_CHUNK if fn is _chunks.run_chunk else fn, args)
 
     _closed_error: type[Exception] = RunnerClosed
     _resubmit = RESUBMIT  # never returned: Dask runs a task again itself
