@@ -305,5 +305,4 @@ def closed_while_waiting(kind: str) -> str:
     return f"this {kind} closed while the call waited"
 
 
-CONTEXT_CLOSED = context_closed("worker context")
 PREPARE_FAILED = "trio_parallel_fs could not prepare a worker ahead of demand (the next call starts one itself)"
