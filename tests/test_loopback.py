@@ -317,6 +317,50 @@ async def test_a_spawned_worker_starts_while_strangers_hold_its_port(monkeypatch
             stranger.close()
 
 
+@pytest.mark.parametrize("where", ["open with a preload", "call with kill_on_cancel"])
+def test_a_worker_whose_start_is_cancelled_under_asyncio_is_ended(monkeypatch, where):
+    """asyncio raises a cancel held off while a thread started the worker as
+    that wait ends, and the thread's result was lost: the worker lived on,
+    connected, then stayed a zombie. Before, any asyncio.wait_for or Ctrl-C
+    around a spawned open with a preload (Windows: always loopback) did that."""
+    import asyncio
+    import threading
+
+    from trio_parallel_fs._backends.spawn import backend as _spawn
+
+    monkeypatch.setenv("TRIO_PARALLEL_FS_CHANNEL", "loopback")
+    entered = threading.Event()
+    started: list[int] = []
+
+    def start_and_tell(*args, **kwargs):
+        entered.set()  # the cancel comes now, while this thread starts the worker
+        worker = loopback.start_loopback_worker(*args, **kwargs)
+        started.append(worker.popen.pid)
+        return worker
+
+    monkeypatch.setattr(_spawn, "start_loopback_worker", start_and_tell)
+
+    async def use_a_context() -> None:
+        if where == "open with a preload":
+            async with tpf.open_worker_context(worker_type="spawn", preload=["preload_marker"]):
+                pytest.fail("the open was cancelled")
+        async with tpf.open_worker_context(worker_type="spawn") as ctx:
+            await ctx.run_sync(workerfns.add, 1, 2, kill_on_cancel=True)
+            pytest.fail("the call was cancelled")
+
+    async def main() -> None:
+        task = asyncio.get_running_loop().create_task(use_a_context())
+        while not entered.is_set():  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    [pid] = started
+    assert not psutil.pid_exists(pid)  # ended and reaped
+
+
 async def test_a_worker_that_exits_before_connecting_is_reported_and_reaped():
     def command(port):
         return [sys.executable, "-c", "import sys; sys.exit(7)", str(port)]

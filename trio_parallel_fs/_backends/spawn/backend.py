@@ -28,7 +28,7 @@ from ... import _loops
 from ..launch import channel_pair, child_command, child_environment
 from ..seam import ExitInfo
 from .ceiling import CeilingWatcher, Watched
-from .loopback import start_loopback_worker
+from .loopback import LoopbackWorker, start_loopback_worker
 
 _HAS_PIDFD = hasattr(os, "pidfd_open")
 
@@ -243,11 +243,21 @@ class SpawnBackend:
     async def start_worker(self) -> tuple[socket.socket, SpawnedWorker]:
         if self._channel == "loopback":
             # Waiting for the worker to connect takes an interpreter start.
-            started = await _loops.to_thread_run_sync(
-                lambda: start_loopback_worker(
-                    lambda port: child_command("worker", f"loopback:{port}"), self._env
-                )
-            )
+            made: list[LoopbackWorker] = []
+
+            def start() -> LoopbackWorker:
+                made.append(start_loopback_worker(lambda port: child_command("worker", f"loopback:{port}"), self._env))
+                return made[0]
+
+            try:
+                started = await _loops.to_thread_run_sync(start)
+            except BaseException:
+                # Cancelled meanwhile: under asyncio the cancel held off until
+                # the thread is done is raised then, and its worker is lost to
+                # us unless we end it here.
+                for worker in made:
+                    worker.discard()
+                raise
             return started.channel, SpawnedWorker(started.popen, self._watcher)
         ours, theirs = channel_pair()
         try:

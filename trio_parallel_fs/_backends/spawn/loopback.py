@@ -91,6 +91,24 @@ class LoopbackWorker(NamedTuple):
     channel: socket.socket
     popen: subprocess.Popen[bytes]
 
+    def discard(self) -> None:
+        """End a started worker that nobody will use (its start was cancelled
+        as it completed): close our end, then end it as `_end` does."""
+        self.channel.close()
+        _end(self.popen)
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """Kill and reap a worker, then close its lifeline (in that order: see
+    `LoopbackWorker`)."""
+    process.kill()  # TerminateProcess on Windows; SIGKILL elsewhere
+    process.wait()
+    assert process.stdin is not None
+    try:
+        process.stdin.close()
+    except OSError:  # the secret, still buffered, could not be flushed
+        pass
+
 
 def new_process_options() -> dict[str, Any]:
     """Popen keywords that keep Ctrl-C away from a worker: Trio handles it in
@@ -350,12 +368,6 @@ def start_loopback_worker(
         channel = listener.accept(process, timeout)
     except BaseException:
         listener.close()
-        process.kill()  # TerminateProcess on Windows; SIGKILL elsewhere
-        process.wait()
-        assert process.stdin is not None
-        try:
-            process.stdin.close()
-        except OSError:  # the secret, still buffered, could not be flushed
-            pass
+        _end(process)
         raise
     return LoopbackWorker(channel, process)
