@@ -212,3 +212,17 @@ def test_after_a_fork_the_child_forgets_the_parents_workers():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == "(0, False) True False", result.stderr
+
+
+async def test_a_spawned_worker_killed_at_the_ceiling_while_it_preloads_fails_the_open():
+    import trio_parallel_fs as tpf
+
+    with pytest.raises(
+        tpf.TemplateStartError,
+        match=r"^a worker \(pid \d+\) was killed at the memory ceiling while preloading \['preload_hungry'\]: "
+        r"it used \d+\.\d MiB \(USS\)",
+    ):
+        with trio.fail_after(20):  # the preload waits 30 s once it holds its memory
+            ceiling = 64 << 20
+            async with tpf.open_worker_context(worker_type="spawn", preload=["preload_hungry"], memory_ceiling=ceiling):
+                pytest.fail("the open must raise")

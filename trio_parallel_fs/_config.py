@@ -274,6 +274,12 @@ class WorkerConfig:
             busy_wait=self.busy_wait,
         )
 
+    @property
+    def preloads_in_each_worker(self) -> bool:
+        """Whether each worker imports the preload or runs ``template_init``
+        itself (``SPAWN``: there is no template), and has one of them to run."""
+        return self.worker_type is WorkerType.SPAWN and (bool(self.preload) or self.template_init is not None)
+
     def worker_settings(self, hooks: bytes | None = None) -> WorkerSettings:
         """A new worker's start-up message, made now (it carries this moment's
         working directory). ``hooks``: `worker_hooks` already pickled, if at hand."""

@@ -235,15 +235,24 @@ def template_start_error(
     pid: int | None = None,
     exitcode: int | None = None,
     spawned: bool = False,
+    ceiling_used: int | None = None,
+    metric: str = "uss",
 ) -> TemplateStartError:
     """``spawned``: a spawned worker (pid ``pid``) failed to preload, where
-    there is no template; its error is the same kind, the words say who."""
+    there is no template; its error is the same kind, the words say who.
+    ``ceiling_used``: it was killed at the memory ceiling, having used that
+    much (by ``metric``)."""
     who = f"a worker (pid {pid})" if spawned else "the template"
     if cause is not None:
         error = TemplateStartError(f"{who} could not preload {list(preload)}: {type(cause).__name__}: {cause}")
         error.__cause__ = cause
         return error
     process = who if spawned else f"the template process (pid {pid})"
+    if ceiling_used is not None:
+        return TemplateStartError(
+            f"{process} was killed at the memory ceiling while preloading {list(preload)}: it used "
+            f"{ceiling_used / 2**20:.1f} MiB ({metric.upper()}). Raise memory_ceiling above what the preload needs."
+        )
     return TemplateStartError(
         f"{process} exited with {describe_exit(exitcode)} while preloading {list(preload)}; see its output above"
     )

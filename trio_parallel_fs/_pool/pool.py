@@ -154,7 +154,8 @@ class WorkerContextStatistics:
             usually 0; released with the area, or when it is trimmed.
         prepared_workers: Workers started ahead of demand, in place of one
             that retired after its job (``max_jobs``, ``max_memory``, the
-            retire hook), which the next call will use; not counted in
+            retire hook), or (``SPAWN`` with a preload) the first one, started
+            at the open; the next call will use it. Not counted in
             ``idle_workers`` or ``started_workers`` until then.
     """
 
@@ -258,8 +259,11 @@ class WorkerPool:
         workers import the preload themselves, the first worker (see
         `_start_first_worker`)."""
         await self.backend.start()
-        settings = self._worker_settings()
-        if settings.preload or settings.template_init is not None:
+        if self.config.preloads_in_each_worker:
+            try:
+                settings = self._worker_settings()
+            except OSError:  # the working directory is gone; the first call's start says so
+                return
             await self._start_first_worker(settings)
 
     async def _start_first_worker(self, settings: WorkerSettings) -> None:
@@ -269,7 +273,8 @@ class WorkerPool:
         the first call. The worker then waits for that call on the idle stack,
         in STARTING, as one prepared ahead does. An init hook that raises is
         the first call's to report, as with the template: it starts another
-        worker, whose init raises again."""
+        worker, whose init raises again (the one here is not counted in
+        ``retired``)."""
         channel, process = await self.backend.start_worker()
         worker = PooledWorker(channel, process, settings, self._area_settings, self.config.busy_wait)
         with self._lock:
@@ -295,23 +300,35 @@ class WorkerPool:
                     worker.idle_since = time.monotonic()
                     self._idle.append(worker)
             return
-        pid = worker.process.pid
         if isinstance(event, p.InitFailed):
             with self._lock:
-                self._end(worker, WorkerEvent.DIED, "hook_error")
-            error = init_failed_error(event.payload, pid, "its first job", self.config.preload)
+                self._end(worker, WorkerEvent.DIED, None)
+            error = init_failed_error(event.payload, worker.process.pid, "its first job", self.config.preload)
             if isinstance(error, TemplateStartError):
                 raise error
             return
         info = await self._died(worker, None, fail_call=False)  # Closed: it died while preloading
-        raise template_start_error(self.config.preload, pid=pid, exitcode=info.exitcode, spawned=True)
+        raise self._start_failed(info)
 
-    def _end(self, worker: PooledWorker, event: WorkerEvent, reason: str) -> None:
+    def _start_failed(self, info: ExitInfo) -> TemplateStartError:
+        """A worker that preloads itself died before it said it had (Started)."""
+        return template_start_error(
+            self.config.preload,
+            pid=info.pid,
+            exitcode=info.exitcode,
+            spawned=True,
+            ceiling_used=info.ceiling_used,
+            metric=self.config.memory_metric,
+        )
+
+    def _end(self, worker: PooledWorker, event: WorkerEvent, reason: str | None) -> None:
         """Apply ``event`` (it left, died, was killed, or said it is leaving),
-        count why, close our end and stop tracking it; the backend reaps it,
-        spawned workers later (the caller holds the lock)."""
+        count why (``reason``; None: not counted), close our end and stop
+        tracking it; the backend reaps it, spawned workers later (the caller
+        holds the lock)."""
         worker.apply(event)
-        self._retired[reason] = self._retired.get(reason, 0) + 1
+        if reason is not None:
+            self._retired[reason] = self._retired.get(reason, 0) + 1
         self._live.discard(worker)
         self._let_go(worker)
 
@@ -516,6 +533,10 @@ class WorkerPool:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _broken(self, info: ExitInfo, fn: object, worker: PooledWorker) -> BaseException:
+        if not worker.init_done and self.config.preloads_in_each_worker and self.config.init is bool:
+            # Died before it said it had preloaded (a default context's first
+            # call: no open waited for that), as a template that dies would.
+            return self._start_failed(info)
         return broken_worker_error(
             info,
             describe(fn),
