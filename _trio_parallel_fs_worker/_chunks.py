@@ -6,7 +6,7 @@ shared memory area for large arrays among them). It returns the results and
 the seconds the items took here, which the parent sizes later chunks by.
 
 Standard library only, and no trio: on a Dask cluster this module travels by
-value (``trio_parallel_fs.dask`` registers it), so that workers need nothing
+value (``trio_parallel_fs.dask`` sends a copy of ``run_chunk``), so that workers need nothing
 of ours installed.
 """
 

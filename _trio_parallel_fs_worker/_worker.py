@@ -232,9 +232,9 @@ def execute(job: p.Job) -> p.Value | p.Error:
 
 
 def _is_chunk(fn: Any) -> bool:
-    """Whether ``fn`` is `run_chunk`, or a copy of it that came by value (once
-    ``trio_parallel_fs.dask`` is imported, the parent registers its module
-    with cloudpickle.register_pickle_by_value): by module and name."""
+    """Whether ``fn`` is `run_chunk`, or a copy of it that came by value (as
+    it would if a program registered its module with
+    cloudpickle.register_pickle_by_value): by module and name."""
     return (
         getattr(fn, "__module__", None) == run_chunk.__module__
         and getattr(fn, "__qualname__", None) == run_chunk.__qualname__

@@ -106,3 +106,33 @@ async def test_a_context_opens_in_a_working_directory_that_was_removed(worker_ty
             assert await ctx.run_sync(workerfns.add, 1, 2) == 3
     finally:
         os.chdir(here)
+
+
+async def test_a_later_worker_that_dies_preloading_is_a_broken_worker_not_a_failed_start(tmp_path, monkeypatch):
+    """Once a worker of the context has preloaded, the preload is known to
+    load: a later worker that dies before saying so (killed, out of memory)
+    is a BrokenWorkerError, which retry code catches, not a TemplateStartError."""
+    marker = tmp_path / "exit-now"
+    monkeypatch.setenv("TPF_TEST_EXIT_MARKER", str(marker))
+    async with tpf.open_worker_context(worker_type="spawn", preload=["preload_exits_when_told"], max_jobs=1) as ctx:
+        assert await ctx.run_sync(workerfns.add, 1, 2) == 3
+        marker.touch()
+        with pytest.raises(tpf.BrokenWorkerError, match="died with exit code 9") as info:
+            await ctx.run_sync(workerfns.add, 1, 2)
+        assert info.value.exitcode == 9
+
+
+async def test_a_call_in_a_removed_working_directory_says_so_and_leaves_no_worker(worker_type, tmp_path):
+    here = os.getcwd()
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    async with tpf.open_worker_context(worker_type=worker_type) as ctx:
+        os.chdir(gone)
+        try:
+            gone.rmdir()
+            with pytest.raises(FileNotFoundError, match="working directory was removed"):
+                await ctx.run_sync(workerfns.add, 1, 2)
+        finally:
+            os.chdir(here)
+        assert ctx._pool.worker_pids() == []
+        assert await ctx.run_sync(workerfns.add, 1, 2) == 3

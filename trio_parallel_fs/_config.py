@@ -284,8 +284,16 @@ class WorkerConfig:
         """A new worker's start-up message, made now (it carries this moment's
         working directory). ``hooks``: `worker_hooks` already pickled, if at hand."""
         spawned = self.worker_type is WorkerType.SPAWN
+        try:
+            cwd = os.getcwd()
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                exc.errno,
+                "this process's working directory was removed, and a worker starts in its caller's: "
+                "change to one that exists",
+            ) from None
         return WorkerSettings(
-            cwd=os.getcwd(),
+            cwd=cwd,
             sys_path=self.sys_path() if spawned else None,
             preload=self.preload if spawned else (),
             template_init=self.pickled_template_init() if spawned else None,

@@ -78,6 +78,8 @@ def _by_value(fn: Callable[..., Any]) -> Callable[..., Any]:
     would then carry the chunk runner by value too (some 20 µs a chunk)."""
     copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     copy.__qualname__, copy.__module__, copy.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    copy.__kwdefaults__, copy.__annotations__ = fn.__kwdefaults__, fn.__annotations__
+    copy.__dict__.update(fn.__dict__)
     return copy
 
 

@@ -256,9 +256,7 @@ class WorkerLease:
                 pool._announce(worker)
                 if not isinstance(event, p.Started):
                     return event
-                worker.init_done = True
-                if event.memory >= 0:
-                    pool._warn_baseline(worker, event.memory)
+                pool._on_started(worker, event)
         except AnswerTimeout:
             raise
         except BaseException:

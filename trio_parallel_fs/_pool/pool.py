@@ -185,6 +185,10 @@ class WorkerPool:
         self._started = 0
         self._retired: dict[str, int] = {}
         self._warned_baseline = False
+        # A worker of ours said it had preloaded (Started): from then on a
+        # worker that dies before saying so is a broken worker, not a failed
+        # start (see _broken).
+        self._preloaded = False
         self._generation = _fork_generation
         _pools.add(self)
         self.observers: list[Callable[[int], None]] = []  # see _introspect.watch_workers
@@ -292,9 +296,7 @@ class WorkerPool:
             raise
         self._announce(worker)
         if isinstance(event, p.Started):
-            worker.init_done = True
-            if event.memory >= 0:
-                self._warn_baseline(worker, event.memory)
+            self._on_started(worker, event)
             with self._lock:
                 if worker.state is _STARTING:  # not closed meanwhile
                     worker.idle_since = time.monotonic()
@@ -389,13 +391,14 @@ class WorkerPool:
     async def _new_worker(self) -> PooledWorker:
         self.prune()
         await self.backend.start()
+        settings = self._worker_settings()  # first: it fails if the working directory is gone
         try:
             channel, process = await self.backend.start_worker()
         except OSError:
             # The template died since we looked: start a new one, once.
             await self.backend.start()
             channel, process = await self.backend.start_worker()
-        worker = PooledWorker(channel, process, self._worker_settings(), self._area_settings, self.config.busy_wait)
+        worker = PooledWorker(channel, process, settings, self._area_settings, self.config.busy_wait)
         with self._lock:
             if self.closed:
                 # Closed while we started it: nothing would ever close it.
@@ -498,9 +501,7 @@ class WorkerPool:
                 self._announce(worker)
                 if not isinstance(event, p.Started):
                     break
-                worker.init_done = True
-                if event.memory >= 0:
-                    self._warn_baseline(worker, event.memory)
+                self._on_started(worker, event)
         except AnswerTimeout:
             info = worker.process.give_up()
             with self._lock:
@@ -523,6 +524,13 @@ class WorkerPool:
         with self._lock:
             self._end(worker, WorkerEvent.KILL, "killed")
 
+    def _on_started(self, worker: PooledWorker, event: p.Started) -> None:
+        """The worker set itself up and its init hook returned (Started)."""
+        worker.init_done = True
+        self._preloaded = True
+        if event.memory >= 0:
+            self._warn_baseline(worker, event.memory)
+
     def _warn_baseline(self, worker: PooledWorker, used: int) -> None:
         if self._warned_baseline or self.config.max_memory is None:
             return
@@ -533,9 +541,11 @@ class WorkerPool:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _broken(self, info: ExitInfo, fn: object, worker: PooledWorker) -> BaseException:
-        if not worker.init_done and self.config.preloads_in_each_worker and self.config.init is bool:
-            # Died before it said it had preloaded (a default context's first
-            # call: no open waited for that), as a template that dies would.
+        config = self.config
+        if not (worker.init_done or self._preloaded) and config.preloads_in_each_worker and config.init is bool:
+            # No worker of ours has preloaded yet and this one died trying (a
+            # default context's first call: no open waited for it), as a
+            # template that dies would.
             return self._start_failed(info)
         return broken_worker_error(
             info,

@@ -70,6 +70,9 @@ MAX_PENDING = 64
 # an antivirus scanning python.exe can take several seconds.
 START_TIMEOUT = 60.0
 
+# How long to wait for a killed worker to be reaped (milliseconds, normally).
+KILL_TIMEOUT = 5.0
+
 # While waiting for the connection, look this often whether the worker died
 # before connecting, so that failure is reported at once, not after the timeout.
 _EXIT_CHECK_INTERVAL = 0.05
@@ -102,7 +105,10 @@ def _end(process: subprocess.Popen[bytes]) -> None:
     """Kill and reap a worker, then close its lifeline (in that order: see
     `LoopbackWorker`)."""
     process.kill()  # TerminateProcess on Windows; SIGKILL elsewhere
-    process.wait()
+    try:
+        process.wait(timeout=KILL_TIMEOUT)
+    except subprocess.TimeoutExpired:  # stuck in the kernel: its lifeline goes all the same
+        pass
     assert process.stdin is not None
     try:
         process.stdin.close()
