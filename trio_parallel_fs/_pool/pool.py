@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import threading
 import time
 import warnings
@@ -280,13 +281,7 @@ class WorkerPool:
         worker, whose init raises again (the one here is not counted in
         ``retired``)."""
         channel, process = await self.backend.start_worker()
-        worker = PooledWorker(channel, process, settings, self._area_settings, self.config.busy_wait)
-        with self._lock:
-            if self.closed:
-                worker.process.kill()
-                self._let_go(worker)
-                raise PoolClosed
-            self._live.add(worker)
+        worker = self._adopt(channel, process, settings, for_job=False)
         try:
             await worker.send_settings()
             event = await worker.receive(ANSWER_TIMEOUT)
@@ -398,17 +393,26 @@ class WorkerPool:
             # The template died since we looked: start a new one, once.
             await self.backend.start()
             channel, process = await self.backend.start_worker()
+        worker = self._adopt(channel, process, settings, for_job=True)
+        self._announce(worker)
+        return worker
+
+    def _adopt(
+        self, channel: socket.socket, process: WorkerProcess, settings: WorkerSettings, for_job: bool
+    ) -> PooledWorker:
+        """Track a worker just started; ``for_job``: a job goes to it now (it
+        counts as started, and is BUSY). Raises PoolClosed if the context
+        closed while it started: nothing would ever close it."""
         worker = PooledWorker(channel, process, settings, self._area_settings, self.config.busy_wait)
         with self._lock:
             if self.closed:
-                # Closed while we started it: nothing would ever close it.
                 worker.process.kill()
                 self._let_go(worker)
                 raise PoolClosed
-            self._started += 1
             self._live.add(worker)
-            worker.apply(_SEND_JOB)
-        self._announce(worker)
+            if for_job:
+                self._started += 1
+                worker.apply(_SEND_JOB)
         return worker
 
     def _prepare_replacement_soon(self) -> None:
