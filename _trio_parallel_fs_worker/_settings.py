@@ -85,3 +85,9 @@ class PreloadError(WorkerSetupError):
     """A spawned worker's preload or ``template_init`` raised: what a template
     reports by failing to start, so the parent raises it as the template's
     start error (``TemplateStartError``). Its cause is the original error."""
+
+
+class TemplateInitError(PreloadError):
+    """``template_init`` raised, in the template or in a spawned worker: so
+    that the parent's message names it, not the preload. Its cause is the
+    original error."""

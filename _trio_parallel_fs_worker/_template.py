@@ -86,7 +86,7 @@ from ._lifeline import (
 )
 from ._memory import exceeds
 from ._page_plan import PlanOwner, apply_plan_while_idle, cpu_to_spare, open_book
-from ._settings import TemplateSettings, WorkerHooks, WorkerSettings
+from ._settings import TemplateInitError, TemplateSettings, WorkerHooks, WorkerSettings
 from ._spin import busy_waits_pay, input_poller
 from ._worker import Inbox, RetirePolicy, execute, load_settings, serve_then_leave
 from .codec import dumps_job, encode_error
@@ -131,7 +131,10 @@ def preload(modules: tuple[str, ...], template_init: bytes | None) -> None:
         importlib.import_module(name)
         check_single_threaded(f"importing {name!r}")
     if template_init is not None:
-        pickle.loads(template_init)()
+        try:
+            pickle.loads(template_init)()
+        except BaseException as exc:
+            raise TemplateInitError(f"its template_init raised {type(exc).__name__}: {exc}") from exc
         check_single_threaded("running template_init")
 
 

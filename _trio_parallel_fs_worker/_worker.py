@@ -35,7 +35,7 @@ from ._describe import describe
 from ._lifeline import flush_std_streams, keep_out_of_forks, step_aside, tighten_timers
 from ._memory import MemoryWatch, memory_usage
 from ._page_plan import apply_plan_while_idle, learn_before_leaving
-from ._settings import PreloadError, WorkerHooks, WorkerSettings, WorkerSetupError
+from ._settings import PreloadError, TemplateInitError, WorkerHooks, WorkerSettings, WorkerSetupError
 from ._shm import AreaMemoryError, SharedArea, total_bytes
 from ._spin import WorkerSpin, input_poller, sleep_for_input, yield_cpu
 from .codec import dumps_value, encode_error, loads_job
@@ -389,7 +389,7 @@ def load_settings(settings: WorkerSettings) -> WorkerHooks:
         try:
             pickle.loads(settings.template_init)()
         except BaseException as exc:
-            raise PreloadError(f"its template_init raised {type(exc).__name__}: {exc}") from exc
+            raise TemplateInitError(f"its template_init raised {type(exc).__name__}: {exc}") from exc
     hooks: WorkerHooks = pickle.loads(settings.hooks)
     return hooks
 

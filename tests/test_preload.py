@@ -32,7 +32,9 @@ async def test_a_failing_preload_raises_at_open_whatever_starts_the_workers(work
 
 
 async def test_a_failing_template_init_raises_at_open_whatever_starts_the_workers(worker_type):
-    with pytest.raises(tpf.TemplateStartError, match="RuntimeError: init failed on purpose$") as info:
+    with pytest.raises(
+        tpf.TemplateStartError, match="could not run template_init: RuntimeError: init failed on purpose$"
+    ) as info:
         async with tpf.open_worker_context(worker_type=worker_type, template_init=workerfns.init_raises):
             pytest.fail("the open must raise")
     assert isinstance(info.value.__cause__, RuntimeError)

@@ -17,7 +17,7 @@ import os
 import signal
 from typing import TYPE_CHECKING, Any
 
-from _trio_parallel_fs_worker._settings import PreloadError, WorkerSetupError
+from _trio_parallel_fs_worker._settings import PreloadError, TemplateInitError, WorkerSetupError
 from _trio_parallel_fs_worker.codec import RemoteTraceback as RemoteTraceback
 from _trio_parallel_fs_worker.codec import decode_error
 
@@ -224,7 +224,7 @@ def init_failed_error(payload: bytes, pid: int | None, function: str, preload: t
     `WorkerHookError` (its init hook raised, or the working directory is gone)."""
     cause = decode_error(payload)
     if isinstance(cause, PreloadError):
-        return template_start_error(preload, cause=cause.__cause__ or cause, pid=pid, spawned=True)
+        return template_start_error(preload, cause=cause, pid=pid, spawned=True)
     return hook_error("init", payload, pid, function)
 
 
@@ -238,14 +238,20 @@ def template_start_error(
     ceiling_used: int | None = None,
     metric: str = "uss",
 ) -> TemplateStartError:
-    """``spawned``: a spawned worker (pid ``pid``) failed to preload, where
-    there is no template; its error is the same kind, the words say who.
-    ``ceiling_used``: it was killed at the memory ceiling, having used that
-    much (by ``metric``)."""
+    """``cause``: what it raised (a `PreloadError` stands for its own cause,
+    the original error). ``spawned``: a spawned worker (pid ``pid``) failed to
+    preload, where there is no template; its error is the same kind, the
+    words say who. ``ceiling_used``: it was killed at the memory ceiling,
+    having used that much (by ``metric``)."""
     who = f"a worker (pid {pid})" if spawned else "the template"
     if cause is not None:
-        error = TemplateStartError(f"{who} could not preload {list(preload)}: {type(cause).__name__}: {cause}")
-        error.__cause__ = cause
+        original = cause.__cause__ if isinstance(cause, PreloadError) and cause.__cause__ is not None else cause
+        said = f"{type(original).__name__}: {original}"
+        if isinstance(cause, TemplateInitError):
+            error = TemplateStartError(f"{who} could not run template_init: {said}")
+        else:
+            error = TemplateStartError(f"{who} could not preload {list(preload)}: {said}")
+        error.__cause__ = original
         return error
     process = who if spawned else f"the template process (pid {pid})"
     if ceiling_used is not None:

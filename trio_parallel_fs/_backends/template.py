@@ -87,9 +87,9 @@ class TemplateProcess:
         if isinstance(answer, p.Ready):
             return
         if isinstance(answer, p.InitFailed):
-            cause = decode_error(answer.payload)
+            error = template_start_error(self._settings.preload, cause=decode_error(answer.payload))
             self.close(5)
-            raise template_start_error(self._settings.preload, cause=cause) from cause
+            raise error from error.__cause__
         code = self._popen.wait()
         self.close(0)
         if self._aborted:
