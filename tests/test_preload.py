@@ -4,12 +4,28 @@ worker, which imports the preload itself and starts at the open for that."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import workerfns
 
 import trio_parallel_fs as tpf
+
+
+@contextlib.contextmanager
+def in_a_removed_directory(tmp_path):
+    """In a working directory that no longer exists; back where we were
+    after (also given, so that a test can go back earlier)."""
+    here = os.getcwd()
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    os.chdir(gone)
+    try:
+        gone.rmdir()
+        yield here
+    finally:
+        os.chdir(here)
 
 
 async def test_a_failing_preload_raises_at_open_whatever_starts_the_workers(worker_type):
@@ -97,17 +113,10 @@ async def test_a_context_opens_in_a_working_directory_that_was_removed(worker_ty
     """The open makes no worker's settings where it starts none; where it
     does (spawned, with a preload), the first call's start is left to say
     what is wrong, as before the first worker started at the open."""
-    here = os.getcwd()
-    gone = tmp_path / "gone"
-    gone.mkdir()
-    os.chdir(gone)
-    try:
-        gone.rmdir()
+    with in_a_removed_directory(tmp_path) as here:
         async with tpf.open_worker_context(worker_type=worker_type, preload=preload) as ctx:
             os.chdir(here)
             assert await ctx.run_sync(workerfns.add, 1, 2) == 3
-    finally:
-        os.chdir(here)
 
 
 async def test_a_later_worker_that_dies_preloading_is_a_broken_worker_not_a_failed_start(tmp_path, monkeypatch):
@@ -125,16 +134,9 @@ async def test_a_later_worker_that_dies_preloading_is_a_broken_worker_not_a_fail
 
 
 async def test_a_call_in_a_removed_working_directory_says_so_and_leaves_no_worker(worker_type, tmp_path):
-    here = os.getcwd()
-    gone = tmp_path / "gone"
-    gone.mkdir()
     async with tpf.open_worker_context(worker_type=worker_type) as ctx:
-        os.chdir(gone)
-        try:
-            gone.rmdir()
+        with in_a_removed_directory(tmp_path):
             with pytest.raises(FileNotFoundError, match="working directory was removed"):
                 await ctx.run_sync(workerfns.add, 1, 2)
-        finally:
-            os.chdir(here)
         assert ctx._pool.worker_pids() == []
         assert await ctx.run_sync(workerfns.add, 1, 2) == 3

@@ -194,10 +194,9 @@ def broken_worker_error(
     )
 
 
-def hook_error(hook: str, payload: bytes, pid: int | None, function: str) -> WorkerHookError:
+def hook_error(hook: str, cause: BaseException, pid: int | None, function: str) -> WorkerHookError:
     """The error for a call whose worker's ``init`` or ``retire`` hook raised
-    (the hook's exception, from ``payload``, becomes its cause)."""
-    cause = decode_error(payload)
+    ``cause`` (decoded from its event's payload), which becomes its cause."""
     consequence = (
         f"{function} did not run"
         if hook == "init"
@@ -219,13 +218,19 @@ def hook_error(hook: str, payload: bytes, pid: int | None, function: str) -> Wor
 
 def init_failed_error(payload: bytes, pid: int | None, function: str, preload: tuple[str, ...]) -> Exception:
     """The error for a call whose worker could not start (its InitFailed
-    ``payload``): `TemplateStartError` where a spawned worker's own preload or
-    ``template_init`` raised, as a template's would have; else
-    `WorkerHookError` (its init hook raised, or the working directory is gone)."""
+    ``payload``): `preload_failure`'s, else `WorkerHookError` (its init hook
+    raised, or the working directory is gone)."""
     cause = decode_error(payload)
+    return preload_failure(cause, pid, preload) or hook_error("init", cause, pid, function)
+
+
+def preload_failure(cause: BaseException, pid: int | None, preload: tuple[str, ...]) -> TemplateStartError | None:
+    """`TemplateStartError` if ``cause``, what stopped a spawned worker's start,
+    is its own preload or ``template_init`` raising, as a template's would
+    have; else None."""
     if isinstance(cause, PreloadError):
         return template_start_error(preload, cause=cause, pid=pid, spawned=True)
-    return hook_error("init", payload, pid, function)
+    return None
 
 
 def template_start_error(

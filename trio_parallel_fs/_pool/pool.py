@@ -78,6 +78,7 @@ from .._errors import (
     broken_worker_error,
     hook_error,
     init_failed_error,
+    preload_failure,
     stuck_at_close_error,
     template_start_error,
     unpicklable_result_error,
@@ -300,8 +301,8 @@ class WorkerPool:
         if isinstance(event, p.InitFailed):
             with self._lock:
                 self._end(worker, WorkerEvent.DIED, None)
-            error = init_failed_error(event.payload, worker.process.pid, "its first job", self.config.preload)
-            if isinstance(error, TemplateStartError):
+            error = preload_failure(decode_error(event.payload), worker.process.pid, self.config.preload)
+            if error is not None:
                 raise error
             return
         info = await self._died(worker, None, fail_call=False)  # Closed: it died while preloading
@@ -645,7 +646,7 @@ class WorkerPool:
         WorkerHookError if its retire hook raised."""
         if event.retire is _HOOK_FAILED:
             assert isinstance(event, p.Error)
-            raise hook_error("retire", event.payload, worker.process.pid, describe(fn))
+            raise hook_error("retire", decode_error(event.payload), worker.process.pid, describe(fn))
         if isinstance(event, p.Error):
             return outcome.Error(decode_error(event.payload))
         try:
